@@ -1,0 +1,51 @@
+# The README's commands. Everything is set up from scratch on a fresh machine:
+# a virtual environment in .venv, pinned dependencies (requirements.txt, with
+# the CPU build of torch==2.13.0), then tallow itself built from source.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv deps install test test-all bench run info clean
+
+all: install
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+venv: $(VPY)
+
+$(DEPS): requirements.txt | $(VPY)
+	$(VPY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+deps: $(DEPS)
+
+# Incremental: scikit-build-core keeps its CMake tree in build/.
+install: $(DEPS)
+	$(VPY) -m pip install --quiet --no-build-isolation --no-deps .
+	$(VPY) -m tallow info
+
+# The default suite (slow tests excluded, GPU tests skip without a GPU).
+test: install
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Runs every benchmark, writes benchmarks/results/, prints the tables.
+bench: install
+	$(VPY) benchmarks/run_all.py
+
+# The main job. Until the server lands (issue "tallow serve") it is the
+# benchmark run.
+run: bench
+
+info: install
+	$(VPY) -m tallow info
+
+clean:
+	rm -rf build dist *.egg-info

@@ -1,0 +1,88 @@
+"""tallow: a CPU-first inference engine with hand-written kernels.
+
+``import tallow`` never fails because of the native module; see
+:func:`tallow.info` for what was built and what this machine runs.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from ._native import NativeUnavailableError, native, native_available, native_error
+from ._dispatch import BackendFallbackWarning, BackendUnavailable
+
+try:
+    __version__ = _metadata.version("tallow")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+source"
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads tallow's kernels use (also: TALLOW_NUM_THREADS)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    native().set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Number of threads tallow's kernels use."""
+    return native().num_threads()
+
+
+def set_isa(name: str) -> None:
+    """Forces the CPU kernels onto an ISA: 'avx512_vnni', 'avx2' or 'scalar'
+    (no higher than the CPU supports). Also settable with TALLOW_ISA."""
+    try:
+        native().set_isa(name)
+    except RuntimeError as exc:  # "this CPU supports at most ..."
+        raise ValueError(str(exc)) from exc
+
+
+def get_isa() -> str:
+    """The ISA the CPU kernels use now."""
+    return native().active_isa()
+
+
+def info() -> dict:
+    """Version, native build, ISA, threads and available backends."""
+    import torch
+
+    from ._dispatch import requested_backend
+
+    report: dict = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "native": {"available": native_available()},
+        "backends": {"ref": True, "cpu": native_available(), "triton": False, "cuda": False},
+    }
+    if native_available():
+        mod = native()
+        report["native"].update(
+            {
+                "module": mod.__file__,
+                "compiler": mod.compiler,
+                "cpu_features": mod.cpu_features(),
+                "best_isa": mod.best_isa(),
+                "isa": mod.active_isa(),
+                "threads": mod.num_threads(),
+            }
+        )
+    else:
+        report["native"]["error"] = native_error()
+    try:
+        report["backend_override"] = requested_backend()
+    except ValueError as exc:
+        report["backend_override"] = f"invalid: {exc}"
+    return report
+
+
+__all__ = [
+    "BackendFallbackWarning",
+    "BackendUnavailable",
+    "NativeUnavailableError",
+    "get_isa",
+    "get_num_threads",
+    "info",
+    "set_isa",
+    "set_num_threads",
+]

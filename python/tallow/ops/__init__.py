@@ -1,0 +1,20 @@
+"""tallow's ops: each declared once, with a pure-torch reference ``<op>_ref``
+and backends chosen by device (``TALLOW_BACKEND`` overrides)."""
+
+from .attention import attention, attention_ref
+from .int8_matmul import QuantizedLinear, int8_linear_ref, int8_matmul, int8_matmul_ref, quantize_rows_ref
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_ref
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "QuantizedLinear",
+    "attention",
+    "attention_ref",
+    "int8_linear_ref",
+    "int8_matmul",
+    "int8_matmul_ref",
+    "preprocess",
+    "preprocess_ref",
+    "quantize_rows_ref",
+]

@@ -1,0 +1,149 @@
+"""Fused scaled-dot-product attention (FlashAttention-2 forward).
+
+    out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j] + mask[b,i,j]) * v[b,h,j]
+
+q is ``[B, H, Lq, D]``, k and v ``[B, H, Lk, D]`` with ``Lk >= Lq``, so a
+decode step against a KV cache is the same call. With ``causal=True`` query
+``i`` sees keys ``j <= Lk - Lq + i`` (the queries are the last Lq positions).
+``key_padding_mask`` is ``[B, Lk]`` bool, **True marks padding** (keys to
+ignore), the ``nn.MultiheadAttention`` convention; a Hugging Face
+``attention_mask`` (1 = keep) is ``attention_mask == 0``. A query row that sees
+no key at all returns zeros, not NaN.
+
+Backends: ``cpu`` (tallow._C: tiled, online softmax, never materialising
+Lq x Lk; Dao 2023, "FlashAttention-2") and ``ref`` (eager torch maths).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._dispatch import BackendUnavailable, dispatch
+from .._native import native
+
+_ORDER = {"cpu": ("cpu", "ref")}
+_CPU_MAX_HEAD_DIM = 256
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Eager reference: materialises the score matrix; any float dtype."""
+    lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        allowed = j <= (lk - lq) + i
+    allowed = allowed[None, None]  # [1, 1, Lq, Lk]
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Rows with no visible key: softmax gives NaN; the contract says zeros.
+    probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+    return torch.matmul(probs, v)
+
+
+def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
+    if q.dtype != torch.float32:
+        raise BackendUnavailable(f"cpu attention takes float32, got {q.dtype}")
+    if q.shape[-1] > _CPU_MAX_HEAD_DIM:
+        raise BackendUnavailable(f"cpu attention supports head_dim <= {_CPU_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    mod = native()
+    # The kernel takes any strides over (B, H, L) but needs D contiguous:
+    # copy only the tensors that are not.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().numpy()
+    mod.attention_forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), mask, bool(causal), float(scale))
+    return out
+
+
+_IMPLS = {"cpu": _attention_cpu, "ref": attention_ref}
+
+
+@torch.library.custom_op("tallow::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    return dispatch("attention", q.device.type, _ORDER, _IMPLS, q, k, v, causal, key_padding_mask, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, key_padding_mask, scale):
+    return q.new_empty(q.shape)
+
+
+def _check(q, k, v, key_padding_mask, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: q, k, v must share a dtype, got q {q.dtype} and {name} {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: q, k, v must be on one device, got q on {q.device} and {name} on {t.device}")
+    b, h, lq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"attention: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, H or D")
+    if v.shape != k.shape:
+        raise ValueError(f"attention: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if k.shape[2] < lq:
+        raise ValueError(f"attention: needs Lk >= Lq, got Lq={lq} and Lk={k.shape[2]}")
+    if d == 0:
+        raise ValueError("attention: head dim D must be >= 1, got 0")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"attention: key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"attention: key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+            raise ValueError(
+                f"attention: key_padding_mask must have shape [B, Lk] = {(b, k.shape[2])}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention; see the module docstring for the contract.
+
+    Returns a new ``[B, H, Lq, D]`` tensor of q's dtype. ``scale`` defaults to
+    ``1/sqrt(D)``.
+    """
+    _check(q, k, v, key_padding_mask, scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.numel() == 0:
+        return q.new_zeros(q.shape)
+    return _attention_op(q, k, v, bool(causal), key_padding_mask, float(scale))

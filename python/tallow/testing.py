@@ -1,0 +1,74 @@
+"""One comparison helper for kernels: max error, where it is, NaN/inf disagreement.
+
+Used by tallow's tests and benchmarks; handy for users checking a backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Comparison:
+    max_abs: float          # max |actual - expected| over finite pairs
+    max_rel: float          # max |actual - expected| / max(|expected|, tiny)
+    where: tuple[int, ...] | None  # index of max_abs
+    actual_at: float | None
+    expected_at: float | None
+    nonfinite_mismatch: int  # positions where NaN/inf pattern differs
+    numel: int
+
+    def __str__(self) -> str:
+        loc = "" if self.where is None else (
+            f" at {self.where} (actual {self.actual_at!r}, expected {self.expected_at!r})"
+        )
+        return (
+            f"max abs error {self.max_abs:.3e}{loc}, max rel error {self.max_rel:.3e}, "
+            f"{self.nonfinite_mismatch} NaN/inf mismatches over {self.numel} values"
+        )
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor) -> Comparison:
+    """Compares two tensors of the same shape in float64."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
+    a_inf, e_inf = torch.isinf(a), torch.isinf(e)
+    mismatch = (a_nan != e_nan) | (a_inf != e_inf) | (a_inf & e_inf & (torch.sign(a) != torch.sign(e)))
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    if diff.numel() == 0:
+        return Comparison(0.0, 0.0, None, None, None, 0, 0)
+    flat = int(torch.argmax(diff).item())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    rel = diff / e.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return Comparison(
+        max_abs=float(diff.max().item()),
+        max_rel=float(torch.where(finite, rel, torch.zeros_like(rel)).max().item()),
+        where=where,
+        actual_at=float(a[where].item()),
+        expected_at=float(e[where].item()),
+        nonfinite_mismatch=int(mismatch.sum().item()),
+        numel=diff.numel(),
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0,
+                 what: str = "") -> Comparison:
+    """Asserts |actual - expected| <= atol + rtol * |expected| everywhere and the
+    same NaN/inf pattern; the failure message says where and by how much."""
+    cmp = compare(actual, expected)
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    bad = finite & ((a - e).abs() > atol + rtol * e.abs())
+    if cmp.nonfinite_mismatch or bool(bad.any()):
+        prefix = f"{what}: " if what else ""
+        raise AssertionError(
+            f"{prefix}{int(bad.sum())} values outside atol={atol:g}, rtol={rtol:g}; {cmp}"
+        )
+    return cmp
