@@ -17,6 +17,19 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 
+_SUBMODULES = ("ops", "testing")
+
+
+def __getattr__(name: str):
+    # Submodules load on first use (tallow.ops pulls in torch and registers
+    # the custom ops); `import tallow` itself stays light and cannot fail.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'tallow' has no attribute {name!r}")
+
+
 def set_num_threads(n: int) -> None:
     """Sets the number of threads tallow's kernels use (also: TALLOW_NUM_THREADS)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

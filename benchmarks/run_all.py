@@ -1,0 +1,82 @@
+"""Runs every benchmark script, one after the other, and prints one summary.
+
+    python benchmarks/run_all.py                 # all suites
+    python benchmarks/run_all.py --quick         # short smoke run
+    python benchmarks/run_all.py --update-readme # also rewrite the README's table
+
+Each suite writes benchmarks/results/<suite>.{json,csv,png}; the summary is
+built from those files (never typed by hand) and saved as
+benchmarks/results/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SUITES = ["attention", "int8_matmul", "preprocess"]
+README_START = "<!-- bench-table:start -->"
+README_END = "<!-- bench-table:end -->"
+
+
+def summary(suites: list[str], command: str) -> str:
+    sys.path.insert(0, str(HERE))
+    from harness import markdown_table
+
+    parts = []
+    for suite in suites:
+        path = HERE / "results" / f"{suite}.json"
+        if not path.exists():
+            parts.append(f"### {suite}\n\n(no results: the suite did not run)\n")
+            continue
+        data = json.loads(path.read_text())
+        env = data["env"]
+        parts.append(
+            f"### {suite}\n\n"
+            f"{env['cpu']}, {env.get('tallow_threads', '?')} threads (tallow ISA {env.get('tallow_isa', '?')}), "
+            f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}\n\n"
+            f"{markdown_table(data['rows'])}\n"
+        )
+    return f"Measured with `{command}`; medians of interleaved runs.\n\n" + "\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short smoke run of every suite")
+    ap.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's benchmark table")
+    args = ap.parse_args()
+    suites = args.only or SUITES
+    failed = []
+    for suite in suites:
+        cmd = [sys.executable, str(HERE / f"bench_{suite}.py")] + (["--quick"] if args.quick else [])
+        print(f"\n=== {suite}: {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            failed.append(suite)
+    command = "make bench" if not args.quick and not args.only else "python benchmarks/run_all.py " + " ".join(sys.argv[1:])
+    text = summary(suites, command.strip())
+    (HERE / "results" / "summary.md").write_text(text)
+    print("\n" + text)
+    if args.update_readme:
+        readme = ROOT / "README.md"
+        content = readme.read_text()
+        if README_START in content and README_END in content:
+            head, rest = content.split(README_START, 1)
+            _, tail = rest.split(README_END, 1)
+            readme.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
+            print("README.md benchmark table updated")
+        else:
+            print(f"README.md has no {README_START} / {README_END} markers; not updated")
+    if failed:
+        print(f"benchmark suites failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
