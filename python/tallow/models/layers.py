@@ -1,0 +1,63 @@
+"""Building blocks shared by the models: a linear layer that runs fp32 or INT8."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
+
+
+def apply_activation(x: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    if activation is None:
+        return x
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "gelu_erf":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation {activation!r}; expected one of {_ACTIVATIONS}")
+
+
+class Dense(torch.nn.Module):
+    """y = activation(x @ W^T + b), in fp32 (torch GEMM) or INT8 (tallow's
+    VNNI kernel with the bias and activation fused into its epilogue)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str] = None):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {_ACTIVATIONS}")
+        self.weight = torch.nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().contiguous(),
+                                                                 requires_grad=False)
+        self.activation = activation
+        self.quantized = None  # a tallow.ops.QuantizedLinear once quantize() ran
+
+    @property
+    def in_features(self) -> int:
+        return self.quantized.in_features if self.quantized is not None else self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.quantized.out_features if self.quantized is not None else self.weight.shape[0]
+
+    def quantize(self) -> None:
+        """Switches to W8A8 (per-channel weights, dynamic per-row activations)
+        and drops the fp32 weight."""
+        from ..ops import QuantizedLinear
+
+        self.quantized = QuantizedLinear.from_float(self.weight, self.bias, activation=self.activation)
+        self.weight = None
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized(x)
+        return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
+
+    def extra_repr(self) -> str:
+        kind = "int8" if self.quantized is not None else "fp32"
+        return f"{self.in_features} -> {self.out_features}, {kind}, activation={self.activation}"

@@ -1,0 +1,88 @@
+"""Batched tokenization with the Hugging Face ``tokenizers`` library
+(tokenizer.json), with explicit truncation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ._checkpoint import CheckpointError, model_dir
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the model accepts and truncation is off."""
+
+
+class Tokenizer:
+    """Wraps ``tokenizers.Tokenizer`` loaded from ``<dir>/tokenizer.json``.
+
+    Padding and truncation configured inside tokenizer.json are switched off
+    (MiniLM's fixes both at 128); this class pads to the longest input of each
+    batch and truncates only when asked to.
+    """
+
+    def __init__(self, path: str | Path, *, max_length: int, add_special_tokens: bool = True):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok_path = model_dir(path) / "tokenizer.json"
+        if not tok_path.is_file():
+            raise CheckpointError(f"{str(tok_path)!r} is missing: the model directory needs tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(str(tok_path))
+        except Exception as exc:
+            raise CheckpointError(f"{str(tok_path)!r} could not be read: {exc}") from exc
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.max_length = int(max_length)
+        self.add_special_tokens = add_special_tokens
+        pad = self._tok.token_to_id("[PAD]")
+        self.pad_id = 0 if pad is None else pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode_ids(self, texts: Sequence[str], *, truncation: bool = False,
+                   max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, unpadded. Raises for empty or over-long input."""
+        limit = self.max_length if max_length is None else min(int(max_length), self.max_length)
+        if isinstance(texts, str):
+            raise TypeError("expected a list of strings, got a single str (wrap it in a list)")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"input {i} is {type(t).__name__}, expected str")
+            if not t.strip():
+                raise ValueError(f"input {i} is empty or only whitespace")
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        ids = []
+        for i, e in enumerate(encs):
+            seq = list(e.ids)
+            if len(seq) > limit:
+                if not truncation:
+                    raise InputTooLongError(
+                        f"input {i} has {len(seq)} tokens; the limit is {limit} (pass truncation=True to cut it)"
+                    )
+                seq = seq[: limit - 1] + seq[-1:] if self.add_special_tokens else seq[:limit]
+            ids.append(seq)
+        return ids
+
+    def batch(self, texts: Sequence[str], *, truncation: bool = False,
+              max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [B, L] int64, attention_mask [B, L] int64 with 1 = token),
+        right-padded to the longest input."""
+        ids = self.encode_ids(texts, truncation=truncation, max_length=max_length)
+        longest = max(len(s) for s in ids)
+        input_ids = torch.full((len(ids), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, s in enumerate(ids):
+            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return input_ids, mask
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
