@@ -9,6 +9,7 @@ from typing import Optional
 from ._checkpoint import CheckpointError, read_config
 from .bert import BertClassifier, BertConfig, BertEmbedder, BertModel, load_bert
 from .generation import SamplingParams
+from .resnet import ResNet50, ResNetConfig, load_resnet
 from .gpt2 import Generation, GPT2Config, GPT2LMHeadModel, StreamEvent, load_gpt2
 from .tokenizer import InputTooLongError, Tokenizer
 
@@ -18,13 +19,17 @@ def load(path: str | Path, quantize: Optional[str] = None, **kwargs):
     turns every linear layer into W8A8 with dynamic activation quantization."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if Path(path).is_file():  # a bare state dict: torchvision ResNet (.pth)
+        return load_resnet(path, quantize)
     cfg = read_config(path)
     model_type = cfg.get("model_type")
     if model_type == "bert":
         return load_bert(path, quantize, **kwargs)
     if model_type == "gpt2":
         return load_gpt2(path, quantize, **kwargs)
-    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert, gpt2)")
+    if model_type == "resnet":
+        return load_resnet(path, quantize, **kwargs)
+    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert, gpt2, resnet)")
 
 
 def minilm_path() -> Path:
@@ -37,5 +42,5 @@ def minilm_path() -> Path:
 
 
 __all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "GPT2Config",
-           "GPT2LMHeadModel", "Generation", "InputTooLongError", "SamplingParams", "StreamEvent", "Tokenizer",
+           "GPT2LMHeadModel", "Generation", "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
            "load", "minilm_path"]
