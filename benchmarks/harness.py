@@ -39,6 +39,8 @@ class Case:
     work: float
     unit: str  # "GFLOP/s", "GOP/s", "images/s", "tokens/s", ...
     params: dict = field(default_factory=dict)
+    warmup: int = 2
+    min_reps: int = 5  # heavy end-to-end cases lower it
 
 
 def _scale(unit: str) -> float:
@@ -107,7 +109,7 @@ def run_suite(suite: str, cases: list[Case], *, min_time: float = 0.6, chart: bo
     """Runs every case, writes results/<suite>.{json,csv,png}, prints a table."""
     rows: list[dict] = []
     for case in cases:
-        times = time_providers(case.providers, min_time=min_time)
+        times = time_providers(case.providers, warmup=case.warmup, min_time=min_time, min_reps=case.min_reps)
         ours = next(iter(case.providers))
         ours_median = statistics.median(times[ours])
         for name, ts in times.items():
