@@ -1,0 +1,9 @@
+"""Vector indexes behind one interface: HNSW (hnswlib, the embedded default),
+Qdrant (qdrant-client) and libSQL vectors. Filters: see ``filters``."""
+
+from .base import MAX_K, METRICS, Hit, IndexInputError, VectorIndex
+from .filters import FilterError
+from .hnsw import CorruptIndexError, HnswIndex
+
+__all__ = ["MAX_K", "METRICS", "CorruptIndexError", "FilterError", "Hit", "HnswIndex", "IndexInputError",
+           "VectorIndex"]

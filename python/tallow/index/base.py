@@ -1,0 +1,150 @@
+"""The vector index interface shared by the HNSW, Qdrant and libSQL backends,
+and the input checks they all apply."""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence, Union
+
+import numpy as np
+
+Id = Union[int, str]
+METRICS = ("cosine", "ip", "l2")
+MAX_K = 10_000
+
+
+class IndexInputError(ValueError):
+    """Bad input to an index: wrong dimension, NaN vectors, bad ids or k."""
+
+
+@dataclass
+class Hit:
+    id: Id
+    score: float  # cosine / ip: similarity (higher is better); l2: distance (lower is better)
+    payload: dict = field(default_factory=dict)
+
+
+def as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
+    """float32 [n, dim] C-contiguous; a single vector becomes [1, dim]."""
+    try:
+        arr = np.asarray(vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors,
+                         dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise IndexInputError(f"{what} must be numeric arrays: {exc}") from exc
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise IndexInputError(f"{what} must be [n, {dim}], got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise IndexInputError(f"{what} have dimension {arr.shape[1]}, the index has dimension {dim}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise IndexInputError(f"{what} row {int(np.argmax(bad))} contains NaN or inf")
+    return np.ascontiguousarray(arr)
+
+
+def check_ids(ids: Sequence[Id]) -> list[Id]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise IndexInputError(f"ids must be a list of int or str, got {type(ids).__name__}")
+    out = []
+    for i, x in enumerate(ids):
+        if isinstance(x, bool) or not isinstance(x, (int, str)):
+            raise IndexInputError(f"id {i} must be int or str, got {type(x).__name__}")
+        if isinstance(x, int) and x < 0:
+            raise IndexInputError(f"id {i} must be >= 0, got {x}")
+        if isinstance(x, str) and not x:
+            raise IndexInputError(f"id {i} is an empty string")
+        out.append(x)
+    if len(set(out)) != len(out):
+        raise IndexInputError("ids contain duplicates")
+    return out
+
+
+def check_payloads(payloads: Sequence[dict] | None, n: int) -> list[dict]:
+    if payloads is None:
+        return [{} for _ in range(n)]
+    if len(payloads) != n:
+        raise IndexInputError(f"got {n} ids but {len(payloads)} payloads")
+    for i, p in enumerate(payloads):
+        if not isinstance(p, dict):
+            raise IndexInputError(f"payload {i} must be a dict, got {type(p).__name__}")
+        for k, v in p.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise IndexInputError(f"payload {i} field {k!r} is {v}: JSON cannot store it")
+    return [dict(p) for p in payloads]
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise IndexInputError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise IndexInputError(f"k must be >= 1, got {k}")
+    if k > MAX_K:
+        raise IndexInputError(f"k must be <= {MAX_K}, got {k}")
+    return k
+
+
+class RWLock:
+    """Many readers or one writer. Searches share; upserts/deletes/saves exclude."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class VectorIndex(ABC):
+    """upsert / delete / search / count (/ save where it applies)."""
+
+    dim: int
+    metric: str
+
+    @abstractmethod
+    def upsert(self, ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None = None) -> None: ...
+
+    @abstractmethod
+    def delete(self, ids: Sequence[Id]) -> int: ...
+
+    @abstractmethod
+    def search(self, vectors: Any, k: int, filter: dict | None = None,
+               score_threshold: float | None = None) -> list[list[Hit]]: ...
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    def save(self) -> None:  # backends that persist on every write do nothing
+        return None
+
+    def close(self) -> None:
+        return None

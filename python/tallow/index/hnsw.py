@@ -1,0 +1,302 @@
+"""HNSW index (Malkov & Yashunin 2018) on hnswlib: the embedded default.
+
+What hnswlib leaves to its caller, done here:
+- external ids (int or str) mapped to hnswlib labels; deleted labels go on a
+  free list and are reused (``mark_deleted`` + ``replace_deleted``);
+- growth with ``resize_index`` (capacity doubles);
+- ``ef`` stored with the index and re-applied on load (hnswlib forgets it);
+- a readers/writer lock: searches run concurrently, writes exclusively
+  (hnswlib is not safe for queries concurrent with inserts);
+- payload filters that still return k hits when k exist: the matching set is
+  computed first; a selective filter is answered by exact search over the
+  matching vectors, a broad one by hnswlib's filtered search, falling back to
+  exact search when hnswlib cannot fill k results (where it would raise);
+- atomic saves: each save writes a new snapshot directory, then swaps the
+  ``CURRENT`` pointer file with ``os.replace``; a crash mid-save leaves the
+  previous snapshot loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import filters as F
+from .base import Hit, Id, IndexInputError, RWLock, VectorIndex, as_matrix, check_ids, check_k, check_payloads
+
+_SPACE = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
+_FORMAT = 1
+
+
+class CorruptIndexError(RuntimeError):
+    """An index directory that cannot be loaded."""
+
+
+class HnswIndex(VectorIndex):
+    def __init__(self, dim: int, metric: str = "cosine", *, path: str | os.PathLike | None = None, M: int = 16,
+                 ef_construction: int = 200, ef: int = 64, capacity: int = 1024,
+                 exact_fraction: float = 0.05):
+        import hnswlib
+
+        if metric not in _SPACE:
+            raise IndexInputError(f"metric must be one of {', '.join(_SPACE)}, got {metric!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise IndexInputError(f"dim must be a positive int, got {dim!r}")
+        self.dim, self.metric = dim, metric
+        self.path = Path(path) if path is not None else None
+        self.M, self.ef_construction, self.ef = int(M), int(ef_construction), int(ef)
+        # Filters matching at most this fraction of the index are answered exactly.
+        self.exact_fraction = float(exact_fraction)
+        self._lock = RWLock()
+        self._index = hnswlib.Index(space=_SPACE[metric], dim=dim)
+        self._index.init_index(max_elements=max(16, capacity), ef_construction=self.ef_construction, M=self.M,
+                               allow_replace_deleted=True)
+        self._index.set_ef(self.ef)
+        self._label_of: dict[Id, int] = {}
+        self._id_of: dict[int, Id] = {}
+        self._payload: dict[int, dict] = {}
+        self._free: list[int] = []     # labels of deleted items, reusable
+        self._next_label = 0
+        self._version = 0              # bumps on every write; keys the filter cache
+        self._filter_cache: dict[str, tuple[int, np.ndarray]] = {}
+
+    # -- writes -----------------------------------------------------------------------
+
+    def upsert(self, ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None = None) -> None:
+        ids = check_ids(ids)
+        mat = as_matrix(vectors, self.dim)
+        if mat.shape[0] != len(ids):
+            raise IndexInputError(f"got {len(ids)} ids but {mat.shape[0]} vectors")
+        pls = check_payloads(payloads, len(ids))
+        for i, p in enumerate(pls):
+            try:
+                json.dumps(p)
+            except (TypeError, ValueError) as exc:
+                raise IndexInputError(f"payload {i} is not JSON-serialisable: {exc}") from exc
+        if not ids:
+            return
+        with self._lock.write():
+            existing = [(i, self._label_of[x]) for i, x in enumerate(ids) if x in self._label_of]
+            fresh = [i for i, x in enumerate(ids) if x not in self._label_of]
+            if existing:  # hnswlib updates the vector of a live label in place
+                rows, labels = zip(*existing)
+                self._index.add_items(mat[list(rows)], np.asarray(labels, dtype=np.int64))
+                for r, lab in existing:
+                    self._payload[lab] = pls[r]
+            if fresh:
+                reuse = min(len(fresh), len(self._free))
+                if self._next_label + (len(fresh) - reuse) > self._index.get_max_elements():
+                    self._index.resize_index(max(2 * self._index.get_max_elements(),
+                                                 self._next_label + len(fresh) - reuse))
+                labels = []
+                for _ in range(reuse):
+                    labels.append(self._free.pop())
+                for _ in range(len(fresh) - reuse):
+                    labels.append(self._next_label)
+                    self._next_label += 1
+                lab_arr = np.asarray(labels, dtype=np.int64)
+                if reuse:
+                    self._index.add_items(mat[fresh[:reuse]], lab_arr[:reuse], replace_deleted=True)
+                if len(fresh) > reuse:
+                    self._index.add_items(mat[fresh[reuse:]], lab_arr[reuse:])
+                for r, lab in zip(fresh, labels):
+                    self._label_of[ids[r]] = lab
+                    self._id_of[lab] = ids[r]
+                    self._payload[lab] = pls[r]
+            self._version += 1
+
+    def delete(self, ids: Sequence[Id]) -> int:
+        ids = check_ids(ids)
+        removed = 0
+        with self._lock.write():
+            for x in ids:
+                lab = self._label_of.pop(x, None)
+                if lab is None:
+                    continue
+                self._index.mark_deleted(lab)
+                del self._id_of[lab]
+                del self._payload[lab]
+                self._free.append(lab)
+                removed += 1
+            if removed:
+                self._version += 1
+        return removed
+
+    # -- reads ------------------------------------------------------------------------
+
+    def count(self) -> int:
+        with self._lock.read():
+            return len(self._label_of)
+
+    def set_ef(self, ef: int) -> None:
+        """Search breadth (recall vs speed); saved with the index."""
+        if not isinstance(ef, int) or ef < 1:
+            raise IndexInputError(f"ef must be an int >= 1, got {ef!r}")
+        with self._lock.write():
+            self.ef = ef
+            self._index.set_ef(ef)
+
+    def get(self, id: Id) -> tuple[np.ndarray, dict] | None:
+        with self._lock.read():
+            lab = self._label_of.get(id)
+            if lab is None:
+                return None
+            return np.asarray(self._index.get_items([lab])[0], dtype=np.float32), dict(self._payload[lab])
+
+    def _scores(self, distances: np.ndarray) -> np.ndarray:
+        if self.metric == "l2":
+            return np.sqrt(np.maximum(distances, 0))  # hnswlib returns squared L2
+        return 1.0 - distances                        # cosine / ip distances are 1 - similarity
+
+    def _allowed(self, node: F.Node, key: str) -> np.ndarray:
+        """Bool mask over labels of live items matching the filter (cached per version)."""
+        cached = self._filter_cache.get(key)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        mask = np.zeros(max(self._next_label, 1), dtype=bool)
+        for lab, payload in self._payload.items():
+            if F.matches(node, payload):
+                mask[lab] = True
+        if len(self._filter_cache) > 64:
+            self._filter_cache.clear()
+        self._filter_cache[key] = (self._version, mask)
+        return mask
+
+    def _exact(self, queries: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the given labels: (labels [q, k'], scores [q, k'])."""
+        vecs = np.asarray(self._index.get_items(labels), dtype=np.float32)  # normalised for cosine
+        q = queries
+        if self.metric == "cosine":
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+        if self.metric == "l2":
+            d2 = (q * q).sum(1)[:, None] - 2 * q @ vecs.T + (vecs * vecs).sum(1)[None, :]
+            scores = np.sqrt(np.maximum(d2, 0))
+            order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        else:
+            scores = q @ vecs.T
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return labels[order], np.take_along_axis(scores, order, axis=1)
+
+    def search(self, vectors: Any, k: int, filter: dict | None = None,
+               score_threshold: float | None = None) -> list[list[Hit]]:
+        k = check_k(k)
+        queries = as_matrix(vectors, self.dim, "query vectors")
+        node = F.parse(filter)
+        if score_threshold is not None and not np.isfinite(score_threshold):
+            raise IndexInputError(f"score_threshold must be finite, got {score_threshold!r}")
+        with self._lock.read():
+            live = len(self._label_of)
+            if live == 0:
+                return [[] for _ in range(len(queries))]
+            if node is None:
+                kk = min(k, live)  # hnswlib searches with max(ef, k)
+                labels, dist = self._index.knn_query(queries, k=kk)
+                scores = self._scores(dist)
+            else:
+                mask = self._allowed(node, json.dumps(filter, sort_keys=True))
+                allowed = np.flatnonzero(mask)
+                if len(allowed) == 0:
+                    return [[] for _ in range(len(queries))]
+                kk = min(k, len(allowed))
+                if len(allowed) <= max(self.exact_fraction * live, 4 * kk):
+                    labels, scores = self._exact(queries, allowed, kk)
+                else:
+                    try:
+                        labels, dist = self._index.knn_query(queries, k=kk, filter=lambda lab: bool(mask[lab]))
+                        scores = self._scores(dist)
+                    except RuntimeError:  # hnswlib found fewer than kk passing items
+                        labels, scores = self._exact(queries, allowed, kk)
+        return [self._hits(row_l, row_s, score_threshold) for row_l, row_s in zip(labels, scores)]
+
+    def _hits(self, labels, scores, threshold) -> list[Hit]:
+        hits = []
+        for lab, s in zip(labels, scores):
+            lab = int(lab)
+            if lab not in self._id_of:
+                continue
+            s = float(s)
+            if threshold is not None and (s > threshold if self.metric == "l2" else s < threshold):
+                continue
+            hits.append(Hit(self._id_of[lab], s, dict(self._payload[lab])))
+        return hits
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Writes a new snapshot and atomically points CURRENT at it."""
+        root = Path(path) if path is not None else self.path
+        if root is None:
+            raise IndexInputError("save() needs a path (none was given to the constructor)")
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"snapshot-{uuid.uuid4().hex[:12]}"
+        tmp = root / (name + ".partial")
+        with self._lock.read():
+            tmp.mkdir()
+            self._index.save_index(str(tmp / "index.bin"))
+            meta = {
+                "format": _FORMAT, "dim": self.dim, "metric": self.metric, "M": self.M,
+                "ef_construction": self.ef_construction, "ef": self.ef, "exact_fraction": self.exact_fraction,
+                "capacity": self._index.get_max_elements(), "next_label": self._next_label, "free": self._free,
+                "items": [[lab, self._id_of[lab], self._payload[lab]] for lab in sorted(self._id_of)],
+            }
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, root / name)
+        pointer = root / f"CURRENT.{uuid.uuid4().hex[:8]}.tmp"
+        with open(pointer, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer, root / "CURRENT")  # the commit point
+        dirfd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        for old in root.iterdir():  # older snapshots and leftovers of crashed saves
+            if old.name != name and (old.name.startswith("snapshot-") or old.name.startswith("CURRENT.")):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        self.path = root
+        return root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HnswIndex":
+        import hnswlib
+
+        root = Path(path)
+        try:
+            name = (root / "CURRENT").read_text().strip()
+            snap = root / name
+            meta = json.loads((snap / "meta.json").read_text())
+            if meta.get("format") != _FORMAT:
+                raise CorruptIndexError(f"{root}: unknown index format {meta.get('format')!r}")
+            self = cls(int(meta["dim"]), meta["metric"], path=root, M=meta["M"],
+                       ef_construction=meta["ef_construction"], ef=meta["ef"],
+                       exact_fraction=meta.get("exact_fraction", 0.05))
+            self._index = hnswlib.Index(space=_SPACE[self.metric], dim=self.dim)
+            self._index.load_index(str(snap / "index.bin"), max_elements=int(meta["capacity"]),
+                                   allow_replace_deleted=True)
+            self._index.set_ef(self.ef)
+            self._next_label = int(meta["next_label"])
+            self._free = [int(x) for x in meta["free"]]
+            for lab, ext, payload in meta["items"]:
+                self._label_of[ext] = int(lab)
+                self._id_of[int(lab)] = ext
+                self._payload[int(lab)] = payload
+        except CorruptIndexError:
+            raise
+        except FileNotFoundError as exc:
+            raise CorruptIndexError(f"{root} is not a tallow HNSW index (missing {exc.filename})") from exc
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CorruptIndexError(f"{root}: the index cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        if self._index.get_current_count() - len(self._free) != len(self._label_of):
+            raise CorruptIndexError(f"{root}: index.bin and meta.json disagree on the number of items")
+        return self
