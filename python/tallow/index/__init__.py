@@ -4,6 +4,7 @@ Qdrant (qdrant-client) and libSQL vectors. Filters: see ``filters``."""
 from .base import MAX_K, METRICS, Hit, IndexInputError, VectorIndex
 from .filters import FilterError
 from .hnsw import CorruptIndexError, HnswIndex
+from .qdrant import QdrantIndex
 
-__all__ = ["MAX_K", "METRICS", "CorruptIndexError", "FilterError", "Hit", "HnswIndex", "IndexInputError",
+__all__ = ["MAX_K", "METRICS", "CorruptIndexError", "FilterError", "Hit", "HnswIndex", "IndexInputError", "QdrantIndex",
            "VectorIndex"]

@@ -157,15 +157,20 @@ def to_qdrant(node: Node | None):
     if node is None:
         return None
 
+    def match(field: str, value: Any):
+        # MatchValue takes str/int/bool; a float equality is a closed range.
+        if isinstance(value, float):
+            return qm.FieldCondition(key=field, range=qm.Range(gte=value, lte=value))
+        return qm.FieldCondition(key=field, match=qm.MatchValue(value=value))
+
     def cond(c: Cond):
-        if c.op == "eq":
-            return qm.FieldCondition(key=c.field, match=qm.MatchValue(value=c.value)), False
-        if c.op == "ne":
-            return qm.FieldCondition(key=c.field, match=qm.MatchValue(value=c.value)), True
-        if c.op == "in":
-            return qm.FieldCondition(key=c.field, match=qm.MatchAny(any=list(c.value))), False
-        if c.op == "nin":
-            return qm.FieldCondition(key=c.field, match=qm.MatchAny(any=list(c.value))), True
+        """(condition or filter, negated)."""
+        if c.op in ("eq", "ne"):
+            return match(c.field, c.value), c.op == "ne"
+        if c.op in ("in", "nin"):
+            if any(isinstance(v, float) for v in c.value):
+                return qm.Filter(should=[match(c.field, v) for v in c.value]), c.op == "nin"
+            return qm.FieldCondition(key=c.field, match=qm.MatchAny(any=list(c.value))), c.op == "nin"
         return qm.FieldCondition(key=c.field, range=qm.Range(**{c.op: c.value})), False
 
     def build(n: Node) -> "qm.Filter":
