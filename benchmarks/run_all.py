@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess"]
+SUITES = ["attention", "int8_matmul", "preprocess", "models"]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
