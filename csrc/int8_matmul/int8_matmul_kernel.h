@@ -1,0 +1,452 @@
+// INT8 GEMM kernel body, written once over csrc/common/simd.h and compiled
+// per ISA: int8_matmul_{avx512,avx2,scalar}.cpp include it inside an
+// anonymous namespace (no include guard on purpose; never include it from
+// baseline code).
+//
+// Maths (VNNI u8 x s8 with zero-point compensation): vpdpbusd multiplies
+// unsigned bytes of A by signed bytes of B, 4 at a time, into int32 lanes.
+// With A = q - zp (q u8, zp the row's zero point; or q = a + 128, zp = 128
+// for signed int8 A):
+//     sum_k (q[m,k] - zp[m]) * B[k,n] = sum_k q[m,k] * B[k,n] - zp[m] * colsum[n]
+// where colsum[n] = sum_k B[k,n] is computed once when B is packed, so the
+// correction is one multiply-add per output in the epilogue. All int32
+// arithmetic wraps, so the int8 x int8 result is exact modulo 2^32 (like
+// torch's int32 reference).
+//
+// Blocking: a register tile of kMR rows x kNR columns of int32 accumulators
+// (AVX-512: 6 x 64 = 24 zmm), broadcasting 4 bytes of an A row against 64
+// bytes of packed B per zmm; k is blocked by kKC so the B panel of a tile
+// (kNR x kKC bytes = 16 KiB) stays in L1 while all row tiles of a task sweep
+// over it. Tasks are (row block of kMB rows) x (column chunk of kNR) pairs,
+// row blocks fastest so both threads share one B panel; M = 1 thus streams
+// the packed weights exactly once, split over N across threads.
+
+#if defined(__AVX512F__)
+constexpr int kMR = 6;   // rows per register tile
+constexpr int kNBK = 4;  // 16-column blocks per register tile
+#elif defined(__AVX2__)
+constexpr int kMR = 4;
+constexpr int kNBK = 1;
+#else
+constexpr int kMR = 2;
+constexpr int kNBK = 1;
+#endif
+constexpr int kV = 16 / kW;          // vectors per 16-column block
+constexpr int kNR = 16 * kNBK;       // columns per register tile / task
+constexpr int64_t kKBC = 64;         // k-groups (of 4) per L1 block: kKC = 256
+constexpr int kMB = kMR * 8;         // rows per task
+
+// ---------------------------------------------------------------- ISA helpers
+
+#if defined(__AVX512F__)
+inline VF k_div(VF a, VF b) { return _mm512_div_ps(a, b); }
+inline VF k_abs(VF a) { return _mm512_abs_ps(a); }
+// x < 0 ? if_neg : if_pos
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), if_pos, if_neg);
+}
+inline VI k_sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+// Stores the low byte of the first n lanes (values already in [0, 255]).
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  const __m128i b = _mm512_cvtepi32_epi8(v);
+  if (n == 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b);
+  else
+    _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1u), b);
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) {
+  _mm512_mask_storeu_epi32(p, static_cast<__mmask16>((1u << n) - 1u), v);
+}
+#elif defined(__AVX2__)
+inline VF k_div(VF a, VF b) { return _mm256_div_ps(a, b); }
+inline VF k_abs(VF a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) {
+  return _mm256_blendv_ps(if_pos, if_neg, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+inline VI k_sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i b = _mm_packus_epi16(w, w);
+  if (n == 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+  } else {
+    uint8_t tmp[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), b);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) { _mm256_maskstore_epi32(p, tail_mask(n), v); }
+#else
+inline VF k_div(VF a, VF b) { return a / b; }
+inline VF k_abs(VF a) { return __builtin_fabsf(a); }
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) { return x < 0.0f ? if_neg : if_pos; }
+inline VI k_sub(VI a, VI b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
+}
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  if (n > 0) *p = static_cast<uint8_t>(v);
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) {
+  if (n > 0) *p = v;
+}
+#endif
+
+inline int64_t k_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------- activations
+
+// GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)). With z = |x| / sqrt 2,
+// erfc(z) ~= t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun 7.1.26,
+// |error| <= 1.5e-7, the same approximation as ATen's vectorised erf);
+// 1 + erf(x/sqrt2) is erfc(z) for x < 0 (no cancellation) and 2 - erfc(z) otherwise.
+inline VF gelu_erf(VF x) {
+  const VF z = vf_mul(k_abs(x), vf_set1(0.70710678118654752f));
+  const VF t = k_div(vf_set1(1.0f), vf_fmadd(vf_set1(0.3275911f), z, vf_set1(1.0f)));
+  VF p = vf_set1(1.061405429f);
+  p = vf_fmadd(p, t, vf_set1(-1.453152027f));
+  p = vf_fmadd(p, t, vf_set1(1.421413741f));
+  p = vf_fmadd(p, t, vf_set1(-0.284496736f));
+  p = vf_fmadd(p, t, vf_set1(0.254829592f));
+  p = vf_mul(p, t);
+  // exp(-z^2) = 2^(-z^2 log2 e)
+  const VF e = vf_exp2(vf_mul(vf_mul(z, z), vf_set1(-1.4426950408889634f)));
+  const VF erfc = vf_mul(p, e);
+  const VF half_x = vf_mul(x, vf_set1(0.5f));
+  return vf_mul(half_x, k_select_neg(x, erfc, vf_sub(vf_set1(2.0f), erfc)));
+}
+
+// GELU, tanh form (GPT-2): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// computed as x * sigmoid(2u) = x / (1 + exp(-2u)) (same value, no cancellation).
+inline VF gelu_tanh(VF x) {
+  const VF x3 = vf_mul(vf_mul(x, x), x);
+  const VF u = vf_fmadd(vf_set1(0.044715f), x3, x);
+  // exp(-2 sqrt(2/pi) u) = 2^(-2 sqrt(2/pi) log2(e) u)
+  const VF e = vf_exp2(vf_mul(u, vf_set1(-2.0f * 0.7978845608028654f * 1.4426950408889634f)));
+  return k_div(x, vf_add(vf_set1(1.0f), e));
+}
+
+inline VF apply_act(VF y, int act) {
+  switch (act) {
+    case kActRelu:
+      return vf_max(vf_zero(), y);  // second operand on NaN: NaN propagates
+    case kActGeluErf:
+      return gelu_erf(y);
+    case kActGeluTanh:
+      return gelu_tanh(y);
+    default:
+      return y;
+  }
+}
+
+// ---------------------------------------------------------------- packing
+
+// Packs one 16-column block (all k-groups) and writes its 16 column sums.
+void pack_block(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int64_t nb,
+                int8_t* out, int32_t* colsum) {
+  const int64_t KB = (K + 3) / 4;
+  const int64_t n0 = nb * 16;
+  const int ncols = static_cast<int>(k_min(16, N - n0));
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int64_t k0 = kb * 4;
+    const int kr = static_cast<int>(k_min(4, K - k0));
+    int8_t* o = out + kb * 64;
+    if (sn == 1 && ncols == 16 && kr == 4) {
+      // B rows are contiguous: interleave 4 rows of 16 bytes (SSE2, baseline).
+      const int8_t* r = b + k0 * sk + n0;
+      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
+      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sk));
+      const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sk));
+      const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * sk));
+      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
+    } else if (sk == 1 && kr == 4) {
+      // B columns are contiguous (B = W^T with W [N, K] row-major): 4 bytes per column.
+      for (int c = 0; c < 16; ++c) {
+        if (c < ncols)
+          __builtin_memcpy(o + 4 * c, b + (n0 + c) * sn + k0, 4);
+        else
+          __builtin_memset(o + 4 * c, 0, 4);
+      }
+    } else {
+      for (int c = 0; c < 16; ++c)
+        for (int i = 0; i < 4; ++i)
+          o[4 * c + i] = (c < ncols && i < kr) ? b[(k0 + i) * sk + (n0 + c) * sn] : int8_t{0};
+    }
+  }
+  // Column sums from the packed block: a dot product with u8 ones.
+  VI acc[kV];
+  for (int v = 0; v < kV; ++v) acc[v] = vi_zero();
+  const VI ones = vi_set1(0x01010101);
+  for (int64_t kb = 0; kb < KB; ++kb)
+    for (int v = 0; v < kV; ++v) acc[v] = vi_dpbusd(acc[v], ones, vi_load(out + kb * 64 + v * kW * 4));
+  for (int v = 0; v < kV; ++v) vi_store(colsum + v * kW, acc[v]);
+}
+
+struct PackCtx {
+  const int8_t* b;
+  int64_t K, N, sk, sn;
+  int8_t* out;
+  int32_t* colsum;
+};
+
+void isa_pack_b(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int8_t* out,
+            int32_t* colsum) {
+  PackCtx ctx{b, K, N, sk, sn, out, colsum};
+  const int64_t NB = (N + 15) / 16;
+  const int64_t KB = (K + 3) / 4;
+  const int64_t grain = k_min(NB, 1 + 4096 / (KB + 1));  // ~256 KiB of output per chunk
+  tallow::parallel_for(NB, grain, [](void* p, int64_t begin, int64_t end) {
+    const PackCtx& c = *static_cast<const PackCtx*>(p);
+    const int64_t KBl = (c.K + 3) / 4;
+    for (int64_t nb = begin; nb < end; ++nb)
+      pack_block(c.b, c.K, c.N, c.sk, c.sn, nb, c.out + nb * KBl * 64, c.colsum + nb * 16);
+  }, &ctx);
+}
+
+// ---------------------------------------------------------------- A operand
+
+struct AConvCtx {
+  const int8_t* a;
+  int64_t M, K, sm, sk;
+  uint8_t* out;
+  int64_t ldo;
+};
+
+void isa_a_to_u8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
+             int64_t ldo) {
+  AConvCtx ctx{a, M, K, sm, sk, out, ldo};
+  const int64_t grain = k_min(M, 1 + (1 << 16) / (K + 1));
+  tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
+    const AConvCtx& c = *static_cast<const AConvCtx*>(p);
+    for (int64_t m = begin; m < end; ++m) {
+      const int8_t* src = c.a + m * c.sm;
+      uint8_t* dst = c.out + m * c.ldo;
+      int64_t k = 0;
+      if (c.sk == 1) {
+        // x + 128 as u8 == x ^ 0x80 bytewise; 8 bytes at a time.
+        for (; k + 8 <= c.K; k += 8) {
+          uint64_t w;
+          __builtin_memcpy(&w, src + k, 8);
+          w ^= 0x8080808080808080ull;
+          __builtin_memcpy(dst + k, &w, 8);
+        }
+      }
+      for (; k < c.K; ++k) dst[k] = static_cast<uint8_t>(src[k * c.sk]) ^ 0x80u;
+      for (; k < c.ldo; ++k) dst[k] = 0;
+    }
+  }, &ctx);
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+// Per row: mn = min(0, min x), mx = max(0, max x), scale = (mx - mn) / 255
+// (1 if 0), inv = 1 / scale, zp = clamp(round(-mn * inv), 0, 255),
+// q = clamp(round(x * inv) + zp, 0, 255), round half to even — the same
+// float32 operations as quantize_rows_ref, so q, scale and zp match it bit
+// for bit. A row with a NaN/inf gets scale NaN, zp 0, q 0 (its outputs are NaN).
+void quantize_row(const float* x, int64_t K, uint8_t* q, int64_t ldq, float* scale_out,
+                  int32_t* zp_out) {
+  VF vmin = vf_zero(), vmax = vf_zero(), vbad = vf_zero();
+  int64_t k = 0;
+  for (; k + kW <= K; k += kW) {
+    const VF v = vf_load(x + k);
+    vmin = vf_min(vmin, v);
+    vmax = vf_max(vmax, v);
+    vbad = vf_add(vbad, vf_mul(v, vf_zero()));  // NaN iff some v is NaN or inf
+  }
+  if (k < K) {
+    const VF v = vf_load_n(x + k, static_cast<int>(K - k));  // zero-filled lanes: harmless
+    vmin = vf_min(vmin, v);
+    vmax = vf_max(vmax, v);
+    vbad = vf_add(vbad, vf_mul(v, vf_zero()));
+  }
+  const float bad = vf_reduce_add(vbad);
+  if (bad != 0.0f || bad != bad) {
+    *scale_out = __builtin_nanf("");
+    *zp_out = 0;
+    __builtin_memset(q, 0, static_cast<size_t>(ldq));
+    return;
+  }
+  const float mn = -vf_reduce_max(vf_sub(vf_zero(), vmin));
+  const float mx = vf_reduce_max(vmax);
+  float scale = (mx - mn) / 255.0f;
+  if (scale == 0.0f) scale = 1.0f;
+  const float inv = 1.0f / scale;
+  float z = __builtin_nearbyintf(-mn * inv);
+  z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+  *scale_out = scale;
+  *zp_out = static_cast<int32_t>(z);
+  const VF vinv = vf_set1(inv), vz = vf_set1(z), lo = vf_zero(), hi = vf_set1(255.0f);
+  for (k = 0; k < K; k += kW) {
+    const int n = static_cast<int>(k_min(kW, K - k));
+    const VF v = n == kW ? vf_load(x + k) : vf_load_n(x + k, n);
+    // round(x * inv) + zp is an exact small integer in float: clamp there.
+    VF r = vf_add(vf_round(vf_mul(v, vinv)), vz);
+    r = vf_min(vf_max(r, lo), hi);
+    k_store_u8(q + k, vf_round_to_vi(r), n);
+  }
+  for (k = K; k < ldq; ++k) q[k] = 0;
+}
+
+struct QuantCtx {
+  const float* x;
+  int64_t K, ldx;
+  uint8_t* q;
+  int64_t ldq;
+  float* scale;
+  int32_t* zp;
+};
+
+void isa_quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q, int64_t ldq,
+                   float* scale, int32_t* zp) {
+  QuantCtx ctx{x, K, ldx, q, ldq, scale, zp};
+  const int64_t grain = k_min(M, 1 + (1 << 14) / (K + 1));
+  tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
+    const QuantCtx& c = *static_cast<const QuantCtx*>(p);
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(c.x + m * c.ldx, c.K, c.q + m * c.ldq, c.ldq, c.scale + m, c.zp + m);
+  }, &ctx);
+}
+
+// ---------------------------------------------------------------- GEMM
+
+// acc (int32 [MR][NBK*16], row stride kNR) (+)= A[MR rows, k-groups kb0..kb1) x B panel.
+// b points at the panel's first block; consecutive 16-column blocks are bstride bytes apart.
+template <int MR, int NBK>
+void micro(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+           int64_t kb1, int32_t* acc, bool init) {
+  constexpr int NV = NBK * kV;
+  VI c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) c[r][j] = init ? vi_zero() : vi_load(acc + r * kNR + j * kW);
+  const uint8_t* ap = a + kb0 * 4;
+  const int8_t* bp = b + kb0 * 64;
+  for (int64_t kb = kb0; kb < kb1; ++kb, ap += 4, bp += 64) {
+    VI bv[NV];
+    for (int j = 0; j < NBK; ++j)
+      for (int v = 0; v < kV; ++v) bv[j * kV + v] = vi_load(bp + j * bstride + v * kW * 4);
+    for (int r = 0; r < MR; ++r) {
+      int32_t w;
+      __builtin_memcpy(&w, ap + r * lda, 4);
+      const VI av = vi_set1(w);
+      for (int j = 0; j < NV; ++j) c[r][j] = vi_dpbusd(c[r][j], av, bv[j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) vi_store(acc + r * kNR + j * kW, c[r][j]);
+}
+
+using MicroFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t,
+                         int32_t*, bool);
+
+template <int MR>
+MicroFn micro_for_nbk(int nbk) {
+  switch (nbk) {
+#if defined(__AVX512F__)
+    case 4: return &micro<MR, (kNBK >= 4 ? 4 : 1)>;
+    case 3: return &micro<MR, (kNBK >= 3 ? 3 : 1)>;
+    case 2: return &micro<MR, (kNBK >= 2 ? 2 : 1)>;
+#endif
+    default: return &micro<MR, 1>;
+  }
+}
+
+MicroFn micro_for(int mr, int nbk) {
+  switch (mr) {
+#if defined(__AVX512F__)
+    case 6: return micro_for_nbk<6>(nbk);
+    case 5: return micro_for_nbk<5>(nbk);
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+    case 4: return micro_for_nbk<4>(nbk);
+    case 3: return micro_for_nbk<3>(nbk);
+#endif
+    case 2: return micro_for_nbk<2>(nbk);
+    default: return micro_for_nbk<1>(nbk);
+  }
+}
+
+// Epilogue for rows [m0, m0 + rows) and columns [n0, n0 + ncols) of C, from
+// the task's int32 accumulators (row stride kNR).
+void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64_t n0, int ncols) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const int32_t* ar = acc + r * kNR;
+    if (g.c_i32) {
+      int32_t* out = g.c_i32 + m * g.ldc + n0;
+      const VI off = vi_set1(g.a_offset);
+      for (int j = 0; j < ncols; j += kW) {
+        const VI y = k_sub(vi_load(ar + j), vi_mullo(off, vi_load(g.colsum + n0 + j)));
+        const int n = ncols - j < kW ? ncols - j : kW;
+        if (n == kW)
+          vi_store(out + j, y);
+        else
+          k_store_i32_n(out + j, y, n);
+      }
+    } else {
+      float* out = g.c_f32 + m * g.ldc + n0;
+      const VI zp = vi_set1(g.row_zp[m]);
+      const VF sx = vf_set1(g.row_scale[m]);
+      for (int j = 0; j < ncols; j += kW) {
+        const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(g.colsum + n0 + j)));
+        const VF s = vf_mul(sx, vf_load(g.col_scale + n0 + j));
+        VF y = vf_add(vf_mul(vi_to_vf(yi), s), vf_load(g.bias + n0 + j));
+        y = apply_act(y, g.act);
+        const int n = ncols - j < kW ? ncols - j : kW;
+        if (n == kW)
+          vf_store(out + j, y);
+        else
+          vf_store_n(out + j, y, n);
+      }
+    }
+  }
+}
+
+struct GemmCtx {
+  const GemmArgs* g;
+  int64_t n_mb;     // row blocks
+  int32_t* scratch; // per thread: kMB * kNR int32
+};
+
+void gemm_task(const GemmArgs& g, int64_t mb, int64_t nc, int32_t* acc) {
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t m0 = mb * kMB;
+  const int rows = static_cast<int>(k_min(kMB, g.M - m0));
+  const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
+  const int64_t n0 = nc * kNR;
+  const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
+  const int8_t* panel = g.bp + nc * kNBK * KB * 64;
+  int64_t kb0 = 0;
+  do {
+    const int64_t kb1 = k_min(KB, kb0 + kKBC);
+    for (int mt = 0; mt < rows; mt += kMR) {
+      const int mr = static_cast<int>(k_min(kMR, rows - mt));
+      micro_for(mr, nbk)(g.a + (m0 + mt) * g.lda, g.lda, panel, KB * 64, kb0, kb1,
+                         acc + mt * kNR, kb0 == 0);
+    }
+    kb0 = kb1;
+  } while (kb0 < KB);
+  epilogue(g, acc, m0, rows, n0, ncols);
+}
+
+void isa_gemm(const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
+  const int64_t n_mb = (g.M + kMB - 1) / kMB;
+  const int threads = tallow::num_threads();
+  const size_t per_thread = static_cast<size_t>(kMB) * kNR * sizeof(int32_t);
+  int32_t* scratch = static_cast<int32_t*>(aligned_alloc(64, per_thread * threads));
+  GemmCtx ctx{&g, n_mb, scratch};
+  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
+    const GemmCtx& c = *static_cast<const GemmCtx*>(p);
+    int32_t* acc = c.scratch + static_cast<int64_t>(tallow::thread_index()) * kMB * kNR;
+    for (int64_t t = begin; t < end; ++t) gemm_task(*c.g, t % c.n_mb, t / c.n_mb, acc);
+  }, &ctx);
+  free(scratch);
+}
