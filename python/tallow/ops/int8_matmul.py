@@ -43,6 +43,7 @@ view/permute.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -163,6 +164,18 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- int8_matmul op
 
 
+def _eager(*tensors: torch.Tensor) -> bool:
+    """True for plain eager tensors outside torch.compile/tracing: then the
+    public functions call the op's body (``dispatch``) directly, skipping the
+    ~25 us of torch.library's custom-op dispatch, which is most of the cost of
+    a small call (M = 1 decode). Everything else (compile, export, fake or
+    subclassed tensors) goes through the registered custom op."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+
 def _int8_matmul_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mod = native()
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
@@ -203,6 +216,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int8_matmul: a is on {a.device}, b on {b.device}")
     if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0:
         return torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    if _eager(a, b):
+        return dispatch("int8_matmul", a.device.type, _ORDER, _MATMUL_IMPLS, a, b)
     return _int8_matmul_op(a, b)
 
 
@@ -214,20 +229,18 @@ def _int8_linear_ref_packed(x, packed, colsum, weight_scale, bias, activation):
     return int8_linear_ref(x, qweight, weight_scale, bias, None if activation == "none" else activation)
 
 
-def _int8_linear_cpu(x, packed, colsum, weight_scale, bias, activation):
+def _weight_arrays(packed, colsum, weight_scale, bias):
+    return (packed.numpy(), colsum.numpy(), weight_scale.numpy(), None if bias is None else bias.detach().numpy())
+
+
+def _int8_linear_cpu(x, packed, colsum, weight_scale, bias, activation, arrays=None):
     mod = native()
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()  # the kernel takes any row stride, not a strided row
+    if arrays is None:
+        arrays = _weight_arrays(packed, colsum, weight_scale, bias)
     out = torch.empty(x.shape[0], colsum.shape[0], dtype=torch.float32)
-    mod.int8_linear(
-        x.detach().numpy(),
-        packed.numpy(),
-        colsum.numpy(),
-        weight_scale.numpy(),
-        None if bias is None else bias.detach().numpy(),
-        _ACT_CODE[activation],
-        out.numpy(),
-    )
+    mod.int8_linear(x.detach().numpy(), *arrays, _ACT_CODE[activation], out.numpy())
     return out
 
 
@@ -288,6 +301,8 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.register_buffer("bias", None)
+        self._np_key = None
+        self._np_arrays = None
 
     @classmethod
     def from_float(
@@ -355,11 +370,24 @@ class QuantizedLinear(torch.nn.Module):
         if x.device.type != "cpu":
             raise ValueError(f"QuantizedLinear: x must be on the CPU, got {x.device}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self._in)  # a view when the leading dims allow it
+        x2 = x if x.dim() == 2 else x.reshape(-1, self._in)  # a view when the leading dims allow it
         if x2.shape[0] == 0:
             return x.new_empty((*lead, self._out))
-        y = _int8_linear_op(x2, self.packed_weight, self.weight_colsum, self.weight_scale, self.bias, self._activation)
-        return y.reshape(*lead, self._out)
+        bufs = self._buffers
+        packed, colsum, scale, bias = bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"]
+        if _eager(x2, packed):
+            # Same body as the custom op, with the weights' numpy views cached
+            # (keyed by the buffers' identity and address: a load_state_dict or
+            # .to() that replaces or moves them refreshes the cache).
+            key = tuple((id(t), t.data_ptr()) for t in (packed, colsum, scale, bias) if t is not None)
+            if self._np_key != key:
+                self._np_arrays = _weight_arrays(packed, colsum, scale, bias) if packed.device.type == "cpu" else None
+                self._np_key = key
+            impls = {"cpu": partial(_int8_linear_cpu, arrays=self._np_arrays), "ref": _int8_linear_ref_packed}
+            y = dispatch("int8_linear", x2.device.type, _ORDER, impls, x2, packed, colsum, scale, bias, self._activation)
+        else:
+            y = _int8_linear_op(x2, packed, colsum, scale, bias, self._activation)
+        return y if x.dim() == 2 else y.reshape(*lead, self._out)
 
     def extra_repr(self) -> str:
         return (
