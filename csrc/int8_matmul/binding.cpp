@@ -95,6 +95,12 @@ void register_int8_matmul(py::module_& m) {
       py::arg("bias"), py::arg("act"), py::arg("out"),
       "out[M, N] = act(dequant(quant_u8(x) @ W_s8^T) + bias) with prepacked [N/16][K/4][16][4] weights.");
 
+  m.def("int8_amx_usable", &int8mm::amx_usable,
+        "True when the CPU and OS allow AMX-INT8 tiles (the AVX-512 GEMM then uses them for M >= 8).");
+  m.def("int8_amx_enabled", &int8mm::amx_enabled);
+  m.def("int8_set_amx", [](bool on) { int8mm::set_amx_enabled(on); }, py::arg("on"),
+        "Switch the AMX tile path on/off (also: TALLOW_AMX=0); a no-op 'on' where AMX is unusable.");
+
   m.def(
       "int8_quantize_rows",
       [](py::array x, py::array q, py::array scale, py::array zp) {

@@ -37,6 +37,10 @@ struct GemmArgs {
   const float* col_scale;    // [NB * 16]
   const float* bias;         // [NB * 16]
   int act;
+  // Use the AMX tile path (AVX-512 kernels only; the dispatcher sets it when
+  // the CPU and OS allow AMX-INT8 and the A buffer has its rows padded to a
+  // multiple of 16 with zeros).
+  int use_amx;
 };
 
 struct IsaKernels {
@@ -70,6 +74,13 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
             float* y);
+
+// AMX-INT8 (Sapphire Rapids and later): usable = CPU + OS support and the
+// process got permission (arch_prctl ARCH_REQ_XCOMP_PERM); enabled = usable
+// and not switched off (TALLOW_AMX=0 or set_amx_enabled(false)).
+bool amx_usable();
+bool amx_enabled();
+void set_amx_enabled(bool on);
 
 // The quantization step alone (for tests): q [M, K] contiguous u8.
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* scale,

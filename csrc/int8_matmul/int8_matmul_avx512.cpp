@@ -1,6 +1,8 @@
-// INT8 GEMM kernels compiled for avx512 (flags from CMakeLists.txt by file name).
-// Everything from int8_matmul_kernel.h lands in an anonymous namespace, so
-// this file's copies can never be linked into another ISA's code path.
+// INT8 GEMM kernels compiled for avx512 (flags from CMakeLists.txt by file
+// name), plus an AMX-INT8 tile path for CPUs that have it (Sapphire Rapids
+// and later; only reached when the dispatcher found AMX usable at run time).
+// Everything lands in an anonymous namespace, so this file's copies can never
+// be linked into another ISA's code path.
 #include <stdlib.h>
 
 #include "common/simd.h"
@@ -10,7 +12,137 @@
 namespace tallow {
 namespace int8mm {
 namespace {
+#define TALLOW_I8_AMX 1
 #include "int8_matmul/int8_matmul_kernel.h"
+
+// ------------------------------------------------------------------ AMX path
+//
+// tdpbusd is the tile form of vpdpbusd: C[16 x 16 int32] += A[16 x 64 u8] .
+// B[16 k-groups x (16 x 4) s8]. A B tile is 16 consecutive k-groups of one
+// packed 16-column block: 16 rows of 64 bytes, stride 64 — exactly our packed
+// layout [NB][KB][16][4], so the same packed weights serve both paths.
+// Register blocking: 2 A tiles (32 rows) x 2 B tiles (32 columns) -> 4 C tiles.
+// The k-groups beyond the last multiple of 16 are added by the VNNI
+// micro-kernel on the stored accumulators; the zero-point / dequant epilogue
+// is shared with the VNNI path.
+
+constexpr int kAmxMB = 64;  // rows per task (the A buffer is zero padded to a multiple of 16)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile"))) void amx_begin() {
+  TileConfig cfg;
+  __builtin_memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // Not _tile_loadconfig: GCC's version tells the compiler it reads only 8
+  // bytes, so the rows/colsb stores above get eliminated as dead (SIGILL).
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+
+// acc[r][c] (row stride kNR int32) = sum over k-groups [0, kb_end) of
+// A[row0 + r] . B[block j + c/16], for a 32 x 32 block (TR/TC: second row /
+// column tile present).
+template <bool TR, bool TC>
+__attribute__((target("amx-tile,amx-int8"))) void amx_block(const uint8_t* a, int64_t lda,
+                                                            const int8_t* b0, const int8_t* b1,
+                                                            int64_t kb_end, int32_t* acc) {
+  _tile_zero(0);
+  if (TC) _tile_zero(1);
+  if (TR) _tile_zero(2);
+  if (TR && TC) _tile_zero(3);
+  for (int64_t kb = 0; kb < kb_end; kb += 16) {
+    _tile_loadd(4, a + kb * 4, lda);
+    _tile_loadd(6, b0 + kb * 64, 64);
+    if (TC) _tile_loadd(7, b1 + kb * 64, 64);
+    _tile_dpbusd(0, 4, 6);
+    if (TC) _tile_dpbusd(1, 4, 7);
+    if (TR) {
+      _tile_loadd(5, a + 16 * lda + kb * 4, lda);
+      _tile_dpbusd(2, 5, 6);
+      if (TC) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, kNR * 4);
+  if (TC) _tile_stored(1, acc + 16, kNR * 4);
+  if (TR) _tile_stored(2, acc + 16 * kNR, kNR * 4);
+  if (TR && TC) _tile_stored(3, acc + 16 * kNR + 16, kNR * 4);
+}
+
+void amx_task(const GemmArgs& g, int64_t mb, int64_t nc, int32_t* acc) {
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t KB16 = KB / 16 * 16;
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t m0 = mb * kAmxMB;
+  const int rows = static_cast<int>(k_min(kAmxMB, g.M - m0));
+  const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
+  const int64_t n0 = nc * kNR;
+  const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
+  const int8_t* panel = g.bp + nc * kNBK * KB * 64;
+  const int64_t bstride = KB * 64;
+  for (int r = 0; r < rows; r += 32) {
+    const bool two_rows = rows - r > 16;
+    const uint8_t* ar = g.a + (m0 + r) * g.lda;
+    for (int j = 0; j < nbk; j += 2) {
+      const bool two_cols = nbk - j > 1;
+      const int8_t* b0 = panel + j * bstride;
+      const int8_t* b1 = panel + (j + 1) * bstride;
+      int32_t* c = acc + r * kNR + j * 16;
+      if (two_rows && two_cols)
+        amx_block<true, true>(ar, g.lda, b0, b1, KB16, c);
+      else if (two_rows)
+        amx_block<true, false>(ar, g.lda, b0, b1, KB16, c);
+      else if (two_cols)
+        amx_block<false, true>(ar, g.lda, b0, b1, KB16, c);
+      else
+        amx_block<false, false>(ar, g.lda, b0, b1, KB16, c);
+    }
+  }
+  if (KB16 < KB) {
+    for (int mt = 0; mt < rows; mt += kMR) {
+      const int mr = static_cast<int>(k_min(kMR, rows - mt));
+      micro_for(mr, nbk)(g.a + (m0 + mt) * g.lda, g.lda, panel, bstride, KB16, KB,
+                         acc + mt * kNR, KB16 == 0);
+    }
+  }
+  epilogue(g, acc, m0, rows, n0, ncols);
+}
+
+struct AmxCtx {
+  const GemmArgs* g;
+  int64_t n_mb;
+  int32_t* scratch;  // per thread: kAmxMB * kNR int32
+};
+
+void gemm_amx(const GemmArgs& g) {
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
+  const int64_t n_mb = (g.M + kAmxMB - 1) / kAmxMB;
+  const int threads = tallow::num_threads();
+  const size_t per_thread = static_cast<size_t>(kAmxMB) * kNR * sizeof(int32_t);
+  int32_t* scratch = static_cast<int32_t*>(aligned_alloc(64, per_thread * threads));
+  AmxCtx ctx{&g, n_mb, scratch};
+  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
+    const AmxCtx& c = *static_cast<const AmxCtx*>(p);
+    int32_t* acc = c.scratch + static_cast<int64_t>(tallow::thread_index()) * kAmxMB * kNR;
+    amx_begin();
+    for (int64_t t = begin; t < end; ++t) amx_task(*c.g, t % c.n_mb, t / c.n_mb, acc);
+    amx_end();
+  }, &ctx);
+  free(scratch);
+}
+
 }  // namespace
 
 extern const IsaKernels kKernelsAvx512;

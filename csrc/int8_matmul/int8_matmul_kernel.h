@@ -140,70 +140,117 @@ inline VF apply_act(VF y, int act) {
 
 // ---------------------------------------------------------------- packing
 
-// Packs one 16-column block (all k-groups) and writes its 16 column sums.
-void pack_block(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int64_t nb,
-                int8_t* out, int32_t* colsum) {
-  const int64_t KB = (K + 3) / 4;
-  const int64_t n0 = nb * 16;
-  const int ncols = static_cast<int>(k_min(16, N - n0));
-  for (int64_t kb = 0; kb < KB; ++kb) {
-    const int64_t k0 = kb * 4;
-    const int kr = static_cast<int>(k_min(4, K - k0));
-    int8_t* o = out + kb * 64;
-    if (sn == 1 && ncols == 16 && kr == 4) {
-      // B rows are contiguous: interleave 4 rows of 16 bytes (SSE2, baseline).
-      const int8_t* r = b + k0 * sk + n0;
-      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
-      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sk));
-      const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sk));
-      const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * sk));
-      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
-      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(t0, t2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
-    } else if (sk == 1 && kr == 4) {
-      // B columns are contiguous (B = W^T with W [N, K] row-major): 4 bytes per column.
-      for (int c = 0; c < 16; ++c) {
-        if (c < ncols)
-          __builtin_memcpy(o + 4 * c, b + (n0 + c) * sn + k0, 4);
-        else
-          __builtin_memset(o + 4 * c, 0, 4);
-      }
-    } else {
-      for (int c = 0; c < 16; ++c)
-        for (int i = 0; i < 4; ++i)
-          o[4 * c + i] = (c < ncols && i < kr) ? b[(k0 + i) * sk + (n0 + c) * sn] : int8_t{0};
-    }
-  }
-  // Column sums from the packed block: a dot product with u8 ones.
-  VI acc[kV];
-  for (int v = 0; v < kV; ++v) acc[v] = vi_zero();
-  const VI ones = vi_set1(0x01010101);
-  for (int64_t kb = 0; kb < KB; ++kb)
-    for (int v = 0; v < kV; ++v) acc[v] = vi_dpbusd(acc[v], ones, vi_load(out + kb * 64 + v * kW * 4));
-  for (int v = 0; v < kV; ++v) vi_store(colsum + v * kW, acc[v]);
+// 4 rows x 16 bytes (rows r, r + sk, ...) -> 16 dwords (column-interleaved), SSE2.
+inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
+  const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
+  const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sk));
+  const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sk));
+  const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * sk));
+  const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+  const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(t0, t2));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
+}
+
+// One (block nb, k-group kb) cell of the packed layout, any strides, zero padded.
+inline void pack_cell(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int64_t nb,
+                      int64_t kb, int8_t* o) {
+  const int64_t n0 = nb * 16, k0 = kb * 4;
+  for (int c = 0; c < 16; ++c)
+    for (int i = 0; i < 4; ++i)
+      o[4 * c + i] = (n0 + c < N && k0 + i < K) ? b[(k0 + i) * sk + (n0 + c) * sn] : int8_t{0};
 }
 
 struct PackCtx {
   const int8_t* b;
-  int64_t K, N, sk, sn;
+  int64_t K, N, sk, sn, KB, NB;
   int8_t* out;
   int32_t* colsum;
 };
 
+// Row-major B (sn == 1), split over k-groups: each thread reads 4 rows of B
+// sequentially (prefetch-friendly) and scatters 64-byte cells to every block.
+void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
+  const int64_t full_nb = c.N / 16;
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const bool full_k = kb * 4 + 4 <= c.K;
+    int64_t nb = 0;
+    if (full_k)
+      for (; nb < full_nb; ++nb) interleave4x16(c.b + kb * 4 * c.sk + nb * 16, c.sk, c.out + (nb * c.KB + kb) * 64);
+    for (; nb < c.NB; ++nb) pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, c.out + (nb * c.KB + kb) * 64);
+  }
+}
+
+// Column-major B (sk == 1, e.g. W^T of a row-major [N, K] weight), split over
+// blocks: per 4 columns x 16 k, a 4x4 transpose of dwords.
+void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
+  const int64_t full_kb4 = c.K / 16;  // groups of 4 k-groups fully inside K
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    int8_t* out = c.out + nb * c.KB * 64;
+    int64_t kb = 0;
+    if (nb * 16 + 16 <= c.N) {
+      for (int64_t g = 0; g < full_kb4; ++g, kb += 4) {
+        for (int c0 = 0; c0 < 16; c0 += 4) {
+          const int8_t* src = c.b + (nb * 16 + c0) * c.sn + kb * 4;
+          const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+          const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.sn));
+          const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * c.sn));
+          const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 3 * c.sn));
+          const __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpackhi_epi32(r0, r1);
+          const __m128i t2 = _mm_unpacklo_epi32(r2, r3), t3 = _mm_unpackhi_epi32(r2, r3);
+          int8_t* o = out + kb * 64 + c0 * 4;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(t0, t2));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 64), _mm_unpackhi_epi64(t0, t2));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 128), _mm_unpacklo_epi64(t1, t3));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 192), _mm_unpackhi_epi64(t1, t3));
+        }
+      }
+    }
+    for (; kb < c.KB; ++kb) pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, out + kb * 64);
+  }
+}
+
+// Column sums of packed blocks: a dot product with u8 ones, 4 independent
+// accumulator chains (vpdpbusd latency).
+void colsum_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
+  const VI ones = vi_set1(0x01010101);
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const int8_t* blk = c.out + nb * c.KB * 64;
+    VI acc[4][kV];
+    for (int u = 0; u < 4; ++u)
+      for (int v = 0; v < kV; ++v) acc[u][v] = vi_zero();
+    int64_t kb = 0;
+    for (; kb + 4 <= c.KB; kb += 4)
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < kV; ++v)
+          acc[u][v] = vi_dpbusd(acc[u][v], ones, vi_load(blk + (kb + u) * 64 + v * kW * 4));
+    for (; kb < c.KB; ++kb)
+      for (int v = 0; v < kV; ++v) acc[0][v] = vi_dpbusd(acc[0][v], ones, vi_load(blk + kb * 64 + v * kW * 4));
+    for (int v = 0; v < kV; ++v)
+      vi_store(c.colsum + nb * 16 + v * kW, vi_add(vi_add(acc[0][v], acc[1][v]), vi_add(acc[2][v], acc[3][v])));
+  }
+}
+
 void isa_pack_b(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int8_t* out,
-            int32_t* colsum) {
-  PackCtx ctx{b, K, N, sk, sn, out, colsum};
+                int32_t* colsum) {
   const int64_t NB = (N + 15) / 16;
   const int64_t KB = (K + 3) / 4;
-  const int64_t grain = k_min(NB, 1 + 4096 / (KB + 1));  // ~256 KiB of output per chunk
-  tallow::parallel_for(NB, grain, [](void* p, int64_t begin, int64_t end) {
-    const PackCtx& c = *static_cast<const PackCtx*>(p);
-    const int64_t KBl = (c.K + 3) / 4;
-    for (int64_t nb = begin; nb < end; ++nb)
-      pack_block(c.b, c.K, c.N, c.sk, c.sn, nb, c.out + nb * KBl * 64, c.colsum + nb * 16);
+  PackCtx ctx{b, K, N, sk, sn, KB, NB, out, colsum};
+  if (KB > 0) {
+    if (sn == 1) {
+      tallow::parallel_for(KB, k_min(KB, 1 + 2048 / (NB + 1)), [](void* p, int64_t lo, int64_t hi) {
+        pack_rows_range(*static_cast<const PackCtx*>(p), lo, hi);
+      }, &ctx);
+    } else {
+      tallow::parallel_for(NB, k_min(NB, 1 + 2048 / (KB + 1)), [](void* p, int64_t lo, int64_t hi) {
+        pack_cols_range(*static_cast<const PackCtx*>(p), lo, hi);
+      }, &ctx);
+    }
+  }
+  tallow::parallel_for(NB, k_min(NB, 1 + 2048 / (KB + 1)), [](void* p, int64_t lo, int64_t hi) {
+    colsum_range(*static_cast<const PackCtx*>(p), lo, hi);
   }, &ctx);
 }
 
@@ -491,8 +538,18 @@ void gemm_task(const GemmArgs& g, int64_t mb, int64_t nc, int32_t* acc) {
   epilogue(g, acc, m0, rows, n0, ncols);
 }
 
+#if defined(TALLOW_I8_AMX)
+void gemm_amx(const GemmArgs& g);  // int8_matmul_avx512.cpp
+#endif
+
 void isa_gemm(const GemmArgs& g) {
   if (g.M <= 0 || g.N <= 0) return;
+#if defined(TALLOW_I8_AMX)
+  if (g.use_amx) {
+    gemm_amx(g);
+    return;
+  }
+#endif
   const int64_t NB = (g.N + 15) / 16;
   const int64_t n_nc = (NB + kNBK - 1) / kNBK;
   const int64_t n_mb = (g.M + kMB - 1) / kMB;
