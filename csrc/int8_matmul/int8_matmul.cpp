@@ -136,23 +136,22 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
                int64_t sbn, int64_t M, int64_t K, int64_t N, int32_t* c) {
   if (M <= 0 || N <= 0) return;
   const IsaKernels& kr = kernels();
-  const int64_t KB = (K + 3) / 4, NB = (N + 15) / 16, lda = KB * 4;
+  const int64_t KB = (K + 3) / 4, lda = KB * 4;
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
   Scratch<uint8_t> au(0, Mp * lda);
-  Scratch<int8_t> bp(1, NB * KB * 64);
-  Scratch<int32_t> colsum(2, NB * 16);
-  kr.pack_b(b, K, N, sbk, sbn, bp.get(), colsum.get());
+  // B is packed panel by panel inside the GEMM tasks (GemmArgs::b_raw).
   kr.a_to_u8(a, M, K, sam, sak, au.get(), lda);
   if (Mp > M) std::memset(au.get() + M * lda, 0, (Mp - M) * lda);
   GemmArgs g{};
   g.a = au.get();
   g.lda = lda;
-  g.bp = bp.get();
+  g.b_raw = b;
+  g.sbk = sbk;
+  g.sbn = sbn;
   g.M = M;
   g.N = N;
   g.K = K;
-  g.colsum = colsum.get();
   g.ldc = N;
   g.c_i32 = c;
   g.a_offset = 128;

@@ -22,9 +22,13 @@ struct GemmArgs {
   // multiplied by the zero padding of B, so any value is fine there.
   const uint8_t* a;
   int64_t lda;
-  const int8_t* bp;  // packed B, [NB][KB][16][4]
+  const int8_t* bp;  // packed B, [NB][KB][16][4] (with colsum), or null:
+  // raw B (element (k, n) at b_raw[k * sbk + n * sbn]) is packed panel by
+  // panel inside the GEMM tasks (fused).
+  const int8_t* b_raw;
+  int64_t sbk, sbn;
   int64_t M, N, K;
-  const int32_t* colsum;  // [NB * 16] column sums of B (zero padded)
+  const int32_t* colsum;  // [NB * 16] column sums of packed B (zero padded)
   int64_t ldc;
   // Integer mode (c_i32 != nullptr): C = acc - a_offset * colsum (wrapping int32).
   int32_t* c_i32;
@@ -44,10 +48,6 @@ struct GemmArgs {
 };
 
 struct IsaKernels {
-  // Packs B (element (k, n) at b[k * sk + n * sn]) into [NB][KB][16][4] and
-  // writes its column sums (colsum has NB * 16 entries, padding sums are 0).
-  void (*pack_b)(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int8_t* out,
-                 int32_t* colsum);
   // out[m][k] = a[m * sm + k * sk] + 128 as u8 (k < K), 0 for K <= k < ldo.
   void (*a_to_u8)(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
                   int64_t ldo);

@@ -14,7 +14,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsAvx2;
-const IsaKernels kKernelsAvx2 = {&isa_pack_b, &isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsAvx2 = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow

@@ -80,73 +80,53 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_block(const uint8_t* a, in
   if (TR && TC) _tile_stored(3, acc + 16 * kNR + 16, kNR * 4);
 }
 
-void amx_task(const GemmArgs& g, int64_t mb, int64_t nc, int32_t* acc) {
+// Rows [m0, m0 + rows) x column chunk nc with AMX tiles (acc: kAmxMB rows).
+void amx_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t* panel,
+              const int32_t* cs, int32_t* acc) {
   const int64_t KB = (g.K + 3) / 4;
   const int64_t KB16 = KB / 16 * 16;
   const int64_t NB = (g.N + 15) / 16;
-  const int64_t m0 = mb * kAmxMB;
-  const int rows = static_cast<int>(k_min(kAmxMB, g.M - m0));
   const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
   const int64_t n0 = nc * kNR;
   const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
-  const int8_t* panel = g.bp + nc * kNBK * KB * 64;
   const int64_t bstride = KB * 64;
-  for (int r = 0; r < rows; r += 32) {
-    const bool two_rows = rows - r > 16;
-    const uint8_t* ar = g.a + (m0 + r) * g.lda;
-    for (int j = 0; j < nbk; j += 2) {
-      const bool two_cols = nbk - j > 1;
-      const int8_t* b0 = panel + j * bstride;
-      const int8_t* b1 = panel + (j + 1) * bstride;
-      int32_t* c = acc + r * kNR + j * 16;
-      if (two_rows && two_cols)
-        amx_block<true, true>(ar, g.lda, b0, b1, KB16, c);
-      else if (two_rows)
-        amx_block<true, false>(ar, g.lda, b0, b1, KB16, c);
-      else if (two_cols)
-        amx_block<false, true>(ar, g.lda, b0, b1, KB16, c);
-      else
-        amx_block<false, false>(ar, g.lda, b0, b1, KB16, c);
+  for (int64_t ms = m0; ms < m0 + rows; ms += kAmxMB) {
+    const int sub = static_cast<int>(k_min(kAmxMB, m0 + rows - ms));
+    for (int r = 0; r < sub; r += 32) {
+      const bool two_rows = sub - r > 16;
+      const uint8_t* ar = g.a + (ms + r) * g.lda;
+      for (int j = 0; j < nbk; j += 2) {
+        const bool two_cols = nbk - j > 1;
+        const int8_t* b0 = panel + j * bstride;
+        const int8_t* b1 = panel + (j + 1) * bstride;
+        int32_t* c = acc + r * kNR + j * 16;
+        if (two_rows && two_cols)
+          amx_block<true, true>(ar, g.lda, b0, b1, KB16, c);
+        else if (two_rows)
+          amx_block<true, false>(ar, g.lda, b0, b1, KB16, c);
+        else if (two_cols)
+          amx_block<false, true>(ar, g.lda, b0, b1, KB16, c);
+        else
+          amx_block<false, false>(ar, g.lda, b0, b1, KB16, c);
+      }
     }
-  }
-  if (KB16 < KB) {
-    for (int mt = 0; mt < rows; mt += kMR) {
-      const int mr = static_cast<int>(k_min(kMR, rows - mt));
-      micro_for(mr, nbk)(g.a + (m0 + mt) * g.lda, g.lda, panel, bstride, KB16, KB,
-                         acc + mt * kNR, KB16 == 0);
+    if (KB16 < KB) {
+      for (int mt = 0; mt < sub; mt += kMR) {
+        const int mr = static_cast<int>(k_min(kMR, sub - mt));
+        micro_for(mr, nbk)(g.a + (ms + mt) * g.lda, g.lda, panel, bstride, KB16, KB, acc + mt * kNR,
+                           KB16 == 0);
+      }
     }
+    epilogue(g, acc, ms, sub, n0, ncols, cs);
   }
-  epilogue(g, acc, m0, rows, n0, ncols);
 }
 
-struct AmxCtx {
-  const GemmArgs* g;
-  int64_t n_mb;
-  int32_t* scratch;  // per thread: kAmxMB * kNR int32
-};
-
-void gemm_amx(const GemmArgs& g) {
-  const int64_t NB = (g.N + 15) / 16;
-  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
-  const int64_t n_mb = (g.M + kAmxMB - 1) / kAmxMB;
-  const int threads = tallow::num_threads();
-  const size_t per_thread = static_cast<size_t>(kAmxMB) * kNR * sizeof(int32_t);
-  int32_t* scratch = static_cast<int32_t*>(aligned_alloc(64, per_thread * threads));
-  AmxCtx ctx{&g, n_mb, scratch};
-  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
-    const AmxCtx& c = *static_cast<const AmxCtx*>(p);
-    int32_t* acc = c.scratch + static_cast<int64_t>(tallow::thread_index()) * kAmxMB * kNR;
-    amx_begin();
-    for (int64_t t = begin; t < end; ++t) amx_task(*c.g, t % c.n_mb, t / c.n_mb, acc);
-    amx_end();
-  }, &ctx);
-  free(scratch);
-}
+void gemm_amx(const GemmArgs& g) { drive(g, &amx_rows, &amx_begin, &amx_end, kAmxMB); }
 
 }  // namespace
 
 extern const IsaKernels kKernelsAvx512;
-const IsaKernels kKernelsAvx512 = {&isa_pack_b, &isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsAvx512 = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow

@@ -166,20 +166,31 @@ inline void pack_cell(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t
 struct PackCtx {
   const int8_t* b;
   int64_t K, N, sk, sn, KB, NB;
-  int8_t* out;
-  int32_t* colsum;
+  int8_t* out;       // block nb goes to out + (nb - nb_base) * KB * 64
+  int32_t* colsum;   // and its sums to colsum + (nb - nb_base) * 16
+  int64_t nb_lo, nb_hi, nb_base;  // blocks [nb_lo, nb_hi) (row-major path)
 };
 
 // Row-major B (sn == 1), split over k-groups: each thread reads 4 rows of B
 // sequentially (prefetch-friendly) and scatters 64-byte cells to every block.
 void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
-  const int64_t full_nb = c.N / 16;
+  const int64_t full_nb = k_min(c.N / 16, c.nb_hi);
+  constexpr int64_t kAhead = 4;  // k-groups to prefetch ahead: B rows are N bytes apart,
+                                 // a stride the hardware prefetchers follow poorly
+  const int64_t pf_bytes = (c.nb_hi - c.nb_lo) * 16;
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    if (kb + kAhead < kb_end && pf_bytes <= 256) {
+      const int8_t* pf = c.b + (kb + kAhead) * 4 * c.sk + c.nb_lo * 16;
+      for (int i = 0; i < 4; ++i)
+        for (int64_t o = 0; o < pf_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + i * c.sk + o), _MM_HINT_T0);
+    }
     const bool full_k = kb * 4 + 4 <= c.K;
-    int64_t nb = 0;
+    int64_t nb = c.nb_lo;
     if (full_k)
-      for (; nb < full_nb; ++nb) interleave4x16(c.b + kb * 4 * c.sk + nb * 16, c.sk, c.out + (nb * c.KB + kb) * 64);
-    for (; nb < c.NB; ++nb) pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, c.out + (nb * c.KB + kb) * 64);
+      for (; nb < full_nb; ++nb)
+        interleave4x16(c.b + kb * 4 * c.sk + nb * 16, c.sk, c.out + ((nb - c.nb_base) * c.KB + kb) * 64);
+    for (; nb < c.nb_hi; ++nb)
+      pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, c.out + ((nb - c.nb_base) * c.KB + kb) * 64);
   }
 }
 
@@ -188,7 +199,7 @@ void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
 void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
   const int64_t full_kb4 = c.K / 16;  // groups of 4 k-groups fully inside K
   for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    int8_t* out = c.out + nb * c.KB * 64;
+    int8_t* out = c.out + (nb - c.nb_base) * c.KB * 64;
     int64_t kb = 0;
     if (nb * 16 + 16 <= c.N) {
       for (int64_t g = 0; g < full_kb4; ++g, kb += 4) {
@@ -217,7 +228,7 @@ void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
 void colsum_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
   const VI ones = vi_set1(0x01010101);
   for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    const int8_t* blk = c.out + nb * c.KB * 64;
+    const int8_t* blk = c.out + (nb - c.nb_base) * c.KB * 64;
     VI acc[4][kV];
     for (int u = 0; u < 4; ++u)
       for (int v = 0; v < kV; ++v) acc[u][v] = vi_zero();
@@ -229,29 +240,23 @@ void colsum_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
     for (; kb < c.KB; ++kb)
       for (int v = 0; v < kV; ++v) acc[0][v] = vi_dpbusd(acc[0][v], ones, vi_load(blk + kb * 64 + v * kW * 4));
     for (int v = 0; v < kV; ++v)
-      vi_store(c.colsum + nb * 16 + v * kW, vi_add(vi_add(acc[0][v], acc[1][v]), vi_add(acc[2][v], acc[3][v])));
+      vi_store(c.colsum + (nb - c.nb_base) * 16 + v * kW,
+               vi_add(vi_add(acc[0][v], acc[1][v]), vi_add(acc[2][v], acc[3][v])));
   }
 }
 
-void isa_pack_b(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int8_t* out,
-                int32_t* colsum) {
-  const int64_t NB = (N + 15) / 16;
-  const int64_t KB = (K + 3) / 4;
-  PackCtx ctx{b, K, N, sk, sn, KB, NB, out, colsum};
-  if (KB > 0) {
-    if (sn == 1) {
-      tallow::parallel_for(KB, k_min(KB, 1 + 2048 / (NB + 1)), [](void* p, int64_t lo, int64_t hi) {
-        pack_rows_range(*static_cast<const PackCtx*>(p), lo, hi);
-      }, &ctx);
-    } else {
-      tallow::parallel_for(NB, k_min(NB, 1 + 2048 / (KB + 1)), [](void* p, int64_t lo, int64_t hi) {
-        pack_cols_range(*static_cast<const PackCtx*>(p), lo, hi);
-      }, &ctx);
-    }
-  }
-  tallow::parallel_for(NB, k_min(NB, 1 + 2048 / (KB + 1)), [](void* p, int64_t lo, int64_t hi) {
-    colsum_range(*static_cast<const PackCtx*>(p), lo, hi);
-  }, &ctx);
+// Packs the column chunk nc (kNBK blocks) of raw B into a thread's panel buffer
+// (the fused path of int8_matmul: B is read once per task, the packed panel
+// stays in L2 instead of making a round trip through memory).
+void pack_panel(const GemmArgs& g, int64_t nc, int8_t* panel, int32_t* colsum) {
+  const int64_t KB = (g.K + 3) / 4, NB = (g.N + 15) / 16;
+  const int64_t nb_lo = nc * kNBK, nb_hi = k_min(NB, nb_lo + kNBK);
+  PackCtx c{g.b_raw, g.K, g.N, g.sbk, g.sbn, KB, NB, panel, colsum, nb_lo, nb_hi, nb_lo};
+  if (g.sbn == 1)
+    pack_rows_range(c, 0, KB);
+  else
+    pack_cols_range(c, nb_lo, nb_hi);
+  colsum_range(c, nb_lo, nb_hi);
 }
 
 // ---------------------------------------------------------------- A operand
@@ -476,7 +481,8 @@ MicroFn micro_for(int mr, int nbk) {
 
 // Epilogue for rows [m0, m0 + rows) and columns [n0, n0 + ncols) of C, from
 // the task's int32 accumulators (row stride kNR).
-void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64_t n0, int ncols) {
+void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64_t n0, int ncols,
+              const int32_t* cs /* column sums from column n0 */) {
   for (int r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
     const int32_t* ar = acc + r * kNR;
@@ -484,7 +490,7 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
       int32_t* out = g.c_i32 + m * g.ldc + n0;
       const VI off = vi_set1(g.a_offset);
       for (int j = 0; j < ncols; j += kW) {
-        const VI y = k_sub(vi_load(ar + j), vi_mullo(off, vi_load(g.colsum + n0 + j)));
+        const VI y = k_sub(vi_load(ar + j), vi_mullo(off, vi_load(cs + j)));
         const int n = ncols - j < kW ? ncols - j : kW;
         if (n == kW)
           vi_store(out + j, y);
@@ -496,7 +502,7 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
       const VI zp = vi_set1(g.row_zp[m]);
       const VF sx = vf_set1(g.row_scale[m]);
       for (int j = 0; j < ncols; j += kW) {
-        const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(g.colsum + n0 + j)));
+        const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(cs + j)));
         const VF s = vf_mul(sx, vf_load(g.col_scale + n0 + j));
         VF y = vf_add(vf_mul(vi_to_vf(yi), s), vf_load(g.bias + n0 + j));
         y = apply_act(y, g.act);
@@ -510,32 +516,93 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
   }
 }
 
-struct GemmCtx {
-  const GemmArgs* g;
-  int64_t n_mb;     // row blocks
-  int32_t* scratch; // per thread: kMB * kNR int32
-};
-
-void gemm_task(const GemmArgs& g, int64_t mb, int64_t nc, int32_t* acc) {
+// Rows [m0, m0 + rows) x column chunk nc on the VNNI micro-kernel, from a
+// panel (its 16-column blocks bstride bytes apart) and its column sums; acc
+// holds kMB rows of kNR int32.
+void vnni_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t* panel,
+               const int32_t* cs, int32_t* acc) {
   const int64_t KB = (g.K + 3) / 4;
   const int64_t NB = (g.N + 15) / 16;
-  const int64_t m0 = mb * kMB;
-  const int rows = static_cast<int>(k_min(kMB, g.M - m0));
   const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
   const int64_t n0 = nc * kNR;
   const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
-  const int8_t* panel = g.bp + nc * kNBK * KB * 64;
-  int64_t kb0 = 0;
-  do {
-    const int64_t kb1 = k_min(KB, kb0 + kKBC);
-    for (int mt = 0; mt < rows; mt += kMR) {
-      const int mr = static_cast<int>(k_min(kMR, rows - mt));
-      micro_for(mr, nbk)(g.a + (m0 + mt) * g.lda, g.lda, panel, KB * 64, kb0, kb1,
-                         acc + mt * kNR, kb0 == 0);
+  for (int64_t ms = m0; ms < m0 + rows; ms += kMB) {
+    const int sub = static_cast<int>(k_min(kMB, m0 + rows - ms));
+    int64_t kb0 = 0;
+    do {
+      const int64_t kb1 = k_min(KB, kb0 + kKBC);
+      for (int mt = 0; mt < sub; mt += kMR) {
+        const int mr = static_cast<int>(k_min(kMR, sub - mt));
+        micro_for(mr, nbk)(g.a + (ms + mt) * g.lda, g.lda, panel, KB * 64, kb0, kb1,
+                           acc + mt * kNR, kb0 == 0);
+      }
+      kb0 = kb1;
+    } while (kb0 < KB);
+    epilogue(g, acc, ms, sub, n0, ncols, cs);
+  }
+}
+
+using RowsFn = void (*)(const GemmArgs&, int64_t, int, int64_t, const int8_t*, const int32_t*, int32_t*);
+
+struct DriveCtx {
+  const GemmArgs* g;
+  RowsFn rows_fn;
+  void (*begin_fn)();  // per-thread set-up around a chunk of tasks (AMX tile config)
+  void (*end_fn)();
+  int64_t task_rows, n_mb;
+  int32_t* acc;
+  int64_t acc_per_thread;
+  int8_t* panel;  // fused path: per-thread packed panel + its column sums
+  int32_t* colsum;
+  int64_t panel_per_thread;
+};
+
+// Tasks are (row block of task_rows, column chunk of kNR), row blocks fastest.
+// With prepacked B (QuantizedLinear) a task reads its panel in place; with
+// raw B (int8_matmul) it first packs the panel (fused), so task rows are larger
+// to pack each panel fewer times.
+void drive(const GemmArgs& g, RowsFn rows_fn, void (*begin_fn)(), void (*end_fn)(), int64_t sub_rows) {
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
+  const bool fused = g.b_raw != nullptr;
+  const int64_t task_rows = fused ? sub_rows * 4 : sub_rows;
+  const int64_t n_mb = (g.M + task_rows - 1) / task_rows;
+  const int threads = tallow::num_threads();
+  const int64_t acc_per_thread = sub_rows * kNR;
+  const int64_t panel_per_thread = fused ? (kNBK * KB * 64 + 63) / 64 * 64 : 0;
+  int32_t* acc = static_cast<int32_t*>(aligned_alloc(64, static_cast<size_t>(acc_per_thread) * 4 * threads));
+  int8_t* panel = fused ? static_cast<int8_t*>(aligned_alloc(64, static_cast<size_t>(panel_per_thread) * threads + 64))
+                        : nullptr;
+  int32_t* colsum = fused ? static_cast<int32_t*>(aligned_alloc(64, static_cast<size_t>(kNR) * 4 * threads)) : nullptr;
+  DriveCtx ctx{&g, rows_fn, begin_fn, end_fn, task_rows, n_mb, acc, acc_per_thread, panel, colsum, panel_per_thread};
+  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
+    const DriveCtx& c = *static_cast<const DriveCtx*>(p);
+    const GemmArgs& g = *c.g;
+    const int64_t ti = tallow::thread_index();
+    int32_t* acc = c.acc + ti * c.acc_per_thread;
+    const int64_t KB = (g.K + 3) / 4;
+    if (c.begin_fn) c.begin_fn();
+    int64_t packed_nc = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t mb = t % c.n_mb, nc = t / c.n_mb;
+      const int64_t m0 = mb * c.task_rows;
+      const int rows = static_cast<int>(k_min(c.task_rows, g.M - m0));
+      if (c.panel) {
+        int8_t* panel = c.panel + ti * c.panel_per_thread;
+        int32_t* cs = c.colsum + ti * kNR;
+        if (packed_nc != nc) pack_panel(g, nc, panel, cs);
+        packed_nc = nc;
+        c.rows_fn(g, m0, rows, nc, panel, cs, acc);
+      } else {
+        c.rows_fn(g, m0, rows, nc, g.bp + nc * kNBK * KB * 64, g.colsum + nc * kNR, acc);
+      }
     }
-    kb0 = kb1;
-  } while (kb0 < KB);
-  epilogue(g, acc, m0, rows, n0, ncols);
+    if (c.end_fn) c.end_fn();
+  }, &ctx);
+  free(acc);
+  free(panel);
+  free(colsum);
 }
 
 #if defined(TALLOW_I8_AMX)
@@ -550,17 +617,5 @@ void isa_gemm(const GemmArgs& g) {
     return;
   }
 #endif
-  const int64_t NB = (g.N + 15) / 16;
-  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
-  const int64_t n_mb = (g.M + kMB - 1) / kMB;
-  const int threads = tallow::num_threads();
-  const size_t per_thread = static_cast<size_t>(kMB) * kNR * sizeof(int32_t);
-  int32_t* scratch = static_cast<int32_t*>(aligned_alloc(64, per_thread * threads));
-  GemmCtx ctx{&g, n_mb, scratch};
-  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
-    const GemmCtx& c = *static_cast<const GemmCtx*>(p);
-    int32_t* acc = c.scratch + static_cast<int64_t>(tallow::thread_index()) * kMB * kNR;
-    for (int64_t t = begin; t < end; ++t) gemm_task(*c.g, t % c.n_mb, t / c.n_mb, acc);
-  }, &ctx);
-  free(scratch);
+  drive(g, &vnni_rows, nullptr, nullptr, kMB);
 }

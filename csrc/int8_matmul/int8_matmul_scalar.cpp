@@ -14,7 +14,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsScalar;
-const IsaKernels kKernelsScalar = {&isa_pack_b, &isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsScalar = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow

@@ -29,6 +29,29 @@ ACTS = [None, "relu", "gelu_erf", "gelu_tanh"]
 AWKWARD = [1, 3, 17, 65, 100, 769]
 
 
+def _amx_usable() -> bool:
+    return tallow.native_available() and tallow.native().int8_amx_usable()
+
+
+@pytest.fixture(params=["vnni", "amx"])
+def gemm_path(request):
+    """On the AVX-512 ISA, runs the test on the VNNI micro-kernel and on the
+    AMX tile path (where the CPU has AMX), restoring the previous setting."""
+    if not tallow.native_available():
+        pytest.skip("tallow._C not built")
+    mod = tallow.native()
+    if request.param == "amx" and not mod.int8_amx_usable():
+        pytest.skip("no AMX-INT8 on this CPU/OS")
+    previous_isa, previous_amx = tallow.get_isa(), mod.int8_amx_enabled()
+    tallow.set_isa(mod.best_isa())
+    mod.int8_set_amx(request.param == "amx")
+    try:
+        yield request.param
+    finally:
+        mod.int8_set_amx(previous_amx)
+        tallow.set_isa(previous_isa)
+
+
 def rand_i8(*shape):
     return torch.randint(-128, 128, shape, dtype=torch.int8)
 
@@ -59,6 +82,25 @@ def test_int8_matmul_exact(each_isa, m, k, n):
     out = int8_matmul(a, b)
     assert out.dtype == torch.int32 and out.shape == (m, n)
     assert torch.equal(out, int8_matmul_ref(a, b)), f"{each_isa} {m}x{k}x{n}"
+
+
+# AMX tiles are 16 rows x 64 k: shapes around those edges (and the VNNI K tail).
+PATH_SHAPES = [(8, 64, 16), (16, 128, 32), (17, 65, 33), (97, 769, 100), (129, 100, 769), (33, 1000, 130),
+               (64, 256, 64), (200, 3072, 48)]
+
+
+@pytest.mark.parametrize("m,k,n", PATH_SHAPES)
+def test_int8_matmul_exact_per_gemm_path(gemm_path, m, k, n):
+    a, b = rand_i8(m, k), rand_i8(k, n)
+    assert torch.equal(int8_matmul(a, b), int8_matmul_ref(a, b)), f"{gemm_path} {m}x{k}x{n}"
+
+
+@pytest.mark.parametrize("m,k,n", PATH_SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_linear_per_gemm_path(gemm_path, m, k, n, act):
+    q = QuantizedLinear.from_float(torch.randn(n, k), torch.randn(n), activation=act)
+    x = torch.randn(m, k)
+    close_to_ref(q(x), ref_linear(x, q), what=f"{gemm_path} {m}x{k}x{n} {act}")
 
 
 @needs_native
