@@ -186,6 +186,28 @@ void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
     }
     const bool full_k = kb * 4 + 4 <= c.K;
     int64_t nb = c.nb_lo;
+#if defined(__AVX512F__)
+    // 4 blocks (64 bytes of each of the 4 rows) per step with zmm: the same
+    // byte/word interleave per 128-bit lane, then a 4x4 transpose of lanes.
+    if (full_k)
+      for (; nb + 4 <= full_nb; nb += 4) {
+        const int8_t* r = c.b + kb * 4 * c.sk + nb * 16;
+        const __m512i r0 = _mm512_loadu_si512(r), r1 = _mm512_loadu_si512(r + c.sk);
+        const __m512i r2 = _mm512_loadu_si512(r + 2 * c.sk), r3 = _mm512_loadu_si512(r + 3 * c.sk);
+        const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+        const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+        const __m512i o0 = _mm512_unpacklo_epi16(t0, t2), o1 = _mm512_unpackhi_epi16(t0, t2);
+        const __m512i o2 = _mm512_unpacklo_epi16(t1, t3), o3 = _mm512_unpackhi_epi16(t1, t3);
+        const __m512i u0 = _mm512_shuffle_i32x4(o0, o1, 0x44), u1 = _mm512_shuffle_i32x4(o0, o1, 0xEE);
+        const __m512i u2 = _mm512_shuffle_i32x4(o2, o3, 0x44), u3 = _mm512_shuffle_i32x4(o2, o3, 0xEE);
+        int8_t* o = c.out + ((nb - c.nb_base) * c.KB + kb) * 64;
+        const int64_t bs = c.KB * 64;
+        _mm512_storeu_si512(o, _mm512_shuffle_i32x4(u0, u2, 0x88));
+        _mm512_storeu_si512(o + bs, _mm512_shuffle_i32x4(u0, u2, 0xDD));
+        _mm512_storeu_si512(o + 2 * bs, _mm512_shuffle_i32x4(u1, u3, 0x88));
+        _mm512_storeu_si512(o + 3 * bs, _mm512_shuffle_i32x4(u1, u3, 0xDD));
+      }
+#endif
     if (full_k)
       for (; nb < full_nb; ++nb)
         interleave4x16(c.b + kb * 4 * c.sk + nb * 16, c.sk, c.out + ((nb - c.nb_base) * c.KB + kb) * 64);

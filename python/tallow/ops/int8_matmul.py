@@ -32,13 +32,26 @@ with ``act`` in {None, "relu", "gelu_erf" (BERT), "gelu_tanh" (GPT-2)}. A row
 of x holding a NaN or an infinity gives an all-NaN output row (its scale is
 NaN). The integer part is exact while ``255 · 127 · K < 2^31`` (K < 66311).
 
-Backends: ``cpu`` (tallow._C: AVX-512 VNNI / AVX2 / scalar micro-kernels,
-register tiles of 6 rows × 64 columns on AVX-512, quantization and the
-dequantize + bias + activation epilogue fused; Intel, "Deep Learning with
-INT8 Optimization on Intel Xeon", VNNI u8·s8 with zero-point compensation)
-and ``ref`` (the same maths in torch, integer part exact). The ref backend
-works from the same module state: it unpacks the packed weights with a torch
-view/permute.
+Backends: ``cpu`` (tallow._C) and ``ref`` (the same maths in torch, integer
+part exact; it works from the same module state, unpacking the packed weights
+with a torch view/permute). The ``cpu`` kernels (Intel, "Lower Numerical
+Precision Deep Learning Inference and Training", 2018: VNNI u8·s8 with
+zero-point compensation):
+
+- AVX-512 VNNI: register tiles of 6 rows × 64 columns (24 zmm accumulators,
+  ``vpdpbusd``), k blocked by 256 so a 16 KiB B panel stays in L1; tasks are
+  (row block × 64-column chunk) over tallow's thread pool; M = 1 streams the
+  packed weights once, split over N.
+- AMX-INT8 (Sapphire Rapids and later, detected at run time, process
+  permission via ``arch_prctl``; ``TALLOW_AMX=0`` turns it off): for M >= 8,
+  ``tdpbusd`` on 2 × 2 tiles of 16 × 16 int32; the packed layout above is
+  already the AMX B-tile layout (16 k-groups × 64 bytes, stride 64).
+- AVX2 (exact ``vpdpbusd`` emulation with ``vpmaddwd``) and scalar code run the
+  same algorithm for older CPUs.
+
+All paths fuse the activation quantization (one pass per row) and the
+dequantize + bias + activation epilogue. ``int8_matmul`` packs B panel by
+panel inside the GEMM tasks (read once, kept in L2), any strides.
 """
 
 from __future__ import annotations
