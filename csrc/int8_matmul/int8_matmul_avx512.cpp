@@ -26,7 +26,7 @@ namespace {
 // micro-kernel on the stored accumulators; the zero-point / dequant epilogue
 // is shared with the VNNI path.
 
-constexpr int kAmxMB = 64;  // rows per task (the A buffer is zero padded to a multiple of 16)
+constexpr int kAmxMB = 128;  // rows per task (the A buffer is zero padded to a multiple of 16)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -92,13 +92,15 @@ void amx_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t*
   const int64_t bstride = KB * 64;
   for (int64_t ms = m0; ms < m0 + rows; ms += kAmxMB) {
     const int sub = static_cast<int>(k_min(kAmxMB, m0 + rows - ms));
-    for (int r = 0; r < sub; r += 32) {
-      const bool two_rows = sub - r > 16;
-      const uint8_t* ar = g.a + (ms + r) * g.lda;
-      for (int j = 0; j < nbk; j += 2) {
-        const bool two_cols = nbk - j > 1;
-        const int8_t* b0 = panel + j * bstride;
-        const int8_t* b1 = panel + (j + 1) * bstride;
+    // Column pairs outer: the pair's B tiles (2 x 16 KiB at K = 1024) stay in
+    // L1 while the row tiles sweep over them.
+    for (int j = 0; j < nbk; j += 2) {
+      const bool two_cols = nbk - j > 1;
+      const int8_t* b0 = panel + j * bstride;
+      const int8_t* b1 = panel + (j + 1) * bstride;
+      for (int r = 0; r < sub; r += 32) {
+        const bool two_rows = sub - r > 16;
+        const uint8_t* ar = g.a + (ms + r) * g.lda;
         int32_t* c = acc + r * kNR + j * 16;
         if (two_rows && two_cols)
           amx_block<true, true>(ar, g.lda, b0, b1, KB16, c);
