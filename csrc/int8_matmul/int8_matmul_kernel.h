@@ -15,11 +15,14 @@
 //
 // Blocking: a register tile of kMR rows x kNR columns of int32 accumulators
 // (AVX-512: 6 x 64 = 24 zmm), broadcasting 4 bytes of an A row against 64
-// bytes of packed B per zmm; k is blocked by kKC so the B panel of a tile
-// (kNR x kKC bytes = 16 KiB) stays in L1 while all row tiles of a task sweep
-// over it. Tasks are (row block of kMB rows) x (column chunk of kNR) pairs,
-// row blocks fastest so both threads share one B panel; M = 1 thus streams
-// the packed weights exactly once, split over N across threads.
+// bytes of packed B per zmm; k is blocked by 256 (kKBC k-groups) so the B
+// panel of a tile (kNR x 256 bytes = 16 KiB) stays in L1 while the row tiles
+// of a kMB-row block sweep over it. Tasks (drive()) are (row block) x
+// (column chunk of kNR) pairs, row blocks fastest so both threads share one
+// B panel; M = 1 thus streams the packed weights exactly once, split over N.
+// With raw B (int8_matmul) each task packs its panel first (pack_panel).
+// The AMX tile path (int8_matmul_avx512.cpp) reuses drive(), the packing and
+// the epilogue.
 
 #if defined(__AVX512F__)
 constexpr int kMR = 6;   // rows per register tile
@@ -34,7 +37,7 @@ constexpr int kNBK = 1;
 constexpr int kV = 16 / kW;          // vectors per 16-column block
 constexpr int kNR = 16 * kNBK;       // columns per register tile / task
 constexpr int64_t kKBC = 64;         // k-groups (of 4) per L1 block: kKC = 256
-constexpr int kMB = kMR * 8;         // rows per task
+constexpr int kMB = kMR * 8;         // rows per accumulator block
 
 // ---------------------------------------------------------------- ISA helpers
 
