@@ -485,3 +485,16 @@ def test_linear_decode_vocab_shape():
     q = QuantizedLinear.from_float(torch.randn(n, k), torch.randn(n))
     x = torch.randn(1, k)
     close_to_ref(q(x), ref_linear(x, q))
+
+
+@needs_native
+def test_custom_ops_opcheck_and_compile():
+    """The registered ops pass torch.library.opcheck (schema, fake tensors,
+    AOT dispatch) and trace under torch.compile without graph breaks."""
+    q = QuantizedLinear.from_float(torch.randn(65, 100), torch.randn(65), activation="gelu_tanh")
+    x = torch.randn(7, 100)
+    torch.library.opcheck(im._int8_linear_op, (x, q.packed_weight, q.weight_colsum, q.weight_scale, q.bias, "gelu_tanh"))
+    a, b = rand_i8(5, 9), rand_i8(9, 4)
+    torch.library.opcheck(im._int8_matmul_op, (a, b))
+    compiled = torch.compile(q, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), q(x))
