@@ -1,6 +1,130 @@
-// pybind11 bindings for int8_matmul (placeholder until the kernel lands).
+// pybind11 bindings for the INT8 GEMM (tallow._C.int8_*). Inputs are numpy
+// views of torch tensors; every check names the argument; the GIL is
+// released around the kernels.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "common/array_checks.h"
+#include "int8_matmul/int8_matmul.h"
+
+namespace py = pybind11;
+
 namespace tallow {
-void register_int8_matmul(pybind11::module_& m) { (void)m; }
+namespace {
+
+int64_t elem_stride(const py::array& a, int dim) {
+  return static_cast<int64_t>(a.strides(dim)) / static_cast<int64_t>(a.itemsize());
+}
+
+void check_row_major_rows(const char* op, const char* name, const py::array& a) {
+  // Rows may be strided, elements within a row must be contiguous.
+  if (a.shape(1) > 1 && elem_stride(a, 1) != 1)
+    throw py::value_error(std::string(op) + ": " + name + " must have unit stride in its last dimension");
+  if (a.strides(0) % a.itemsize() != 0 || a.strides(0) < 0)
+    throw py::value_error(std::string(op) + ": " + name + " has an unsupported row stride");
+}
+
+}  // namespace
+
+void register_int8_matmul(py::module_& m) {
+  m.def(
+      "int8_matmul",
+      [](py::array a, py::array b, py::array out) {
+        const char* op = "int8_matmul";
+        check_array<int8_t>(op, "a", a, 2, false);
+        check_array<int8_t>(op, "b", b, 2, false);
+        check_array<int32_t>(op, "out", out, 2, true);
+        const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+        check_dim(op, "b", b, 0, K);
+        check_dim(op, "out", out, 0, M);
+        check_dim(op, "out", out, 1, N);
+        if (!out.writeable()) throw py::value_error("int8_matmul: out must be writeable");
+        const auto* ap = static_cast<const int8_t*>(a.data());
+        const auto* bp = static_cast<const int8_t*>(b.data());
+        auto* cp = static_cast<int32_t*>(out.mutable_data());
+        const int64_t sam = elem_stride(a, 0), sak = elem_stride(a, 1);
+        const int64_t sbk = elem_stride(b, 0), sbn = elem_stride(b, 1);
+        py::gil_scoped_release release;
+        int8mm::matmul_s8(ap, sam, sak, bp, sbk, sbn, M, K, N, cp);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"),
+      "out[M, N] = a[M, K] @ b[K, N] exactly (int8 x int8 -> wrapping int32); a, b any strides.");
+
+  m.def(
+      "int8_linear",
+      [](py::array x, py::array packed, py::array colsum, py::array scale_w, py::object bias,
+         int act, py::array out) {
+        const char* op = "int8_linear";
+        check_array<float>(op, "x", x, 2, false);
+        check_row_major_rows(op, "x", x);
+        check_array<int8_t>(op, "packed_weight", packed, 4, true);
+        check_array<int32_t>(op, "weight_colsum", colsum, 1, true);
+        check_array<float>(op, "weight_scale", scale_w, 1, true);
+        check_array<float>(op, "out", out, 2, true);
+        const int64_t M = x.shape(0), K = x.shape(1), N = colsum.shape(0);
+        check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
+        check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
+        check_dim(op, "packed_weight", packed, 2, 16);
+        check_dim(op, "packed_weight", packed, 3, 4);
+        check_dim(op, "weight_scale", scale_w, 0, N);
+        check_dim(op, "out", out, 0, M);
+        check_dim(op, "out", out, 1, N);
+        if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
+          throw py::value_error("int8_linear: act must be 0..3, got " + std::to_string(act));
+        const float* bp = nullptr;
+        py::array bias_arr;
+        if (!bias.is_none()) {
+          bias_arr = bias.cast<py::array>();
+          check_array<float>(op, "bias", bias_arr, 1, true);
+          check_dim(op, "bias", bias_arr, 0, N);
+          bp = static_cast<const float*>(bias_arr.data());
+        }
+        if (!out.writeable()) throw py::value_error("int8_linear: out must be writeable");
+        const auto* xp = static_cast<const float*>(x.data());
+        const int64_t ldx = elem_stride(x, 0);
+        const auto* wp = static_cast<const int8_t*>(packed.data());
+        const auto* cs = static_cast<const int32_t*>(colsum.data());
+        const auto* sw = static_cast<const float*>(scale_w.data());
+        auto* yp = static_cast<float*>(out.mutable_data());
+        py::gil_scoped_release release;
+        int8mm::linear(xp, ldx, M, K, wp, cs, sw, bp, N, act, yp);
+      },
+      py::arg("x"), py::arg("packed_weight"), py::arg("weight_colsum"), py::arg("weight_scale"),
+      py::arg("bias"), py::arg("act"), py::arg("out"),
+      "out[M, N] = act(dequant(quant_u8(x) @ W_s8^T) + bias) with prepacked [N/16][K/4][16][4] weights.");
+
+  m.def("int8_amx_usable", &int8mm::amx_usable,
+        "True when the CPU and OS allow AMX-INT8 tiles (the AVX-512 GEMM then uses them for M >= 8).");
+  m.def("int8_amx_enabled", &int8mm::amx_enabled);
+  m.def("int8_set_amx", [](bool on) { int8mm::set_amx_enabled(on); }, py::arg("on"),
+        "Switch the AMX tile path on/off (also: TALLOW_AMX=0); a no-op 'on' where AMX is unusable.");
+
+  m.def(
+      "int8_quantize_rows",
+      [](py::array x, py::array q, py::array scale, py::array zp) {
+        const char* op = "int8_quantize_rows";
+        check_array<float>(op, "x", x, 2, false);
+        check_row_major_rows(op, "x", x);
+        check_array<uint8_t>(op, "q", q, 2, true);
+        check_array<float>(op, "scale", scale, 1, true);
+        check_array<int32_t>(op, "zp", zp, 1, true);
+        const int64_t M = x.shape(0), K = x.shape(1);
+        check_dim(op, "q", q, 0, M);
+        check_dim(op, "q", q, 1, K);
+        check_dim(op, "scale", scale, 0, M);
+        check_dim(op, "zp", zp, 0, M);
+        const auto* xp = static_cast<const float*>(x.data());
+        const int64_t ldx = elem_stride(x, 0);
+        auto* qp = static_cast<uint8_t*>(q.mutable_data());
+        auto* sp = static_cast<float*>(scale.mutable_data());
+        auto* zpp = static_cast<int32_t*>(zp.mutable_data());
+        py::gil_scoped_release release;
+        int8mm::quantize_rows(xp, ldx, M, K, qp, sp, zpp);
+      },
+      py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("zp"),
+      "Dynamic per-row asymmetric u8 quantization of x (the first step of int8_linear).");
+}
+
 }  // namespace tallow

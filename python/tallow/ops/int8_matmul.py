@@ -1,22 +1,409 @@
-"""INT8 GEMM (placeholder: being written)."""
+"""INT8 matrix multiply and the INT8 linear layer (VNNI u8·s8 with zero-point compensation).
+
+**Raw GEMM.** ``int8_matmul(a, b)``: ``a`` int8 ``[M, K]``, ``b`` int8 ``[K, N]``
+(like ``torch._int_mm``) gives int32 ``[M, N]``, exact: the int32 sums wrap
+modulo 2^32 exactly like the int64-accumulated reference reduced to int32
+(overflow needs K > 131072). The kernel feeds ``vpdpbusd`` (u8 × s8 → s32,
+4 products per int32 lane) with ``a + 128`` as u8 and subtracts
+``128 · colsum(b)[n]`` in the epilogue:
+
+    sum_k a[m,k] b[k,n] = sum_k (a[m,k] + 128) b[k,n] - 128 sum_k b[k,n]
+
+**INT8 linear.** ``QuantizedLinear.from_float(weight [N, K], bias [N] or None)``
+quantizes the weights once, symmetric per output channel:
+``scale_w[n] = max_k |W[n,k]| / 127`` (1 for an all-zero row),
+``Wq = clamp(round(W / scale_w), -127, 127)`` (int8), and keeps them packed
+in the layout the kernel reads, ``[ceil(N/16)][ceil(K/4)][16][4]`` int8 (for 16
+consecutive output channels, 4 consecutive k in one dword; zero padded), plus
+``colsum[n] = sum_k Wq[n,k]`` (int32). ``forward(x)`` quantizes each activation
+row dynamically, asymmetric u8 with a zero point (better than symmetric s8
+for post-GELU/ReLU activations), all in float32 with round-half-to-even:
+
+    mn = min(0, min_k x[k]),  mx = max(0, max_k x[k])
+    scale_x = (mx - mn) / 255   (1 if that is 0),  inv = 1 / scale_x
+    zp = clamp(round(-mn · inv), 0, 255)
+    q[k] = clamp(round(x[k] · inv) + zp, 0, 255)
+
+and computes, with an exact int32 accumulator,
+
+    y[n] = act( float(sum_k q[k] Wq[n,k] - zp · colsum[n]) · (scale_x · scale_w[n]) + bias[n] )
+
+with ``act`` in {None, "relu", "gelu_erf" (BERT), "gelu_tanh" (GPT-2)}. A row
+of x holding a NaN or an infinity gives an all-NaN output row (its scale is
+NaN). The integer part is exact while ``255 · 127 · K < 2^31`` (K < 66311).
+
+Backends: ``cpu`` (tallow._C) and ``ref`` (the same maths in torch, integer
+part exact; it works from the same module state, unpacking the packed weights
+with a torch view/permute). The ``cpu`` kernels (Intel, "Lower Numerical
+Precision Deep Learning Inference and Training", 2018: VNNI u8·s8 with
+zero-point compensation):
+
+- AVX-512 VNNI: register tiles of 6 rows × 64 columns (24 zmm accumulators,
+  ``vpdpbusd``), k blocked by 256 so a 16 KiB B panel stays in L1; tasks are
+  (row block × 64-column chunk) over tallow's thread pool; M = 1 streams the
+  packed weights once, split over N.
+- AMX-INT8 (Sapphire Rapids and later, detected at run time, process
+  permission via ``arch_prctl``; ``TALLOW_AMX=0`` turns it off): for M >= 8,
+  ``tdpbusd`` on 2 × 2 tiles of 16 × 16 int32; the packed layout above is
+  already the AMX B-tile layout (16 k-groups × 64 bytes, stride 64).
+- AVX2 (exact ``vpdpbusd`` emulation with ``vpmaddwd``) and scalar code run the
+  same algorithm for older CPUs.
+
+All paths fuse the activation quantization (one pass per row) and the
+dequantize + bias + activation epilogue. ``int8_matmul`` packs B panel by
+panel inside the GEMM tasks (read once, kept in L2), any strides.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from .._dispatch import BackendUnavailable, dispatch
+from .._native import native
+
+_ORDER = {"cpu": ("cpu", "ref")}
+ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
+_ACT_CODE = {"none": 0, "relu": 1, "gelu_erf": 2, "gelu_tanh": 3}
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 modulo 2^32 (two's complement), explicitly."""
+    return (((x + 2**31) % 2**32) - 2**31).to(torch.int32)
+
+
+def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] @ int8 [K, N] -> int32 [M, N] (wrapping like int32).
+
+    Computed in float64, exact: every partial sum is an integer below 2^53.
+    """
+    acc = torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
+    return _wrap_int32(acc)
+
+
+def quantize_rows_ref(x: torch.Tensor):
+    """Dynamic per-row asymmetric u8 quantization of float32 ``x [..., K]``.
+
+    Returns ``(q uint8 [..., K], scale float32 [...], zp int32 [...])`` computed
+    with exactly the float32 operations of the module docstring (the CPU kernel
+    matches them bit for bit). Rows with a NaN/inf get ``scale = NaN``,
+    ``zp = 0`` and ``q = 0``.
+    """
+    x = x.to(torch.float32)
+    k = x.shape[-1]
+    if k == 0:
+        mn = torch.zeros(x.shape[:-1], dtype=torch.float32)
+        mx = mn
+    else:
+        mn = torch.clamp_max(torch.amin(x, dim=-1), 0.0)
+        mx = torch.clamp_min(torch.amax(x, dim=-1), 0.0)
+    scale = (mx - mn) / torch.tensor(255.0, dtype=torch.float32)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    inv = torch.tensor(1.0, dtype=torch.float32) / scale
+    zp = torch.clamp(torch.round(-mn * inv), 0.0, 255.0)
+    q = torch.clamp(torch.round(x * inv[..., None]) + zp[..., None], 0.0, 255.0)
+    bad = ~torch.isfinite(x).all(dim=-1) if k else torch.zeros(x.shape[:-1], dtype=torch.bool)
+    q = torch.where(bad[..., None], torch.zeros_like(q), q)
+    zp = torch.where(bad, torch.zeros_like(zp), zp)
+    scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+    return q.to(torch.uint8), scale, zp.to(torch.int32)
+
+
+def _activation_ref(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    if activation is None or activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu_erf":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def int8_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """The INT8 linear maths in torch: ``x [..., K]`` float32, ``qweight`` the
+    **unpacked** int8 weight ``[N, K]``, ``weight_scale [N]`` float32, ``bias [N]``
+    or None. Quantizes x with :func:`quantize_rows_ref`, computes the integer
+    part exactly (float64 sums of integers < 2^53) and dequantizes in float32
+    in the kernel's order: ``float(acc - zp·colsum) · (scale_x · scale_w) + bias``.
+    """
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    q, sx, zp = quantize_rows_ref(x2)
+    w = qweight.to(torch.float64)
+    colsum = qweight.to(torch.int64).sum(dim=1)
+    acc = torch.matmul(q.to(torch.float64), w.t()).to(torch.int64)
+    acc = _wrap_int32(acc - zp.to(torch.int64)[:, None] * colsum[None, :])
+    y = acc.to(torch.float32) * (sx[:, None] * weight_scale.to(torch.float32)[None, :])
+    if bias is not None:
+        y = y + bias.to(torch.float32)[None, :]
+    y = _activation_ref(y, activation)
+    return y.reshape(*lead, qweight.shape[0])
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_weight(wq: torch.Tensor) -> torch.Tensor:
+    """int8 ``[N, K]`` -> packed ``[ceil(N/16), ceil(K/4), 16, 4]`` int8, zero padded:
+    ``packed[nb, kb, i, j] = wq[16 nb + i, 4 kb + j]``."""
+    n, k = wq.shape
+    nb, kb = (n + 15) // 16, (k + 3) // 4
+    padded = torch.zeros(nb * 16, kb * 4, dtype=torch.int8)
+    padded[:n, :k] = wq
+    return padded.view(nb, 16, kb, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_weight`: packed -> int8 ``[N, K]``."""
+    nb, kb = packed.shape[0], packed.shape[1]
+    return packed.permute(0, 2, 1, 3).reshape(nb * 16, kb * 4)[:n, :k]
+
+
+# --------------------------------------------------------------------------- int8_matmul op
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """True for plain eager tensors outside torch.compile/tracing: then the
+    public functions call the op's body (``dispatch``) directly, skipping the
+    ~25 us of torch.library's custom-op dispatch, which is most of the cost of
+    a small call (M = 1 decode). Everything else (compile, export, fake or
+    subclassed tensors) goes through the registered custom op."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+
+def _int8_matmul_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mod = native()
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
+    # The kernel reads any strides (it converts A to u8 and packs B anyway).
+    mod.int8_matmul(a.detach().numpy(), b.detach().numpy(), out.numpy())
+    return out
+
+
+_MATMUL_IMPLS = {"cpu": _int8_matmul_cpu, "ref": int8_matmul_ref}
+
+
+@torch.library.custom_op("tallow::int8_matmul", mutates_args=())
+def _int8_matmul_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return dispatch("int8_matmul", a.device.type, _ORDER, _MATMUL_IMPLS, a, b)
+
+
+@_int8_matmul_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a [M, K] int8 @ b [K, N] int8 -> int32 [M, N]`` (any strides);
+    see the module docstring."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"int8_matmul: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int8:
+            raise TypeError(f"int8_matmul: {name} must be int8, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"int8_matmul: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"int8_matmul: a.shape[1] ({a.shape[1]}) must equal b.shape[0] ({b.shape[0]}); "
+            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(f"int8_matmul: a is on {a.device}, b on {b.device}")
+    if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0:
+        return torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    if _eager(a, b):
+        return dispatch("int8_matmul", a.device.type, _ORDER, _MATMUL_IMPLS, a, b)
+    return _int8_matmul_op(a, b)
+
+
+# --------------------------------------------------------------------------- int8_linear op
+
+
+def _int8_linear_ref_packed(x, packed, colsum, weight_scale, bias, activation):
+    qweight = unpack_weight(packed, colsum.shape[0], x.shape[-1])
+    return int8_linear_ref(x, qweight, weight_scale, bias, None if activation == "none" else activation)
+
+
+def _weight_arrays(packed, colsum, weight_scale, bias):
+    return (packed.numpy(), colsum.numpy(), weight_scale.numpy(), None if bias is None else bias.detach().numpy())
+
+
+def _int8_linear_cpu(x, packed, colsum, weight_scale, bias, activation, arrays=None):
+    mod = native()
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()  # the kernel takes any row stride, not a strided row
+    if arrays is None:
+        arrays = _weight_arrays(packed, colsum, weight_scale, bias)
+    out = torch.empty(x.shape[0], colsum.shape[0], dtype=torch.float32)
+    mod.int8_linear(x.detach().numpy(), *arrays, _ACT_CODE[activation], out.numpy())
+    return out
+
+
+_LINEAR_IMPLS = {"cpu": _int8_linear_cpu, "ref": _int8_linear_ref_packed}
+
+
+@torch.library.custom_op("tallow::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    weight_colsum: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+) -> torch.Tensor:
+    """x float32 [M, K] (unit stride in K) -> float32 [M, N]."""
+    return dispatch(
+        "int8_linear", x.device.type, _ORDER, _LINEAR_IMPLS, x, packed_weight, weight_colsum, weight_scale, bias, activation
+    )
+
+
+@_int8_linear_op.register_fake
+def _(x, packed_weight, weight_colsum, weight_scale, bias, activation):
+    return x.new_empty((x.shape[0], weight_colsum.shape[0]), dtype=torch.float32)
+
+
+def _check_activation(activation) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"QuantizedLinear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return "none" if activation is None else activation
 
 
 class QuantizedLinear(torch.nn.Module):
-    pass
+    """INT8 ``y = act(x W^T + b)``: per-channel symmetric int8 weights, dynamic
+    per-row u8 activations, fused dequantize + bias + activation (see the
+    module docstring for the exact maths).
 
+    Buffers (so ``state_dict`` round-trips): ``packed_weight`` int8
+    ``[ceil(N/16), ceil(K/4), 16, 4]``, ``weight_scale`` float32 ``[N]``,
+    ``weight_colsum`` int32 ``[N]``, ``bias`` float32 ``[N]`` or None. The int8
+    weight ``[N, K]`` is not stored separately: :meth:`int8_weight` unpacks it
+    (a torch view/permute), which is what the ref backend does.
+    """
 
-def int8_matmul(a, b):
-    raise NotImplementedError
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"QuantizedLinear: {name} must be an int >= 1, got {v!r}")
+        self._activation = _check_activation(activation)
+        self._in = in_features
+        self._out = out_features
+        nb, kb = (out_features + 15) // 16, (in_features + 3) // 4
+        self.register_buffer("packed_weight", torch.zeros(nb, kb, 16, 4, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("weight_colsum", torch.zeros(out_features, dtype=torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.register_buffer("bias", None)
+        self._np_key = None
+        self._np_arrays = None
 
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: Optional[str] = None
+    ) -> "QuantizedLinear":
+        """Quantizes a float ``weight [N, K]`` (and ``bias [N]``) once."""
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"QuantizedLinear.from_float: weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"QuantizedLinear.from_float: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"QuantizedLinear.from_float: weight must be floating point, got {weight.dtype}")
+        n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"QuantizedLinear.from_float: weight must be non-empty, got shape {tuple(weight.shape)}")
+        w = weight.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("QuantizedLinear.from_float: weight contains NaN or inf")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"QuantizedLinear.from_float: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"QuantizedLinear.from_float: bias must have shape ({n},), got {tuple(bias.shape)}")
+        mod = cls(k, n, bias=bias is not None, activation=activation)
+        scale = w.abs().amax(dim=1) / torch.tensor(127.0, dtype=torch.float32)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        wq = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+        with torch.no_grad():
+            mod.packed_weight.copy_(pack_weight(wq))
+            mod.weight_scale.copy_(scale)
+            mod.weight_colsum.copy_(wq.to(torch.int32).sum(dim=1, dtype=torch.int32))
+            if bias is not None:
+                mod.bias.copy_(bias.detach().to("cpu", torch.float32))
+        return mod
 
-def int8_matmul_ref(a, b):
-    raise NotImplementedError
+    @property
+    def in_features(self) -> int:
+        return self._in
 
+    @property
+    def out_features(self) -> int:
+        return self._out
 
-def int8_linear_ref(*args, **kwargs):
-    raise NotImplementedError
+    @property
+    def activation(self) -> Optional[str]:
+        return None if self._activation == "none" else self._activation
 
+    def int8_weight(self) -> torch.Tensor:
+        """The quantized weight as int8 ``[N, K]`` (unpacked view of the buffer)."""
+        return unpack_weight(self.packed_weight, self._out, self._in)
 
-def quantize_rows_ref(x):
-    raise NotImplementedError
+    def dequantized_weight(self) -> torch.Tensor:
+        """``Wq · scale_w`` as float32 ``[N, K]``."""
+        return self.int8_weight().to(torch.float32) * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantizedLinear: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"QuantizedLinear: x must be float32, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self._in:
+            raise ValueError(
+                f"QuantizedLinear: x must have shape [..., {self._in}] (in_features), got {tuple(x.shape)}"
+            )
+        if x.device.type != "cpu":
+            raise ValueError(f"QuantizedLinear: x must be on the CPU, got {x.device}")
+        lead = x.shape[:-1]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self._in)  # a view when the leading dims allow it
+        if x2.shape[0] == 0:
+            return x.new_empty((*lead, self._out))
+        bufs = self._buffers
+        packed, colsum, scale, bias = bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"]
+        if _eager(x2, packed):
+            # Same body as the custom op, with the weights' numpy views cached
+            # (keyed by the buffers' identity and address: a load_state_dict or
+            # .to() that replaces or moves them refreshes the cache).
+            key = tuple((id(t), t.data_ptr()) for t in (packed, colsum, scale, bias) if t is not None)
+            if self._np_key != key:
+                self._np_arrays = _weight_arrays(packed, colsum, scale, bias) if packed.device.type == "cpu" else None
+                self._np_key = key
+            impls = {"cpu": partial(_int8_linear_cpu, arrays=self._np_arrays), "ref": _int8_linear_ref_packed}
+            y = dispatch("int8_linear", x2.device.type, _ORDER, impls, x2, packed, colsum, scale, bias, self._activation)
+        else:
+            y = _int8_linear_op(x2, packed, colsum, scale, bias, self._activation)
+        return y if x.dim() == 2 else y.reshape(*lead, self._out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self._in}, out_features={self._out}, bias={self.bias is not None}, "
+            f"activation={self.activation}, weight=int8 per-channel, input=u8 dynamic per-row"
+        )

@@ -1,0 +1,90 @@
+// INT8 GEMM: ISA-neutral declarations shared by the dispatcher and the
+// per-ISA kernel files (plain structs and function pointers only: see the
+// ODR rule in csrc/common/simd.h).
+//
+// Packed weight layout (the "B" operand, K x N, e.g. a Linear weight [N, K]
+// transposed): [NB][KB][16][4] int8 with NB = ceil(N / 16), KB = ceil(K / 4):
+// block nb, k-group kb holds, for 16 consecutive output channels n, the 4
+// consecutive k values B[4kb .. 4kb+3, n] in one dword — exactly the operand
+// of vpdpbusd (one zmm of 16 int32 lanes). Padding at the K and N edges is 0,
+// so the inner loop has no tails.
+#pragma once
+
+#include <cstdint>
+
+namespace tallow {
+namespace int8mm {
+
+enum Act : int { kActNone = 0, kActRelu = 1, kActGeluErf = 2, kActGeluTanh = 3 };
+
+struct GemmArgs {
+  // A: M rows of u8, row r at a + r * lda; lda >= 4 * KB. Bytes at k >= K are
+  // multiplied by the zero padding of B, so any value is fine there.
+  const uint8_t* a;
+  int64_t lda;
+  const int8_t* bp;  // packed B, [NB][KB][16][4] (with colsum), or null:
+  // raw B (element (k, n) at b_raw[k * sbk + n * sbn]) is packed panel by
+  // panel inside the GEMM tasks (fused).
+  const int8_t* b_raw;
+  int64_t sbk, sbn;
+  int64_t M, N, K;
+  const int32_t* colsum;  // [NB * 16] column sums of packed B (zero padded)
+  int64_t ldc;
+  // Integer mode (c_i32 != nullptr): C = acc - a_offset * colsum (wrapping int32).
+  int32_t* c_i32;
+  int32_t a_offset;
+  // Float mode (c_f32 != nullptr):
+  //   C = float(acc - row_zp[m] * colsum[n]) * (row_scale[m] * col_scale[n]) + bias[n], then act.
+  float* c_f32;
+  const int32_t* row_zp;     // [M]
+  const float* row_scale;    // [M]
+  const float* col_scale;    // [NB * 16]
+  const float* bias;         // [NB * 16]
+  int act;
+  // Use the AMX tile path (AVX-512 kernels only; the dispatcher sets it when
+  // the CPU and OS allow AMX-INT8 and the A buffer has its rows padded to a
+  // multiple of 16 with zeros).
+  int use_amx;
+};
+
+struct IsaKernels {
+  // out[m][k] = a[m * sm + k * sk] + 128 as u8 (k < K), 0 for K <= k < ldo.
+  void (*a_to_u8)(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
+                  int64_t ldo);
+  // Dynamic asymmetric u8 quantization per row (see python/tallow/ops/int8_matmul.py);
+  // q has row stride ldq >= K, bytes K..ldq-1 are zeroed. x rows at x + m * ldx.
+  void (*quantize_rows)(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q,
+                        int64_t ldq, float* scale, int32_t* zp);
+  void (*gemm)(const GemmArgs& args);
+};
+
+extern const IsaKernels kKernelsAvx512;
+extern const IsaKernels kKernelsAvx2;
+extern const IsaKernels kKernelsScalar;
+
+// The dispatcher (int8_matmul.cpp, baseline code): picks the ISA from
+// tallow::active_isa(), allocates scratch and calls the kernels above.
+
+// C[M, N] (contiguous int32) = A[M, K] (int8, any strides) x B[K, N] (int8, any strides).
+void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64_t sbk,
+               int64_t sbn, int64_t M, int64_t K, int64_t N, int32_t* c);
+
+// y[M, N] (contiguous float32) = int8 linear of x[M, K] (row stride ldx, unit
+// column stride) with prepacked weights; bias may be null.
+void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
+            const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
+            float* y);
+
+// AMX-INT8 (Sapphire Rapids and later): usable = CPU + OS support and the
+// process got permission (arch_prctl ARCH_REQ_XCOMP_PERM); enabled = usable
+// and not switched off (TALLOW_AMX=0 or set_amx_enabled(false)).
+bool amx_usable();
+bool amx_enabled();
+void set_amx_enabled(bool on);
+
+// The quantization step alone (for tests): q [M, K] contiguous u8.
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* scale,
+                   int32_t* zp);
+
+}  // namespace int8mm
+}  // namespace tallow

@@ -1,0 +1,646 @@
+// INT8 GEMM kernel body, written once over csrc/common/simd.h and compiled
+// per ISA: int8_matmul_{avx512,avx2,scalar}.cpp include it inside an
+// anonymous namespace (no include guard on purpose; never include it from
+// baseline code).
+//
+// Maths (VNNI u8 x s8 with zero-point compensation): vpdpbusd multiplies
+// unsigned bytes of A by signed bytes of B, 4 at a time, into int32 lanes.
+// With A = q - zp (q u8, zp the row's zero point; or q = a + 128, zp = 128
+// for signed int8 A):
+//     sum_k (q[m,k] - zp[m]) * B[k,n] = sum_k q[m,k] * B[k,n] - zp[m] * colsum[n]
+// where colsum[n] = sum_k B[k,n] is computed once when B is packed, so the
+// correction is one multiply-add per output in the epilogue. All int32
+// arithmetic wraps, so the int8 x int8 result is exact modulo 2^32 (like
+// torch's int32 reference).
+//
+// Blocking: a register tile of kMR rows x kNR columns of int32 accumulators
+// (AVX-512: 6 x 64 = 24 zmm), broadcasting 4 bytes of an A row against 64
+// bytes of packed B per zmm; k is blocked by 256 (kKBC k-groups) so the B
+// panel of a tile (kNR x 256 bytes = 16 KiB) stays in L1 while the row tiles
+// of a kMB-row block sweep over it. Tasks (drive()) are (row block) x
+// (column chunk of kNR) pairs, row blocks fastest so both threads share one
+// B panel; M = 1 thus streams the packed weights exactly once, split over N.
+// With raw B (int8_matmul) each task packs its panel first (pack_panel).
+// The AMX tile path (int8_matmul_avx512.cpp) reuses drive(), the packing and
+// the epilogue.
+
+#if defined(__AVX512F__)
+constexpr int kMR = 6;   // rows per register tile
+constexpr int kNBK = 4;  // 16-column blocks per register tile
+#elif defined(__AVX2__)
+constexpr int kMR = 4;
+constexpr int kNBK = 1;
+#else
+constexpr int kMR = 2;
+constexpr int kNBK = 1;
+#endif
+constexpr int kV = 16 / kW;          // vectors per 16-column block
+constexpr int kNR = 16 * kNBK;       // columns per register tile / task
+constexpr int64_t kKBC = 64;         // k-groups (of 4) per L1 block: kKC = 256
+constexpr int kMB = kMR * 8;         // rows per accumulator block
+
+// ---------------------------------------------------------------- ISA helpers
+
+#if defined(__AVX512F__)
+inline VF k_div(VF a, VF b) { return _mm512_div_ps(a, b); }
+inline VF k_abs(VF a) { return _mm512_abs_ps(a); }
+// x < 0 ? if_neg : if_pos
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), if_pos, if_neg);
+}
+inline VI k_sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+// Stores the low byte of the first n lanes (values already in [0, 255]).
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  const __m128i b = _mm512_cvtepi32_epi8(v);
+  if (n == 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b);
+  else
+    _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1u), b);
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) {
+  _mm512_mask_storeu_epi32(p, static_cast<__mmask16>((1u << n) - 1u), v);
+}
+#elif defined(__AVX2__)
+inline VF k_div(VF a, VF b) { return _mm256_div_ps(a, b); }
+inline VF k_abs(VF a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) {
+  return _mm256_blendv_ps(if_pos, if_neg, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+inline VI k_sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i b = _mm_packus_epi16(w, w);
+  if (n == 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+  } else {
+    uint8_t tmp[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), b);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) { _mm256_maskstore_epi32(p, tail_mask(n), v); }
+#else
+inline VF k_div(VF a, VF b) { return a / b; }
+inline VF k_abs(VF a) { return __builtin_fabsf(a); }
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) { return x < 0.0f ? if_neg : if_pos; }
+inline VI k_sub(VI a, VI b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
+}
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  if (n > 0) *p = static_cast<uint8_t>(v);
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) {
+  if (n > 0) *p = v;
+}
+#endif
+
+inline int64_t k_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------- activations
+
+// GELU, erf form: 0.5 x (1 + erf(x / sqrt 2)). With z = |x| / sqrt 2,
+// erfc(z) ~= t P(t) exp(-z^2), t = 1 / (1 + p z) (Abramowitz & Stegun 7.1.26,
+// |error| <= 1.5e-7, the same approximation as ATen's vectorised erf);
+// 1 + erf(x/sqrt2) is erfc(z) for x < 0 (no cancellation) and 2 - erfc(z) otherwise.
+inline VF gelu_erf(VF x) {
+  const VF z = vf_mul(k_abs(x), vf_set1(0.70710678118654752f));
+  const VF t = k_div(vf_set1(1.0f), vf_fmadd(vf_set1(0.3275911f), z, vf_set1(1.0f)));
+  VF p = vf_set1(1.061405429f);
+  p = vf_fmadd(p, t, vf_set1(-1.453152027f));
+  p = vf_fmadd(p, t, vf_set1(1.421413741f));
+  p = vf_fmadd(p, t, vf_set1(-0.284496736f));
+  p = vf_fmadd(p, t, vf_set1(0.254829592f));
+  p = vf_mul(p, t);
+  // exp(-z^2) = 2^(-z^2 log2 e)
+  const VF e = vf_exp2(vf_mul(vf_mul(z, z), vf_set1(-1.4426950408889634f)));
+  const VF erfc = vf_mul(p, e);
+  const VF half_x = vf_mul(x, vf_set1(0.5f));
+  return vf_mul(half_x, k_select_neg(x, erfc, vf_sub(vf_set1(2.0f), erfc)));
+}
+
+// GELU, tanh form (GPT-2): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// computed as x * sigmoid(2u) = x / (1 + exp(-2u)) (same value, no cancellation).
+inline VF gelu_tanh(VF x) {
+  const VF x3 = vf_mul(vf_mul(x, x), x);
+  const VF u = vf_fmadd(vf_set1(0.044715f), x3, x);
+  // exp(-2 sqrt(2/pi) u) = 2^(-2 sqrt(2/pi) log2(e) u)
+  const VF e = vf_exp2(vf_mul(u, vf_set1(-2.0f * 0.7978845608028654f * 1.4426950408889634f)));
+  return k_div(x, vf_add(vf_set1(1.0f), e));
+}
+
+inline VF apply_act(VF y, int act) {
+  switch (act) {
+    case kActRelu:
+      return vf_max(vf_zero(), y);  // second operand on NaN: NaN propagates
+    case kActGeluErf:
+      return gelu_erf(y);
+    case kActGeluTanh:
+      return gelu_tanh(y);
+    default:
+      return y;
+  }
+}
+
+// ---------------------------------------------------------------- packing
+
+// 4 rows x 16 bytes (rows r, r + sk, ...) -> 16 dwords (column-interleaved), SSE2.
+inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
+  const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
+  const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sk));
+  const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sk));
+  const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * sk));
+  const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+  const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(t0, t2));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
+}
+
+// One (block nb, k-group kb) cell of the packed layout, any strides, zero padded.
+inline void pack_cell(const int8_t* b, int64_t K, int64_t N, int64_t sk, int64_t sn, int64_t nb,
+                      int64_t kb, int8_t* o) {
+  const int64_t n0 = nb * 16, k0 = kb * 4;
+  for (int c = 0; c < 16; ++c)
+    for (int i = 0; i < 4; ++i)
+      o[4 * c + i] = (n0 + c < N && k0 + i < K) ? b[(k0 + i) * sk + (n0 + c) * sn] : int8_t{0};
+}
+
+struct PackCtx {
+  const int8_t* b;
+  int64_t K, N, sk, sn, KB, NB;
+  int8_t* out;       // block nb goes to out + (nb - nb_base) * KB * 64
+  int32_t* colsum;   // and its sums to colsum + (nb - nb_base) * 16
+  int64_t nb_lo, nb_hi, nb_base;  // blocks [nb_lo, nb_hi) (row-major path)
+};
+
+// Row-major B (sn == 1), split over k-groups: each thread reads 4 rows of B
+// sequentially (prefetch-friendly) and scatters 64-byte cells to every block.
+void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
+  const int64_t full_nb = k_min(c.N / 16, c.nb_hi);
+  constexpr int64_t kAhead = 4;  // k-groups to prefetch ahead: B rows are N bytes apart,
+                                 // a stride the hardware prefetchers follow poorly
+  const int64_t pf_bytes = (c.nb_hi - c.nb_lo) * 16;
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    if (kb + kAhead < kb_end && pf_bytes <= 256) {
+      const int8_t* pf = c.b + (kb + kAhead) * 4 * c.sk + c.nb_lo * 16;
+      for (int i = 0; i < 4; ++i)
+        for (int64_t o = 0; o < pf_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + i * c.sk + o), _MM_HINT_T0);
+    }
+    const bool full_k = kb * 4 + 4 <= c.K;
+    int64_t nb = c.nb_lo;
+#if defined(__AVX512F__)
+    // 4 blocks (64 bytes of each of the 4 rows) per step with zmm: the same
+    // byte/word interleave per 128-bit lane, then a 4x4 transpose of lanes.
+    if (full_k)
+      for (; nb + 4 <= full_nb; nb += 4) {
+        const int8_t* r = c.b + kb * 4 * c.sk + nb * 16;
+        const __m512i r0 = _mm512_loadu_si512(r), r1 = _mm512_loadu_si512(r + c.sk);
+        const __m512i r2 = _mm512_loadu_si512(r + 2 * c.sk), r3 = _mm512_loadu_si512(r + 3 * c.sk);
+        const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+        const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+        const __m512i o0 = _mm512_unpacklo_epi16(t0, t2), o1 = _mm512_unpackhi_epi16(t0, t2);
+        const __m512i o2 = _mm512_unpacklo_epi16(t1, t3), o3 = _mm512_unpackhi_epi16(t1, t3);
+        const __m512i u0 = _mm512_shuffle_i32x4(o0, o1, 0x44), u1 = _mm512_shuffle_i32x4(o0, o1, 0xEE);
+        const __m512i u2 = _mm512_shuffle_i32x4(o2, o3, 0x44), u3 = _mm512_shuffle_i32x4(o2, o3, 0xEE);
+        int8_t* o = c.out + ((nb - c.nb_base) * c.KB + kb) * 64;
+        const int64_t bs = c.KB * 64;
+        _mm512_storeu_si512(o, _mm512_shuffle_i32x4(u0, u2, 0x88));
+        _mm512_storeu_si512(o + bs, _mm512_shuffle_i32x4(u0, u2, 0xDD));
+        _mm512_storeu_si512(o + 2 * bs, _mm512_shuffle_i32x4(u1, u3, 0x88));
+        _mm512_storeu_si512(o + 3 * bs, _mm512_shuffle_i32x4(u1, u3, 0xDD));
+      }
+#endif
+    if (full_k)
+      for (; nb < full_nb; ++nb)
+        interleave4x16(c.b + kb * 4 * c.sk + nb * 16, c.sk, c.out + ((nb - c.nb_base) * c.KB + kb) * 64);
+    for (; nb < c.nb_hi; ++nb)
+      pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, c.out + ((nb - c.nb_base) * c.KB + kb) * 64);
+  }
+}
+
+// Column-major B (sk == 1, e.g. W^T of a row-major [N, K] weight), split over
+// blocks: per 4 columns x 16 k, a 4x4 transpose of dwords.
+void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
+  const int64_t full_kb4 = c.K / 16;  // groups of 4 k-groups fully inside K
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    int8_t* out = c.out + (nb - c.nb_base) * c.KB * 64;
+    int64_t kb = 0;
+    if (nb * 16 + 16 <= c.N) {
+      for (int64_t g = 0; g < full_kb4; ++g, kb += 4) {
+        for (int c0 = 0; c0 < 16; c0 += 4) {
+          const int8_t* src = c.b + (nb * 16 + c0) * c.sn + kb * 4;
+          const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+          const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.sn));
+          const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * c.sn));
+          const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 3 * c.sn));
+          const __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpackhi_epi32(r0, r1);
+          const __m128i t2 = _mm_unpacklo_epi32(r2, r3), t3 = _mm_unpackhi_epi32(r2, r3);
+          int8_t* o = out + kb * 64 + c0 * 4;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(t0, t2));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 64), _mm_unpackhi_epi64(t0, t2));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 128), _mm_unpacklo_epi64(t1, t3));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 192), _mm_unpackhi_epi64(t1, t3));
+        }
+      }
+    }
+    for (; kb < c.KB; ++kb) pack_cell(c.b, c.K, c.N, c.sk, c.sn, nb, kb, out + kb * 64);
+  }
+}
+
+// Column sums of packed blocks: a dot product with u8 ones, 4 independent
+// accumulator chains (vpdpbusd latency).
+void colsum_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
+  const VI ones = vi_set1(0x01010101);
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const int8_t* blk = c.out + (nb - c.nb_base) * c.KB * 64;
+    VI acc[4][kV];
+    for (int u = 0; u < 4; ++u)
+      for (int v = 0; v < kV; ++v) acc[u][v] = vi_zero();
+    int64_t kb = 0;
+    for (; kb + 4 <= c.KB; kb += 4)
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < kV; ++v)
+          acc[u][v] = vi_dpbusd(acc[u][v], ones, vi_load(blk + (kb + u) * 64 + v * kW * 4));
+    for (; kb < c.KB; ++kb)
+      for (int v = 0; v < kV; ++v) acc[0][v] = vi_dpbusd(acc[0][v], ones, vi_load(blk + kb * 64 + v * kW * 4));
+    for (int v = 0; v < kV; ++v)
+      vi_store(c.colsum + (nb - c.nb_base) * 16 + v * kW,
+               vi_add(vi_add(acc[0][v], acc[1][v]), vi_add(acc[2][v], acc[3][v])));
+  }
+}
+
+// Packs the column chunk nc (kNBK blocks) of raw B into a thread's panel buffer
+// (the fused path of int8_matmul: B is read once per task, the packed panel
+// stays in L2 instead of making a round trip through memory).
+void pack_panel(const GemmArgs& g, int64_t nc, int8_t* panel, int32_t* colsum) {
+  const int64_t KB = (g.K + 3) / 4, NB = (g.N + 15) / 16;
+  const int64_t nb_lo = nc * kNBK, nb_hi = k_min(NB, nb_lo + kNBK);
+  PackCtx c{g.b_raw, g.K, g.N, g.sbk, g.sbn, KB, NB, panel, colsum, nb_lo, nb_hi, nb_lo};
+  if (g.sbn == 1)
+    pack_rows_range(c, 0, KB);
+  else
+    pack_cols_range(c, nb_lo, nb_hi);
+  colsum_range(c, nb_lo, nb_hi);
+}
+
+// ---------------------------------------------------------------- A operand
+
+struct AConvCtx {
+  const int8_t* a;
+  int64_t M, K, sm, sk;
+  uint8_t* out;
+  int64_t ldo;
+};
+
+void isa_a_to_u8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
+             int64_t ldo) {
+  AConvCtx ctx{a, M, K, sm, sk, out, ldo};
+  const int64_t grain = k_min(M, 1 + (1 << 16) / (K + 1));
+  tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
+    const AConvCtx& c = *static_cast<const AConvCtx*>(p);
+    for (int64_t m = begin; m < end; ++m) {
+      const int8_t* src = c.a + m * c.sm;
+      uint8_t* dst = c.out + m * c.ldo;
+      int64_t k = 0;
+      if (c.sk == 1) {
+        // x + 128 as u8 == x ^ 0x80 bytewise; 8 bytes at a time.
+        for (; k + 8 <= c.K; k += 8) {
+          uint64_t w;
+          __builtin_memcpy(&w, src + k, 8);
+          w ^= 0x8080808080808080ull;
+          __builtin_memcpy(dst + k, &w, 8);
+        }
+      }
+      for (; k < c.K; ++k) dst[k] = static_cast<uint8_t>(src[k * c.sk]) ^ 0x80u;
+      for (; k < c.ldo; ++k) dst[k] = 0;
+    }
+  }, &ctx);
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+// Per row: mn = min(0, min x), mx = max(0, max x), scale = (mx - mn) / 255
+// (1 if 0), inv = 1 / scale, zp = clamp(round(-mn * inv), 0, 255),
+// q = clamp(round(x * inv) + zp, 0, 255), round half to even — the same
+// float32 operations as quantize_rows_ref, so q, scale and zp match it bit
+// for bit. A row with a NaN/inf gets scale NaN, zp 0, q 0 (its outputs are NaN).
+void quantize_row(const float* x, int64_t K, uint8_t* q, int64_t ldq, float* scale_out,
+                  int32_t* zp_out) {
+  VF vmin = vf_zero(), vmax = vf_zero(), vbad = vf_zero();
+  int64_t k = 0;
+  for (; k + kW <= K; k += kW) {
+    const VF v = vf_load(x + k);
+    vmin = vf_min(vmin, v);
+    vmax = vf_max(vmax, v);
+    vbad = vf_add(vbad, vf_mul(v, vf_zero()));  // NaN iff some v is NaN or inf
+  }
+  if (k < K) {
+    const VF v = vf_load_n(x + k, static_cast<int>(K - k));  // zero-filled lanes: harmless
+    vmin = vf_min(vmin, v);
+    vmax = vf_max(vmax, v);
+    vbad = vf_add(vbad, vf_mul(v, vf_zero()));
+  }
+  const float bad = vf_reduce_add(vbad);
+  if (bad != 0.0f || bad != bad) {
+    *scale_out = __builtin_nanf("");
+    *zp_out = 0;
+    __builtin_memset(q, 0, static_cast<size_t>(ldq));
+    return;
+  }
+  const float mn = -vf_reduce_max(vf_sub(vf_zero(), vmin));
+  const float mx = vf_reduce_max(vmax);
+  float scale = (mx - mn) / 255.0f;
+  if (scale == 0.0f) scale = 1.0f;
+  const float inv = 1.0f / scale;
+  float z = __builtin_nearbyintf(-mn * inv);
+  z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+  *scale_out = scale;
+  *zp_out = static_cast<int32_t>(z);
+  const VF vinv = vf_set1(inv), vz = vf_set1(z), lo = vf_zero(), hi = vf_set1(255.0f);
+  for (k = 0; k < K; k += kW) {
+    const int n = static_cast<int>(k_min(kW, K - k));
+    const VF v = n == kW ? vf_load(x + k) : vf_load_n(x + k, n);
+    // round(x * inv) + zp is an exact small integer in float: clamp there.
+    VF r = vf_add(vf_round(vf_mul(v, vinv)), vz);
+    r = vf_min(vf_max(r, lo), hi);
+    k_store_u8(q + k, vf_round_to_vi(r), n);
+  }
+  for (k = K; k < ldq; ++k) q[k] = 0;
+}
+
+struct QuantCtx {
+  const float* x;
+  int64_t K, ldx;
+  uint8_t* q;
+  int64_t ldq;
+  float* scale;
+  int32_t* zp;
+};
+
+void isa_quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q, int64_t ldq,
+                   float* scale, int32_t* zp) {
+  QuantCtx ctx{x, K, ldx, q, ldq, scale, zp};
+  const int64_t grain = k_min(M, 1 + (1 << 14) / (K + 1));
+  tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
+    const QuantCtx& c = *static_cast<const QuantCtx*>(p);
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(c.x + m * c.ldx, c.K, c.q + m * c.ldq, c.ldq, c.scale + m, c.zp + m);
+  }, &ctx);
+}
+
+// ---------------------------------------------------------------- GEMM
+
+// acc (int32 [MR][NBK*16], row stride kNR) (+)= A[MR rows, k-groups kb0..kb1) x B panel.
+// b points at the panel's first block; consecutive 16-column blocks are bstride bytes apart.
+template <int MR, int NBK>
+void micro(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+           int64_t kb1, int32_t* acc, bool init) {
+  constexpr int NV = NBK * kV;
+  VI c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) c[r][j] = init ? vi_zero() : vi_load(acc + r * kNR + j * kW);
+  const uint8_t* ap = a + kb0 * 4;
+  const int8_t* bp = b + kb0 * 64;
+  for (int64_t kb = kb0; kb < kb1; ++kb, ap += 4, bp += 64) {
+    VI bv[NV];
+    for (int j = 0; j < NBK; ++j)
+      for (int v = 0; v < kV; ++v) bv[j * kV + v] = vi_load(bp + j * bstride + v * kW * 4);
+    for (int r = 0; r < MR; ++r) {
+      int32_t w;
+      __builtin_memcpy(&w, ap + r * lda, 4);
+      const VI av = vi_set1(w);
+      for (int j = 0; j < NV; ++j) c[r][j] = vi_dpbusd(c[r][j], av, bv[j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) vi_store(acc + r * kNR + j * kW, c[r][j]);
+}
+
+using MicroFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t,
+                         int32_t*, bool);
+
+#if defined(__AVX512F__)
+// Hand-unrolled AVX-512 tile of MR rows x 64 columns: GCC keeps the generic
+// version's accumulator array on the stack (a store per vpdpbusd); named
+// variables stay in zmm registers (24 accumulators + 4 B + 1 broadcast).
+template <int MR>
+void micro_x4(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+              int64_t kb1, int32_t* acc, bool init) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00;
+  __m512i c10 = c00, c11 = c00, c12 = c00, c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00;
+  __m512i c30 = c00, c31 = c00, c32 = c00, c33 = c00, c40 = c00, c41 = c00, c42 = c00, c43 = c00;
+  __m512i c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+#define TALLOW_I8_LOAD(r)                                    \
+  if (MR > r) {                                              \
+    c##r##0 = _mm512_loadu_si512(acc + r * kNR);             \
+    c##r##1 = _mm512_loadu_si512(acc + r * kNR + 16);        \
+    c##r##2 = _mm512_loadu_si512(acc + r * kNR + 32);        \
+    c##r##3 = _mm512_loadu_si512(acc + r * kNR + 48);        \
+  }
+#define TALLOW_I8_ROW(r)                                     \
+  if (MR > r) {                                              \
+    int32_t w;                                               \
+    __builtin_memcpy(&w, ap + r * lda, 4);                   \
+    const __m512i av = _mm512_set1_epi32(w);                 \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, b0);          \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, b1);          \
+    c##r##2 = _mm512_dpbusd_epi32(c##r##2, av, b2);          \
+    c##r##3 = _mm512_dpbusd_epi32(c##r##3, av, b3);          \
+  }
+#define TALLOW_I8_STORE(r)                                   \
+  if (MR > r) {                                              \
+    _mm512_storeu_si512(acc + r * kNR, c##r##0);             \
+    _mm512_storeu_si512(acc + r * kNR + 16, c##r##1);        \
+    _mm512_storeu_si512(acc + r * kNR + 32, c##r##2);        \
+    _mm512_storeu_si512(acc + r * kNR + 48, c##r##3);        \
+  }
+  if (!init) {
+    TALLOW_I8_LOAD(0) TALLOW_I8_LOAD(1) TALLOW_I8_LOAD(2)
+    TALLOW_I8_LOAD(3) TALLOW_I8_LOAD(4) TALLOW_I8_LOAD(5)
+  }
+  const uint8_t* ap = a + kb0 * 4;
+  const int8_t* bp = b + kb0 * 64;
+  for (int64_t kb = kb0; kb < kb1; ++kb, ap += 4, bp += 64) {
+    const __m512i b0 = _mm512_loadu_si512(bp);
+    const __m512i b1 = _mm512_loadu_si512(bp + bstride);
+    const __m512i b2 = _mm512_loadu_si512(bp + 2 * bstride);
+    const __m512i b3 = _mm512_loadu_si512(bp + 3 * bstride);
+    TALLOW_I8_ROW(0) TALLOW_I8_ROW(1) TALLOW_I8_ROW(2)
+    TALLOW_I8_ROW(3) TALLOW_I8_ROW(4) TALLOW_I8_ROW(5)
+  }
+  TALLOW_I8_STORE(0) TALLOW_I8_STORE(1) TALLOW_I8_STORE(2)
+  TALLOW_I8_STORE(3) TALLOW_I8_STORE(4) TALLOW_I8_STORE(5)
+#undef TALLOW_I8_LOAD
+#undef TALLOW_I8_ROW
+#undef TALLOW_I8_STORE
+}
+#endif
+
+template <int MR>
+MicroFn micro_for_nbk(int nbk) {
+  switch (nbk) {
+#if defined(__AVX512F__)
+    case 4: return &micro_x4<MR>;
+    case 3: return &micro<MR, 3>;
+    case 2: return &micro<MR, 2>;
+#endif
+    default: return &micro<MR, 1>;
+  }
+}
+
+MicroFn micro_for(int mr, int nbk) {
+  switch (mr) {
+#if defined(__AVX512F__)
+    case 6: return micro_for_nbk<6>(nbk);
+    case 5: return micro_for_nbk<5>(nbk);
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+    case 4: return micro_for_nbk<4>(nbk);
+    case 3: return micro_for_nbk<3>(nbk);
+#endif
+    case 2: return micro_for_nbk<2>(nbk);
+    default: return micro_for_nbk<1>(nbk);
+  }
+}
+
+// Epilogue for rows [m0, m0 + rows) and columns [n0, n0 + ncols) of C, from
+// the task's int32 accumulators (row stride kNR).
+void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64_t n0, int ncols,
+              const int32_t* cs /* column sums from column n0 */) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const int32_t* ar = acc + r * kNR;
+    if (g.c_i32) {
+      int32_t* out = g.c_i32 + m * g.ldc + n0;
+      const VI off = vi_set1(g.a_offset);
+      for (int j = 0; j < ncols; j += kW) {
+        const VI y = k_sub(vi_load(ar + j), vi_mullo(off, vi_load(cs + j)));
+        const int n = ncols - j < kW ? ncols - j : kW;
+        if (n == kW)
+          vi_store(out + j, y);
+        else
+          k_store_i32_n(out + j, y, n);
+      }
+    } else {
+      float* out = g.c_f32 + m * g.ldc + n0;
+      const VI zp = vi_set1(g.row_zp[m]);
+      const VF sx = vf_set1(g.row_scale[m]);
+      for (int j = 0; j < ncols; j += kW) {
+        const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(cs + j)));
+        const VF s = vf_mul(sx, vf_load(g.col_scale + n0 + j));
+        VF y = vf_add(vf_mul(vi_to_vf(yi), s), vf_load(g.bias + n0 + j));
+        y = apply_act(y, g.act);
+        const int n = ncols - j < kW ? ncols - j : kW;
+        if (n == kW)
+          vf_store(out + j, y);
+        else
+          vf_store_n(out + j, y, n);
+      }
+    }
+  }
+}
+
+// Rows [m0, m0 + rows) x column chunk nc on the VNNI micro-kernel, from a
+// panel (its 16-column blocks bstride bytes apart) and its column sums; acc
+// holds kMB rows of kNR int32.
+void vnni_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t* panel,
+               const int32_t* cs, int32_t* acc) {
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t NB = (g.N + 15) / 16;
+  const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
+  const int64_t n0 = nc * kNR;
+  const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
+  for (int64_t ms = m0; ms < m0 + rows; ms += kMB) {
+    const int sub = static_cast<int>(k_min(kMB, m0 + rows - ms));
+    int64_t kb0 = 0;
+    do {
+      const int64_t kb1 = k_min(KB, kb0 + kKBC);
+      for (int mt = 0; mt < sub; mt += kMR) {
+        const int mr = static_cast<int>(k_min(kMR, sub - mt));
+        micro_for(mr, nbk)(g.a + (ms + mt) * g.lda, g.lda, panel, KB * 64, kb0, kb1,
+                           acc + mt * kNR, kb0 == 0);
+      }
+      kb0 = kb1;
+    } while (kb0 < KB);
+    epilogue(g, acc, ms, sub, n0, ncols, cs);
+  }
+}
+
+using RowsFn = void (*)(const GemmArgs&, int64_t, int, int64_t, const int8_t*, const int32_t*, int32_t*);
+
+struct DriveCtx {
+  const GemmArgs* g;
+  RowsFn rows_fn;
+  void (*begin_fn)();  // per-thread set-up around a chunk of tasks (AMX tile config)
+  void (*end_fn)();
+  int64_t task_rows, n_mb;
+  int32_t* acc;
+  int64_t acc_per_thread;
+  int8_t* panel;  // fused path: per-thread packed panel + its column sums
+  int32_t* colsum;
+  int64_t panel_per_thread;
+};
+
+// Tasks are (row block of task_rows, column chunk of kNR), row blocks fastest.
+// With prepacked B (QuantizedLinear) a task reads its panel in place; with
+// raw B (int8_matmul) it first packs the panel (fused), so task rows are larger
+// to pack each panel fewer times.
+void drive(const GemmArgs& g, RowsFn rows_fn, void (*begin_fn)(), void (*end_fn)(), int64_t sub_rows) {
+  const int64_t NB = (g.N + 15) / 16;
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t n_nc = (NB + kNBK - 1) / kNBK;
+  const bool fused = g.b_raw != nullptr;
+  const int64_t task_rows = fused ? sub_rows * 4 : sub_rows;
+  const int64_t n_mb = (g.M + task_rows - 1) / task_rows;
+  const int threads = tallow::num_threads();
+  const int64_t acc_per_thread = sub_rows * kNR;
+  const int64_t panel_per_thread = fused ? (kNBK * KB * 64 + 63) / 64 * 64 : 0;
+  int32_t* acc = static_cast<int32_t*>(aligned_alloc(64, static_cast<size_t>(acc_per_thread) * 4 * threads));
+  int8_t* panel = fused ? static_cast<int8_t*>(aligned_alloc(64, static_cast<size_t>(panel_per_thread) * threads + 64))
+                        : nullptr;
+  int32_t* colsum = fused ? static_cast<int32_t*>(aligned_alloc(64, static_cast<size_t>(kNR) * 4 * threads)) : nullptr;
+  DriveCtx ctx{&g, rows_fn, begin_fn, end_fn, task_rows, n_mb, acc, acc_per_thread, panel, colsum, panel_per_thread};
+  tallow::parallel_for(n_mb * n_nc, 1, [](void* p, int64_t begin, int64_t end) {
+    const DriveCtx& c = *static_cast<const DriveCtx*>(p);
+    const GemmArgs& g = *c.g;
+    const int64_t ti = tallow::thread_index();
+    int32_t* acc = c.acc + ti * c.acc_per_thread;
+    const int64_t KB = (g.K + 3) / 4;
+    if (c.begin_fn) c.begin_fn();
+    int64_t packed_nc = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t mb = t % c.n_mb, nc = t / c.n_mb;
+      const int64_t m0 = mb * c.task_rows;
+      const int rows = static_cast<int>(k_min(c.task_rows, g.M - m0));
+      if (c.panel) {
+        int8_t* panel = c.panel + ti * c.panel_per_thread;
+        int32_t* cs = c.colsum + ti * kNR;
+        if (packed_nc != nc) pack_panel(g, nc, panel, cs);
+        packed_nc = nc;
+        c.rows_fn(g, m0, rows, nc, panel, cs, acc);
+      } else {
+        c.rows_fn(g, m0, rows, nc, g.bp + nc * kNBK * KB * 64, g.colsum + nc * kNR, acc);
+      }
+    }
+    if (c.end_fn) c.end_fn();
+  }, &ctx);
+  free(acc);
+  free(panel);
+  free(colsum);
+}
+
+#if defined(TALLOW_I8_AMX)
+void gemm_amx(const GemmArgs& g);  // int8_matmul_avx512.cpp
+#endif
+
+void isa_gemm(const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
+#if defined(TALLOW_I8_AMX)
+  if (g.use_amx) {
+    gemm_amx(g);
+    return;
+  }
+#endif
+  drive(g, &vnni_rows, nullptr, nullptr, kMB);
+}
