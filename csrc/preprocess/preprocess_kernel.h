@@ -20,8 +20,8 @@
 // normalisation vectorise across columns.
 //
 // Horizontal pass, SIMD: kW output columns at a time, one 4-byte gather per
-// tap and lane at the source pixel's first byte (the row's last pixel is
-// read one byte early and shifted, so no read leaves the row).
+// tap and lane at the source pixel's first byte (for packed RGB the row's
+// last pixel is read one byte early and shifted, so no read leaves the row).
 
 // The including file includes <immintrin.h>, <cstdint>, <cstdlib> and
 // preprocess/preprocess.h at global scope first (not inside its namespace).
@@ -125,7 +125,8 @@ inline void v_lut_store(float* o, const float* lut, V idx) {
 }
 #endif
 
-// Horizontal pass for packed RGB rows (stride_x == 3, stride_c == 1, W >= 2):
+// Horizontal pass for packed RGB rows (stride_x == 3, stride_c == 1, W >= 2)
+// or RGBX rows (stride_x == 4, stride_c == 1: Pillow's own pixel layout):
 // per block of kLanes output columns and tap t, a table of byte offsets,
 // shifts (8 for the row's last pixel, read one byte early) and coefficients
 // (0 for padding taps), built once per image.
@@ -159,8 +160,11 @@ bool horizontal_simd(const ImagePlan& p, uint8_t* tmp, int64_t plane, int64_t pi
           x = h.start[j] + (t < h.taps[j] ? t : 0);
           k = t < h.taps[j] ? h.coeff[(int64_t)j * h.ksize + t] : 0;
         }
-        if (x == p.in_w - 1) { off[l] = 3 * x - 1; sh[l] = 8; }
-        else { off[l] = 3 * x; sh[l] = 0; }
+        // RGBX rows (stride 4): the pixel's own dword. Packed RGB (stride 3):
+        // the dword at the pixel, except the row's last pixel, read one byte
+        // early and shifted, so no read leaves the row.
+        if (p.stride_x == 3 && x == p.in_w - 1) { off[l] = 3 * x - 1; sh[l] = 8; }
+        else { off[l] = (int32_t)p.stride_x * x; sh[l] = 0; }
         co[l] = k;
       }
       q += 3 * kLanes;
@@ -235,7 +239,8 @@ void run_image(const ImagePlan& p) {
   const int64_t plane = pitch * p.row_count;
   uint8_t* tmp = (uint8_t*)calloc((size_t)(3 * plane), 1);
   if (!tmp) return;  // the binding checks sizes up front; nothing sane to do here
-  const bool packed = p.stride_x == 3 && p.stride_c == 1 && p.in_w >= 2;
+  const bool packed = p.stride_c == 1 && ((p.stride_x == 3 && p.in_w >= 2) || p.stride_x == 4) &&
+                      (int64_t)p.in_w * p.stride_x < ((int64_t)1 << 31);
   if (!(packed && horizontal_simd(p, tmp, plane, pitch))) horizontal_generic(p, tmp, plane, pitch);
   const int64_t n_out = (int64_t)v.count * h.count;
   for (int c = 0; c < 3; ++c) {

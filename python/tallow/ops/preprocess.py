@@ -49,6 +49,7 @@ rows are written there too). ``errors="return"`` returns
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import io
 import math
 import warnings
@@ -206,11 +207,11 @@ def _open(item: Any, max_pixels: float):
     return ("image", img, orientation)
 
 
-def _decode(opened, fast: bool, resize: int) -> np.ndarray:
+def _decode(opened, fast: bool, resize: int):
     """Second, heavy stage (any thread): decode to an (H, W, 3) uint8 view,
-    EXIF orientation applied."""
+    EXIF orientation applied; returns (view, object to keep alive with it)."""
     if opened[0] == "array":
-        return opened[1]
+        return opened[1], None
     _, img, orientation = opened
     try:
         if fast and img.format in _JPEG_FORMATS:
@@ -223,7 +224,7 @@ def _decode(opened, fast: bool, resize: int) -> np.ndarray:
             orientation = img.getexif().get(0x0112, 1)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        a = np.asarray(img)
+        a, keep = _rgb_pixels(img)
     except _ImageError:
         raise
     except Exception as exc:  # truncated data, broken streams, unsupported modes
@@ -231,7 +232,66 @@ def _decode(opened, fast: bool, resize: int) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] == 0 or a.shape[1] == 0:
         raise _ImageError(f"decoded image has shape {a.shape}")
     view = _ORIENT_VIEWS.get(orientation)
-    return view(a) if view is not None else a
+    return (view(a) if view is not None else a), keep
+
+
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _rgb_pixels(img):
+    """(H, W, 3) uint8 view of a loaded RGB PIL image and an object to keep
+    alive while the view is used.
+
+    Pillow stores RGB as 4 bytes per pixel (RGBX); ``np.asarray`` repacks it
+    into a new buffer (~1 ms for 1024x768). Through the Arrow C data
+    interface (Pillow >= 11.2: a fixed-size list of 4 uint8 per pixel over
+    the image's own memory) the kernel reads Pillow's buffer in place, with a
+    column stride of 4. Falls back to ``np.asarray`` when the export is not
+    available (older Pillow, an image stored in several blocks)."""
+    w, h = img.size
+    try:
+        schema, array = img.__arrow_c_array__()
+        s = _ArrowSchema.from_address(_capsule_pointer(schema, b"arrow_schema"))
+        a = _ArrowArray.from_address(_capsule_pointer(array, b"arrow_array"))
+        if (s.format == b"+w:4" and s.n_children == 1 and s.children[0].contents.format == b"C"
+                and a.n_children == 1 and a.length == w * h and a.offset == 0):
+            child = a.children[0].contents
+            if child.n_buffers == 2 and child.buffers[1] and child.length == 4 * w * h:
+                base = child.buffers[1] + child.offset
+                buf = (ctypes.c_uint8 * (4 * w * h)).from_address(base)
+                rgbx = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 4)
+                # The capsules' release callbacks drop Pillow's reference to
+                # the pixels: keep them (and the image) alive with the view.
+                return rgbx[:, :, :3], (schema, array, img)
+    except Exception:  # no Arrow export here: copy instead
+        pass
+    return np.asarray(img), None
 
 
 # ---------------------------------------------------------------- backends
@@ -399,13 +459,14 @@ def preprocess(
                     row.zero_()
                     return
                 try:
-                    a = _decode(opened[i], fast, resize)
+                    a, keep = _decode(opened[i], fast, resize)
                 except _ImageError as exc:
                     errs[i] = str(exc)
                     row.zero_()
                     return
                 opened[i] = None  # free the decoder state early
                 resample([a], row, False)
+                del keep  # Pillow's pixels may be released now
 
             if threads <= 1 or n == 1:
                 for i in range(n):
