@@ -105,6 +105,29 @@ def test_exact_arrays_match_pil(each_isa, arrays_and_refs):
         check_close(out[i:i + 1], awkward_ref[i:i + 1], exact=False, what=f"{h}x{w} {each_isa}")
 
 
+def test_exact_encoded_each_isa(each_isa):
+    # Decoded images are read in Pillow's own RGBX layout (column stride 4).
+    data = [jpeg(h, w, i) for i, (h, w) in enumerate([(480, 640), (333, 500), (301, 700)])]
+    check_close(preprocess(data), preprocess_ref(data), exact=True, what=f"jpeg {each_isa}")
+
+
+def test_pillow_pixels_in_place():
+    from tallow.ops.preprocess import _rgb_pixels
+
+    img = Image.fromarray(photo(37, 53, 4))
+    view, keep = _rgb_pixels(img)
+    assert np.array_equal(view, np.asarray(img))
+    if keep is not None:  # Arrow export available: Pillow's buffer, stride 4
+        assert view.strides[1] == 4
+
+
+def test_pil_image_inputs_are_not_modified():
+    img = Image.open(io.BytesIO(jpeg(1200, 1600, 3)))
+    out = preprocess([img, img], mode="fast", num_threads=2)
+    assert img.size == (1600, 1200)  # no draft() on the caller's image
+    check_close(out, preprocess_ref([img, img]), exact=True, what="PIL input, fast mode")
+
+
 def test_exact_other_resize_crop():
     imgs = [photo(h, w, 5) for h, w in [(480, 640), (331, 517), (100, 90)]]
     for resize, crop in ((232, 224), (224, 224), (64, 31)):

@@ -159,8 +159,9 @@ def _check_pixels(w: int, h: int, max_pixels: float) -> None:
 def _open(item: Any, max_pixels: float):
     """First, cheap stage (main thread): open the header, check the size.
 
-    Returns ("array", ndarray view) or ("image", PIL image not yet decoded,
-    EXIF orientation or None when it must be read after decoding)."""
+    Returns ("array", ndarray view) or ("image", PIL image (not yet decoded
+    when we opened it), EXIF orientation or None when it must be read after
+    decoding, whether we opened it)."""
     from PIL import Image
 
     if isinstance(item, torch.Tensor):
@@ -171,8 +172,15 @@ def _open(item: Any, max_pixels: float):
         a = _as_rgb_view(item)
         _check_pixels(a.shape[1], a.shape[0], max_pixels)
         return ("array", a)
+    owned = True
     if isinstance(item, Image.Image):
-        img = item
+        # The caller's image: decode it here, on the calling thread (the same
+        # object may appear twice in the batch), and never draft() it.
+        img, owned = item, False
+        try:
+            img.load()
+        except Exception as exc:
+            raise _ImageError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     elif isinstance(item, (bytes, bytearray, memoryview)):
         if len(item) == 0:
             raise _ImageError("empty bytes")
@@ -195,7 +203,7 @@ def _open(item: Any, max_pixels: float):
     w, h = img.size
     _check_pixels(w, h, max_pixels)
     orientation = None
-    if img.format in _JPEG_FORMATS:
+    if owned and img.format in _JPEG_FORMATS:
         # JPEG's EXIF sits in the header: read it here, where warnings are
         # caught; other formats may keep it after the pixel data.
         with warnings.catch_warnings():
@@ -204,7 +212,7 @@ def _open(item: Any, max_pixels: float):
                 orientation = img.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-    return ("image", img, orientation)
+    return ("image", img, orientation, owned)
 
 
 def _decode(opened, fast: bool, resize: int):
@@ -212,9 +220,9 @@ def _decode(opened, fast: bool, resize: int):
     EXIF orientation applied; returns (view, object to keep alive with it)."""
     if opened[0] == "array":
         return opened[1], None
-    _, img, orientation = opened
+    _, img, orientation, owned = opened
     try:
-        if fast and img.format in _JPEG_FORMATS:
+        if fast and owned and img.format in _JPEG_FORMATS:
             w, h = img.size
             th, tw = resized_size(h, w, resize)
             if w >= 2 * tw and h >= 2 * th:
