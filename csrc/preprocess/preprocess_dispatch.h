@@ -21,6 +21,9 @@ struct ImageJob {
   float* out;  // [3, crop, crop]
 };
 
+// Whether Pillow (13.0.0) runs the vertical pass first for this resize.
+bool vertical_pass_first(int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w);
+
 // Resize (PIL bilinear, antialiased), center-crop and normalise one image
 // with the active ISA's kernel. Requires resize >= crop.
 void run(const ImageJob& job, int64_t resize, int64_t crop, const float* lut);

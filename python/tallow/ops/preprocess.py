@@ -22,15 +22,13 @@ same decode, then Pillow's resize/crop and torch's normalisation.
 
 Modes:
 
-- ``"exact"``: full-resolution decode, then the resize above. Bit-identical
-  float32 output to the PIL pipeline (:func:`preprocess_ref`) for common
-  photo shapes (4:3, 3:2, 16:9, landscape or portrait, any size). Caveat
-  (measured with Pillow 13.0.0): Pillow's resize runs the *vertical* pass
-  first for some size combinations (e.g. 300x2000 -> 256x1706, many
-  non-torchvision ones; the rule is not documented and we could not pin it
-  down), while tallow always runs the horizontal pass first as upstream
-  Pillow's Resample.c does; on those images a fraction of values differs by
-  exactly 1 level (never more), within the issue's ±1 LSB.
+- ``"exact"``: full-resolution decode, then the resize above: bit-identical
+  float32 output to the PIL pipeline (:func:`preprocess_ref`), tested on
+  random sizes, formats, modes and EXIF orientations. Note (measured with
+  Pillow 13.0.0, not in upstream Pillow's Resample.c): Pillow runs the
+  *vertical* pass first when the image is more than twice as tall as wide
+  and shrinks; the uint8 intermediate makes the order visible (±1 level),
+  so tallow does the same (horizontal-first on the transposed view).
 - ``"fast"``: JPEGs at least twice the resized size are decoded with
   libjpeg's DCT-domain downscaling (``Image.draft``: 1/2, 1/4 or 1/8 scale,
   never below the resized size), then resized the same way. Mean absolute
