@@ -218,6 +218,17 @@ def test_fast_mode_error_bounded():
     assert float(mae[3]) == 0.0
 
 
+def test_fast_mode_modes_and_orientation():
+    base = Image.fromarray(photo(900, 1200, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = [encode(base.convert("CMYK"), "JPEG", quality=90), encode(base.convert("L"), "JPEG", quality=90),
+            encode(base, "JPEG", quality=90, exif=exif.tobytes()), encode(base, "JPEG", quality=90, progressive=True)]
+    mae = (levels(preprocess(data, mode="fast")).float() - levels(preprocess_ref(data)).float()).abs()
+    mae = mae.mean(dim=(1, 2, 3))
+    assert float(mae.max()) <= 2.5 and float(mae.min()) > 0, mae
+
+
 def test_fast_mode_small_and_non_jpeg_are_exact():
     data = [jpeg(375, 500, 1), encode(Image.fromarray(photo(900, 1200, 2)), "PNG")]
     check_close(preprocess(data, mode="fast"), preprocess_ref(data), exact=True, what="fast small/PNG")
