@@ -9,6 +9,7 @@
 #include "preprocess/preprocess_dispatch.h"
 
 #include <cmath>
+#include <new>
 #include <stdexcept>
 #include <vector>
 
@@ -88,34 +89,13 @@ void bilinear_taps(int64_t in_size, int64_t out_size, int64_t first, int64_t cou
 namespace {
 
 void run_isa(const ImagePlan& p) {
+  bool ok;
   switch (active_isa()) {
-    case Isa::Avx512Vnni: preprocess_avx512::run_image(p); break;
-    case Isa::Avx2: preprocess_avx2::run_image(p); break;
-    default: preprocess_scalar::run_image(p); break;
+    case Isa::Avx512Vnni: ok = preprocess_avx512::run_image(p); break;
+    case Isa::Avx2: ok = preprocess_avx2::run_image(p); break;
+    default: ok = preprocess_scalar::run_image(p); break;
   }
-}
-
-// Horizontal pass then vertical pass over a (possibly transposed) view.
-void run_passes(const uint8_t* src, int64_t sy, int64_t sx, int64_t sc, int64_t in_h, int64_t in_w,
-                int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t crop, float* out,
-                const float* lut) {
-  TapsStore hx, vy;
-  bilinear_taps(in_w, out_w, left, crop, hx);
-  bilinear_taps(in_h, out_h, top, crop, vy);
-  ImagePlan p{};
-  p.src = src;
-  p.stride_y = sy;
-  p.stride_x = sx;
-  p.stride_c = sc;
-  p.in_h = (int32_t)in_h;
-  p.in_w = (int32_t)in_w;
-  p.horiz = hx.view((int32_t)crop);
-  p.vert = vy.view((int32_t)crop);
-  p.row_first = vy.start[0];
-  p.row_count = vy.start[(size_t)crop - 1] + vy.taps[(size_t)crop - 1] - p.row_first;
-  p.out = out;
-  p.lut = lut;
-  run_isa(p);
+  if (!ok) throw std::bad_alloc();
 }
 
 }  // namespace
@@ -134,20 +114,26 @@ void run(const ImageJob& job, int64_t resize, int64_t crop, const float* lut) {
   const Geometry g = geometry(job.in_h, job.in_w, resize, crop);
   if (g.top < 0 || g.left < 0 || g.top + crop > g.out_h || g.left + crop > g.out_w)
     throw std::invalid_argument("crop does not fit in the resized image");
-  if (!vertical_pass_first(job.in_h, job.in_w, g.out_h, g.out_w)) {
-    run_passes(job.src, job.stride_y, job.stride_x, job.stride_c, job.in_h, job.in_w, g.out_h, g.out_w,
-               g.top, g.left, crop, job.out, lut);
-    return;
-  }
-  // Vertical first = horizontal first on the transposed view, then the
-  // crop transposed back (the taps of each axis are the same either way).
-  std::vector<float> t((size_t)(3 * crop * crop));
-  run_passes(job.src, job.stride_x, job.stride_y, job.stride_c, job.in_w, job.in_h, g.out_w, g.out_h,
-             g.left, g.top, crop, t.data(), lut);
-  const int64_t n = crop * crop;
-  for (int64_t c = 0; c < 3; ++c)
-    for (int64_t i = 0; i < crop; ++i)
-      for (int64_t j = 0; j < crop; ++j) job.out[c * n + i * crop + j] = t[(size_t)(c * n + j * crop + i)];
+  TapsStore hx, vy;
+  bilinear_taps(job.in_w, g.out_w, g.left, crop, hx);
+  bilinear_taps(job.in_h, g.out_h, g.top, crop, vy);
+  ImagePlan p{};
+  p.src = job.src;
+  p.stride_y = job.stride_y;
+  p.stride_x = job.stride_x;
+  p.stride_c = job.stride_c;
+  p.in_h = (int32_t)job.in_h;
+  p.in_w = (int32_t)job.in_w;
+  p.horiz = hx.view((int32_t)crop);
+  p.vert = vy.view((int32_t)crop);
+  p.row_first = vy.start[0];
+  p.row_count = vy.start[(size_t)crop - 1] + vy.taps[(size_t)crop - 1] - p.row_first;
+  p.vertical_first = vertical_pass_first(job.in_h, job.in_w, g.out_h, g.out_w);
+  p.col_first = hx.start[0];
+  p.col_count = hx.start[(size_t)crop - 1] + hx.taps[(size_t)crop - 1] - p.col_first;
+  p.out = job.out;
+  p.lut = lut;
+  run_isa(p);
 }
 
 }  // namespace preprocess

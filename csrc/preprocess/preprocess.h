@@ -36,6 +36,12 @@ struct ImagePlan {
   Taps vert;         // crop rows; start[] is absolute (input rows)
   int32_t row_first; // first input row the vertical pass reads
   int32_t row_count; // rows the horizontal pass must produce
+  // Pillow 13 runs the vertical pass first for some sizes (see
+  // preprocess.cpp): then the vertical pass reads input columns
+  // [col_first, col_first + col_count), and horiz.start[] stays absolute.
+  bool vertical_first;
+  int32_t col_first;
+  int32_t col_count;
   float* out;        // [3, crop, crop], contiguous
   const float* lut;  // [3, 256]: lut[c * 256 + v] = (v / 255 - mean[c]) / std[c]
 };
@@ -43,8 +49,9 @@ struct ImagePlan {
 }  // namespace preprocess
 
 // One entry point per ISA file; the dispatcher (preprocess.cpp) picks one.
-namespace preprocess_avx512 { void run_image(const preprocess::ImagePlan& plan); }
-namespace preprocess_avx2 { void run_image(const preprocess::ImagePlan& plan); }
-namespace preprocess_scalar { void run_image(const preprocess::ImagePlan& plan); }
+// Returns false when scratch memory could not be allocated.
+namespace preprocess_avx512 { bool run_image(const preprocess::ImagePlan& plan); }
+namespace preprocess_avx2 { bool run_image(const preprocess::ImagePlan& plan); }
+namespace preprocess_scalar { bool run_image(const preprocess::ImagePlan& plan); }
 
 }  // namespace tallow

@@ -234,9 +234,10 @@ def test_fast_mode_small_and_non_jpeg_are_exact():
     check_close(preprocess(data, mode="fast"), preprocess_ref(data), exact=True, what="fast small/PNG")
 
 
-def test_array_inputs_views_tensors_grayscale():
+def test_array_inputs_views_tensors_grayscale(each_isa):
     a = photo(400, 600, 12)
     gray = photo(350, 280, 13)[:, :, 0]
+    tall = photo(900, 400, 14)  # > 2:1: Pillow's vertical-first order
     items = [
         a[:, ::-1],                          # negative stride
         a[::2, 1::2],                        # strided
@@ -244,6 +245,9 @@ def test_array_inputs_views_tensors_grayscale():
         torch.from_numpy(a.copy()),          # tensor
         gray,                                # (H, W)
         gray[:, :, None],                    # (H, W, 1)
+        tall[:, ::-1],                       # vertical first, generic strides
+        tall[:, :, 0],                       # vertical first, grayscale
+        np.ascontiguousarray(tall[:, 3:]),   # vertical first, packed RGB
     ]
     ref = preprocess_ref([np.ascontiguousarray(x if not isinstance(x, torch.Tensor) else x.numpy()).squeeze()
                           if (not isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[2] == 1)

@@ -28,7 +28,7 @@ Modes:
   Pillow 13.0.0, not in upstream Pillow's Resample.c): Pillow runs the
   *vertical* pass first when the image is more than twice as tall as wide
   and shrinks; the uint8 intermediate makes the order visible (±1 level),
-  so tallow does the same (horizontal-first on the transposed view).
+  so tallow does the same.
 - ``"fast"``: JPEGs at least twice the resized size are decoded with
   libjpeg's DCT-domain downscaling (``Image.draft``: 1/2, 1/4 or 1/8 scale,
   never below the resized size), then resized the same way. Mean absolute
