@@ -518,13 +518,11 @@ def preprocess_ref(
     for item in images:
         if isinstance(item, torch.Tensor):
             item = item.numpy()
-        if isinstance(item, np.ndarray):
-            img = Image.fromarray(item)
-        elif isinstance(item, Image.Image):
-            img = item
+        if isinstance(item, Image.Image):
+            img = ImageOps.exif_transpose(item)  # a copy: the caller's image stays as it is
         else:
-            img = Image.open(io.BytesIO(bytes(item)))
-        img = ImageOps.exif_transpose(img)
+            img = Image.fromarray(item) if isinstance(item, np.ndarray) else Image.open(io.BytesIO(bytes(item)))
+            ImageOps.exif_transpose(img, in_place=True)  # our own image: no extra copy
         img = img.convert("RGB")
         w, h = img.size
         nh, nw = resized_size(h, w, resize)
