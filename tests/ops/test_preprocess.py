@@ -268,6 +268,16 @@ def test_out_threads_and_backends(force_backend):
     check_close(preprocess(data), ref, exact=True, what="ref backend")
 
 
+def test_file_paths(tmp_path):
+    data = jpeg(300, 400, 6)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    out, errs = preprocess([path, str(path), data, tmp_path / "missing.jpg"], errors="return")
+    assert errs[:3] == [None, None, None] and "cannot decode" in errs[3]
+    ref = preprocess_ref([data])
+    check_close(out[:3], ref.expand(3, -1, -1, -1), exact=True, what="paths")
+
+
 def test_empty_batch():
     assert preprocess([]).shape == (0, 3, 224, 224)
     res, errs = preprocess([], errors="return")

@@ -1,7 +1,7 @@
 """Batched ImageNet preprocessing: torchvision's eval transform, fused.
 
-For every image (encoded JPEG/PNG/WebP/... bytes, a PIL image, or an
-``H x W x 3`` / ``H x W`` uint8 array)::
+For every image (encoded JPEG/PNG/WebP/... bytes or a file path, a PIL
+image, or an ``H x W x 3`` / ``H x W`` uint8 array)::
 
     RGB  = exif_transpose(decode(bytes)).convert("RGB")
     R    = Resize(resize)(RGB)       # shorter side -> resize, longer side
@@ -54,6 +54,7 @@ import concurrent.futures
 import ctypes
 import io
 import math
+import os
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -183,8 +184,8 @@ def _open(item: Any, max_pixels: float):
             img.load()
         except Exception as exc:
             raise _ImageError(f"cannot decode: {type(exc).__name__}: {exc}") from None
-    elif isinstance(item, (bytes, bytearray, memoryview)):
-        if len(item) == 0:
+    elif isinstance(item, (bytes, bytearray, memoryview, str, os.PathLike)):
+        if not isinstance(item, (str, os.PathLike)) and len(item) == 0:
             raise _ImageError("empty bytes")
         # Pillow warns (DecompressionBombWarning) or raises from open() itself;
         # the warning is turned into this image's error, never leaked. This
@@ -192,14 +193,14 @@ def _open(item: Any, max_pixels: float):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = Image.open(io.BytesIO(bytes(item)))
+                img = Image.open(item if isinstance(item, (str, os.PathLike)) else io.BytesIO(bytes(item)))
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise _ImageError(f"decompression bomb: {exc}") from None
             except Exception as exc:  # UnidentifiedImageError, SyntaxError, ...
                 raise _ImageError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     else:
         raise _ImageError(
-            f"unsupported type {type(item).__name__}; expected encoded bytes, a PIL image, "
+            f"unsupported type {type(item).__name__}; expected encoded bytes, a file path, a PIL image, "
             "or a uint8 numpy array / torch tensor of shape (H, W, 3) or (H, W)"
         )
     w, h = img.size
@@ -424,8 +425,9 @@ def preprocess(
     """Decodes, resizes, center-crops and normalises a batch of images into
     one ``[N, 3, crop, crop]`` float32 tensor (see the module docstring).
 
-    images: a list of encoded images (bytes of any format Pillow reads), PIL
-        images, or uint8 numpy arrays / CPU tensors of shape (H, W, 3) or (H, W).
+    images: a list of encoded images (bytes of any format Pillow reads, or
+        file paths), PIL images, or uint8 numpy arrays / CPU tensors of shape
+        (H, W, 3) or (H, W).
     mode: ``"exact"`` (matches :func:`preprocess_ref`) or ``"fast"`` (JPEG
         DCT-domain downscaling when the image is >= 2x the resized size).
     out: optional preallocated contiguous float32 tensor of the output shape.
@@ -521,7 +523,10 @@ def preprocess_ref(
         if isinstance(item, Image.Image):
             img = ImageOps.exif_transpose(item)  # a copy: the caller's image stays as it is
         else:
-            img = Image.fromarray(item) if isinstance(item, np.ndarray) else Image.open(io.BytesIO(bytes(item)))
+            if isinstance(item, np.ndarray):
+                img = Image.fromarray(item)
+            else:
+                img = Image.open(item if isinstance(item, (str, os.PathLike)) else io.BytesIO(bytes(item)))
             ImageOps.exif_transpose(img, in_place=True)  # our own image: no extra copy
         img = img.convert("RGB")
         w, h = img.size
