@@ -206,9 +206,10 @@ def _open(item: Any, max_pixels: float):
     w, h = img.size
     _check_pixels(w, h, max_pixels)
     orientation = None
-    if owned and img.format in _JPEG_FORMATS:
-        # JPEG's EXIF sits in the header: read it here, where warnings are
-        # caught; other formats may keep it after the pixel data.
+    if not owned or img.format in _JPEG_FORMATS:
+        # JPEG's EXIF sits in the header (and the caller's images are already
+        # loaded): read it here, where warnings are caught; other formats may
+        # keep it after the pixel data, read once decoded.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
