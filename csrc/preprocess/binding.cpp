@@ -47,8 +47,10 @@ void run_range(void* ctx, int64_t begin, int64_t end) {
 // flips/rotations/grayscale broadcasts are fine) or None (row zero-filled);
 // out: float32 [N, 3, crop, crop] C-contiguous, written in place;
 // lut: float32 [3, 256], the normalisation table.
-void resample_batch(py::list images, py::array out, py::array lut, int64_t resize, int64_t crop,
-                    bool parallel) {
+// Returns one entry per image: None, or the message of a failure of that
+// image alone (its row is zero-filled); argument errors raise.
+py::list resample_batch(py::list images, py::array out, py::array lut, int64_t resize, int64_t crop,
+                        bool parallel) {
   if (crop < 1) throw py::value_error(std::string(kOp) + ": crop must be >= 1, got " + std::to_string(crop));
   if (resize < crop)
     throw py::value_error(std::string(kOp) + ": resize must be >= crop, got resize=" + std::to_string(resize) +
@@ -103,9 +105,12 @@ void resample_batch(py::list images, py::array out, py::array lut, int64_t resiz
     if (parallel && n > 1) parallel_for(n, 1, run_range, &b);
     else run_range(&b, 0, n);
   }
-  for (size_t i = 0; i < b.errors.size(); ++i)
-    if (!b.errors[i].empty())
-      throw py::value_error(std::string(kOp) + ": image " + std::to_string(i) + ": " + b.errors[i]);
+  py::list result;
+  for (const std::string& e : b.errors) {
+    if (e.empty()) result.append(py::none());
+    else result.append(py::str(e));
+  }
+  return result;
 }
 
 }  // namespace
@@ -115,7 +120,8 @@ void register_preprocess(py::module_& m) {
         py::arg("resize"), py::arg("crop"), py::arg("parallel") = true,
         "Resize (Pillow's antialiased bilinear, bit-exact), center-crop and normalise decoded uint8 "
         "(H, W, 3) images into out[N, 3, crop, crop] through lut[3, 256]; None rows are zero-filled. "
-        "Runs across images in tallow's thread pool with the GIL released.");
+        "Runs across images in tallow's thread pool with the GIL released. Returns a list with None "
+        "or an error message per image (failed rows are zero-filled).");
   m.def("preprocess_geometry", [](int64_t h, int64_t w, int64_t resize, int64_t crop) {
     const preprocess::Geometry g = preprocess::geometry(h, w, resize, crop);
     return py::make_tuple(g.out_h, g.out_w, g.top, g.left);

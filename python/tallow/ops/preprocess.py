@@ -310,19 +310,27 @@ def _rgb_pixels(img):
 
 
 def _resample_cpu(arrays: list, out: torch.Tensor, lut: torch.Tensor, resize: int, crop: int,
-                  parallel: bool) -> None:
-    native().preprocess_resample(arrays, out.numpy(), lut.numpy(), resize, crop, parallel)
+                  parallel: bool) -> list:
+    """Native stage; returns None or an error message per image."""
+    return native().preprocess_resample(arrays, out.numpy(), lut.numpy(), resize, crop, parallel)
 
 
 def _resample_ref(arrays: list, out: torch.Tensor, lut: torch.Tensor, resize: int, crop: int,
-                  parallel: bool) -> None:
+                  parallel: bool) -> list:
     from PIL import Image
 
+    errs: list = [None] * len(arrays)
     for i, a in enumerate(arrays):
         if a is None:
             out[i].zero_()
             continue
-        out[i].copy_(_pil_resize_crop_normalize(Image.fromarray(np.ascontiguousarray(a)), resize, crop, lut))
+        try:
+            img = Image.fromarray(np.ascontiguousarray(a))
+            out[i].copy_(_pil_resize_crop_normalize(img, resize, crop, lut))
+        except (MemoryError, OSError) as exc:
+            errs[i] = f"resample failed: {type(exc).__name__}: {exc}"
+            out[i].zero_()
+    return errs
 
 
 _IMPLS = {"cpu": _resample_cpu, "ref": _resample_ref}
@@ -458,11 +466,13 @@ def preprocess(
                 errs[i] = str(exc)
 
         def resample(arrays, rows, parallel):
-            dispatch("preprocess", "cpu", _ORDER, _IMPLS, arrays, rows, lut, resize, crop, parallel)
+            return dispatch("preprocess", "cpu", _ORDER, _IMPLS, arrays, rows, lut, resize, crop, parallel)
 
         if all(o is None or o[0] == "array" for o in opened):
             # Nothing to decode: one native call, parallel across images.
-            resample([None if o is None else o[1] for o in opened], result, True)
+            for i, e in enumerate(resample([None if o is None else o[1] for o in opened], result, True)):
+                if e is not None:
+                    errs[i] = e
         else:
             def work(i: int) -> None:
                 # Decode and resample image i on this thread (both release the
@@ -478,7 +488,9 @@ def preprocess(
                     row.zero_()
                     return
                 opened[i] = None  # free the decoder state early
-                resample([a], row, False)
+                e = resample([a], row, False)[0]
+                if e is not None:
+                    errs[i] = e
                 del keep  # Pillow's pixels may be released now
 
             if threads <= 1 or n == 1:
