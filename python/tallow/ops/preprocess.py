@@ -459,17 +459,20 @@ def preprocess(
         threads = num_threads if num_threads is not None else _default_threads()
 
         opened: list = [None] * n
-        for i, item in enumerate(images):
+
+        def open_one(i: int) -> None:
             try:
-                opened[i] = _open(item, max_pixels)
+                opened[i] = _open(images[i], max_pixels)
             except _ImageError as exc:
                 errs[i] = str(exc)
 
         def resample(arrays, rows, parallel):
             return dispatch("preprocess", "cpu", _ORDER, _IMPLS, arrays, rows, lut, resize, crop, parallel)
 
-        if all(o is None or o[0] == "array" for o in opened):
+        if all(isinstance(item, (np.ndarray, torch.Tensor)) for item in images):
             # Nothing to decode: one native call, parallel across images.
+            for i in range(n):
+                open_one(i)
             for i, e in enumerate(resample([None if o is None else o[1] for o in opened], result, True)):
                 if e is not None:
                     errs[i] = e
@@ -495,10 +498,18 @@ def preprocess(
 
             if threads <= 1 or n == 1:
                 for i in range(n):
+                    open_one(i)
                     work(i)
             else:
+                # Headers are opened on this thread (cheap; Pillow's bomb
+                # warnings are caught here), each image handed to the pool as
+                # soon as it is open.
                 with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
-                    for f in [pool.submit(work, i) for i in range(n)]:
+                    futures = []
+                    for i in range(n):
+                        open_one(i)
+                        futures.append(pool.submit(work, i))
+                    for f in futures:
                         f.result()
     if errors == "return":
         return result, errs
