@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -203,6 +204,27 @@ def resnet_cases(workdir: Path, quick: bool) -> list[Case]:
             f"resnet50 b{batch} from tensors",
             {"tallow-fp32": lambda x=x: ours(x), "tallow-int8": lambda x=x: ours8(x), "transformers-fp32": hf_run},
             work=batch, unit="images/s", params={"batch": batch}, warmup=1, min_reps=3 if batch > 1 else 5))
+
+    # End to end from JPEG bytes: decode + preprocess + model. The peer is the
+    # PIL pipeline (torchvision's eval transform) feeding transformers.
+    from bench_preprocess import photo_jpeg
+
+    from tallow.ops import preprocess, preprocess_ref
+
+    rng = np.random.default_rng(0)
+    n = 4 if quick else 16
+    jpegs = [photo_jpeg(1024, 768, rng) for _ in range(n)]
+
+    def hf_e2e():
+        with torch.inference_mode():
+            return hf(pixel_values=preprocess_ref(jpegs)).logits
+
+    cases.append(Case(
+        f"resnet50 {n} JPEGs 1024x768 end to end",
+        {"tallow-fp32": lambda: ours(preprocess(jpegs, mode="fast")),
+         "tallow-int8": lambda: ours8(preprocess(jpegs, mode="fast")),
+         "transformers-fp32+PIL": hf_e2e},
+        work=n, unit="images/s", params={"batch": n}, warmup=1, min_reps=3))
     return cases
 
 
