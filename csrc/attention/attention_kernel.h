@@ -1,0 +1,565 @@
+// FlashAttention-2 forward on the CPU, written once over simd.h.
+//
+// Included by attention_avx512.cpp / attention_avx2.cpp / attention_scalar.cpp
+// INSIDE a namespace of their own, after "common/simd.h", "common/thread_pool.h"
+// and "attention/attention.h". No system header, STL or <cmath> here (ODR rule:
+// every function below becomes a distinct per-ISA symbol).
+//
+// Maths (Dao 2023, "FlashAttention-2", Algorithm 1), per query row i:
+//   s_j = (scale * log2 e) * q_i . k_j        (base-2 logits: exp2 replaces exp)
+//   over key blocks:  m' = max(m, max_j s_j),  p_j = 2^(s_j - m'),
+//                     l' = 2^(m - m') l + sum_j p_j,
+//                     O' = 2^(m - m') O + sum_j p_j v_j
+//   out_i = O / l   (l == 0, i.e. no visible key: zeros)
+// The Lq x Lk score matrix is never materialised: only a row tile x key block.
+//
+// Two paths:
+//  - prefill (Lq > kDecodeMaxLq): a task is (b, h, query chunk). Per key block
+//    of kKB keys, K is packed transposed into kW-key panels [kKB/kW][D][kW];
+//    then for every tile of kSRows query rows: S = Q K^T with a register tile
+//    (rows x kNP panels of accumulators, q[i][d] broadcast against the panels),
+//    the online softmax per row, and O += P V with a register tile of rows x
+//    (up to kMaxCW vectors of D). Causal: key blocks past the chunk's last
+//    visible key are skipped, and per row tile only the keys it can see are
+//    computed. Padding: fully padded key blocks are skipped, others get an
+//    additive 0 / -inf bias.
+//  - decode (Lq <= kDecodeMaxLq): memory-bound, K and V are read once, no
+//    packing: dot products over D per key, the same online softmax, O += p v.
+//    When B*H is too small to feed every thread the key range is split
+//    (flash-decoding, Dao et al. 2023) and the partial (m, l, O) combined.
+
+#if defined(__AVX512F__)
+constexpr int kSRows = 12;     // query rows of the S register tile
+constexpr int kAccBudget = 24; // accumulator registers for the P.V tile
+constexpr int kMaxCW = 8;      // max vectors of D per P.V tile
+#elif defined(__AVX2__)
+constexpr int kSRows = 6;
+constexpr int kAccBudget = 12;
+constexpr int kMaxCW = 4;
+#else
+constexpr int kSRows = 4;
+constexpr int kAccBudget = 12;
+constexpr int kMaxCW = 4;
+#endif
+constexpr int kNP = 2;            // key panels (of kW keys) per S register tile
+constexpr int kKB = 128;          // keys per block (a multiple of kNP * kW)
+constexpr int kKBD = 64;          // keys per block on the decode path
+constexpr int kMaxChunk = 512;    // max query rows per prefill task
+constexpr int64_t kDecodeMaxLq = 4;
+constexpr int kDecodeSplitMinKeys = 256;
+
+static_assert(kKB % (kNP * kW) == 0, "key block must hold whole panel groups");
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline float neg_inf() { return -__builtin_inff(); }
+
+// Lane 0 of 2^x, with the same polynomial as the vector path (so that the
+// ISAs differ only in summation order).
+inline float exp2_scalar(float x) { return vf_reduce_max(vf_exp2(vf_set1(x))); }
+
+inline float* alloc_floats(int64_t n) {
+  const int64_t bytes = round_up(imax(n, 1) * 4, 64);
+  return static_cast<float*>(aligned_alloc(64, static_cast<size_t>(bytes)));
+}
+
+// ---------------------------------------------------------------------------
+// Online softmax of one row of a score block.
+//   s[0, n_valid): scores (base 2); keys at or past n_valid are invisible.
+//   bias: null or 0 / -inf per key (padding), read over [0, round_up(n_valid, kW)).
+// On return s[0, n_cols) holds p (zeros past n_valid), m and l are updated,
+// and the factor the row's O must be multiplied by is returned. s must have
+// room for round_up(n_valid, kW) floats.
+inline float softmax_row(float* s, int n_valid, int n_cols, const float* bias, float& m, float& l) {
+  if (n_valid <= 0) {
+    for (int j = 0; j < n_cols; ++j) s[j] = 0.0f;
+    return 1.0f;
+  }
+  const int nv = static_cast<int>(round_up(n_valid, kW));
+  for (int j = n_valid; j < nv; ++j) s[j] = neg_inf();
+  VF mx = vf_set1(neg_inf());
+  if (bias) {
+    for (int j = 0; j < nv; j += kW) {
+      const VF x = vf_add(vf_load(s + j), vf_load(bias + j));
+      vf_store(s + j, x);
+      mx = vf_max(mx, x);
+    }
+  } else {
+    for (int j = 0; j < nv; j += kW) mx = vf_max(mx, vf_load(s + j));
+  }
+  const float mb = vf_reduce_max(mx);
+  const float mn = m > mb ? m : mb;
+  if (mn == neg_inf()) {  // nothing visible yet: p = 0, state unchanged
+    for (int j = 0; j < n_cols; ++j) s[j] = 0.0f;
+    return 1.0f;
+  }
+  const float alpha = exp2_scalar(m - mn);  // m == -inf gives 0 (O and l are 0 then)
+  const VF vm = vf_set1(mn);
+  VF sum = vf_zero();
+  for (int j = 0; j < nv; j += kW) {
+    const VF p = vf_exp2(vf_sub(vf_load(s + j), vm));
+    vf_store(s + j, p);
+    sum = vf_add(sum, p);
+  }
+  for (int j = nv; j < n_cols; ++j) s[j] = 0.0f;
+  l = l * alpha + vf_reduce_add(sum);
+  m = mn;
+  return alpha;
+}
+
+// ---------------------------------------------------------------------------
+// Prefill micro-kernels.
+
+// S[R][NP*kW] = Qs[R][D] . Kp, Kp = NP consecutive panels [D][kW].
+template <int R, int NP>
+inline void s_tile(const float* qs, int64_t D, const float* kp, float* s, int64_t lds) {
+  VF acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = vf_zero();
+  for (int64_t d = 0; d < D; ++d) {
+    VF b[NP];
+    for (int p = 0; p < NP; ++p) b[p] = vf_load(kp + (p * D + d) * kW);
+    for (int r = 0; r < R; ++r) {
+      const VF a = vf_set1(qs[r * D + d]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = vf_fmadd(a, b[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) vf_store(s + r * lds + p * kW, acc[r][p]);
+}
+
+template <int R>
+inline void s_rows(int rows, int n_panels, const float* qs, int64_t D, const float* kp, float* s) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      s_rows<R - 1>(rows, n_panels, qs, D, kp, s);
+      return;
+    }
+  }
+  int p = 0;
+  for (; p + kNP <= n_panels; p += kNP) s_tile<R, kNP>(qs, D, kp + p * D * kW, s + p * kW, kKB);
+  for (; p < n_panels; ++p) s_tile<R, 1>(qs, D, kp + p * D * kW, s + p * kW, kKB);
+}
+
+// O[RV][CW vectors] = alpha_r * O + P[RV][0, nk) . V[0, nk)[CW vectors].
+// The last vector loads `lastn` lanes of V (the D tail; never reads past it).
+template <int RV, int CW>
+inline void pv_tile(const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+                    int64_t ldo, const float* alpha) {
+  VF acc[RV][CW];
+  for (int r = 0; r < RV; ++r) {
+    const VF a = vf_set1(alpha[r]);
+    for (int c = 0; c < CW; ++c) acc[r][c] = vf_mul(vf_load(o + r * ldo + c * kW), a);
+  }
+  for (int j = 0; j < nk; ++j) {
+    const float* vr = v + j * ldv;
+    VF vv[CW];
+    for (int c = 0; c < CW - 1; ++c) vv[c] = vf_load(vr + c * kW);
+    vv[CW - 1] = vf_load_n(vr + (CW - 1) * kW, lastn);
+    for (int r = 0; r < RV; ++r) {
+      const VF a = vf_set1(p[r * kKB + j]);
+      for (int c = 0; c < CW; ++c) acc[r][c] = vf_fmadd(a, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RV; ++r)
+    for (int c = 0; c < CW; ++c) vf_store(o + r * ldo + c * kW, acc[r][c]);
+}
+
+template <int CW, int RV>
+inline void pv_rows(int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+                    int64_t ldo, const float* alpha) {
+  if constexpr (RV > 1) {
+    if (rows < RV) {
+      pv_rows<CW, RV - 1>(rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+      return;
+    }
+  }
+  pv_tile<RV, CW>(p, nk, v, ldv, lastn, o, ldo, alpha);
+}
+
+template <int CW>
+inline void pv_chunk(int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+                     int64_t ldo, const float* alpha) {
+  constexpr int kRV = kAccBudget / CW < kSRows ? kAccBudget / CW : kSRows;
+  for (int r = 0; r < rows; r += kRV) {
+    const int n = rows - r < kRV ? rows - r : kRV;
+    pv_rows<CW, kRV>(n, p + r * kKB, nk, v, ldv, lastn, o + r * ldo, ldo, alpha + r);
+  }
+}
+
+template <int CW>
+inline void pv_dispatch(int cw, int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn,
+                        float* o, int64_t ldo, const float* alpha) {
+  if constexpr (CW <= kMaxCW) {
+    if (cw == CW) {
+      pv_chunk<CW>(rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+      return;
+    }
+    pv_dispatch<CW + 1>(cw, rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+  }
+}
+
+// Full P.V update of a row tile: D split into chunks of <= kMaxCW vectors.
+inline void pv_update(int rows, const float* p, int nk, const float* v, int64_t ldv, int64_t D, float* o,
+                      int64_t ldo, const float* alpha) {
+  const int nvec = static_cast<int>((D + kW - 1) / kW);
+  const int nchunks = (nvec + kMaxCW - 1) / kMaxCW;
+  int c0 = 0;
+  for (int ch = 0; ch < nchunks; ++ch) {
+    const int cw = (nvec - c0) / (nchunks - ch);  // balanced chunk widths
+    const bool last = c0 + cw == nvec;
+    const int lastn = last ? static_cast<int>(D - (nvec - 1) * static_cast<int64_t>(kW)) : kW;
+    pv_dispatch<1>(cw, rows, p, nk, v + c0 * kW, ldv, lastn, o + c0 * kW, ldo, alpha);
+    c0 += cw;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Prefill.
+
+struct Prefill {
+  const tallow::AttentionArgs* a;
+  float qscale;     // scale * log2(e)
+  int64_t chunk;    // query rows per task (a multiple of kSRows)
+  int64_t nq;       // chunks per (b, h)
+  int64_t Dp;       // D rounded up to kW
+  int64_t Lk_pad;   // bias length
+  float** scratch;  // one buffer per thread
+};
+
+inline int64_t prefill_scratch_floats(int64_t chunk, int64_t D, int64_t Dp, int64_t Lk_pad) {
+  return chunk * D + chunk * Dp + 2 * chunk + kKB * D + kSRows * kKB + kW + Lk_pad;
+}
+
+inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
+  const tallow::AttentionArgs& a = *P.a;
+  const int64_t BH = a.B * a.H;
+  // Heaviest chunks first (with causal, later query chunks see more keys).
+  const int64_t qc = P.nq - 1 - t / BH;
+  const int64_t bh = t % BH;
+  const int64_t b = bh / a.H, h = bh % a.H;
+  const int64_t D = a.D, Dp = P.Dp, Lq = a.Lq, Lk = a.Lk;
+  const int64_t q0 = qc * P.chunk, q1 = imin(Lq, q0 + P.chunk);
+  const int64_t rows = q1 - q0;
+  if (rows <= 0) return;
+
+  float* qs = ws;                         // [chunk][D], scaled q
+  float* o = qs + P.chunk * D;            // [chunk][Dp]
+  float* m = o + P.chunk * Dp;            // [chunk]
+  float* l = m + P.chunk;                 // [chunk]
+  float* kp = l + P.chunk;                // [kKB / kW][D][kW]
+  float* s = kp + kKB * D;                // [kSRows][kKB] (+ kW slack)
+  float* bias = s + kSRows * kKB + kW;    // [Lk_pad]
+
+  const float* qb = a.q + b * a.q_sb + h * a.q_sh;
+  const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
+  const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
+  const uint8_t* mask = a.key_padding_mask ? a.key_padding_mask + b * Lk : nullptr;
+
+  const VF vscale = vf_set1(P.qscale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = qb + (q0 + i) * a.q_sl;
+    float* dst = qs + i * D;
+    int64_t d = 0;
+    for (; d + kW <= D; d += kW) vf_store(dst + d, vf_mul(vf_load(src + d), vscale));
+    if (d < D) vf_store_n(dst + d, vf_mul(vf_load_n(src + d, static_cast<int>(D - d)), vscale), static_cast<int>(D - d));
+    for (int64_t c = 0; c < Dp; c += kW) vf_store(o + i * Dp + c, vf_zero());
+    m[i] = neg_inf();
+    l[i] = 0.0f;
+  }
+  if (mask) {
+    for (int64_t j = 0; j < Lk; ++j) bias[j] = mask[j] ? neg_inf() : 0.0f;
+    for (int64_t j = Lk; j < P.Lk_pad; ++j) bias[j] = neg_inf();
+  }
+
+  // Query row i sees keys j < Lk - Lq + i + 1 (causal), else j < Lk.
+  const int64_t offset = Lk - Lq;
+  const int64_t key_end = a.causal ? imin(Lk, offset + q1) : Lk;
+  for (int64_t kb = 0; kb < key_end; kb += kKB) {
+    const int nk = static_cast<int>(imin(kKB, key_end - kb));
+    const float* bias_blk = nullptr;
+    if (mask) {
+      int visible = 0;
+      for (int j = 0; j < nk; ++j) visible |= !mask[kb + j];
+      if (!visible) continue;  // a fully padded block changes nothing
+      bias_blk = bias + kb;
+    }
+    // Pack K[kb, kb + nk) transposed into panels [p][d][lane], zero-padded.
+    const int n_panels = (nk + kW - 1) / kW;
+    for (int p = 0; p < n_panels; ++p) {
+      float* panel = kp + p * D * kW;
+      const int lanes = imin(kW, nk - p * kW);
+      for (int lane = 0; lane < lanes; ++lane) {
+        const float* kr = kbase + (kb + p * kW + lane) * a.k_sl;
+        for (int64_t d = 0; d < D; ++d) panel[d * kW + lane] = kr[d];
+      }
+      for (int lane = lanes; lane < kW; ++lane)
+        for (int64_t d = 0; d < D; ++d) panel[d * kW + lane] = 0.0f;
+    }
+    const float* vblk = vbase + kb * a.v_sl;
+
+    for (int64_t r0 = 0; r0 < rows; r0 += kSRows) {
+      const int tr = static_cast<int>(imin(kSRows, rows - r0));
+      // Keys of this block the tile's last row can see.
+      int nk_t = nk;
+      if (a.causal) nk_t = static_cast<int>(imin(nk, offset + q0 + r0 + tr - kb));
+      if (nk_t <= 0) continue;
+      const int np_t = (nk_t + kW - 1) / kW;
+      s_rows<kSRows>(tr, np_t, qs + r0 * D, D, kp, s);
+      float alpha[kSRows];
+      for (int r = 0; r < tr; ++r) {
+        int n_valid = nk_t;
+        if (a.causal) n_valid = static_cast<int>(imin(nk_t, offset + q0 + r0 + r + 1 - kb));
+        alpha[r] = softmax_row(s + r * kKB, n_valid, nk_t, bias_blk, m[r0 + r], l[r0 + r]);
+      }
+      pv_update(tr, s, nk_t, vblk, a.v_sl, D, o + r0 * Dp, Dp, alpha);
+    }
+  }
+
+  // out = O / l; rows that saw no key (l == 0) are zeros.
+  float* ob = a.out + b * a.o_sb + h * a.o_sh;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    const VF vi = vf_set1(inv);
+    float* dst = ob + (q0 + i) * a.o_sl;
+    int64_t d = 0;
+    for (; d + kW <= D; d += kW) vf_store(dst + d, vf_mul(vf_load(o + i * Dp + d), vi));
+    if (d < D) vf_store_n(dst + d, vf_mul(vf_load(o + i * Dp + d), vi), static_cast<int>(D - d));
+  }
+}
+
+inline void prefill_range(void* ctx, int64_t begin, int64_t end) {
+  const Prefill& P = *static_cast<const Prefill*>(ctx);
+  float* ws = P.scratch[tallow::thread_index()];
+  for (int64_t t = begin; t < end; ++t) prefill_task(P, ws, t);
+}
+
+// ---------------------------------------------------------------------------
+// Decode (small Lq): no packing, K and V streamed once per (b, h, split).
+
+struct Decode {
+  const tallow::AttentionArgs* a;
+  float qscale;
+  int64_t Dp;
+  int64_t nsplit;       // key-range splits per (b, h)
+  int64_t split_len;    // keys per split
+  float** scratch;      // per thread: qs [Lq][Dp], s [Lq][kKBD + kW], O/m/l when unsplit
+  float* part_o;        // [B*H*nsplit][Lq][Dp]   (nsplit > 1)
+  float* part_ml;       // [B*H*nsplit][Lq][2]
+};
+
+inline int64_t decode_scratch_floats(int64_t Lq, int64_t Dp) {
+  return Lq * Dp + Lq * (kKBD + kW) + Lq * Dp + 2 * Lq;
+}
+
+// Writes the unnormalised (O, m, l) of rows [0, R) over keys [j0, j1).
+template <int R>
+inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64_t j1, float* ws, float* o,
+                        float* ml) {
+  const tallow::AttentionArgs& a = *P.a;
+  const int64_t D = a.D, Dp = P.Dp, Lk = a.Lk;
+  const int nvec = static_cast<int>(Dp / kW);
+  const int lastn = static_cast<int>(D - (nvec - 1) * static_cast<int64_t>(kW));
+  float* qs = ws;            // [R][Dp], zero-padded
+  float* s = qs + R * Dp;    // [R][kKBD + kW]
+  constexpr int lds = kKBD + kW;
+
+  const float* qb = a.q + b * a.q_sb + h * a.q_sh;
+  const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
+  const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
+  const uint8_t* mask = a.key_padding_mask ? a.key_padding_mask + b * Lk : nullptr;
+  const VF vscale = vf_set1(P.qscale);
+  float m[R], l[R];
+  int64_t lim[R];  // row r sees keys j <= lim[r]
+  for (int r = 0; r < R; ++r) {
+    const float* src = qb + r * a.q_sl;
+    for (int c = 0; c < nvec; ++c) {
+      const int n = c == nvec - 1 ? lastn : kW;
+      vf_store(qs + r * Dp + c * kW, vf_mul(vf_load_n(src + c * kW, n), vscale));
+    }
+    for (int c = 0; c < nvec; ++c) vf_store(o + r * Dp + c * kW, vf_zero());
+    m[r] = neg_inf();
+    l[r] = 0.0f;
+    lim[r] = a.causal ? Lk - a.Lq + r : Lk - 1;
+  }
+  const int64_t jend = imin(j1, lim[R - 1] + 1);
+
+  for (int64_t kb = j0; kb < jend; kb += kKBD) {
+    const int n = static_cast<int>(imin(kKBD, jend - kb));
+    int any = 0;
+    for (int jj = 0; jj < n; ++jj) {
+      const int64_t j = kb + jj;
+      if (mask && mask[j]) {
+        for (int r = 0; r < R; ++r) s[r * lds + jj] = neg_inf();
+        continue;
+      }
+      any = 1;
+      const float* kr = kbase + j * a.k_sl;
+      VF acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = vf_zero();
+      for (int c = 0; c < nvec; ++c) {
+        const VF kv = c == nvec - 1 ? vf_load_n(kr + c * kW, lastn) : vf_load(kr + c * kW);
+        for (int r = 0; r < R; ++r) acc[r] = vf_fmadd(vf_load(qs + r * Dp + c * kW), kv, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) s[r * lds + jj] = j <= lim[r] ? vf_reduce_add(acc[r]) : neg_inf();
+    }
+    if (!any) continue;
+    for (int r = 0; r < R; ++r) {
+      const float alpha = softmax_row(s + r * lds, n, n, nullptr, m[r], l[r]);
+      if (alpha != 1.0f) {
+        const VF va = vf_set1(alpha);
+        for (int c = 0; c < nvec; ++c) vf_store(o + r * Dp + c * kW, vf_mul(vf_load(o + r * Dp + c * kW), va));
+      }
+    }
+    for (int jj = 0; jj < n; ++jj) {
+      const int64_t j = kb + jj;
+      if (mask && mask[j]) continue;
+      const float* vr = vbase + j * a.v_sl;
+      VF pr[R];
+      for (int r = 0; r < R; ++r) pr[r] = vf_set1(s[r * lds + jj]);
+      for (int c = 0; c < nvec; ++c) {
+        const VF vv = c == nvec - 1 ? vf_load_n(vr + c * kW, lastn) : vf_load(vr + c * kW);
+        for (int r = 0; r < R; ++r) vf_store(o + r * Dp + c * kW, vf_fmadd(pr[r], vv, vf_load(o + r * Dp + c * kW)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    ml[2 * r] = m[r];
+    ml[2 * r + 1] = l[r];
+  }
+}
+
+inline void write_normalised(const tallow::AttentionArgs& a, int64_t b, int64_t h, int64_t r, const float* o,
+                             float l) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const VF vi = vf_set1(inv);
+  float* dst = a.out + b * a.o_sb + h * a.o_sh + r * a.o_sl;
+  int64_t d = 0;
+  for (; d + kW <= a.D; d += kW) vf_store(dst + d, vf_mul(vf_load(o + d), vi));
+  if (d < a.D) vf_store_n(dst + d, vf_mul(vf_load(o + d), vi), static_cast<int>(a.D - d));
+}
+
+inline void decode_range(void* ctx, int64_t begin, int64_t end) {
+  const Decode& P = *static_cast<const Decode*>(ctx);
+  const tallow::AttentionArgs& a = *P.a;
+  float* ws = P.scratch[tallow::thread_index()];
+  const int64_t Lq = a.Lq;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t bh = t / P.nsplit, sp = t % P.nsplit;
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const int64_t j0 = sp * P.split_len, j1 = imin(a.Lk, j0 + P.split_len);
+    float* o;
+    float* ml;
+    if (P.nsplit > 1) {
+      o = P.part_o + t * Lq * P.Dp;
+      ml = P.part_ml + t * Lq * 2;
+    } else {
+      o = ws + Lq * P.Dp + Lq * (kKBD + kW);
+      ml = o + Lq * P.Dp;
+    }
+    switch (Lq) {
+      case 1: decode_keys<1>(P, b, h, j0, j1, ws, o, ml); break;
+      case 2: decode_keys<2>(P, b, h, j0, j1, ws, o, ml); break;
+      case 3: decode_keys<3>(P, b, h, j0, j1, ws, o, ml); break;
+      default: decode_keys<4>(P, b, h, j0, j1, ws, o, ml); break;
+    }
+    if (P.nsplit == 1)
+      for (int64_t r = 0; r < Lq; ++r) write_normalised(a, b, h, r, o + r * P.Dp, ml[2 * r + 1]);
+  }
+}
+
+// Combines the splits of one (b, h): M = max m_s, L = sum l_s 2^(m_s - M),
+// O = sum O_s 2^(m_s - M); out = O / L.
+inline void decode_combine(void* ctx, int64_t begin, int64_t end) {
+  const Decode& P = *static_cast<const Decode*>(ctx);
+  const tallow::AttentionArgs& a = *P.a;
+  float* acc = P.scratch[tallow::thread_index()];  // [Dp]
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / a.H, h = bh % a.H;
+    for (int64_t r = 0; r < a.Lq; ++r) {
+      float mx = neg_inf();
+      for (int64_t sp = 0; sp < P.nsplit; ++sp) {
+        const float ms = P.part_ml[((bh * P.nsplit + sp) * a.Lq + r) * 2];
+        mx = ms > mx ? ms : mx;
+      }
+      for (int64_t c = 0; c < P.Dp; c += kW) vf_store(acc + c, vf_zero());
+      float L = 0.0f;
+      if (mx != neg_inf()) {
+        for (int64_t sp = 0; sp < P.nsplit; ++sp) {
+          const int64_t t = bh * P.nsplit + sp;
+          const float ms = P.part_ml[(t * a.Lq + r) * 2];
+          if (ms == neg_inf()) continue;  // this split saw no key
+          const float w = exp2_scalar(ms - mx);
+          L += w * P.part_ml[(t * a.Lq + r) * 2 + 1];
+          const VF vw = vf_set1(w);
+          const float* os = P.part_o + (t * a.Lq + r) * P.Dp;
+          for (int64_t c = 0; c < P.Dp; c += kW) vf_store(acc + c, vf_fmadd(vw, vf_load(os + c), vf_load(acc + c)));
+        }
+      }
+      write_normalised(a, b, h, r, acc, L);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Entry point. Returns false when scratch memory could not be allocated.
+
+inline bool run_attention(const tallow::AttentionArgs& a) {
+  const int64_t B = a.B, H = a.H, Lq = a.Lq, Lk = a.Lk, D = a.D;
+  if (B <= 0 || H <= 0 || Lq <= 0 || D <= 0) return true;
+  const int64_t BH = B * H;
+  const int64_t Dp = round_up(D, kW);
+  if (Lk <= 0) {  // no key at all: every row is zeros
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int64_t i = 0; i < Lq; ++i) {
+        float* dst = a.out + (bh / H) * a.o_sb + (bh % H) * a.o_sh + i * a.o_sl;
+        for (int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      }
+    return true;
+  }
+  const int nt = tallow::num_threads();
+  const float qscale = a.scale * 1.4426950408889634f;  // log2(e)
+  float* bufs[256];
+  const int nbuf = nt < 256 ? nt : 256;
+  if (nt > 256) return false;  // more threads than we keep scratch for
+  bool ok = true;
+
+  if (Lq <= kDecodeMaxLq) {
+    Decode P{&a, qscale, Dp, 1, Lk, bufs, nullptr, nullptr};
+    // Split the keys when B*H alone cannot keep every thread busy.
+    const int64_t want_tasks = 4 * static_cast<int64_t>(nt);
+    if (nt > 1 && BH < want_tasks && Lk >= 2 * kDecodeSplitMinKeys) {
+      P.nsplit = imin((want_tasks + BH - 1) / BH, Lk / kDecodeSplitMinKeys);
+      P.split_len = round_up((Lk + P.nsplit - 1) / P.nsplit, kW);
+      P.nsplit = (Lk + P.split_len - 1) / P.split_len;
+    }
+    for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
+    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(decode_scratch_floats(Lq, Dp) + Dp)) != nullptr;
+    if (ok && P.nsplit > 1) {
+      P.part_o = alloc_floats(BH * P.nsplit * Lq * Dp);
+      P.part_ml = alloc_floats(BH * P.nsplit * Lq * 2);
+      ok = P.part_o && P.part_ml;
+    }
+    if (ok) {
+      tallow::parallel_for(BH * P.nsplit, 1, decode_range, &P);
+      if (P.nsplit > 1) tallow::parallel_for(BH, 1, decode_combine, &P);
+    }
+    free(P.part_o);
+    free(P.part_ml);
+  } else {
+    // Query chunks: as large as possible (K is packed once per chunk), but
+    // enough tasks for every thread (4 per thread for dynamic balance).
+    int64_t nq = (Lq + kMaxChunk - 1) / kMaxChunk;
+    while (BH * nq < 4 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= 2 * kSRows) ++nq;
+    const int64_t chunk = round_up((Lq + nq - 1) / nq, kSRows);
+    nq = (Lq + chunk - 1) / chunk;
+    const int64_t Lk_pad = a.key_padding_mask ? round_up(Lk, kKB) + kW : 0;
+    Prefill P{&a, qscale, chunk, nq, Dp, Lk_pad, bufs};
+    for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
+    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(prefill_scratch_floats(chunk, D, Dp, Lk_pad))) != nullptr;
+    if (ok) tallow::parallel_for(BH * nq, 1, prefill_range, &P);
+  }
+  for (int i = 0; i < nbuf; ++i) free(bufs[i]);
+  return ok;
+}
