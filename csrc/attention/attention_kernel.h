@@ -14,41 +14,48 @@
 // The Lq x Lk score matrix is never materialised: only a row tile x key block.
 //
 // Two paths:
-//  - prefill (Lq > kDecodeMaxLq): a task is (b, h, query chunk). Per key block
-//    of kKB keys, K is packed transposed into kW-key panels [kKB/kW][D][kW];
-//    then for every tile of kSRows query rows: S = Q K^T with a register tile
-//    (rows x kNP panels of accumulators, q[i][d] broadcast against the panels),
-//    the online softmax per row, and O += P V with a register tile of rows x
-//    (up to kMaxCW vectors of D). Causal: key blocks past the chunk's last
-//    visible key are skipped, and per row tile only the keys it can see are
-//    computed. Padding: fully padded key blocks are skipped, others get an
-//    additive 0 / -inf bias.
+//  - prefill (Lq > kDecodeMaxLq): a task is (b, h, query chunk); the chunk's
+//    q is packed transposed (and pre-scaled) into kW-query panels [D][kW].
+//    Per tile of kQT queries and block of kKB keys: S^T = K Q^T with a
+//    register tile (kRK keys x kQP query panels; k[j][d] read in place and
+//    broadcast against the panels), the online softmax done vertically (a
+//    vector holds kW queries: no horizontal reductions), then O += P V with a
+//    register tile of query rows x (up to kMaxCW vectors of D). Causal: keys
+//    past the tile's last visible key are never computed, only the diagonal
+//    block is masked. Padding: fully padded key blocks are skipped, padded
+//    keys of the others get p = 0.
 //  - decode (Lq <= kDecodeMaxLq): memory-bound, K and V are read once, no
 //    packing: dot products over D per key, the same online softmax, O += p v.
 //    When B*H is too small to feed every thread the key range is split
 //    (flash-decoding, Dao et al. 2023) and the partial (m, l, O) combined.
 
 #if defined(__AVX512F__)
-constexpr int kSRows = 12;     // query rows of the S register tile
-constexpr int kAccBudget = 24; // accumulator registers for the P.V tile
-constexpr int kMaxCW = 8;      // max vectors of D per P.V tile
+constexpr int kQP = 3;          // query panels (of kW queries) per S^T register tile
+constexpr int kRK = 8;          // keys per S^T register tile
+constexpr int kAccBudget = 24;  // accumulator registers for the P.V tile
+constexpr int kMaxCW = 8;       // max vectors of D per P.V tile
 #elif defined(__AVX2__)
-constexpr int kSRows = 6;
+constexpr int kQP = 2;
+constexpr int kRK = 6;
 constexpr int kAccBudget = 12;
 constexpr int kMaxCW = 4;
 #else
-constexpr int kSRows = 4;
+constexpr int kQP = 4;
+constexpr int kRK = 3;
 constexpr int kAccBudget = 12;
 constexpr int kMaxCW = 4;
 #endif
-constexpr int kNP = 2;            // key panels (of kW keys) per S register tile
-constexpr int kKB = 128;          // keys per block (a multiple of kNP * kW)
+constexpr int kQT = kQP * kW;     // queries per tile
+constexpr int kKB = 64;           // keys per block
 constexpr int kKBD = 64;          // keys per block on the decode path
 constexpr int kMaxChunk = 512;    // max query rows per prefill task
 constexpr int64_t kDecodeMaxLq = 4;
 constexpr int kDecodeSplitMinKeys = 256;
 
-static_assert(kKB % (kNP * kW) == 0, "key block must hold whole panel groups");
+
+// Full unrolling of the register-tile loops lets GCC keep accumulator arrays
+// in registers (otherwise it mirrors them on the stack at every iteration).
+#define TALLOW_UNROLL _Pragma("GCC unroll 32")
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -109,99 +116,142 @@ inline float softmax_row(float* s, int n_valid, int n_cols, const float* bias, f
 }
 
 // ---------------------------------------------------------------------------
-// Prefill micro-kernels.
+// Prefill micro-kernels. The score block is kept transposed, S^T[key][query],
+// so a vector runs over kW queries: the online softmax is then purely
+// vertical (running max, sum and rescale factor are vectors over queries, no
+// horizontal reductions), and K is read in place (its rows are broadcast),
+// never packed; only the query chunk is packed, transposed, once per task.
 
-// S[R][NP*kW] = Qs[R][D] . Kp, Kp = NP consecutive panels [D][kW].
-template <int R, int NP>
-inline void s_tile(const float* qs, int64_t D, const float* kp, float* s, int64_t lds) {
-  VF acc[R][NP];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < NP; ++p) acc[r][p] = vf_zero();
+// Per-ISA "x where q >= t, else -inf" for the causal diagonal.
+#if defined(__AVX512F__)
+inline VF vf_keep_ge(VF x, VF q, VF t) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, t, _CMP_GE_OQ), vf_set1(neg_inf()), x);
+}
+#elif defined(__AVX2__)
+inline VF vf_keep_ge(VF x, VF q, VF t) {
+  return _mm256_blendv_ps(vf_set1(neg_inf()), x, _mm256_cmp_ps(q, t, _CMP_GE_OQ));
+}
+#else
+inline VF vf_keep_ge(VF x, VF q, VF t) { return q >= t ? x : neg_inf(); }
+#endif
+
+// ST[RK][QP*kW] = K[RK rows, stride ldk] . Qp, Qp = QP consecutive query
+// panels [D][kW] (q transposed and pre-scaled).
+template <int RK, int QP>
+inline void st_tile(const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+  VF acc[RK][QP];
+  const float* kr[RK];
+  TALLOW_UNROLL
+  for (int r = 0; r < RK; ++r) {
+    kr[r] = k + r * ldk;
+    TALLOW_UNROLL
+    for (int p = 0; p < QP; ++p) acc[r][p] = vf_zero();
+  }
   for (int64_t d = 0; d < D; ++d) {
-    VF b[NP];
-    for (int p = 0; p < NP; ++p) b[p] = vf_load(kp + (p * D + d) * kW);
-    for (int r = 0; r < R; ++r) {
-      const VF a = vf_set1(qs[r * D + d]);
-      for (int p = 0; p < NP; ++p) acc[r][p] = vf_fmadd(a, b[p], acc[r][p]);
+    VF b[QP];
+    TALLOW_UNROLL
+    for (int p = 0; p < QP; ++p) b[p] = vf_load(qp + (p * D + d) * kW);
+    TALLOW_UNROLL
+    for (int r = 0; r < RK; ++r) {
+      const VF a = vf_set1(kr[r][d]);
+      TALLOW_UNROLL
+      for (int p = 0; p < QP; ++p) acc[r][p] = vf_fmadd(a, b[p], acc[r][p]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < NP; ++p) vf_store(s + r * lds + p * kW, acc[r][p]);
+  TALLOW_UNROLL
+  for (int r = 0; r < RK; ++r)
+    TALLOW_UNROLL
+    for (int p = 0; p < QP; ++p) vf_store(st + r * kQT + p * kW, acc[r][p]);
 }
 
-template <int R>
-inline void s_rows(int rows, int n_panels, const float* qs, int64_t D, const float* kp, float* s) {
-  if constexpr (R > 1) {
-    if (rows < R) {
-      s_rows<R - 1>(rows, n_panels, qs, D, kp, s);
+template <int QP, int RK>
+inline void st_keys(int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+  int j = 0;
+  for (; j + RK <= nk; j += RK) st_tile<RK, QP>(k + j * ldk, ldk, qp, D, st + j * kQT);
+  if constexpr (RK > 1) {
+    if (j < nk) st_keys<QP, RK - 1>(nk - j, k + j * ldk, ldk, qp, D, st + j * kQT);
+  }
+}
+
+template <int QP>
+inline void st_block(int np, int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+  if constexpr (QP > 1) {
+    if (np < QP) {
+      st_block<QP - 1>(np, nk, k, ldk, qp, D, st);
       return;
     }
   }
-  int p = 0;
-  for (; p + kNP <= n_panels; p += kNP) s_tile<R, kNP>(qs, D, kp + p * D * kW, s + p * kW, kKB);
-  for (; p < n_panels; ++p) s_tile<R, 1>(qs, D, kp + p * D * kW, s + p * kW, kKB);
+  st_keys<QP, kRK>(nk, k, ldk, qp, D, st);
 }
 
-// O[RV][CW vectors] = alpha_r * O + P[RV][0, nk) . V[0, nk)[CW vectors].
-// The last vector loads `lastn` lanes of V (the D tail; never reads past it).
+// O[RV][CW vectors] = alpha_r * O + P[RV][0, nk) . V[0, nk)[CW vectors], with
+// P read transposed: P[r][j] = pt[j * kQT + r]. The last vector loads `lastn`
+// lanes of V (the D tail; never reads past it).
 template <int RV, int CW>
-inline void pv_tile(const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+inline void pv_tile(const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
                     int64_t ldo, const float* alpha) {
   VF acc[RV][CW];
+  TALLOW_UNROLL
   for (int r = 0; r < RV; ++r) {
     const VF a = vf_set1(alpha[r]);
+    TALLOW_UNROLL
     for (int c = 0; c < CW; ++c) acc[r][c] = vf_mul(vf_load(o + r * ldo + c * kW), a);
   }
   for (int j = 0; j < nk; ++j) {
     const float* vr = v + j * ldv;
     VF vv[CW];
+    TALLOW_UNROLL
     for (int c = 0; c < CW - 1; ++c) vv[c] = vf_load(vr + c * kW);
     vv[CW - 1] = vf_load_n(vr + (CW - 1) * kW, lastn);
+    TALLOW_UNROLL
     for (int r = 0; r < RV; ++r) {
-      const VF a = vf_set1(p[r * kKB + j]);
+      const VF a = vf_set1(pt[j * kQT + r]);
+      TALLOW_UNROLL
       for (int c = 0; c < CW; ++c) acc[r][c] = vf_fmadd(a, vv[c], acc[r][c]);
     }
   }
+  TALLOW_UNROLL
   for (int r = 0; r < RV; ++r)
+    TALLOW_UNROLL
     for (int c = 0; c < CW; ++c) vf_store(o + r * ldo + c * kW, acc[r][c]);
 }
 
 template <int CW, int RV>
-inline void pv_rows(int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+inline void pv_rows(int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
                     int64_t ldo, const float* alpha) {
   if constexpr (RV > 1) {
     if (rows < RV) {
-      pv_rows<CW, RV - 1>(rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+      pv_rows<CW, RV - 1>(rows, pt, nk, v, ldv, lastn, o, ldo, alpha);
       return;
     }
   }
-  pv_tile<RV, CW>(p, nk, v, ldv, lastn, o, ldo, alpha);
+  pv_tile<RV, CW>(pt, nk, v, ldv, lastn, o, ldo, alpha);
 }
 
 template <int CW>
-inline void pv_chunk(int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn, float* o,
+inline void pv_chunk(int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
                      int64_t ldo, const float* alpha) {
-  constexpr int kRV = kAccBudget / CW < kSRows ? kAccBudget / CW : kSRows;
+  constexpr int kRV = kAccBudget / CW < kQT ? kAccBudget / CW : kQT;
   for (int r = 0; r < rows; r += kRV) {
     const int n = rows - r < kRV ? rows - r : kRV;
-    pv_rows<CW, kRV>(n, p + r * kKB, nk, v, ldv, lastn, o + r * ldo, ldo, alpha + r);
+    pv_rows<CW, kRV>(n, pt + r, nk, v, ldv, lastn, o + r * ldo, ldo, alpha + r);
   }
 }
 
 template <int CW>
-inline void pv_dispatch(int cw, int rows, const float* p, int nk, const float* v, int64_t ldv, int lastn,
+inline void pv_dispatch(int cw, int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn,
                         float* o, int64_t ldo, const float* alpha) {
   if constexpr (CW <= kMaxCW) {
     if (cw == CW) {
-      pv_chunk<CW>(rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+      pv_chunk<CW>(rows, pt, nk, v, ldv, lastn, o, ldo, alpha);
       return;
     }
-    pv_dispatch<CW + 1>(cw, rows, p, nk, v, ldv, lastn, o, ldo, alpha);
+    pv_dispatch<CW + 1>(cw, rows, pt, nk, v, ldv, lastn, o, ldo, alpha);
   }
 }
 
-// Full P.V update of a row tile: D split into chunks of <= kMaxCW vectors.
-inline void pv_update(int rows, const float* p, int nk, const float* v, int64_t ldv, int64_t D, float* o,
+// Full P.V update of a query tile: D split into chunks of <= kMaxCW vectors.
+inline void pv_update(int rows, const float* pt, int nk, const float* v, int64_t ldv, int64_t D, float* o,
                       int64_t ldo, const float* alpha) {
   const int nvec = static_cast<int>((D + kW - 1) / kW);
   const int nchunks = (nvec + kMaxCW - 1) / kMaxCW;
@@ -210,7 +260,7 @@ inline void pv_update(int rows, const float* p, int nk, const float* v, int64_t 
     const int cw = (nvec - c0) / (nchunks - ch);  // balanced chunk widths
     const bool last = c0 + cw == nvec;
     const int lastn = last ? static_cast<int>(D - (nvec - 1) * static_cast<int64_t>(kW)) : kW;
-    pv_dispatch<1>(cw, rows, p, nk, v + c0 * kW, ldv, lastn, o + c0 * kW, ldo, alpha);
+    pv_dispatch<1>(cw, rows, pt, nk, v + c0 * kW, ldv, lastn, o + c0 * kW, ldo, alpha);
     c0 += cw;
   }
 }
@@ -221,16 +271,20 @@ inline void pv_update(int rows, const float* p, int nk, const float* v, int64_t 
 struct Prefill {
   const tallow::AttentionArgs* a;
   float qscale;     // scale * log2(e)
-  int64_t chunk;    // query rows per task (a multiple of kSRows)
+  int64_t chunk;    // query rows per task (a multiple of kQT)
   int64_t nq;       // chunks per (b, h)
   int64_t Dp;       // D rounded up to kW
-  int64_t Lk_pad;   // bias length
   float** scratch;  // one buffer per thread
 };
 
-inline int64_t prefill_scratch_floats(int64_t chunk, int64_t D, int64_t Dp, int64_t Lk_pad) {
-  return chunk * D + chunk * Dp + 2 * chunk + kKB * D + kSRows * kKB + kW + Lk_pad;
+inline int64_t prefill_scratch_floats(int64_t chunk, int64_t D, int64_t Dp) {
+  return chunk * D + kQT * Dp + kKB * kQT + 4 * kQT + kW;
 }
+
+// The largest float: the running max starts here instead of -inf, so that
+// 2^(m_old - m_new) and 2^(s - m_new) never see -inf - (-inf) = NaN; scores of
+// invisible keys are -inf and give p = 0 exactly.
+constexpr float kMinMax = -3.4028234663852886e38f;
 
 inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
   const tallow::AttentionArgs& a = *P.a;
@@ -241,91 +295,113 @@ inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
   const int64_t b = bh / a.H, h = bh % a.H;
   const int64_t D = a.D, Dp = P.Dp, Lq = a.Lq, Lk = a.Lk;
   const int64_t q0 = qc * P.chunk, q1 = imin(Lq, q0 + P.chunk);
-  const int64_t rows = q1 - q0;
-  if (rows <= 0) return;
+  if (q1 <= q0) return;
 
-  float* qs = ws;                         // [chunk][D], scaled q
-  float* o = qs + P.chunk * D;            // [chunk][Dp]
-  float* m = o + P.chunk * Dp;            // [chunk]
-  float* l = m + P.chunk;                 // [chunk]
-  float* kp = l + P.chunk;                // [kKB / kW][D][kW]
-  float* s = kp + kKB * D;                // [kSRows][kKB] (+ kW slack)
-  float* bias = s + kSRows * kKB + kW;    // [Lk_pad]
+  float* qp = ws;                    // [chunk / kW][D][kW], q^T pre-scaled
+  float* o = qp + P.chunk * D;       // [kQT][Dp]
+  float* st = o + kQT * Dp;          // [kKB][kQT]
+  float* m = st + kKB * kQT;         // [kQT]
+  float* l = m + kQT;                // [kQT]
+  float* alpha = l + kQT;            // [kQT]
+  float* iota = alpha + kQT;         // [kQT]: 0, 1, 2, ...
 
   const float* qb = a.q + b * a.q_sb + h * a.q_sh;
   const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
   const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
   const uint8_t* mask = a.key_padding_mask ? a.key_padding_mask + b * Lk : nullptr;
-
-  const VF vscale = vf_set1(P.qscale);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* src = qb + (q0 + i) * a.q_sl;
-    float* dst = qs + i * D;
-    int64_t d = 0;
-    for (; d + kW <= D; d += kW) vf_store(dst + d, vf_mul(vf_load(src + d), vscale));
-    if (d < D) vf_store_n(dst + d, vf_mul(vf_load_n(src + d, static_cast<int>(D - d)), vscale), static_cast<int>(D - d));
-    for (int64_t c = 0; c < Dp; c += kW) vf_store(o + i * Dp + c, vf_zero());
-    m[i] = neg_inf();
-    l[i] = 0.0f;
-  }
-  if (mask) {
-    for (int64_t j = 0; j < Lk; ++j) bias[j] = mask[j] ? neg_inf() : 0.0f;
-    for (int64_t j = Lk; j < P.Lk_pad; ++j) bias[j] = neg_inf();
-  }
-
-  // Query row i sees keys j < Lk - Lq + i + 1 (causal), else j < Lk.
-  const int64_t offset = Lk - Lq;
-  const int64_t key_end = a.causal ? imin(Lk, offset + q1) : Lk;
-  for (int64_t kb = 0; kb < key_end; kb += kKB) {
-    const int nk = static_cast<int>(imin(kKB, key_end - kb));
-    const float* bias_blk = nullptr;
-    if (mask) {
-      int visible = 0;
-      for (int j = 0; j < nk; ++j) visible |= !mask[kb + j];
-      if (!visible) continue;  // a fully padded block changes nothing
-      bias_blk = bias + kb;
-    }
-    // Pack K[kb, kb + nk) transposed into panels [p][d][lane], zero-padded.
-    const int n_panels = (nk + kW - 1) / kW;
-    for (int p = 0; p < n_panels; ++p) {
-      float* panel = kp + p * D * kW;
-      const int lanes = imin(kW, nk - p * kW);
-      for (int lane = 0; lane < lanes; ++lane) {
-        const float* kr = kbase + (kb + p * kW + lane) * a.k_sl;
-        for (int64_t d = 0; d < D; ++d) panel[d * kW + lane] = kr[d];
-      }
-      for (int lane = lanes; lane < kW; ++lane)
-        for (int64_t d = 0; d < D; ++d) panel[d * kW + lane] = 0.0f;
-    }
-    const float* vblk = vbase + kb * a.v_sl;
-
-    for (int64_t r0 = 0; r0 < rows; r0 += kSRows) {
-      const int tr = static_cast<int>(imin(kSRows, rows - r0));
-      // Keys of this block the tile's last row can see.
-      int nk_t = nk;
-      if (a.causal) nk_t = static_cast<int>(imin(nk, offset + q0 + r0 + tr - kb));
-      if (nk_t <= 0) continue;
-      const int np_t = (nk_t + kW - 1) / kW;
-      s_rows<kSRows>(tr, np_t, qs + r0 * D, D, kp, s);
-      float alpha[kSRows];
-      for (int r = 0; r < tr; ++r) {
-        int n_valid = nk_t;
-        if (a.causal) n_valid = static_cast<int>(imin(nk_t, offset + q0 + r0 + r + 1 - kb));
-        alpha[r] = softmax_row(s + r * kKB, n_valid, nk_t, bias_blk, m[r0 + r], l[r0 + r]);
-      }
-      pv_update(tr, s, nk_t, vblk, a.v_sl, D, o + r0 * Dp, Dp, alpha);
-    }
-  }
-
-  // out = O / l; rows that saw no key (l == 0) are zeros.
   float* ob = a.out + b * a.o_sb + h * a.o_sh;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    const VF vi = vf_set1(inv);
-    float* dst = ob + (q0 + i) * a.o_sl;
-    int64_t d = 0;
-    for (; d + kW <= D; d += kW) vf_store(dst + d, vf_mul(vf_load(o + i * Dp + d), vi));
-    if (d < D) vf_store_n(dst + d, vf_mul(vf_load(o + i * Dp + d), vi), static_cast<int>(D - d));
+
+  // Pack q^T * scale * log2(e); rows past q1 are zeros (their scores are
+  // finite and their results never written).
+  const int64_t n_rows = q1 - q0;
+  const int64_t n_panels = (n_rows + kW - 1) / kW;
+  for (int64_t pnl = 0; pnl < n_panels; ++pnl) {
+    float* dst = qp + pnl * D * kW;
+    for (int lane = 0; lane < kW; ++lane) {
+      const int64_t i = pnl * kW + lane;
+      if (i < n_rows) {
+        const float* src = qb + (q0 + i) * a.q_sl;
+        for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = src[d] * P.qscale;
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = 0.0f;
+      }
+    }
+  }
+  for (int i = 0; i < kQT; ++i) iota[i] = static_cast<float>(i);
+
+  const int64_t offset = Lk - Lq;  // query i sees keys j <= offset + i (causal)
+  for (int64_t t0 = 0; t0 < n_rows; t0 += kQT) {
+    const int rows = static_cast<int>(imin(kQT, n_rows - t0));
+    const int np = (rows + kW - 1) / kW;
+    const float* qpt = qp + t0 * D;  // this tile's panels
+    const int64_t gq0 = q0 + t0;     // global index of its first query
+    for (int i = 0; i < kQT; ++i) {
+      m[i] = kMinMax;
+      l[i] = 0.0f;
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < Dp; c += kW) vf_store(o + i * Dp + c, vf_zero());
+
+    const int64_t key_end = a.causal ? imin(Lk, offset + gq0 + rows) : Lk;
+    // Keys below diag_start are visible to every query of the tile.
+    const int64_t diag_start = a.causal ? offset + gq0 + 1 : Lk;
+    for (int64_t kb = 0; kb < key_end; kb += kKB) {
+      const int nk = static_cast<int>(imin(kKB, key_end - kb));
+      bool padded = false;
+      if (mask) {
+        int visible = 0, masked = 0;
+        for (int j = 0; j < nk; ++j) {
+          visible |= !mask[kb + j];
+          masked |= mask[kb + j];
+        }
+        if (!visible) continue;  // a fully padded block changes nothing
+        padded = masked != 0;
+      }
+      st_block<kQP>(np, nk, kbase + kb * a.k_sl, a.k_sl, qpt, D, st);
+
+      // Online softmax, vertically: a vector holds kW queries.
+      for (int pnl = 0; pnl < np; ++pnl) {
+        float* sp = st + pnl * kW;
+        const VF qidx = vf_add(vf_load(iota + pnl * kW), vf_set1(static_cast<float>(gq0)));
+        VF mx = vf_load(m + pnl * kW);
+        for (int j = 0; j < nk; ++j) {
+          const int64_t key = kb + j;
+          VF x;
+          if (padded && mask[key]) {
+            x = vf_set1(neg_inf());
+            vf_store(sp + j * kQT, x);
+            continue;
+          }
+          x = vf_load(sp + j * kQT);
+          if (key >= diag_start) {
+            x = vf_keep_ge(x, qidx, vf_set1(static_cast<float>(key - offset)));
+            vf_store(sp + j * kQT, x);
+          }
+          mx = vf_max(mx, x);
+        }
+        const VF al = vf_exp2(vf_sub(vf_load(m + pnl * kW), mx));
+        VF sum = vf_zero();
+        for (int j = 0; j < nk; ++j) {
+          const VF pj = vf_exp2(vf_sub(vf_load(sp + j * kQT), mx));
+          vf_store(sp + j * kQT, pj);
+          sum = vf_add(sum, pj);
+        }
+        vf_store(l + pnl * kW, vf_fmadd(vf_load(l + pnl * kW), al, sum));
+        vf_store(m + pnl * kW, mx);
+        vf_store(alpha + pnl * kW, al);
+      }
+      pv_update(rows, st, nk, vbase + kb * a.v_sl, a.v_sl, D, o, Dp, alpha);
+    }
+
+    // out = O / l; rows that saw no key (l == 0) are zeros.
+    for (int i = 0; i < rows; ++i) {
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      const VF vi = vf_set1(inv);
+      float* dst = ob + (gq0 + i) * a.o_sl;
+      int64_t d = 0;
+      for (; d + kW <= D; d += kW) vf_store(dst + d, vf_mul(vf_load(o + i * Dp + d), vi));
+      if (d < D) vf_store_n(dst + d, vf_mul(vf_load(o + i * Dp + d), vi), static_cast<int>(D - d));
+    }
   }
 }
 
@@ -372,6 +448,7 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
   const VF vscale = vf_set1(P.qscale);
   float m[R], l[R];
   int64_t lim[R];  // row r sees keys j <= lim[r]
+  TALLOW_UNROLL
   for (int r = 0; r < R; ++r) {
     const float* src = qb + r * a.q_sl;
     for (int c = 0; c < nvec; ++c) {
@@ -391,20 +468,25 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
     for (int jj = 0; jj < n; ++jj) {
       const int64_t j = kb + jj;
       if (mask && mask[j]) {
+        TALLOW_UNROLL
         for (int r = 0; r < R; ++r) s[r * lds + jj] = neg_inf();
         continue;
       }
       any = 1;
       const float* kr = kbase + j * a.k_sl;
       VF acc[R];
+      TALLOW_UNROLL
       for (int r = 0; r < R; ++r) acc[r] = vf_zero();
       for (int c = 0; c < nvec; ++c) {
         const VF kv = c == nvec - 1 ? vf_load_n(kr + c * kW, lastn) : vf_load(kr + c * kW);
+        TALLOW_UNROLL
         for (int r = 0; r < R; ++r) acc[r] = vf_fmadd(vf_load(qs + r * Dp + c * kW), kv, acc[r]);
       }
+      TALLOW_UNROLL
       for (int r = 0; r < R; ++r) s[r * lds + jj] = j <= lim[r] ? vf_reduce_add(acc[r]) : neg_inf();
     }
     if (!any) continue;
+    TALLOW_UNROLL
     for (int r = 0; r < R; ++r) {
       const float alpha = softmax_row(s + r * lds, n, n, nullptr, m[r], l[r]);
       if (alpha != 1.0f) {
@@ -417,13 +499,16 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
       if (mask && mask[j]) continue;
       const float* vr = vbase + j * a.v_sl;
       VF pr[R];
+      TALLOW_UNROLL
       for (int r = 0; r < R; ++r) pr[r] = vf_set1(s[r * lds + jj]);
       for (int c = 0; c < nvec; ++c) {
         const VF vv = c == nvec - 1 ? vf_load_n(vr + c * kW, lastn) : vf_load(vr + c * kW);
+        TALLOW_UNROLL
         for (int r = 0; r < R; ++r) vf_store(o + r * Dp + c * kW, vf_fmadd(pr[r], vv, vf_load(o + r * Dp + c * kW)));
       }
     }
   }
+  TALLOW_UNROLL
   for (int r = 0; r < R; ++r) {
     ml[2 * r] = m[r];
     ml[2 * r + 1] = l[r];
@@ -548,16 +633,15 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     free(P.part_o);
     free(P.part_ml);
   } else {
-    // Query chunks: as large as possible (K is packed once per chunk), but
-    // enough tasks for every thread (4 per thread for dynamic balance).
+    // Query chunks: enough tasks for every thread (4 per thread, for dynamic
+    // balance under causal's uneven work), each a whole number of query tiles.
     int64_t nq = (Lq + kMaxChunk - 1) / kMaxChunk;
-    while (BH * nq < 4 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= 2 * kSRows) ++nq;
-    const int64_t chunk = round_up((Lq + nq - 1) / nq, kSRows);
+    while (BH * nq < 4 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= kQT) ++nq;
+    const int64_t chunk = round_up((Lq + nq - 1) / nq, kQT);
     nq = (Lq + chunk - 1) / chunk;
-    const int64_t Lk_pad = a.key_padding_mask ? round_up(Lk, kKB) + kW : 0;
-    Prefill P{&a, qscale, chunk, nq, Dp, Lk_pad, bufs};
+    Prefill P{&a, qscale, chunk, nq, Dp, bufs};
     for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
-    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(prefill_scratch_floats(chunk, D, Dp, Lk_pad))) != nullptr;
+    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(prefill_scratch_floats(chunk, D, Dp))) != nullptr;
     if (ok) tallow::parallel_for(BH * nq, 1, prefill_range, &P);
   }
   for (int i = 0; i < nbuf; ++i) free(bufs[i]);
