@@ -25,7 +25,6 @@ from .._dispatch import BackendUnavailable, dispatch
 from .._native import native
 
 _ORDER = {"cpu": ("cpu", "ref")}
-_CPU_MAX_HEAD_DIM = 256
 
 
 def attention_ref(
@@ -59,8 +58,6 @@ def attention_ref(
 def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
     if q.dtype != torch.float32:
         raise BackendUnavailable(f"cpu attention takes float32, got {q.dtype}")
-    if q.shape[-1] > _CPU_MAX_HEAD_DIM:
-        raise BackendUnavailable(f"cpu attention supports head_dim <= {_CPU_MAX_HEAD_DIM}, got {q.shape[-1]}")
     mod = native()
     # The kernel takes any strides over (B, H, L) but needs D contiguous:
     # copy only the tensors that are not.
