@@ -137,8 +137,10 @@ inline VF vf_keep_ge(VF x, VF q, VF t) { return q >= t ? x : neg_inf(); }
 
 // ST[RK][QP*kW] = K[RK rows, stride ldk] . Qp, Qp = QP consecutive query
 // panels [D][kW] (q transposed and pre-scaled).
+// Also folds the tile's column maxima into bmax[0, QP) (the block's running
+// max per query, used when no key of the block is masked).
 template <int RK, int QP>
-inline void st_tile(const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+inline void st_tile(const float* k, int64_t ldk, const float* qp, int64_t D, float* st, VF* bmax) {
   VF acc[RK][QP];
   const float* kr[RK];
   TALLOW_UNROLL
@@ -162,26 +164,36 @@ inline void st_tile(const float* k, int64_t ldk, const float* qp, int64_t D, flo
   for (int r = 0; r < RK; ++r)
     TALLOW_UNROLL
     for (int p = 0; p < QP; ++p) vf_store(st + r * kQT + p * kW, acc[r][p]);
+  TALLOW_UNROLL
+  for (int p = 0; p < QP; ++p) {
+    // Pairwise tree over the tile's rows: short dependency chains.
+    TALLOW_UNROLL
+    for (int w = 1; w < RK; w *= 2)
+      TALLOW_UNROLL
+      for (int r = 0; r + w < RK; r += 2 * w) acc[r][p] = vf_max(acc[r][p], acc[r + w][p]);
+    bmax[p] = vf_max(bmax[p], acc[0][p]);
+  }
 }
 
 template <int QP, int RK>
-inline void st_keys(int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+inline void st_keys(int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st, VF* bmax) {
   int j = 0;
-  for (; j + RK <= nk; j += RK) st_tile<RK, QP>(k + j * ldk, ldk, qp, D, st + j * kQT);
+  for (; j + RK <= nk; j += RK) st_tile<RK, QP>(k + j * ldk, ldk, qp, D, st + j * kQT, bmax);
   if constexpr (RK > 1) {
-    if (j < nk) st_keys<QP, RK - 1>(nk - j, k + j * ldk, ldk, qp, D, st + j * kQT);
+    if (j < nk) st_keys<QP, RK - 1>(nk - j, k + j * ldk, ldk, qp, D, st + j * kQT, bmax);
   }
 }
 
 template <int QP>
-inline void st_block(int np, int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st) {
+inline void st_block(int np, int nk, const float* k, int64_t ldk, const float* qp, int64_t D, float* st,
+                     VF* bmax) {
   if constexpr (QP > 1) {
     if (np < QP) {
-      st_block<QP - 1>(np, nk, k, ldk, qp, D, st);
+      st_block<QP - 1>(np, nk, k, ldk, qp, D, st, bmax);
       return;
     }
   }
-  st_keys<QP, kRK>(nk, k, ldk, qp, D, st);
+  st_keys<QP, kRK>(nk, k, ldk, qp, D, st, bmax);
 }
 
 // O[RV][CW vectors] = alpha_r * O + P[RV][0, nk) . V[0, nk)[CW vectors], with
@@ -357,36 +369,49 @@ inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
         if (!visible) continue;  // a fully padded block changes nothing
         padded = masked != 0;
       }
-      st_block<kQP>(np, nk, kbase + kb * a.k_sl, a.k_sl, qpt, D, st);
+      VF bmax[kQP];
+      for (int pnl = 0; pnl < kQP; ++pnl) bmax[pnl] = vf_set1(kMinMax);
+      st_block<kQP>(np, nk, kbase + kb * a.k_sl, a.k_sl, qpt, D, st, bmax);
+      const bool masked_block = padded || kb + nk > diag_start;
 
       // Online softmax, vertically: a vector holds kW queries.
       for (int pnl = 0; pnl < np; ++pnl) {
         float* sp = st + pnl * kW;
-        const VF qidx = vf_add(vf_load(iota + pnl * kW), vf_set1(static_cast<float>(gq0)));
-        VF mx = vf_load(m + pnl * kW);
-        for (int j = 0; j < nk; ++j) {
-          const int64_t key = kb + j;
-          VF x;
-          if (padded && mask[key]) {
-            x = vf_set1(neg_inf());
+        const VF m_old = vf_load(m + pnl * kW);
+        VF mx = vf_max(m_old, bmax[pnl]);
+        if (masked_block) {  // mask first, then the max of what stays visible
+          const VF qidx = vf_add(vf_load(iota + pnl * kW), vf_set1(static_cast<float>(gq0)));
+          mx = m_old;
+          for (int j = 0; j < nk; ++j) {
+            const int64_t key = kb + j;
+            VF x;
+            if (padded && mask[key]) {
+              x = vf_set1(neg_inf());
+            } else {
+              x = vf_load(sp + j * kQT);
+              if (key >= diag_start) x = vf_keep_ge(x, qidx, vf_set1(static_cast<float>(key - offset)));
+              mx = vf_max(mx, x);
+            }
             vf_store(sp + j * kQT, x);
-            continue;
           }
-          x = vf_load(sp + j * kQT);
-          if (key >= diag_start) {
-            x = vf_keep_ge(x, qidx, vf_set1(static_cast<float>(key - offset)));
-            vf_store(sp + j * kQT, x);
-          }
-          mx = vf_max(mx, x);
         }
-        const VF al = vf_exp2(vf_sub(vf_load(m + pnl * kW), mx));
-        VF sum = vf_zero();
-        for (int j = 0; j < nk; ++j) {
-          const VF pj = vf_exp2(vf_sub(vf_load(sp + j * kQT), mx));
-          vf_store(sp + j * kQT, pj);
-          sum = vf_add(sum, pj);
+        const VF al = vf_exp2(vf_sub(m_old, mx));
+        VF sum0 = vf_zero(), sum1 = vf_zero();
+        int j = 0;
+        for (; j + 2 <= nk; j += 2) {
+          const VF p0 = vf_exp2(vf_sub(vf_load(sp + j * kQT), mx));
+          const VF p1 = vf_exp2(vf_sub(vf_load(sp + (j + 1) * kQT), mx));
+          vf_store(sp + j * kQT, p0);
+          vf_store(sp + (j + 1) * kQT, p1);
+          sum0 = vf_add(sum0, p0);
+          sum1 = vf_add(sum1, p1);
         }
-        vf_store(l + pnl * kW, vf_fmadd(vf_load(l + pnl * kW), al, sum));
+        if (j < nk) {
+          const VF p0 = vf_exp2(vf_sub(vf_load(sp + j * kQT), mx));
+          vf_store(sp + j * kQT, p0);
+          sum0 = vf_add(sum0, p0);
+        }
+        vf_store(l + pnl * kW, vf_fmadd(vf_load(l + pnl * kW), al, vf_add(sum0, sum1)));
         vf_store(m + pnl * kW, mx);
         vf_store(alpha + pnl * kW, al);
       }
