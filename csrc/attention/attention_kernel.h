@@ -277,6 +277,61 @@ inline void pv_update(int rows, const float* pt, int nk, const float* v, int64_t
   }
 }
 
+// Packs `n` (<= kW) rows of q (row stride ldq) times c, transposed, into
+// dst[d][kW] for d < D; lanes past n are zeros.
+#if defined(__AVX512F__)
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  TALLOW_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  TALLOW_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  TALLOW_UNROLL
+  for (int i = 0; i < 2; ++i)
+    TALLOW_UNROLL
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0xDD);
+    }
+  TALLOW_UNROLL
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
+  }
+}
+
+inline void pack_q_panel(const float* src, int64_t ldq, int n, int64_t D, float c, float* dst) {
+  const VF vc = vf_set1(c);
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const int nd = static_cast<int>(imin(16, D - d0));
+    __m512 r[16];
+    TALLOW_UNROLL
+    for (int i = 0; i < 16; ++i) r[i] = i < n ? vf_mul(vf_load_n(src + i * ldq + d0, nd), vc) : vf_zero();
+    transpose16x16(r);
+    for (int x = 0; x < nd; ++x) vf_store(dst + (d0 + x) * 16, r[x]);
+  }
+}
+#else
+inline void pack_q_panel(const float* src, int64_t ldq, int n, int64_t D, float c, float* dst) {
+  for (int lane = 0; lane < kW; ++lane) {
+    if (lane < n) {
+      const float* row = src + lane * ldq;
+      for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = row[d] * c;
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = 0.0f;
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------
 // Prefill.
 
@@ -327,18 +382,9 @@ inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
   // finite and their results never written).
   const int64_t n_rows = q1 - q0;
   const int64_t n_panels = (n_rows + kW - 1) / kW;
-  for (int64_t pnl = 0; pnl < n_panels; ++pnl) {
-    float* dst = qp + pnl * D * kW;
-    for (int lane = 0; lane < kW; ++lane) {
-      const int64_t i = pnl * kW + lane;
-      if (i < n_rows) {
-        const float* src = qb + (q0 + i) * a.q_sl;
-        for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = src[d] * P.qscale;
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d * kW + lane] = 0.0f;
-      }
-    }
-  }
+  for (int64_t pnl = 0; pnl < n_panels; ++pnl)
+    pack_q_panel(qb + (q0 + pnl * kW) * a.q_sl, a.q_sl, static_cast<int>(imin(kW, n_rows - pnl * kW)), D,
+                 P.qscale, qp + pnl * D * kW);
   for (int i = 0; i < kQT; ++i) iota[i] = static_cast<float>(i);
 
   const int64_t offset = Lk - Lq;  // query i sees keys j <= offset + i (causal)
