@@ -497,7 +497,77 @@ struct Decode {
 };
 
 inline int64_t decode_scratch_floats(int64_t Lq, int64_t Dp) {
-  return Lq * Dp + Lq * (kKBD + kW) + Lq * Dp + 2 * Lq;
+  return Lq * Dp + Lq * (kKBD + kW) + kKBD * kQT + kQT + Lq * Dp + 2 * Lq;
+}
+
+#if defined(__AVX512F__)
+// Lane of reduce16's tree result that holds key j.
+alignas(64) constexpr int32_t kReduce16Perm[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+// Sums of 16 vectors at once: lane j of the result = sum of the lanes of
+// a[j] (a transpose-and-add tree: 45 shuffles/adds instead of 16 full
+// horizontal reductions).
+inline VF reduce16(VF a[16]) {
+  VF t[8];
+  TALLOW_UNROLL
+  for (int j = 0; j < 8; ++j)  // 256-bit halves: [a_j | a_j+8]
+    t[j] = vf_add(_mm512_shuffle_f32x4(a[j], a[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                  _mm512_shuffle_f32x4(a[j], a[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+  VF u[4];
+  TALLOW_UNROLL
+  for (int j = 0; j < 4; ++j)  // 128-bit lanes: [a_j | a_j+8 | a_j+4 | a_j+12]
+    u[j] = vf_add(_mm512_shuffle_f32x4(t[j], t[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                  _mm512_shuffle_f32x4(t[j], t[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  VF w[2];
+  TALLOW_UNROLL
+  for (int j = 0; j < 2; ++j)  // pairs within 128-bit lanes
+    w[j] = vf_add(_mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                  _mm512_shuffle_ps(u[j], u[j + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+  const VF f = vf_add(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // f's lane order is a fixed permutation of the keys; undo it.
+  return _mm512_permutexvar_ps(vi_load(kReduce16Perm), f);
+}
+#endif
+
+// Scores (base 2) of rows [0, R) against keys [0, n) (n <= kKBD), row-major
+// into s[r * lds + j]; padded keys are skipped (set to -inf later).
+template <int R>
+inline void decode_scores(const float* kb, int64_t ldk, int n, const float* qs, int64_t Dp, int nvec, int lastn,
+                          float* s, int lds) {
+#if defined(__AVX512F__)
+  for (int j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = n - j0 < 16 ? n - j0 : 16;
+    TALLOW_UNROLL
+    for (int r = 0; r < R; ++r) {
+      VF acc[16];
+      TALLOW_UNROLL
+      for (int jj = 0; jj < 16; ++jj) acc[jj] = vf_zero();
+      for (int c = 0; c < nvec; ++c) {
+        const VF qv = vf_load(qs + r * Dp + c * kW);
+        const int nl = c == nvec - 1 ? lastn : kW;
+        TALLOW_UNROLL
+        for (int jj = 0; jj < 16; ++jj)
+          if (jj < cnt) acc[jj] = vf_fmadd(qv, vf_load_n(kb + (j0 + jj) * ldk + c * kW, nl), acc[jj]);
+      }
+      vf_store(s + r * lds + j0, reduce16(acc));
+    }
+  }
+#else
+  for (int j = 0; j < n; ++j) {
+    const float* kr = kb + j * ldk;
+    VF acc[R];
+    TALLOW_UNROLL
+    for (int r = 0; r < R; ++r) acc[r] = vf_zero();
+    for (int c = 0; c < nvec; ++c) {
+      const VF kv = c == nvec - 1 ? vf_load_n(kr + c * kW, lastn) : vf_load(kr + c * kW);
+      TALLOW_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] = vf_fmadd(vf_load(qs + r * Dp + c * kW), kv, acc[r]);
+    }
+    TALLOW_UNROLL
+    for (int r = 0; r < R; ++r) s[r * lds + j] = vf_reduce_add(acc[r]);
+  }
+#endif
 }
 
 // Writes the unnormalised (O, m, l) of rows [0, R) over keys [j0, j1).
@@ -508,9 +578,11 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
   const int64_t D = a.D, Dp = P.Dp, Lk = a.Lk;
   const int nvec = static_cast<int>(Dp / kW);
   const int lastn = static_cast<int>(D - (nvec - 1) * static_cast<int64_t>(kW));
-  float* qs = ws;            // [R][Dp], zero-padded
-  float* s = qs + R * Dp;    // [R][kKBD + kW]
+  float* qs = ws;                  // [R][Dp], zero-padded
+  float* s = qs + R * Dp;          // [R][lds]: scores, then p
   constexpr int lds = kKBD + kW;
+  float* pt = s + R * lds;         // [kKBD][kQT]: p transposed for pv_update
+  float* alpha = pt + kKBD * kQT;  // [kQT]
 
   const float* qb = a.q + b * a.q_sb + h * a.q_sh;
   const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
@@ -519,7 +591,6 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
   const VF vscale = vf_set1(P.qscale);
   float m[R], l[R];
   int64_t lim[R];  // row r sees keys j <= lim[r]
-  TALLOW_UNROLL
   for (int r = 0; r < R; ++r) {
     const float* src = qb + r * a.q_sl;
     for (int c = 0; c < nvec; ++c) {
@@ -535,51 +606,26 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
 
   for (int64_t kb = j0; kb < jend; kb += kKBD) {
     const int n = static_cast<int>(imin(kKBD, jend - kb));
-    int any = 0;
-    for (int jj = 0; jj < n; ++jj) {
-      const int64_t j = kb + jj;
-      if (mask && mask[j]) {
-        TALLOW_UNROLL
-        for (int r = 0; r < R; ++r) s[r * lds + jj] = neg_inf();
-        continue;
-      }
-      any = 1;
-      const float* kr = kbase + j * a.k_sl;
-      VF acc[R];
-      TALLOW_UNROLL
-      for (int r = 0; r < R; ++r) acc[r] = vf_zero();
-      for (int c = 0; c < nvec; ++c) {
-        const VF kv = c == nvec - 1 ? vf_load_n(kr + c * kW, lastn) : vf_load(kr + c * kW);
-        TALLOW_UNROLL
-        for (int r = 0; r < R; ++r) acc[r] = vf_fmadd(vf_load(qs + r * Dp + c * kW), kv, acc[r]);
-      }
-      TALLOW_UNROLL
-      for (int r = 0; r < R; ++r) s[r * lds + jj] = j <= lim[r] ? vf_reduce_add(acc[r]) : neg_inf();
+    int visible = 1;
+    if (mask) {
+      visible = 0;
+      for (int jj = 0; jj < n; ++jj) visible |= !mask[kb + jj];
+      if (!visible) continue;  // a fully padded block changes nothing
     }
-    if (!any) continue;
-    TALLOW_UNROLL
+    decode_scores<R>(kbase + kb * a.k_sl, a.k_sl, n, qs, Dp, nvec, lastn, s, lds);
+    if (mask)
+      for (int jj = 0; jj < n; ++jj)
+        if (mask[kb + jj])
+          for (int r = 0; r < R; ++r) s[r * lds + jj] = neg_inf();
+    if (a.causal)
+      for (int r = 0; r < R; ++r)
+        for (int64_t jj = imax(0, lim[r] + 1 - kb); jj < n; ++jj) s[r * lds + jj] = neg_inf();
     for (int r = 0; r < R; ++r) {
-      const float alpha = softmax_row(s + r * lds, n, n, nullptr, m[r], l[r]);
-      if (alpha != 1.0f) {
-        const VF va = vf_set1(alpha);
-        for (int c = 0; c < nvec; ++c) vf_store(o + r * Dp + c * kW, vf_mul(vf_load(o + r * Dp + c * kW), va));
-      }
+      alpha[r] = softmax_row(s + r * lds, n, n, nullptr, m[r], l[r]);
+      for (int jj = 0; jj < n; ++jj) pt[jj * kQT + r] = s[r * lds + jj];
     }
-    for (int jj = 0; jj < n; ++jj) {
-      const int64_t j = kb + jj;
-      if (mask && mask[j]) continue;
-      const float* vr = vbase + j * a.v_sl;
-      VF pr[R];
-      TALLOW_UNROLL
-      for (int r = 0; r < R; ++r) pr[r] = vf_set1(s[r * lds + jj]);
-      for (int c = 0; c < nvec; ++c) {
-        const VF vv = c == nvec - 1 ? vf_load_n(vr + c * kW, lastn) : vf_load(vr + c * kW);
-        TALLOW_UNROLL
-        for (int r = 0; r < R; ++r) vf_store(o + r * Dp + c * kW, vf_fmadd(pr[r], vv, vf_load(o + r * Dp + c * kW)));
-      }
-    }
+    pv_update(R, pt, n, vbase + kb * a.v_sl, a.v_sl, D, o, Dp, alpha);
   }
-  TALLOW_UNROLL
   for (int r = 0; r < R; ++r) {
     ml[2 * r] = m[r];
     ml[2 * r + 1] = l[r];
@@ -611,7 +657,7 @@ inline void decode_range(void* ctx, int64_t begin, int64_t end) {
       o = P.part_o + t * Lq * P.Dp;
       ml = P.part_ml + t * Lq * 2;
     } else {
-      o = ws + Lq * P.Dp + Lq * (kKBD + kW);
+      o = ws + Lq * P.Dp + Lq * (kKBD + kW) + kKBD * kQT + kQT;
       ml = o + Lq * P.Dp;
     }
     switch (Lq) {
