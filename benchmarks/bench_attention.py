@@ -11,14 +11,26 @@ so sum_i n_i = Lq * (Lk - Lq) + Lq * (Lq + 1) / 2 (the causal square counts
 half, plus its diagonal). 4 = 2 FLOP per multiply-add, for Q.K^T and for P.V;
 the softmax is not counted. Unit: GFLOP/s.
 
-Run: .venv/bin/python benchmarks/bench_attention.py [--quick]
+OpenMP wait policy: torch's libgomp threads busy-wait (spin) for a long
+while after each parallel region (GOMP_SPINCOUNT, ~10 ms with Cascade Lake's
+slow `pause`). In an interleaved run they spin on one of the two cores while
+the next provider runs, so whoever follows SDPA loses about half a core
+(measured: tallow alone 10.2 ms, right after SDPA 14-15 ms, at B=1 L=512).
+This script therefore sets OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)
+unless the caller set it; `--omp-default` keeps torch's default spinning.
+
+Run: .venv/bin/python benchmarks/bench_attention.py [--quick] [--omp-default]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+if "--omp-default" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +66,8 @@ def make_case(name: str, b: int, h: int, lq: int, lk: int, d: int, causal: bool)
     }
     work = 4 * b * h * d * visible_pairs(lq, lk, causal)
     return Case(name, providers, work=work, unit="GFLOP/s",
-                params={"B": b, "H": h, "Lq": lq, "Lk": lk, "D": d, "causal": causal})
+                params={"B": b, "H": h, "Lq": lq, "Lk": lk, "D": d, "causal": causal,
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")})
 
 
 def cases() -> list[Case]:
@@ -73,6 +86,8 @@ def cases() -> list[Case]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (less timing per case)")
+    parser.add_argument("--omp-default", action="store_true",
+                        help="leave torch's OpenMP threads spinning between calls (see the module docstring)")
     args = parser.parse_args()
     run_suite("attention", cases(), min_time=0.05 if args.quick else 0.6, chart=not args.quick)
 

@@ -48,7 +48,7 @@ constexpr int kMaxCW = 4;
 constexpr int kQT = kQP * kW;     // queries per tile
 constexpr int kKB = 64;           // keys per block
 constexpr int kKBD = 64;          // keys per block on the decode path
-constexpr int kMaxChunk = 512;    // max query rows per prefill task
+constexpr int kMaxChunk = 256;    // max query rows per prefill task
 constexpr int64_t kDecodeMaxLq = 4;
 constexpr int kDecodeSplitMinKeys = 256;
 
@@ -730,7 +730,7 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
   if (Lq <= kDecodeMaxLq) {
     Decode P{&a, qscale, Dp, 1, Lk, bufs, nullptr, nullptr};
     // Split the keys when B*H alone cannot keep every thread busy.
-    const int64_t want_tasks = 4 * static_cast<int64_t>(nt);
+    const int64_t want_tasks = 8 * static_cast<int64_t>(nt);
     if (nt > 1 && BH < want_tasks && Lk >= 2 * kDecodeSplitMinKeys) {
       P.nsplit = imin((want_tasks + BH - 1) / BH, Lk / kDecodeSplitMinKeys);
       P.split_len = round_up((Lk + P.nsplit - 1) / P.nsplit, kW);
@@ -750,10 +750,10 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     free(P.part_o);
     free(P.part_ml);
   } else {
-    // Query chunks: enough tasks for every thread (4 per thread, for dynamic
+    // Query chunks: enough tasks for every thread (8 per thread, for dynamic
     // balance under causal's uneven work), each a whole number of query tiles.
     int64_t nq = (Lq + kMaxChunk - 1) / kMaxChunk;
-    while (BH * nq < 4 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= kQT) ++nq;
+    while (BH * nq < 8 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= kQT) ++nq;
     const int64_t chunk = round_up((Lq + nq - 1) / nq, kQT);
     nq = (Lq + chunk - 1) / chunk;
     Prefill P{&a, qscale, chunk, nq, Dp, bufs};
