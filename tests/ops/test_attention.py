@@ -367,3 +367,11 @@ def test_native_rejects_read_only_out():
 def test_model_shapes(b, h, lq, lk, d, causal, masked):
     q, k, v, mask = _inputs(b, h, lq, lk, d, masked=masked)
     _check_against_oracle(q, k, v, causal, mask)
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and dynamic-shape tracing of the
+    torch.library op that wraps the kernel."""
+    mod = importlib.import_module("tallow.ops.attention")
+    q, k, v, mask = _inputs(2, 2, 5, 7, 16, masked=True)
+    torch.library.opcheck(mod._attention_op, (q, k, v, True, mask, 0.25))
