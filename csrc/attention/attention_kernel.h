@@ -342,6 +342,9 @@ struct Prefill {
   int64_t nq;       // chunks per (b, h)
   int64_t Dp;       // D rounded up to kW
   float** scratch;  // one buffer per thread
+  int nbuf;         // buffers in scratch
+  int64_t scratch_floats;
+  int failed;       // set (atomically) when a fallback buffer cannot be allocated
 };
 
 inline int64_t prefill_scratch_floats(int64_t chunk, int64_t D, int64_t Dp) {
@@ -476,10 +479,26 @@ inline void prefill_task(const Prefill& P, float* ws, int64_t t) {
   }
 }
 
+// The calling pool thread's scratch buffer; a fresh one (owned, to be freed)
+// if the pool grew since the buffers were made (set_num_threads raced us).
+inline float* thread_scratch(float** scratch, int nbuf, int64_t n_floats, float** owned) {
+  const int ti = tallow::thread_index();
+  *owned = nullptr;
+  if (ti >= 0 && ti < nbuf) return scratch[ti];
+  *owned = alloc_floats(n_floats);
+  return *owned;
+}
+
 inline void prefill_range(void* ctx, int64_t begin, int64_t end) {
-  const Prefill& P = *static_cast<const Prefill*>(ctx);
-  float* ws = P.scratch[tallow::thread_index()];
+  Prefill& P = *static_cast<Prefill*>(ctx);
+  float* owned;
+  float* ws = thread_scratch(P.scratch, P.nbuf, P.scratch_floats, &owned);
+  if (!ws) {
+    __atomic_store_n(&P.failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
   for (int64_t t = begin; t < end; ++t) prefill_task(P, ws, t);
+  free(owned);
 }
 
 // ---------------------------------------------------------------------------
@@ -494,6 +513,9 @@ struct Decode {
   float** scratch;      // per thread: qs [Lq][Dp], s [Lq][kKBD + kW], O/m/l when unsplit
   float* part_o;        // [B*H*nsplit][Lq][Dp]   (nsplit > 1)
   float* part_ml;       // [B*H*nsplit][Lq][2]
+  int nbuf;
+  int64_t scratch_floats;
+  int failed;
 };
 
 inline int64_t decode_scratch_floats(int64_t Lq, int64_t Dp) {
@@ -643,9 +665,14 @@ inline void write_normalised(const tallow::AttentionArgs& a, int64_t b, int64_t 
 }
 
 inline void decode_range(void* ctx, int64_t begin, int64_t end) {
-  const Decode& P = *static_cast<const Decode*>(ctx);
+  Decode& P = *static_cast<Decode*>(ctx);
   const tallow::AttentionArgs& a = *P.a;
-  float* ws = P.scratch[tallow::thread_index()];
+  float* owned;
+  float* ws = thread_scratch(P.scratch, P.nbuf, P.scratch_floats, &owned);
+  if (!ws) {
+    __atomic_store_n(&P.failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
   const int64_t Lq = a.Lq;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t bh = t / P.nsplit, sp = t % P.nsplit;
@@ -669,14 +696,20 @@ inline void decode_range(void* ctx, int64_t begin, int64_t end) {
     if (P.nsplit == 1)
       for (int64_t r = 0; r < Lq; ++r) write_normalised(a, b, h, r, o + r * P.Dp, ml[2 * r + 1]);
   }
+  free(owned);
 }
 
 // Combines the splits of one (b, h): M = max m_s, L = sum l_s 2^(m_s - M),
 // O = sum O_s 2^(m_s - M); out = O / L.
 inline void decode_combine(void* ctx, int64_t begin, int64_t end) {
-  const Decode& P = *static_cast<const Decode*>(ctx);
+  Decode& P = *static_cast<Decode*>(ctx);
   const tallow::AttentionArgs& a = *P.a;
-  float* acc = P.scratch[tallow::thread_index()];  // [Dp]
+  float* owned;
+  float* acc = thread_scratch(P.scratch, P.nbuf, P.scratch_floats, &owned);  // [Dp] used
+  if (!acc) {
+    __atomic_store_n(&P.failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / a.H, h = bh % a.H;
     for (int64_t r = 0; r < a.Lq; ++r) {
@@ -702,6 +735,7 @@ inline void decode_combine(void* ctx, int64_t begin, int64_t end) {
       write_normalised(a, b, h, r, acc, L);
     }
   }
+  free(owned);
 }
 
 // ---------------------------------------------------------------------------
@@ -722,13 +756,15 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
   }
   const int nt = tallow::num_threads();
   const float qscale = a.scale * 1.4426950408889634f;  // log2(e)
-  float* bufs[256];
-  const int nbuf = nt < 256 ? nt : 256;
-  if (nt > 256) return false;  // more threads than we keep scratch for
+  // One scratch buffer per pool thread (thread_index() picks it).
+  const int nbuf = nt;
+  float** bufs = static_cast<float**>(malloc(sizeof(float*) * static_cast<size_t>(nbuf)));
+  if (!bufs) return false;
+  for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
   bool ok = true;
 
   if (Lq <= kDecodeMaxLq) {
-    Decode P{&a, qscale, Dp, 1, Lk, bufs, nullptr, nullptr};
+    Decode P{&a, qscale, Dp, 1, Lk, bufs, nullptr, nullptr, nbuf, decode_scratch_floats(Lq, Dp) + Dp, 0};
     // Split the keys when B*H alone cannot keep every thread busy.
     const int64_t want_tasks = 8 * static_cast<int64_t>(nt);
     if (nt > 1 && BH < want_tasks && Lk >= 2 * kDecodeSplitMinKeys) {
@@ -736,8 +772,7 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
       P.split_len = round_up((Lk + P.nsplit - 1) / P.nsplit, kW);
       P.nsplit = (Lk + P.split_len - 1) / P.split_len;
     }
-    for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
-    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(decode_scratch_floats(Lq, Dp) + Dp)) != nullptr;
+    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(P.scratch_floats)) != nullptr;
     if (ok && P.nsplit > 1) {
       P.part_o = alloc_floats(BH * P.nsplit * Lq * Dp);
       P.part_ml = alloc_floats(BH * P.nsplit * Lq * 2);
@@ -745,7 +780,8 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     }
     if (ok) {
       tallow::parallel_for(BH * P.nsplit, 1, decode_range, &P);
-      if (P.nsplit > 1) tallow::parallel_for(BH, 1, decode_combine, &P);
+      if (P.nsplit > 1 && !P.failed) tallow::parallel_for(BH, 1, decode_combine, &P);
+      ok = !P.failed;
     }
     free(P.part_o);
     free(P.part_ml);
@@ -756,11 +792,14 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     while (BH * nq < 8 * static_cast<int64_t>(nt) && (Lq + nq) / (nq + 1) >= kQT) ++nq;
     const int64_t chunk = round_up((Lq + nq - 1) / nq, kQT);
     nq = (Lq + chunk - 1) / chunk;
-    Prefill P{&a, qscale, chunk, nq, Dp, bufs};
-    for (int i = 0; i < nbuf; ++i) bufs[i] = nullptr;
-    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(prefill_scratch_floats(chunk, D, Dp))) != nullptr;
-    if (ok) tallow::parallel_for(BH * nq, 1, prefill_range, &P);
+    Prefill P{&a, qscale, chunk, nq, Dp, bufs, nbuf, prefill_scratch_floats(chunk, D, Dp), 0};
+    for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(P.scratch_floats)) != nullptr;
+    if (ok) {
+      tallow::parallel_for(BH * nq, 1, prefill_range, &P);
+      ok = !P.failed;
+    }
   }
   for (int i = 0; i < nbuf; ++i) free(bufs[i]);
+  free(bufs);
   return ok;
 }

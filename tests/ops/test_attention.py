@@ -375,3 +375,28 @@ def test_custom_op_registration():
     mod = importlib.import_module("tallow.ops.attention")
     q, k, v, mask = _inputs(2, 2, 5, 7, 16, masked=True)
     torch.library.opcheck(mod._attention_op, (q, k, v, True, mask, 0.25))
+
+
+def test_thread_count_changing_while_running():
+    """set_num_threads from another thread between/while calls: each call's
+    per-thread scratch must still cover every pool thread."""
+    q, k, v, mask = _inputs(2, 3, 70, 90, 64, masked=True)
+    expected = attention(q, k, v, causal=True, key_padding_mask=mask)
+    threads = tallow.get_num_threads()
+    stop = threading.Event()
+
+    def toggle():
+        n = 0
+        while not stop.is_set():
+            tallow.set_num_threads(1 + n % 4)
+            n += 1
+
+    t = threading.Thread(target=toggle)
+    t.start()
+    try:
+        for _ in range(100):
+            assert torch.equal(attention(q, k, v, causal=True, key_padding_mask=mask), expected)
+    finally:
+        stop.set()
+        t.join()
+        tallow.set_num_threads(threads)
