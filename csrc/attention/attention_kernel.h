@@ -755,6 +755,12 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     return true;
   }
   const int nt = tallow::num_threads();
+  // Tiny calls (a few microseconds of work: short decode steps, toy shapes)
+  // run on the calling thread: waking the pool would cost more than it saves.
+  const double flops = 4.0 * static_cast<double>(BH) * static_cast<double>(Lq) * static_cast<double>(Lk) *
+                       static_cast<double>(D);
+  const double kv_bytes = 8.0 * static_cast<double>(BH) * static_cast<double>(Lk) * static_cast<double>(D);
+  const bool serial = flops < 2e6 && kv_bytes < 256e3;
   const float qscale = a.scale * 1.4426950408889634f;  // log2(e)
   // One scratch buffer per pool thread (thread_index() picks it).
   const int nbuf = nt;
@@ -767,7 +773,7 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     Decode P{&a, qscale, Dp, 1, Lk, bufs, nullptr, nullptr, nbuf, decode_scratch_floats(Lq, Dp) + Dp, 0};
     // Split the keys when B*H alone cannot keep every thread busy.
     const int64_t want_tasks = 8 * static_cast<int64_t>(nt);
-    if (nt > 1 && BH < want_tasks && Lk >= 2 * kDecodeSplitMinKeys) {
+    if (nt > 1 && !serial && BH < want_tasks && Lk >= 2 * kDecodeSplitMinKeys) {
       P.nsplit = imin((want_tasks + BH - 1) / BH, Lk / kDecodeSplitMinKeys);
       P.split_len = round_up((Lk + P.nsplit - 1) / P.nsplit, kW);
       P.nsplit = (Lk + P.split_len - 1) / P.split_len;
@@ -779,8 +785,8 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
       ok = P.part_o && P.part_ml;
     }
     if (ok) {
-      tallow::parallel_for(BH * P.nsplit, 1, decode_range, &P);
-      if (P.nsplit > 1 && !P.failed) tallow::parallel_for(BH, 1, decode_combine, &P);
+      tallow::parallel_for(BH * P.nsplit, serial ? BH * P.nsplit : 1, decode_range, &P);
+      if (P.nsplit > 1 && !P.failed) tallow::parallel_for(BH, serial ? BH : 1, decode_combine, &P);
       ok = !P.failed;
     }
     free(P.part_o);
@@ -795,7 +801,7 @@ inline bool run_attention(const tallow::AttentionArgs& a) {
     Prefill P{&a, qscale, chunk, nq, Dp, bufs, nbuf, prefill_scratch_floats(chunk, D, Dp), 0};
     for (int i = 0; i < nbuf && ok; ++i) ok = (bufs[i] = alloc_floats(P.scratch_floats)) != nullptr;
     if (ok) {
-      tallow::parallel_for(BH * nq, 1, prefill_range, &P);
+      tallow::parallel_for(BH * nq, serial ? BH * nq : 1, prefill_range, &P);
       ok = !P.failed;
     }
   }
