@@ -25,9 +25,12 @@
 //    block is masked. Padding: fully padded key blocks are skipped, padded
 //    keys of the others get p = 0.
 //  - decode (Lq <= kDecodeMaxLq): memory-bound, K and V are read once, no
-//    packing: dot products over D per key, the same online softmax, O += p v.
-//    When B*H is too small to feed every thread the key range is split
-//    (flash-decoding, Dao et al. 2023) and the partial (m, l, O) combined.
+//    packing: dot products over D (on AVX-512 16 keys at a time, summed with
+//    one transpose-and-add tree), the online softmax per row, then O += P V
+//    with the prefill's register tile. When B*H is too small to feed every
+//    thread the key range is split (flash-decoding, Dao et al. 2023) and the
+//    partial (m, l, O) combined.
+// Tiny calls run on the calling thread; others use tallow::parallel_for.
 
 #if defined(__AVX512F__)
 constexpr int kQP = 3;          // query panels (of kW queries) per S^T register tile
@@ -72,13 +75,13 @@ inline float* alloc_floats(int64_t n) {
 }
 
 // ---------------------------------------------------------------------------
-// Online softmax of one row of a score block.
-//   s[0, n_valid): scores (base 2); keys at or past n_valid are invisible.
-//   bias: null or 0 / -inf per key (padding), read over [0, round_up(n_valid, kW)).
+// Online softmax of one row of a score block (the decode path).
+//   s[0, n_valid): scores (base 2, -inf for invisible keys); keys at or past
+//   n_valid are invisible too.
 // On return s[0, n_cols) holds p (zeros past n_valid), m and l are updated,
 // and the factor the row's O must be multiplied by is returned. s must have
 // room for round_up(n_valid, kW) floats.
-inline float softmax_row(float* s, int n_valid, int n_cols, const float* bias, float& m, float& l) {
+inline float softmax_row(float* s, int n_valid, int n_cols, float& m, float& l) {
   if (n_valid <= 0) {
     for (int j = 0; j < n_cols; ++j) s[j] = 0.0f;
     return 1.0f;
@@ -86,15 +89,7 @@ inline float softmax_row(float* s, int n_valid, int n_cols, const float* bias, f
   const int nv = static_cast<int>(round_up(n_valid, kW));
   for (int j = n_valid; j < nv; ++j) s[j] = neg_inf();
   VF mx = vf_set1(neg_inf());
-  if (bias) {
-    for (int j = 0; j < nv; j += kW) {
-      const VF x = vf_add(vf_load(s + j), vf_load(bias + j));
-      vf_store(s + j, x);
-      mx = vf_max(mx, x);
-    }
-  } else {
-    for (int j = 0; j < nv; j += kW) mx = vf_max(mx, vf_load(s + j));
-  }
+  for (int j = 0; j < nv; j += kW) mx = vf_max(mx, vf_load(s + j));
   const float mb = vf_reduce_max(mx);
   const float mn = m > mb ? m : mb;
   if (mn == neg_inf()) {  // nothing visible yet: p = 0, state unchanged
@@ -643,7 +638,7 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
       for (int r = 0; r < R; ++r)
         for (int64_t jj = imax(0, lim[r] + 1 - kb); jj < n; ++jj) s[r * lds + jj] = neg_inf();
     for (int r = 0; r < R; ++r) {
-      alpha[r] = softmax_row(s + r * lds, n, n, nullptr, m[r], l[r]);
+      alpha[r] = softmax_row(s + r * lds, n, n, m[r], l[r]);
       for (int jj = 0; jj < n; ++jj) pt[jj * kQT + r] = s[r * lds + jj];
     }
     pv_update(R, pt, n, vbase + kb * a.v_sl, a.v_sl, D, o, Dp, alpha);
