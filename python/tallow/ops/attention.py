@@ -15,12 +15,16 @@ the Lq x Lk scores; any float dtype).
 
 The cpu kernel (csrc/attention/) is the FlashAttention-2 forward pass (Dao
 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
-Partitioning", Algorithm 1), float32, never materialising Lq x Lk. With base-2
-logits s_ij = (scale * log2 e) q_i . k_j, per query row and block of keys::
+Partitioning", Algorithm 1), float32, never materialising Lq x Lk. With
+s_ij = (scale q_i) . k_j, per query row and block of keys (exp computed as
+2^((x) log2 e) with simd.h's exp2)::
 
-    m' = max(m, max_j s_ij)      p_ij = 2^(s_ij - m')
-    l' = 2^(m - m') l + sum_j p_ij
-    O' = 2^(m - m') O + sum_j p_ij v_j          out_i = O / l  (0 if l == 0)
+    m' = max(m, max_j s_ij)      p_ij = exp(s_ij - m')
+    l' = exp(m - m') l + sum_j p_ij
+    O' = exp(m - m') O + sum_j p_ij v_j          out_i = O / l  (0 if l == 0)
+
+Dot products and P.V sums are accumulated in blocks (two-level summation),
+which keeps the error vs a float64 oracle at or below torch SDPA's.
 
 - Prefill (Lq > 4): tasks (b, h, query chunk) over all cores; per tile of 48
   queries x 64 keys the scores are computed transposed (a vector holds 16
