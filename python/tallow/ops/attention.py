@@ -10,8 +10,36 @@ ignore), the ``nn.MultiheadAttention`` convention; a Hugging Face
 ``attention_mask`` (1 = keep) is ``attention_mask == 0``. A query row that sees
 no key at all returns zeros, not NaN.
 
-Backends: ``cpu`` (tallow._C: tiled, online softmax, never materialising
-Lq x Lk; Dao 2023, "FlashAttention-2") and ``ref`` (eager torch maths).
+Backends: ``cpu`` (tallow._C) and ``ref`` (eager torch maths, materialises
+the Lq x Lk scores; any float dtype).
+
+The cpu kernel (csrc/attention/) is the FlashAttention-2 forward pass (Dao
+2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning", Algorithm 1), float32, never materialising Lq x Lk. With
+s_ij = (scale q_i) . k_j, per query row and block of keys (exp computed as
+2^((x) log2 e) with simd.h's exp2)::
+
+    m' = max(m, max_j s_ij)      p_ij = exp(s_ij - m')
+    l' = exp(m - m') l + sum_j p_ij
+    O' = exp(m - m') O + sum_j p_ij v_j          out_i = O / l  (0 if l == 0)
+
+Dot products and P.V sums are accumulated in blocks (two-level summation),
+which keeps the error vs a float64 oracle at or below torch SDPA's.
+
+- Prefill (Lq > 4): tasks (b, h, query chunk) over all cores; per tile of 48
+  queries x 64 keys the scores are computed transposed (a vector holds 16
+  queries, so the online softmax is vertical, without horizontal
+  reductions), with AVX-512 FMA register tiles for Q K^T and P V. Causal runs
+  skip key blocks above the diagonal and mask only the diagonal ones; fully
+  padded key blocks are skipped.
+- Decode (Lq <= 4, e.g. one token against a KV cache): memory-bound, K and V
+  are read once; when B*H is too small to keep every core busy the key range
+  is split and the partial (m, l, O) combined (flash-decoding, Dao et al.
+  2023).
+
+q, k, v may be strided views (a fused QKV projection, a KV-cache slice): the
+kernel takes any strides over B, H and L as long as D is contiguous, so no
+copy is made. AVX-512, AVX2 and scalar builds are chosen at run time.
 """
 
 from __future__ import annotations
@@ -25,7 +53,6 @@ from .._dispatch import BackendUnavailable, dispatch
 from .._native import native
 
 _ORDER = {"cpu": ("cpu", "ref")}
-_CPU_MAX_HEAD_DIM = 256
 
 
 def attention_ref(
@@ -59,8 +86,6 @@ def attention_ref(
 def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
     if q.dtype != torch.float32:
         raise BackendUnavailable(f"cpu attention takes float32, got {q.dtype}")
-    if q.shape[-1] > _CPU_MAX_HEAD_DIM:
-        raise BackendUnavailable(f"cpu attention supports head_dim <= {_CPU_MAX_HEAD_DIM}, got {q.shape[-1]}")
     mod = native()
     # The kernel takes any strides over (B, H, L) but needs D contiguous:
     # copy only the tensors that are not.

@@ -1,0 +1,21 @@
+// Baseline dispatcher: picks the attention kernel of the active ISA.
+// Compiled without ISA flags, so it is safe to run on any x86-64 CPU.
+#include "attention/attention.h"
+
+#include "common/cpu_features.h"
+
+namespace tallow {
+
+bool attention_forward(const AttentionArgs& args) {
+  switch (active_isa()) {
+    case Isa::Avx512Vnni:
+      return attention_avx512::forward(args);
+    case Isa::Avx2:
+      return attention_avx2::forward(args);
+    case Isa::Scalar:
+      break;
+  }
+  return attention_scalar::forward(args);
+}
+
+}  // namespace tallow
