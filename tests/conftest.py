@@ -6,16 +6,7 @@ import pytest
 import torch
 
 import tallow
-
-ISA_LEVELS = ("scalar", "avx2", "avx512_vnni")
-
-
-def available_isas() -> list[str]:
-    """ISAs this CPU can run, lowest first (empty without the native module)."""
-    if not tallow.native_available():
-        return []
-    best = tallow.native().best_isa()
-    return list(ISA_LEVELS[: ISA_LEVELS.index(best) + 1])
+from tallow.testing import ISA_LEVELS, available_isas
 
 
 @pytest.fixture(params=ISA_LEVELS)

@@ -9,6 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
+ISA_LEVELS = ("scalar", "avx2", "avx512_vnni")
+
+
+def available_isas() -> list[str]:
+    """ISAs this CPU can run, lowest first (empty without the native module)."""
+    import tallow
+
+    if not tallow.native_available():
+        return []
+    best = tallow.native().best_isa()
+    return list(ISA_LEVELS[: ISA_LEVELS.index(best) + 1])
+
 
 @dataclass
 class Comparison:

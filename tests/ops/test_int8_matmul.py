@@ -150,7 +150,7 @@ def test_int8_matmul_isas_agree():
     a, b = rand_i8(37, 301), rand_i8(301, 83)
     outs = {}
     previous = tallow.get_isa()
-    from conftest import available_isas
+    from tallow.testing import available_isas
 
     try:
         for isa in available_isas():
@@ -340,7 +340,7 @@ def test_linear_nonfinite_rows_give_nan(force_backend, backend, act):
 
 @needs_native
 def test_linear_isas_agree():
-    from conftest import available_isas
+    from tallow.testing import available_isas
 
     q = QuantizedLinear.from_float(torch.randn(130, 301), torch.randn(130), activation="gelu_erf")
     x = torch.randn(37, 301)
