@@ -25,6 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import tallow  # first: sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp  # noqa: F401
 import torch
 import torch.nn.functional as F
 

@@ -17,14 +17,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+import tallow  # first: sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (see tallow/__init__.py)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, run_suite  # noqa: E402
 from registry import BERT_BASE, GPT2_124M, RESNET50  # noqa: E402
 
-import tallow  # noqa: E402
 from tallow.models import load, minilm_path  # noqa: E402
 
 
@@ -49,9 +50,10 @@ def _onnx_sessions(hf_model, example: tuple[torch.Tensor, torch.Tensor], workdir
             return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     fp32, int8 = workdir / "model.onnx", workdir / "model.int8.onnx"
+    wrapper = LastHidden(hf_model).eval()  # export restores the wrapper's mode: it must be eval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(LastHidden(hf_model), example, str(fp32), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(wrapper, example, str(fp32), input_names=["input_ids", "attention_mask"],
                           output_names=["hidden"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "l"},
                                         "hidden": {0: "b", 1: "l"}})
@@ -59,6 +61,9 @@ def _onnx_sessions(hf_model, example: tuple[torch.Tensor, torch.Tensor], workdir
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # No spinning after a run: interleaved with the other providers, ORT's
+    # spinning threads would take cores from whoever runs next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
 
     def runner(session):

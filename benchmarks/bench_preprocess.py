@@ -15,6 +15,7 @@ import io
 import sys
 from pathlib import Path
 
+import tallow  # first: sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp  # noqa: F401
 import numpy as np
 import torch
 from PIL import Image
