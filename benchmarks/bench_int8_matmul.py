@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, run_suite  # noqa: E402
 from registry import BERT_BASE, GPT2_124M, linear_shapes  # noqa: E402
 
-import tallow  # noqa: E402
 from tallow.ops import QuantizedLinear, int8_matmul  # noqa: E402
 
 TOKENS = (1, 32, 256, 1024)  # tokens per call: decode step, small batch, a BERT batch, GPT-2's context

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, run_suite  # noqa: E402
 from registry import RESNET50  # noqa: E402
 
-import tallow  # noqa: E402
 from tallow.ops import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_ref  # noqa: E402
 from tallow.ops.preprocess import resized_size  # noqa: E402
 
