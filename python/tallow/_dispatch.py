@@ -89,3 +89,15 @@ def dispatch(
                     stacklevel=3,
                 )
     raise AssertionError("unreachable: the ref backend always runs")
+
+
+def eager_call(*tensors: Any) -> bool:
+    """True for plain eager tensors outside torch.compile/tracing. The public
+    op functions then call ``dispatch`` directly, skipping torch.library's
+    custom-op machinery (~25-100 us a call, most of the cost of a decode-step
+    kernel); compile, export, fake and subclassed tensors take the custom op."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)

@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import BackendUnavailable, dispatch
+from .._dispatch import BackendUnavailable, dispatch, eager_call
 from .._native import native
 
 _ORDER = {"cpu": ("cpu", "ref")}
@@ -171,4 +171,7 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.numel() == 0:
         return q.new_zeros(q.shape)
+    if eager_call(q, k, v, key_padding_mask):
+        return dispatch("attention", q.device.type, _ORDER, _IMPLS, q, k, v, bool(causal), key_padding_mask,
+                        float(scale))
     return _attention_op(q, k, v, bool(causal), key_padding_mask, float(scale))

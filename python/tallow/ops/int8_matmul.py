@@ -62,7 +62,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import BackendUnavailable, dispatch
+from .._dispatch import BackendUnavailable, dispatch, eager_call
 from .._native import native
 
 _ORDER = {"cpu": ("cpu", "ref")}
@@ -177,18 +177,6 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- int8_matmul op
 
 
-def _eager(*tensors: torch.Tensor) -> bool:
-    """True for plain eager tensors outside torch.compile/tracing: then the
-    public functions call the op's body (``dispatch``) directly, skipping the
-    ~25 us of torch.library's custom-op dispatch, which is most of the cost of
-    a small call (M = 1 decode). Everything else (compile, export, fake or
-    subclassed tensors) goes through the registered custom op."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(type(t) is torch.Tensor for t in tensors)
-
-
-
 def _int8_matmul_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mod = native()
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32)
@@ -229,7 +217,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int8_matmul: a is on {a.device}, b on {b.device}")
     if a.shape[0] == 0 or b.shape[1] == 0 or a.shape[1] == 0:
         return torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
-    if _eager(a, b):
+    if eager_call(a, b):
         return dispatch("int8_matmul", a.device.type, _ORDER, _MATMUL_IMPLS, a, b)
     return _int8_matmul_op(a, b)
 
@@ -388,7 +376,7 @@ class QuantizedLinear(torch.nn.Module):
             return x.new_empty((*lead, self._out))
         bufs = self._buffers
         packed, colsum, scale, bias = bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"]
-        if _eager(x2, packed):
+        if eager_call(x2, packed):
             # Same body as the custom op, with the weights' numpy views cached
             # (keyed by the buffers' identity and address: a load_state_dict or
             # .to() that replaces or moves them refreshes the cache).
