@@ -233,6 +233,57 @@ def resnet_cases(workdir: Path, quick: bool) -> list[Case]:
     return cases
 
 
+def accuracy_report(workdir: Path, quick: bool) -> dict:
+    """What INT8 costs: MiniLM embedding cosine and top-10 neighbour agreement
+    (real weights), GPT-2 124M logit difference and perplexity change, ResNet-50
+    feature cosine (random weights with the published shapes)."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from tallow.corpus import docstring_sentences
+    from tallow.ops import preprocess
+
+    report: dict = {}
+    path = minilm_path()
+    fp32, int8 = load(path), load(path, quantize="int8")
+    texts = docstring_sentences(300 if quick else 2000)
+    a = fp32.embed(texts, batch_size=64, truncation=True)
+    b = int8.embed(texts, batch_size=64, truncation=True)
+    st = torch.tensor(SentenceTransformer(str(path), device="cpu").encode(texts[:256], batch_size=64))
+    cos_st = torch.nn.functional.cosine_similarity(a[:256], st)
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    agree = []
+    for i in range(0, len(texts), 10):
+        na = set(torch.topk(a @ a[i], 11).indices[1:].tolist())
+        nb = set(torch.topk(b @ b[i], 11).indices[1:].tolist())
+        agree.append(len(na & nb) / 10)
+    report["minilm"] = {"sentences": len(texts), "fp32_vs_sentence_transformers_min_cosine": float(cos_st.min()),
+                        "int8_vs_fp32_min_cosine": float(cos.min()), "int8_vs_fp32_mean_cosine": float(cos.mean()),
+                        "int8_top10_neighbour_agreement": sum(agree) / len(agree)}
+
+    g32, g8 = load(workdir / "gpt2"), load(workdir / "gpt2", quantize="int8")
+    ids = torch.randint(0, GPT2_124M["vocab"] - 1, (1, 256), generator=torch.Generator().manual_seed(7))
+    l32, l8 = g32(ids)[0], g8(ids)[0]
+    nll = lambda logits: float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]))
+    report["gpt2_124m_random"] = {"max_abs_logit_diff": float((l32 - l8).abs().max()),
+                                  "max_abs_logit": float(l32.abs().max()),
+                                  "perplexity_fp32": float(np.exp(nll(l32))), "perplexity_int8": float(np.exp(nll(l8)))}
+
+    from bench_preprocess import photo_jpeg
+
+    r32, r8 = load(workdir / "resnet50"), load(workdir / "resnet50", quantize="int8")
+    rng = np.random.default_rng(1)
+    x = preprocess([photo_jpeg(640, 480, rng) for _ in range(8)])
+    fcos = torch.nn.functional.cosine_similarity(r32.features(x), r8.features(x))
+    report["resnet50_random"] = {"images": 8, "int8_vs_fp32_min_feature_cosine": float(fcos.min())}
+    out = Path(__file__).resolve().parent / "results" / "models_accuracy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print("INT8 accuracy:", json.dumps(report, indent=2))
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -253,6 +304,8 @@ def main() -> int:
         if "resnet" in only:
             cases += resnet_cases(workdir, args.quick)
         run_suite("models", cases, min_time=0.3)
+        if only == {"bert", "minilm", "gpt2", "resnet"}:
+            accuracy_report(workdir, args.quick)
     return 0
 
 

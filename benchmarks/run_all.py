@@ -42,6 +42,9 @@ def summary(suites: list[str], command: str) -> str:
             f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}\n\n"
             f"{markdown_table(data['rows'])}\n"
         )
+    acc = HERE / "results" / "models_accuracy.json"
+    if "models" in suites and acc.exists():
+        parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")
     return f"Measured with `{command}`; medians of interleaved runs.\n\n" + "\n".join(parts)
 
 
