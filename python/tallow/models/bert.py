@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
-from .layers import Dense
+from .layers import Dense, count_parameters
 from .tokenizer import Tokenizer
 
 _HIDDEN_ACT = {"gelu": "gelu_erf", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -220,11 +220,7 @@ class _BertBase(torch.nn.Module):
         return self.tokenizer.batch(texts, truncation=truncation)
 
     def num_parameters(self) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        for module in self.modules():
-            if isinstance(module, Dense) and module.quantized is not None:
-                n += module.in_features * module.out_features + module.out_features
-        return n
+        return count_parameters(self)
 
     def extra_repr(self) -> str:
         c = self.config

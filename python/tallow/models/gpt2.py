@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .generation import SamplingParams, find_stop, next_tokens
-from .layers import Dense
+from .layers import Dense, count_parameters
 from .tokenizer import Tokenizer
 
 _ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "relu": "relu"}
@@ -324,11 +324,7 @@ class GPT2LMHeadModel(torch.nn.Module):
                 for i, toks in enumerate(ids)]
 
     def num_parameters(self) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        for m in self.modules():
-            if isinstance(m, Dense) and m.quantized is not None:
-                n += m.in_features * m.out_features + m.out_features
-        return n
+        return count_parameters(self)
 
     def __repr__(self) -> str:
         c = self.config

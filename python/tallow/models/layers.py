@@ -61,3 +61,13 @@ class Dense(torch.nn.Module):
     def extra_repr(self) -> str:
         kind = "int8" if self.quantized is not None else "fp32"
         return f"{self.in_features} -> {self.out_features}, {kind}, activation={self.activation}"
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of a model, counting each quantized Dense as the float
+    weights it replaced (N·K + N), so fp32 and INT8 variants report alike."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Dense) and m.quantized is not None:
+            n += m.in_features * m.out_features + m.out_features
+    return n

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict
-from .layers import Dense
+from .layers import Dense, count_parameters
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -228,11 +228,7 @@ class ResNet50(torch.nn.Module):
         return self.fc(self.features(x))
 
     def num_parameters(self) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        for m in self.modules():
-            if isinstance(m, Dense) and m.quantized is not None:
-                n += m.in_features * m.out_features + m.out_features
-        return n
+        return count_parameters(self)
 
     def __repr__(self) -> str:
         c = self.config
