@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tallow.store import MetadataStore, StoreUnavailableError
+from tallow.store import MetadataStore, StoreError, StoreUnavailableError
 
 DIM = 4
 
@@ -87,3 +87,23 @@ def test_a_replica_cannot_be_opened_while_the_primary_is_down(sqld, tmp_path):
     sqld.stop()
     with pytest.raises(StoreUnavailableError, match=sqld.url):
         MetadataStore(tmp_path / "r.db", sync_url=sqld.url)
+
+
+def test_put_document_through_a_replica_is_atomic_on_the_primary(replicas):
+    """A statement failing on the primary mid-transaction rolls the whole
+    document back there; the error is an SQL error, not 'unavailable'."""
+    a, b = replicas
+    a.put_document(doc(1, "first version"), chunk("first version"))
+    a._write([("CREATE TRIGGER boom BEFORE INSERT ON chunks WHEN new.text = 'boom' "
+               "BEGIN SELECT RAISE(ABORT, 'boom'); END", ())])
+    with pytest.raises(StoreError, match="boom") as err:
+        a.put_document(doc(1, "boom"), chunk("boom"))
+    assert not isinstance(err.value, StoreUnavailableError)
+    for s in (a, b):
+        s.sync()
+        assert s.get_document("d1")["text"] == "first version"
+        assert [c["text"] for c in s.get_chunks(["d1#0"])] == ["first version"]
+        assert [h[0] for h in s.fts_search("first", 3)] == ["d1#0"] and s.fts_search("boom", 3) == []
+    a.put_document(doc(2, "still writable"), chunk("still writable"))   # the connection is usable after it
+    b.sync()
+    assert b.document_count() == 2
