@@ -387,7 +387,10 @@ class MetadataStore:
     def fts_search(self, query: str, k: int, filter: dict | None = None) -> list[tuple[str, float]]:
         """BM25 keyword search over chunk text: [(chunk id, score)], best first,
         score = -bm25 (higher is better). ``filter`` uses tallow's filter syntax
-        on the document fields (id, title, category, timestamp) and payload."""
+        on the document fields (id, title, category, timestamp) and payload; a
+        payload key with the name of a document field is shadowed by the field.
+        The query text is words only (see ``_fts_query``): FTS5 operators in it
+        are searched for as words, never interpreted."""
         if not isinstance(query, str):
             raise StoreError(f"query must be a str, got {type(query).__name__}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
