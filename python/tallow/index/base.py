@@ -89,17 +89,23 @@ def check_k(k: Any) -> int:
 
 
 class RWLock:
-    """Many readers or one writer. Searches share; upserts/deletes/saves exclude."""
+    """Many readers or one writer. Searches share; upserts/deletes/saves exclude.
+
+    Writer-preferring: once a writer waits, new readers queue behind it.
+    Otherwise a steady stream of overlapping searches keeps the reader count
+    above zero and starves ingestion forever. Not reentrant: a thread must not
+    take read() while it already holds it (a waiting writer would deadlock it)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -113,8 +119,12 @@ class RWLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield

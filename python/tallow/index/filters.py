@@ -158,8 +158,9 @@ def to_qdrant(node: Node | None):
         return None
 
     def match(field: str, value: Any):
-        # MatchValue takes str/int/bool; a float equality is a closed range.
-        if isinstance(value, float):
+        # Numbers compare by value, as in matches() and to_sql (1 == 1.0): a closed range,
+        # since MatchValue(1) does not match a stored 1.0 and takes no floats at all.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return qm.FieldCondition(key=field, range=qm.Range(gte=value, lte=value))
         return qm.FieldCondition(key=field, match=qm.MatchValue(value=value))
 
@@ -168,7 +169,9 @@ def to_qdrant(node: Node | None):
         if c.op in ("eq", "ne"):
             return match(c.field, c.value), c.op == "ne"
         if c.op in ("in", "nin"):
-            if any(isinstance(v, float) for v in c.value):
+            # MatchAny takes a list of only str (or only int, which would miss stored
+            # floats); anything else is an OR of single matches.
+            if not all(isinstance(v, str) for v in c.value):
                 return qm.Filter(should=[match(c.field, v) for v in c.value]), c.op == "nin"
             return qm.FieldCondition(key=c.field, match=qm.MatchAny(any=list(c.value))), c.op == "nin"
         return qm.FieldCondition(key=c.field, range=qm.Range(**{c.op: c.value})), False
@@ -193,12 +196,20 @@ def to_sql(node: Node | None, column: str = "payload") -> tuple[str, list]:
         return "1", []
     params: list = []
 
+    # SQLite's JSON paths have no escape for '"' inside a quoted key ('$."a""b"'
+    # and '$."a\\"b"' both address nothing), so such keys are looked up with json_each.
     def path(field: str) -> str:
-        params.append('$."' + field.replace('"', '""') + '"')
+        if '"' in field:
+            params.append(field)
+            return f"(SELECT value FROM json_each({column}) WHERE key = ?)"
+        params.append('$."' + field + '"')
         return f"json_extract({column}, ?)"
 
     def typed(field: str) -> str:
-        params.append('$."' + field.replace('"', '""') + '"')
+        if '"' in field:
+            params.append(field)
+            return f"(SELECT type FROM json_each({column}) WHERE key = ?)"
+        params.append('$."' + field + '"')
         return f"json_type({column}, ?)"
 
     def value_sql(v: Any) -> str:

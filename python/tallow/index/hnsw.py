@@ -2,7 +2,8 @@
 
 What hnswlib leaves to its caller, done here:
 - external ids (int or str) mapped to hnswlib labels; deleted labels go on a
-  free list and are reused (``mark_deleted`` + ``replace_deleted``);
+  free list and are reused (``mark_deleted``, later ``unmark_deleted`` + an
+  in-place update of that same slot);
 - growth with ``resize_index`` (capacity doubles);
 - ``ef`` stored with the index and re-applied on load (hnswlib forgets it);
 - a readers/writer lock: searches run concurrently, writes exclusively
@@ -102,7 +103,14 @@ class HnswIndex(VectorIndex):
                     self._next_label += 1
                 lab_arr = np.asarray(labels, dtype=np.int64)
                 if reuse:
-                    self._index.add_items(mat[fresh[:reuse]], lab_arr[:reuse], replace_deleted=True)
+                    # Revive exactly the freed labels' own slots, then overwrite their vectors
+                    # in place. (hnswlib's replace_deleted=True fills *any* deleted slot and
+                    # drops that slot's old label from its lookup table; with our own free
+                    # list that orphans labels, and later get_items / mark_deleted raise
+                    # "Label not found".)
+                    for lab in labels[:reuse]:
+                        self._index.unmark_deleted(lab)
+                    self._index.add_items(mat[fresh[:reuse]], lab_arr[:reuse])
                 if len(fresh) > reuse:
                     self._index.add_items(mat[fresh[reuse:]], lab_arr[reuse:])
                 for r, lab in zip(fresh, labels):

@@ -47,8 +47,10 @@ class LibsqlVectorIndex(VectorIndex):
         t = self.table
         with self._lock:
             self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {t} (ext_id TEXT PRIMARY KEY, id_kind TEXT NOT NULL, payload TEXT NOT NULL,"
-                f" norm2 REAL NOT NULL, embedding F32_BLOB({self.dim}) NOT NULL)")
+                f"CREATE TABLE IF NOT EXISTS {t} (ext_id TEXT NOT NULL, id_kind TEXT NOT NULL, payload TEXT NOT NULL,"
+                f" norm2 REAL NOT NULL, embedding F32_BLOB({self.dim}) NOT NULL,"
+                # the kind is part of the key: 5 and "5" are two ids, as in the other backends
+                f" UNIQUE (ext_id, id_kind))")
             if metric != "ip":
                 self._conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_ann ON {t}"
                                    f"(libsql_vector_idx(embedding, 'metric={'cosine' if metric == 'cosine' else 'l2'}'))")
@@ -80,7 +82,7 @@ class LibsqlVectorIndex(VectorIndex):
             try:
                 self._conn.executemany(
                     f"INSERT INTO {self.table} (ext_id, id_kind, payload, norm2, embedding) VALUES (?, ?, ?, ?, vector32(?)) "
-                    "ON CONFLICT(ext_id) DO UPDATE SET id_kind = excluded.id_kind, payload = excluded.payload, "
+                    "ON CONFLICT(ext_id, id_kind) DO UPDATE SET payload = excluded.payload, "
                     "norm2 = excluded.norm2, embedding = excluded.embedding", rows)
                 self._conn.commit()
             except Exception:
@@ -93,7 +95,7 @@ class LibsqlVectorIndex(VectorIndex):
         with self._lock:
             try:
                 for x in ids:
-                    cur = self._conn.execute(f"DELETE FROM {self.table} WHERE ext_id = ?", (str(x),))
+                    cur = self._conn.execute(f"DELETE FROM {self.table} WHERE ext_id = ? AND id_kind = ?", self._key(x))
                     removed += max(cur.rowcount, 0)
                 self._conn.commit()
             except Exception:

@@ -91,9 +91,10 @@ class QdrantIndex(VectorIndex):
         qm = self._qm
         for field in F.fields(node) - self._indexed:
             sample = _first_value(spec, field)
+            # Numbers are filtered by value ranges (filters.to_qdrant), so one FLOAT
+            # index serves stored ints and floats alike.
             schema = (qm.PayloadSchemaType.BOOL if isinstance(sample, bool)
                       else qm.PayloadSchemaType.KEYWORD if isinstance(sample, str)
-                      else qm.PayloadSchemaType.INTEGER if isinstance(sample, int)
                       else qm.PayloadSchemaType.FLOAT)
             self._client.create_payload_index(self.collection, field_name=field, field_schema=schema, wait=True)
             self._indexed.add(field)

@@ -1,0 +1,32 @@
+"""Index fixtures: one factory per backend (closed after the test), a seeded rng."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_helpers import BACKENDS, make_index
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def index_factory(tmp_path):
+    made = []
+
+    def make(backend, dim, metric="cosine", **kw):
+        ix = make_index(backend, dim, metric, tmp_path, **kw)
+        made.append(ix)
+        return ix
+
+    yield make
+    for ix in made:
+        ix.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
