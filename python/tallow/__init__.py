@@ -28,7 +28,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 
-_SUBMODULES = ("corpus", "index", "models", "ops", "testing")
+_SUBMODULES = ("corpus", "index", "models", "ops", "store", "testing")
 
 
 def __getattr__(name: str):
