@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
-from .layers import Dense, count_parameters
+from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer
 
 _HIDDEN_ACT = {"gelu": "gelu_erf", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -202,17 +202,7 @@ class _BertBase(torch.nn.Module):
         self.config = cfg
         self.bert = bert
         self.tokenizer = tokenizer
-        self.quantization = None
-        if quantize is not None:
-            self._quantize(quantize)
-
-    def _quantize(self, mode: str) -> None:
-        if mode != "int8":
-            raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
-        for module in self.modules():
-            if isinstance(module, Dense):
-                module.quantize()
-        self.quantization = "int8"
+        self.quantization = quantize_model(self, quantize)
 
     def _tokenize(self, texts: Sequence[str], truncation: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -285,8 +275,7 @@ class BertClassifier(_BertBase):
         super().__init__(cfg, bert, tokenizer, None)
         self.classifier = Dense(classifier_weight, classifier_bias)
         self.num_labels = classifier_weight.shape[0]
-        if quantize is not None:
-            self._quantize(quantize)
+        self.quantization = quantize_model(self, quantize)
 
     def label(self, i: int) -> str:
         return self.config.id2label.get(i, f"LABEL_{i}")

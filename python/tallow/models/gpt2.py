@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .generation import SamplingParams, find_stop, next_tokens
-from .layers import Dense, count_parameters
+from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer
 
 _ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "relu": "relu"}
@@ -165,15 +165,8 @@ class GPT2LMHeadModel(torch.nn.Module):
         self.ln_f = _layer_norm(sd, "ln_f", cfg.n_embd, cfg.layer_norm_epsilon)
         lm_head = sd.get("lm_head.weight", sd["wte.weight"])  # tied to wte in GPT-2
         self.lm_head = Dense(lm_head, None)
-        self.quantization = None
         self.requires_grad_(False)
-        if quantize is not None:
-            if quantize != "int8":
-                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-            for m in self.modules():
-                if isinstance(m, Dense):
-                    m.quantize()
-            self.quantization = "int8"
+        self.quantization = quantize_model(self, quantize)
 
     # -- forward passes ---------------------------------------------------------------
 

@@ -7,19 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops.int8_matmul import apply_activation
+
 _ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
-
-
-def apply_activation(x: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    if activation is None:
-        return x
-    if activation == "relu":
-        return torch.relu(x)
-    if activation == "gelu_erf":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation {activation!r}; expected one of {_ACTIVATIONS}")
 
 
 class Dense(torch.nn.Module):
@@ -71,3 +61,16 @@ def count_parameters(model: torch.nn.Module) -> int:
         if isinstance(m, Dense) and m.quantized is not None:
             n += m.in_features * m.out_features + m.out_features
     return n
+
+
+def quantize_model(model: torch.nn.Module, mode: Optional[str]) -> Optional[str]:
+    """Turns every Dense of ``model`` into W8A8 when ``mode == "int8"``;
+    returns the quantization now in force (None or "int8")."""
+    if mode is None:
+        return None
+    if mode != "int8":
+        raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, Dense):
+            m.quantize()
+    return "int8"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict
-from .layers import Dense, count_parameters
+from .layers import Dense, count_parameters, quantize_model
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -189,15 +189,8 @@ class ResNet50(torch.nn.Module):
                 cin = width
         self.blocks = torch.nn.Sequential(*blocks)
         self.fc = Dense(sd["fc.weight"], sd["fc.bias"]) if classifier else None
-        self.quantization = None
         self.requires_grad_(False)
-        if quantize is not None:
-            if quantize != "int8":
-                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-            for m in self.modules():
-                if isinstance(m, Dense):
-                    m.quantize()
-            self.quantization = "int8"
+        self.quantization = quantize_model(self, quantize)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -115,7 +115,8 @@ def quantize_rows_ref(x: torch.Tensor):
     return q.to(torch.uint8), scale, zp.to(torch.int32)
 
 
-def _activation_ref(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    """The epilogue activations in torch (also used by fp32 model layers)."""
     if activation is None or activation == "none":
         return y
     if activation == "relu":
@@ -151,7 +152,7 @@ def int8_linear_ref(
     y = acc.to(torch.float32) * (sx[:, None] * weight_scale.to(torch.float32)[None, :])
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :]
-    y = _activation_ref(y, activation)
+    y = apply_activation(y, activation)
     return y.reshape(*lead, qweight.shape[0])
 
 
