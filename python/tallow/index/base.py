@@ -3,6 +3,7 @@ and the input checks they all apply."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -75,7 +76,22 @@ def check_payloads(payloads: Sequence[dict] | None, n: int) -> list[dict]:
         for k, v in p.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise IndexInputError(f"payload {i} field {k!r} is {v}: JSON cannot store it")
+        try:
+            json.dumps(p)
+        except (TypeError, ValueError) as exc:
+            raise IndexInputError(f"payload {i} is not JSON-serialisable: {exc}") from exc
     return [dict(p) for p in payloads]
+
+
+def check_upsert(ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None,
+                 dim: int) -> tuple[list[Id], np.ndarray, list[dict]]:
+    """The checks every backend's upsert makes: ids, a finite [n, dim] matrix
+    with one row per id, JSON-serialisable payloads."""
+    ids = check_ids(ids)
+    mat = as_matrix(vectors, dim)
+    if mat.shape[0] != len(ids):
+        raise IndexInputError(f"got {len(ids)} ids but {mat.shape[0]} vectors")
+    return ids, mat, check_payloads(payloads, len(ids))
 
 
 def check_k(k: Any) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import filters as F
-from .base import Hit, Id, IndexInputError, RWLock, VectorIndex, as_matrix, check_ids, check_k, check_payloads
+from .base import Hit, Id, IndexInputError, RWLock, VectorIndex, as_matrix, check_ids, check_k, check_upsert
 
 _SPACE = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
 _FORMAT = 1
@@ -70,16 +70,7 @@ class HnswIndex(VectorIndex):
     # -- writes -----------------------------------------------------------------------
 
     def upsert(self, ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None = None) -> None:
-        ids = check_ids(ids)
-        mat = as_matrix(vectors, self.dim)
-        if mat.shape[0] != len(ids):
-            raise IndexInputError(f"got {len(ids)} ids but {mat.shape[0]} vectors")
-        pls = check_payloads(payloads, len(ids))
-        for i, p in enumerate(pls):
-            try:
-                json.dumps(p)
-            except (TypeError, ValueError) as exc:
-                raise IndexInputError(f"payload {i} is not JSON-serialisable: {exc}") from exc
+        ids, mat, pls = check_upsert(ids, vectors, payloads, self.dim)
         if not ids:
             return
         with self._lock.write():

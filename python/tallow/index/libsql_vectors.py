@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import filters as F
-from .base import Hit, Id, IndexInputError, VectorIndex, as_matrix, check_ids, check_k, check_payloads
+from .base import Hit, Id, IndexInputError, VectorIndex, as_matrix, check_ids, check_k, check_upsert
 
 _OVERSAMPLE = 8
 
@@ -65,17 +65,10 @@ class LibsqlVectorIndex(VectorIndex):
         return int(key) if kind == "int" else key
 
     def upsert(self, ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None = None) -> None:
-        ids = check_ids(ids)
-        mat = as_matrix(vectors, self.dim)
-        if mat.shape[0] != len(ids):
-            raise IndexInputError(f"got {len(ids)} ids but {mat.shape[0]} vectors")
-        pls = check_payloads(payloads, len(ids))
+        ids, mat, pls = check_upsert(ids, vectors, payloads, self.dim)
         rows = []
         for i, x in enumerate(ids):
-            try:
-                payload = json.dumps(pls[i])
-            except (TypeError, ValueError) as exc:
-                raise IndexInputError(f"payload {i} is not JSON-serialisable: {exc}") from exc
+            payload = json.dumps(pls[i])
             key, kind = self._key(x)
             rows.append((key, kind, payload, float(np.dot(mat[i], mat[i])), json.dumps(mat[i].tolist())))
         with self._lock:

@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Sequence
 
 from . import filters as F
-from .base import Hit, Id, IndexInputError, VectorIndex, as_matrix, check_ids, check_k, check_payloads
+from .base import Hit, Id, IndexInputError, VectorIndex, as_matrix, check_ids, check_k, check_upsert
 
 _DISTANCE = {"cosine": "COSINE", "ip": "DOT", "l2": "EUCLID"}
 _ID_KEY = "_tallow_id"
@@ -59,11 +59,7 @@ class QdrantIndex(VectorIndex):
                 raise IndexInputError(f"collection {collection!r} has dimension {params.size}, not {dim}")
 
     def upsert(self, ids: Sequence[Id], vectors: Any, payloads: Sequence[dict] | None = None) -> None:
-        ids = check_ids(ids)
-        mat = as_matrix(vectors, self.dim)
-        if mat.shape[0] != len(ids):
-            raise IndexInputError(f"got {len(ids)} ids but {mat.shape[0]} vectors")
-        pls = check_payloads(payloads, len(ids))
+        ids, mat, pls = check_upsert(ids, vectors, payloads, self.dim)
         for i, p in enumerate(pls):
             if _ID_KEY in p:
                 raise IndexInputError(f"payload {i} uses the reserved field {_ID_KEY!r}")
