@@ -142,11 +142,17 @@ def format_case(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Case | provider | median ms (p20-p80) | throughput | tallow speedup."""
-    lines = ["| case | provider | median ms (p20–p80) | throughput | tallow ×peer |",
+    """Case | provider | median ms (p20-p80) | throughput | speed of each
+    tallow provider (names starting with "tallow") over this row's provider."""
+    lines = ["| case | provider | median ms (p20–p80) | throughput | tallow speedup over this provider |",
              "|---|---|---|---|---|"]
     for r in rows:
-        speed = "—" if r["tallow_speedup"] == 1.0 else f"{r['tallow_speedup']:.2f}×"
+        ours = [o for o in rows if o["case"] == r["case"] and o["provider"].startswith("tallow")]
+        if r["provider"].startswith("tallow") and len(ours) == 1:
+            speed = "—"
+        else:
+            speed = ", ".join(f"{o['provider']} {r['median_ms'] / o['median_ms']:.2f}×"
+                              for o in ours if o is not r) or "—"
         lines.append(
             f"| {r['case']} | {r['provider']} | {r['median_ms']:.3f} ({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) "
             f"| {r['throughput']:.1f} {r['unit']} | {speed} |"
