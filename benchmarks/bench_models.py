@@ -160,33 +160,35 @@ def gpt2_cases(workdir: Path, quick: bool) -> list[Case]:
     d = _save_hf(hf, workdir / "gpt2")
     ours, ours8 = load(d), load(d, quantize="int8")
     prompt_len, new = 32, (10 if quick else 50)
-    cases = []
-    for batch in ((1,) if quick else (1, 8)):
+
+    def batch_cases(batch: int) -> list[Case]:
+        # A function per batch size so every closure sees its own prompts.
         prompts = torch.randint(0, GPT2_124M["vocab"] - 1, (batch, prompt_len))
         prompt_lists = prompts.tolist()
 
-        def ours_gen(model, max_new=new, prompt_lists=prompt_lists):
+        def ours_gen(model, max_new: int) -> None:
             params = SamplingParams(max_new_tokens=max_new, temperature=0, stop_at_eos=False)
             for _ in model.generate_ids(prompt_lists, params):
                 pass
 
-        def hf_gen(max_new=new, prompts=prompts):
+        def hf_gen(max_new: int) -> None:
             with torch.inference_mode():
                 hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_new,
                             min_new_tokens=max_new, do_sample=False, pad_token_id=0)
 
-        cases.append(Case(
-            f"gpt2-124m b{batch} {prompt_len}+{new} greedy",
-            {"tallow-fp32": lambda: ours_gen(ours), "tallow-int8": lambda: ours_gen(ours8),
-             "transformers-fp32": hf_gen},
-            work=batch * new, unit="tokens/s", params={"batch": batch, "prompt": prompt_len, "new": new},
-            warmup=1, min_reps=3))
-        cases.append(Case(
-            f"gpt2-124m b{batch} time-to-first-token",
-            {"tallow-fp32": lambda: ours_gen(ours, 1), "tallow-int8": lambda: ours_gen(ours8, 1),
-             "transformers-fp32": lambda: hf_gen(1)},
-            work=batch, unit="first tokens/s", params={"batch": batch, "prompt": prompt_len}, warmup=1))
-    return cases
+        return [
+            Case(f"gpt2-124m b{batch} {prompt_len}+{new} greedy",
+                 {"tallow-fp32": lambda: ours_gen(ours, new), "tallow-int8": lambda: ours_gen(ours8, new),
+                  "transformers-fp32": lambda: hf_gen(new)},
+                 work=batch * new, unit="tokens/s", params={"batch": batch, "prompt": prompt_len, "new": new},
+                 warmup=1, min_reps=3),
+            Case(f"gpt2-124m b{batch} time-to-first-token",
+                 {"tallow-fp32": lambda: ours_gen(ours, 1), "tallow-int8": lambda: ours_gen(ours8, 1),
+                  "transformers-fp32": lambda: hf_gen(1)},
+                 work=batch, unit="first tokens/s", params={"batch": batch, "prompt": prompt_len}, warmup=1),
+        ]
+
+    return [c for batch in ((1,) if quick else (1, 8)) for c in batch_cases(batch)]
 
 
 def resnet_cases(workdir: Path, quick: bool) -> list[Case]:
