@@ -46,7 +46,7 @@ def _attn_fwd(
     Q, K, V, O, MASK,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb,
     H, LQ, LK, D, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -60,6 +60,8 @@ def _attn_fwd(
     d_ok = offs_d < D
     q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
 
@@ -75,7 +77,9 @@ def _attn_fwd(
         n_ok = cols < LK
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP32:
+        if UPCAST:
+            k = k.to(tl.float32)
+        if FP32 or UPCAST:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
@@ -97,6 +101,9 @@ def _attn_fwd(
         v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        elif UPCAST:  # P rounded to the input type as on the GPU, the product in fp32
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                                input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -249,6 +256,10 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), smb,
         h, lq, lk, d, qk_scale,
         CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, FP32=fp32,
+        # Triton 3.9's interpreter computes tl.dot on bf16 wrongly (numpy has no
+        # bf16): there, bf16 tiles are multiplied as the fp32 values they hold
+        # (exact products, fp32 sums: what the tensor cores do).
+        UPCAST=q.dtype == torch.bfloat16 and q.device.type != "cuda",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
