@@ -243,10 +243,13 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         return out
     fp32 = q.dtype == torch.float32
     if q.device.type == "cuda":
-        block_m = 128 if (not fp32 and block_d <= 128) else 64
-        block_n = 64 if block_d <= 64 or not fp32 else 32
-        num_warps = 8 if block_m == 128 else 4
-        num_stages = 3 if block_d <= 128 else 2
+        # (BLOCK_M, BLOCK_N, warps, stages) sized so Q + the K/V stages fit in
+        # shared memory (<= ~160 KiB: sm_80's limit) for each head dim
+        if not fp32:
+            cfg = (128, 64, 8, 3) if block_d <= 128 else (64, 32, 4, 2)
+        else:
+            cfg = (64, 64, 4, 2) if block_d <= 64 else ((64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1))
+        block_m, block_n, num_warps, num_stages = cfg
     else:  # interpreter: small tiles keep numpy fast
         block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
     grid = (triton.cdiv(lq, block_m), b * h)
