@@ -49,10 +49,9 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m = tl.program_id(0)  # grid (query blocks, H, B): B and H up to 65535 each
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,11 +119,11 @@ def _decode_partial(
     H, LK, D, qk_scale, CHUNK, S,
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Lq == 1: program (split s, b·h) folds keys [s·CHUNK, (s+1)·CHUNK)."""
+    """Lq == 1: program (split s, h, b) folds keys [s·CHUNK, (s+1)·CHUNK)."""
     sid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -229,7 +228,7 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         pm = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         po = torch.empty(b * h * splits * block_d, dtype=torch.float32, device=q.device)
-        _decode_partial[(splits, b * h)](
+        _decode_partial[(splits, h, b)](
             q, k, v, mask, pm, pl, po,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), smb,
@@ -252,7 +251,7 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         block_m, block_n, num_warps, num_stages = cfg
     else:  # interpreter: small tiles keep numpy fast
         block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
-    grid = (triton.cdiv(lq, block_m), b * h)
+    grid = (triton.cdiv(lq, block_m), h, b)
     _attn_fwd[grid](
         q, k, v, out, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -22,7 +22,7 @@
 // query row, 8 rows per block sharing K/V tiles of 32 keys in shared memory
 // (fp32). Lane j computes s_j for key j of the tile; the lanes own the
 // output's D elements for P.V. With splits > 1 (flash-decoding, Dao et al.
-// 2023) blockIdx.z folds only its part of the key range and writes (m, l, O)
+// 2023) each split's blocks fold only their part of the key range and writes (m, l, O)
 // to the workspace; attn_combine merges the parts:
 //     M = max_s m_s,  out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s
 #include <mma.h>
@@ -58,9 +58,12 @@ __global__ void __launch_bounds__(kGenRows * 32) attn_generic(AttnArgs a) {
   float* Vs = Ks + kGenKeys * ldk;          // [32][D]
   float* Qs = Vs + kGenKeys * D;            // [8][D]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / a.H, h = bh % a.H;
-  const int64_t i0 = (int64_t)blockIdx.x * kGenRows;
+  // grid (query blocks x splits, H, B): query blocks of one head run side by
+  // side (K/V reuse in L2); B and H each up to 65535
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t bh = b * a.H + h;
+  const int split = (int)(blockIdx.x % (unsigned)a.splits);
+  const int64_t i0 = (int64_t)(blockIdx.x / (unsigned)a.splits) * kGenRows;
   const int64_t i = i0 + warp;
   const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
   const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1];
@@ -70,7 +73,7 @@ __global__ void __launch_bounds__(kGenRows * 32) attn_generic(AttnArgs a) {
 
   // key range of this split, and the causal limit of the block's last row
   const int64_t chunk = (a.Lk + a.splits - 1) / a.splits;
-  const int64_t lo = (int64_t)blockIdx.z * chunk;
+  const int64_t lo = (int64_t)split * chunk;
   int64_t hi = lo + chunk < a.Lk ? lo + chunk : a.Lk;
   if (a.causal) {
     int64_t last = i0 + kGenRows - 1 < a.Lq - 1 ? i0 + kGenRows - 1 : a.Lq - 1;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kGenRows * 32) attn_generic(AttnArgs a) {
   }
   if (i >= a.Lq) return;
   if (a.splits > 1) {
-    float* ws = a.workspace + ((bh * a.Lq + i) * a.splits + blockIdx.z) * (a.D + 2);
+    float* ws = a.workspace + ((bh * a.Lq + i) * a.splits + split) * (a.D + 2);
     if (lane == 0) {
       ws[0] = m;
       ws[1] = l;
@@ -203,8 +206,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_wmma(AttnArgs a) {
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int D = (int)a.D;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / a.H, h = bh % a.H;
+  const int64_t b = blockIdx.z, h = blockIdx.y;  // grid (query blocks, H, B)
   const int64_t i0 = (int64_t)blockIdx.x * kBM;
   const T* q = static_cast<const T*>(a.q) + b * a.sq[0] + h * a.sq[1];
   const T* k = static_cast<const T*>(a.k) + b * a.sk[0] + h * a.sk[1];
@@ -323,7 +325,7 @@ cudaError_t launch_wmma(const AttnArgs& a, cudaStream_t st) {
   const size_t smem = WmmaLayout<DP>::bytes;
   cudaError_t e = cudaFuncSetAttribute(attn_wmma<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  dim3 grid((unsigned)ceil_div(a.Lq, kBM), (unsigned)(a.B * a.H));
+  dim3 grid((unsigned)ceil_div(a.Lq, kBM), (unsigned)a.H, (unsigned)a.B);
   attn_wmma<T, DP><<<grid, kWarps * 32, smem, st>>>(a);
   return cudaGetLastError();
 }
@@ -344,7 +346,7 @@ cudaError_t launch_generic(const AttnArgs& a, cudaStream_t st) {
   const size_t smem = (size_t)(kGenKeys * (a.D + 1) + kGenKeys * a.D + kGenRows * a.D) * sizeof(float);
   cudaError_t e = cudaFuncSetAttribute(attn_generic<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  dim3 grid((unsigned)ceil_div(a.Lq, kGenRows), (unsigned)(a.B * a.H), (unsigned)a.splits);
+  dim3 grid((unsigned)(ceil_div(a.Lq, kGenRows) * a.splits), (unsigned)a.H, (unsigned)a.B);
   attn_generic<T><<<grid, kGenRows * 32, smem, st>>>(a);
   e = cudaGetLastError();
   if (e != cudaSuccess || a.splits <= 1) return e;

@@ -774,6 +774,8 @@ def preprocess_tensors(
     dev = packed.device
     if dev.type == "cpu" and out_dtype != torch.float32:
         raise TypeError("preprocess_tensors: float16 output is for CUDA tensors; CPU gives float32")
+    if len(sizes) > 65535:  # a grid dimension of the kernels
+        raise ValueError(f"preprocess_tensors: at most 65535 images per call, got {len(sizes)}")
     out = torch.empty((len(sizes), 3, crop, crop), dtype=out_dtype, device=dev)
     if not sizes:
         return out
