@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# Explicit, so Triton 3.9 does not warn about its changing default (FMA
+# contraction is harmless here: the accuracy rule is 2x SDPA's error).
+_OPTS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -191,6 +194,22 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter: an H100/H200-sized GPU, so the split logic runs
 
 
+def prefill_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel on a
+    GPU, sized so Q + the K/V pipeline stages fit in shared memory on sm_80
+    (<= 163 KiB; tests/triton/test_triton_compile.py checks it)."""
+    if dtype != torch.float32:
+        return (128, 64, 8, 3) if block_d <= 128 else (64, 32, 4, 2)
+    if block_d <= 64:
+        return (64, 64, 4, 2)
+    return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+
+
+def decode_config(block_d: int) -> int:
+    """BLOCK_N of the decode kernel."""
+    return 64 if block_d <= 128 else 32
+
+
 def decode_splits(bh: int, lk: int, block_n: int, sms: int) -> int:
     """Key-range splits per (b, h): enough programs for ~2 waves of the GPU,
     each at least 4 key blocks long."""
@@ -220,7 +239,7 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         mask = q  # never read (HAS_MASK=False)
         smb = 0
     if lq == 1:
-        block_n = 64 if d <= 128 else 32
+        block_n = decode_config(block_d)
         splits = decode_splits(b * h, lk, block_n, _num_sms(q.device))
         chunk = -(-lk // splits)
         chunk = -(-chunk // block_n) * block_n
@@ -233,22 +252,16 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), smb,
             h, lk, d, qk_scale, chunk, splits,
-            HAS_MASK=key_padding_mask is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_MASK=key_padding_mask is not None, BLOCK_N=block_n, BLOCK_D=block_d, **_OPTS,
         )
         _decode_combine[(b * h,)](
             pm, pl, po, out, out.stride(0), out.stride(1), h, d, splits,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, **_OPTS,
         )
         return out
     fp32 = q.dtype == torch.float32
     if q.device.type == "cuda":
-        # (BLOCK_M, BLOCK_N, warps, stages) sized so Q + the K/V stages fit in
-        # shared memory (<= ~160 KiB: sm_80's limit) for each head dim
-        if not fp32:
-            cfg = (128, 64, 8, 3) if block_d <= 128 else (64, 32, 4, 2)
-        else:
-            cfg = (64, 64, 4, 2) if block_d <= 64 else ((64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1))
-        block_m, block_n, num_warps, num_stages = cfg
+        block_m, block_n, num_warps, num_stages = prefill_config(q.dtype, block_d)
     else:  # interpreter: small tiles keep numpy fast
         block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
     grid = (triton.cdiv(lq, block_m), h, b)
@@ -263,7 +276,7 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         # (exact products, fp32 sums: what the tensor cores do).
         UPCAST=q.dtype == torch.bfloat16 and q.device.type != "cuda",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **_OPTS,
     )
     return out
 

@@ -158,12 +158,13 @@ def _launch(a, b, c, sx, zp, colsum, sw, bias, linear: bool, act: int):
     meta = dict(LINEAR=linear, HAS_BIAS=has_bias, ACT=act)
     if _INTERPRET or a.device.type != "cuda":
         grid = (triton.cdiv(m, 16) * triton.cdiv(n, 16),)
-        _int8_gemm[grid](*args, **meta, **_INTERPRET_META)
+        _int8_gemm[grid](*args, **meta, **_INTERPRET_META, enable_fp_fusion=False)
     else:
         def grid(META):
             return (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
 
-        _tuned[grid](*args, **meta)
+        # no FMA contraction: the epilogue rounds like the reference (mul, then add)
+        _tuned[grid](*args, **meta, enable_fp_fusion=False)
 
 
 def quantize_rows(x: torch.Tensor):
@@ -175,8 +176,8 @@ def quantize_rows(x: torch.Tensor):
     if m == 0:
         return xq, sx, zp
     block_k = max(16, triton.next_power_of_2(k))
-    kw = {} if _INTERPRET else {"enable_fp_fusion": False, "num_warps": 8 if block_k >= 2048 else 4}
-    _quantize_rows[(m,)](x, xq, sx, zp, x.stride(0), xq.stride(0), k, BLOCK_K=block_k, **kw)
+    _quantize_rows[(m,)](x, xq, sx, zp, x.stride(0), xq.stride(0), k, BLOCK_K=block_k, enable_fp_fusion=False,
+                         num_warps=8 if block_k >= 2048 else 4)
     return xq, sx, zp
 
 

@@ -110,5 +110,6 @@ def resample(packed: torch.Tensor, meta: torch.Tensor, taps: torch.Tensor, lut: 
     else:  # interpreter: few, large programs (each op costs the same at any size)
         block_i = block_j = min(32, max(2, triton.next_power_of_2(crop)))
     grid = (triton.cdiv(crop, block_i), n, triton.cdiv(crop, block_j))
-    _resample[grid](packed, meta, taps, lut, out, crop, BLOCK_I=block_i, BLOCK_J=block_j)
+    # integer maths only; the option is explicit so Triton 3.9 does not warn
+    _resample[grid](packed, meta, taps, lut, out, crop, BLOCK_I=block_i, BLOCK_J=block_j, enable_fp_fusion=True)
     return out
