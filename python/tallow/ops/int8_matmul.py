@@ -209,7 +209,8 @@ def _int8_matmul_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _int8_matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mod = _gpu.cuda_backend(a)
-    a = a if a.stride(1) == 1 else a.contiguous()
+    # K-contiguous rows with a real row stride (an expanded row has stride 0)
+    a = a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
     wt = b.t().contiguous()  # [N, K]: the kernels read K-contiguous rows of both operands
     m, k = a.shape
     n = wt.shape[0]
