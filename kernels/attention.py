@@ -44,12 +44,14 @@ LOG2E = 1.4426950408889634
 _OPTS = {"enable_fp_fusion": True}
 
 
-@triton.jit
+# causal / has_mask are run-time flags (not constexpr, not specialised): one
+# compiled variant per dtype and head-dim block instead of four.
+@triton.jit(do_not_specialize=["causal", "has_mask"])
 def _attn_fwd(
     Q, K, V, O, MASK,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb,
-    H, LQ, LK, D, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
+    H, LQ, LK, D, qk_scale, causal, has_mask,
+    FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # grid (query blocks, H, B): B and H up to 65535 each
@@ -72,7 +74,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     shift = LK - LQ  # causal: query i sees keys j <= shift + i
     hi = LK
-    if CAUSAL:
+    if causal != 0:
         hi = tl.minimum(LK, shift + (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -87,9 +89,9 @@ def _attn_fwd(
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
         ok = n_ok[None, :] & m_ok[:, None]
-        if CAUSAL:
+        if causal != 0:
             ok = ok & (cols[None, :] <= shift + offs_m[:, None])
-        if HAS_MASK:
+        if has_mask != 0:
             pad = tl.load(MASK + b.to(tl.int64) * smb + cols, mask=n_ok, other=1)
             ok = ok & (pad == 0)[None, :]
         s = tl.where(ok, s, float("-inf"))
@@ -115,12 +117,12 @@ def _attn_fwd(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_mask"])
 def _decode_partial(
     Q, K, V, MASK, PM, PL, PO,
     sqb, sqh, skb, skh, skn, svb, svh, svn, smb,
-    H, LK, D, qk_scale, CHUNK, S,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, LK, D, qk_scale, CHUNK, S, has_mask,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Lq == 1: program (split s, h, b) folds keys [s·CHUNK, (s+1)·CHUNK)."""
     sid = tl.program_id(0)
@@ -145,7 +147,7 @@ def _decode_partial(
         k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
         ok = n_ok
-        if HAS_MASK:
+        if has_mask != 0:
             pad = tl.load(MASK + b.to(tl.int64) * smb + cols, mask=n_ok, other=1)
             ok = ok & (pad == 0)
         s = tl.where(ok, s, float("-inf"))
@@ -236,7 +238,7 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         mask = key_padding_mask.to(torch.uint8).contiguous()
         smb = mask.stride(0)
     else:
-        mask = q  # never read (HAS_MASK=False)
+        mask = q  # never read (has_mask = 0)
         smb = 0
     if lq == 1:
         block_n = decode_config(block_d)
@@ -251,8 +253,8 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
             q, k, v, mask, pm, pl, po,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), smb,
-            h, lk, d, qk_scale, chunk, splits,
-            HAS_MASK=key_padding_mask is not None, BLOCK_N=block_n, BLOCK_D=block_d, **_OPTS,
+            h, lk, d, qk_scale, chunk, splits, int(key_padding_mask is not None),
+            BLOCK_N=block_n, BLOCK_D=block_d, **_OPTS,
         )
         _decode_combine[(b * h,)](
             pm, pl, po, out, out.stride(0), out.stride(1), h, d, splits,
@@ -269,8 +271,8 @@ def attention_fwd(q, k, v, causal: bool, key_padding_mask, scale: float) -> torc
         q, k, v, out, mask,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), smb,
-        h, lq, lk, d, qk_scale,
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, FP32=fp32,
+        h, lq, lk, d, qk_scale, int(bool(causal)), int(key_padding_mask is not None),
+        FP32=fp32,
         # Triton 3.9's interpreter computes tl.dot on bf16 wrongly (numpy has no
         # bf16): there, bf16 tiles are multiplied as the fp32 values they hold
         # (exact products, fp32 sums: what the tensor cores do).

@@ -68,7 +68,7 @@ def attention(arch, quick):
     for dtype, block_d in cases:
         bm, bn, nw, ns = A.prefill_config(dtype, block_d)
         t = TYPES[dtype]
-        consts = {"CAUSAL": True, "HAS_MASK": True, "FP32": dtype == torch.float32, "UPCAST": False,
+        consts = {"FP32": dtype == torch.float32, "UPCAST": False,
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}
         compile_one(f"attn_fwd {t} D{block_d}", A._attn_fwd, {"Q": t, "K": t, "V": t, "O": t, "MASK": "u8"},
                     ("qk_scale",), consts, arch, nw, ns)
@@ -76,7 +76,7 @@ def attention(arch, quick):
         t = TYPES[dtype]
         compile_one(f"decode_partial {t} D{block_d}", A._decode_partial,
                     {"Q": t, "K": t, "V": t, "MASK": "u8", "PM": "fp32", "PL": "fp32", "PO": "fp32"},
-                    ("qk_scale",), {"HAS_MASK": True, "BLOCK_N": A.decode_config(block_d), "BLOCK_D": block_d},
+                    ("qk_scale",), {"BLOCK_N": A.decode_config(block_d), "BLOCK_D": block_d},
                     arch, 4)
         compile_one(f"decode_combine {t} D{block_d}", A._decode_combine,
                     {"PM": "fp32", "PL": "fp32", "PO": "fp32", "O": t}, (), {"BLOCK_S": 64, "BLOCK_D": block_d},
@@ -88,10 +88,9 @@ def int8(arch, quick):
                 (), {"BLOCK_K": 4096}, arch, 8, enable_fp_fusion=False)
     ptrs = {"A": "i8", "B": "i8", "C": "fp32", "SX": "fp32", "ZP": "i32", "COLSUM": "i32", "SW": "fp32",
             "BIAS": "fp32"}
-    configs = [c for c in I._CONFIGS if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64] if quick \
-        else I._CONFIGS
+    configs = [c for c in I._CONFIGS if c.kwargs["BLOCK_M"] == 16] if quick else I._CONFIGS
     for cfg in configs:
-        consts = {"LINEAR": True, "HAS_BIAS": True, "ACT": 3, **cfg.kwargs}
+        consts = {"LINEAR": True, **cfg.kwargs}
         name = "int8_gemm " + "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         compile_one(name, I._int8_gemm, ptrs, (), consts, arch, cfg.num_warps, cfg.num_stages,
                     enable_fp_fusion=False)
