@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 6), for a machine with one CUDA GPU; ~8 min
+# One prepared GPU check (issue 6), for a machine with one CUDA GPU; at most
+# 150 + 240 + 150 s by its stage timeouts (build, tests, benchmarks), ~6-8 min
 # on an H200:
 #   1. build and install tallow with TALLOW_CUDA=ON (fails if no nvcc),
 #   2. run the GPU tests (tests/gpu, and tests/triton compiled for the GPU),
@@ -45,7 +46,7 @@ if [[ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]]; then
   ARCHS=${TALLOW_CUDA_ARCHS:-$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}{p.minor}')")}
   stamp "build tallow with CUDA for sm_${ARCHS}"
   TALLOW_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${ARCHS}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout 300 "$PY" -m pip install --quiet --no-build-isolation --no-deps . || { echo "FATAL: build failed"; exit 3; }
+    timeout 150 "$PY" -m pip install --quiet --no-build-isolation --no-deps . || { echo "FATAL: build failed"; exit 3; }
 fi
 "$PY" -m tallow info || { echo "FATAL: tallow does not import"; exit 3; }
 "$PY" -c "import tallow, sys; i = tallow.info(); print(i['cuda_module']); sys.exit(0 if i['backends']['cuda'] else 1)" \
@@ -60,7 +61,7 @@ stamp "GPU tests exit code ${tests_rc}"
 stamp "GPU benchmarks"
 QUICK=""
 [[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && QUICK="--quick"
-timeout 240 "$PY" benchmarks/bench_gpu.py $QUICK
+timeout 150 "$PY" benchmarks/bench_gpu.py $QUICK
 bench_rc=$?
 stamp "benchmarks exit code ${bench_rc}; results in benchmarks/results/gpu-*.json"
 ls -l benchmarks/results/gpu-* 2>/dev/null
