@@ -17,3 +17,20 @@ def linear_shapes(model: dict) -> list[tuple[int, int]]:
     if "vocab" in model and model["name"].startswith("gpt2"):
         shapes.append((h, model["vocab"]))  # the LM head
     return shapes
+
+
+# GPU benchmarks (benchmarks/bench_gpu.py): sequence lengths swept for
+# attention (GPT-2's heads and head dim, L up to 8192), the token counts M
+# for the INT8 linear layers, and the image batch for preprocessing.
+GPU_ATTENTION_LENGTHS = (512, 1024, 2048, 4096, 8192)
+GPU_ATTENTION_TOKENS = 16384  # B = tokens // L sequences per case
+GPU_LINEAR_M = (1, 128, 1024, 4096)
+GPU_PREPROCESS_BATCH = 64
+GPU_PREPROCESS_SIZES = ((768, 1024), (1024, 768), (480, 640), (1080, 1920), (500, 375), (2000, 1500))
+
+
+def attention_shapes_gpu(model: dict) -> list[tuple[int, int, int, int]]:
+    """(B, H, L, D) for the GPU attention sweep: the model's heads and head
+    dim, L from GPU_ATTENTION_LENGTHS, B so that B * L = GPU_ATTENTION_TOKENS."""
+    return [(max(1, GPU_ATTENTION_TOKENS // l), model["heads"], l, model["head_dim"])
+            for l in GPU_ATTENTION_LENGTHS]

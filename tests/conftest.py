@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a CUDA device the Triton kernels (tests/triton/) run under Triton's
+# interpreter on CPU tensors. It must be chosen before triton is first
+# imported, by anything (sentence-transformers, torch.compile...), so here,
+# in the first conftest, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tallow
 from tallow.testing import ISA_LEVELS, available_isas
@@ -44,5 +53,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        # the marker, not `"gpu" in item.keywords`: keywords also hold the
+        # names of the directories above the test (a checkout in .../gpu/)
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)

@@ -93,6 +93,12 @@ def info() -> dict:
         )
     else:
         report["native"]["error"] = native_error()
+    from . import _gpu
+
+    report["cuda_module"] = _gpu.cuda_module_status()
+    has_cuda = torch.cuda.is_available()
+    report["backends"]["cuda"] = bool(has_cuda and report["cuda_module"]["devices"] > 0)
+    report["backends"]["triton"] = bool(has_cuda and _gpu.triton_available())
     try:
         report["backend_override"] = requested_backend()
     except ValueError as exc:

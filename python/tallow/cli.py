@@ -24,6 +24,12 @@ def _print_info(as_json: bool) -> int:
         print(f"threads       : {nat['threads']}")
     else:
         print(f"native module : NOT AVAILABLE ({nat['error']})")
+    cm = report.get("cuda_module", {})
+    if cm.get("built"):
+        print(f"cuda module   : {cm['module']} ({cm['devices']} device(s)"
+              + (f"; {cm['error']}" if cm.get("error") else "") + ")")
+    else:
+        print(f"cuda module   : not built ({cm.get('error')})")
     backends = ", ".join(name for name, ok in report["backends"].items() if ok)
     print(f"backends      : {backends}")
     if report.get("backend_override"):

@@ -84,3 +84,39 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"{prefix}{int(bad.sum())} values outside atol={atol:g}, rtol={rtol:g}; {cmp}"
         )
     return cmp
+
+
+# ---------------------------------------------------------------- GPU kernels (tests/triton, tests/gpu)
+
+#: 4 float32 ulps of an O(1) output: the floor under "2x SDPA's error" when
+#: SDPA happens to be exact (e.g. Lk = 1).
+ATTENTION_ERR_FLOOR = 4 * 2.0**-23
+
+
+def attention_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                          mask, oracle: torch.Tensor) -> float:
+    """FlashAttention's accuracy rule, per dtype: twice the max error of
+    torch's own ``scaled_dot_product_attention`` in q's dtype and on q's
+    device vs the float64 ``oracle`` (rows that see no key excluded: SDPA
+    gives NaN there), plus a floor: 4 float32 ulps for float32, one ulp of the
+    output's magnitude for float16/bfloat16 (FlashAttention-2 rounds P to the
+    input type before P.V, and so may the peer or not)."""
+    import torch.nn.functional as F
+
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(diagonal=lk - lq)
+    allowed = allowed[None, None].expand(b, 1, lq, lk)
+    if mask is not None:
+        allowed = allowed & ~mask[:, None, None, :]
+    attn_mask = None if (not causal and mask is None) else allowed
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    visible = allowed.any(dim=-1, keepdim=True).expand_as(oracle)
+    sdpa = torch.where(visible, sdpa.double(), oracle)
+    err = compare(sdpa, oracle).max_abs
+    if q.dtype == torch.float32:
+        return 2 * err + ATTENTION_ERR_FLOOR
+    eps = torch.finfo(q.dtype).eps
+    return 2 * err + eps * max(1.0, float(oracle.abs().max()))

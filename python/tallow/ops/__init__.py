@@ -3,7 +3,7 @@ and backends chosen by device (``TALLOW_BACKEND`` overrides)."""
 
 from .attention import attention, attention_ref
 from .int8_matmul import QuantizedLinear, int8_linear_ref, int8_matmul, int8_matmul_ref, quantize_rows_ref
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_ref
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_ref, preprocess_tensors
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -16,5 +16,6 @@ __all__ = [
     "int8_matmul_ref",
     "preprocess",
     "preprocess_ref",
+    "preprocess_tensors",
     "quantize_rows_ref",
 ]

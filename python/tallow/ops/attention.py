@@ -11,7 +11,12 @@ ignore), the ``nn.MultiheadAttention`` convention; a Hugging Face
 no key at all returns zeros, not NaN.
 
 Backends: ``cpu`` (tallow._C) and ``ref`` (eager torch maths, materialises
-the Lq x Lk scores; any float dtype).
+the Lq x Lk scores; any float dtype) for CPU tensors; ``cuda``
+(tallow._C_cuda, csrc/cuda/attention.cu: tensor-core FlashAttention-2 for
+fp16/bf16 with D in {64, 80, 128}, a warp kernel with flash-decoding for the
+rest, D <= 256) and ``triton`` (kernels/attention.py: FlashAttention-2 with
+``tl.dot``, flash-decoding for Lq = 1; fp16/bf16/fp32, D <= 256) for CUDA
+tensors, in that order; both accumulate in fp32 and return q's dtype.
 
 The cpu kernel (csrc/attention/) is the FlashAttention-2 forward pass (Dao
 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
@@ -49,10 +54,11 @@ from typing import Optional
 
 import torch
 
+from .. import _gpu
 from .._dispatch import BackendUnavailable, dispatch, eager_call
 from .._native import native
 
-_ORDER = {"cpu": ("cpu", "ref")}
+_ORDER = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
 
 
 def attention_ref(
@@ -96,7 +102,41 @@ def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
     return out
 
 
-_IMPLS = {"cpu": _attention_cpu, "ref": attention_ref}
+def _gpu_check(q, backend: str) -> None:
+    if q.dtype not in _gpu.DTYPE_CODES:
+        raise BackendUnavailable(f"{backend} attention takes float32/float16/bfloat16, got {q.dtype}")
+    if q.shape[-1] > 256:
+        raise BackendUnavailable(f"{backend} attention takes head dims up to 256, got {q.shape[-1]}")
+
+
+def _attention_cuda(q, k, v, causal, key_padding_mask, scale):
+    mod = _gpu.cuda_backend(q)
+    _gpu_check(q, "cuda")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    with torch.cuda.device(q.device):
+        splits = mod.attention_splits(b * h, lq, lk, _gpu.sm_count(q.device))
+        ws = torch.empty(b * h * lq * splits * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+        mod.attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0 if mask is None else mask.data_ptr(),
+            b, h, lq, lk, d, list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
+            list(out.stride()[:3]), 0 if mask is None else mask.stride(0), _gpu.DTYPE_CODES[q.dtype],
+            bool(causal), float(scale), splits, 0 if ws is None else ws.data_ptr(), _gpu.stream_of(q),
+        )
+    return out
+
+
+def _attention_triton(q, k, v, causal, key_padding_mask, scale):
+    kern = _gpu.triton_kernels("attention", q)
+    _gpu_check(q, "triton")
+    with torch.cuda.device(q.device):
+        return kern.attention_fwd(q, k, v, causal, key_padding_mask, scale)
+
+
+_IMPLS = {"cpu": _attention_cpu, "cuda": _attention_cuda, "triton": _attention_triton, "ref": attention_ref}
 
 
 @torch.library.custom_op("tallow::attention", mutates_args=())

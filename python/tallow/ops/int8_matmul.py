@@ -52,6 +52,15 @@ zero-point compensation):
 All paths fuse the activation quantization (one pass per row) and the
 dequantize + bias + activation epilogue. ``int8_matmul`` packs B panel by
 panel inside the GEMM tasks (read once, kept in L2), any strides.
+
+On CUDA tensors (``.to("cuda")`` moves a QuantizedLinear's buffers) the
+backends are ``cuda`` (tallow._C_cuda, csrc/cuda/int8_matmul.cu:
+``mma.sync`` s8·s8→s32 tensor-core tiles with cp.async double buffering,
+``dp4a`` for unaligned K) and ``triton`` (kernels/int8_matmul.py: ``tl.dot``
+on int8, autotuned tiles), in that order. Both quantize the activations in a
+small kernel of their own (bit-identical q, scale, zp), store ``q - 128``
+as s8 for the tensor cores and fold ``(128 - zp) · colsum[n]`` into the fused
+epilogue; they read the unpacked int8 weight ``[N, K]`` (cached per module).
 """
 
 from __future__ import annotations
@@ -62,10 +71,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _gpu
 from .._dispatch import BackendUnavailable, dispatch, eager_call
 from .._native import native
 
-_ORDER = {"cpu": ("cpu", "ref")}
+_ORDER = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
 ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
 _ACT_CODE = {"none": 0, "relu": 1, "gelu_erf": 2, "gelu_tanh": 3}
 
@@ -186,7 +196,28 @@ def _int8_matmul_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_MATMUL_IMPLS = {"cpu": _int8_matmul_cpu, "ref": int8_matmul_ref}
+def _int8_matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mod = _gpu.cuda_backend(a)
+    # K-contiguous rows with a real row stride (an expanded row has stride 0)
+    a = a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
+    wt = b.t().contiguous()  # [N, K]: the kernels read K-contiguous rows of both operands
+    m, k = a.shape
+    n = wt.shape[0]
+    out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+    with torch.cuda.device(a.device):
+        mod.int8_gemm(a.data_ptr(), wt.data_ptr(), out.data_ptr(), m, n, k, a.stride(0), wt.stride(0), n,
+                      False, 0, 0, 0, 0, 0, 0, 0, _gpu.stream_of(a))
+    return out
+
+
+def _int8_matmul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    kern = _gpu.triton_kernels("int8_matmul", a)
+    with torch.cuda.device(a.device):
+        return kern.int8_matmul(a, b)
+
+
+_MATMUL_IMPLS = {"cpu": _int8_matmul_cpu, "cuda": _int8_matmul_cuda, "triton": _int8_matmul_triton,
+                 "ref": int8_matmul_ref}
 
 
 @torch.library.custom_op("tallow::int8_matmul", mutates_args=())
@@ -246,7 +277,42 @@ def _int8_linear_cpu(x, packed, colsum, weight_scale, bias, activation, arrays=N
     return out
 
 
-_LINEAR_IMPLS = {"cpu": _int8_linear_cpu, "ref": _int8_linear_ref_packed}
+def _unpacked(packed, colsum, k, wq):
+    return wq if wq is not None else unpack_weight(packed, colsum.shape[0], k).contiguous()
+
+
+def _int8_linear_cuda(x, packed, colsum, weight_scale, bias, activation, wq=None):
+    mod = _gpu.cuda_backend(x)
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    m, k = x.shape
+    wq = _unpacked(packed, colsum, k, wq)
+    n = wq.shape[0]
+    dev = x.device
+    xq = torch.empty(m, k, dtype=torch.int8, device=dev)
+    sx = torch.empty(m, dtype=torch.float32, device=dev)
+    zp = torch.empty(m, dtype=torch.int32, device=dev)
+    out = torch.empty(m, n, dtype=torch.float32, device=dev)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    with torch.cuda.device(dev):
+        stream = _gpu.stream_of(x)
+        mod.int8_quantize_rows(x.data_ptr(), xq.data_ptr(), sx.data_ptr(), zp.data_ptr(), m, k, x.stride(0), stream)
+        mod.int8_gemm(xq.data_ptr(), wq.data_ptr(), out.data_ptr(), m, n, k, k, wq.stride(0), n, True,
+                      _ACT_CODE[activation], sx.data_ptr(), zp.data_ptr(), colsum.data_ptr(),
+                      weight_scale.data_ptr(), 0 if b is None else b.data_ptr(), 0, stream)
+    return out
+
+
+def _int8_linear_triton(x, packed, colsum, weight_scale, bias, activation, wq=None):
+    kern = _gpu.triton_kernels("int8_matmul", x)
+    wq = _unpacked(packed, colsum, x.shape[-1], wq)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    with torch.cuda.device(x.device):
+        return kern.int8_linear(x, wq.t(), colsum, weight_scale, b, activation)
+
+
+_LINEAR_IMPLS = {"cpu": _int8_linear_cpu, "cuda": _int8_linear_cuda, "triton": _int8_linear_triton,
+                 "ref": _int8_linear_ref_packed}
 
 
 @torch.library.custom_op("tallow::int8_linear", mutates_args=())
@@ -305,6 +371,7 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("bias", None)
         self._np_key = None
         self._np_arrays = None
+        self._wq = None
 
     @classmethod
     def from_float(
@@ -369,8 +436,11 @@ class QuantizedLinear(torch.nn.Module):
             raise ValueError(
                 f"QuantizedLinear: x must have shape [..., {self._in}] (in_features), got {tuple(x.shape)}"
             )
-        if x.device.type != "cpu":
-            raise ValueError(f"QuantizedLinear: x must be on the CPU, got {x.device}")
+        if x.device != self.packed_weight.device:
+            raise ValueError(
+                f"QuantizedLinear: x is on {x.device} but the weights are on {self.packed_weight.device} "
+                "(move the module with .to(device))"
+            )
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self._in)  # a view when the leading dims allow it
         if x2.shape[0] == 0:
@@ -383,9 +453,13 @@ class QuantizedLinear(torch.nn.Module):
             # .to() that replaces or moves them refreshes the cache).
             key = tuple((id(t), t.data_ptr()) for t in (packed, colsum, scale, bias) if t is not None)
             if self._np_key != key:
-                self._np_arrays = _weight_arrays(packed, colsum, scale, bias) if packed.device.type == "cpu" else None
+                on_cpu = packed.device.type == "cpu"
+                self._np_arrays = _weight_arrays(packed, colsum, scale, bias) if on_cpu else None
+                # GPU backends read the unpacked int8 weight [N, K]: unpack once per weights
+                self._wq = None if on_cpu else self.int8_weight().contiguous()
                 self._np_key = key
-            impls = {"cpu": partial(_int8_linear_cpu, arrays=self._np_arrays), "ref": _int8_linear_ref_packed}
+            impls = {"cpu": partial(_int8_linear_cpu, arrays=self._np_arrays), "ref": _int8_linear_ref_packed,
+                     "cuda": partial(_int8_linear_cuda, wq=self._wq), "triton": partial(_int8_linear_triton, wq=self._wq)}
             y = dispatch("int8_linear", x2.device.type, _ORDER, impls, x2, packed, colsum, scale, bias, self._activation)
         else:
             y = _int8_linear_op(x2, packed, colsum, scale, bias, self._activation)
