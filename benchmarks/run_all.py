@@ -19,7 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models"]
+SUITES = ["attention", "int8_matmul", "preprocess", "models"]  # bench_<name>.py scripts
+# Result files they write (bench_int8_matmul.py writes two suites).
+RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models"]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -65,7 +67,7 @@ def main() -> int:
         "make bench; then python benchmarks/run_all.py " + " ".join(sys.argv[1:])
     # The summary shows every suite's latest results (each with its own time
     # stamp), so rerunning one suite keeps the others in the table.
-    text = summary(SUITES, command.strip())
+    text = summary(RESULTS, command.strip())
     (HERE / "results" / "summary.md").write_text(text)
     print("\n" + text)
     if args.update_readme:
