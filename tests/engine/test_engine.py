@@ -327,3 +327,16 @@ def test_killed_ingest_leaves_no_half_visible_document(tmp_path, engine_factory)
         text = eng.store.get_document(d)["text"]
         first = chunk_text(eng.embedder.tokenizer._tok, text, 32, 8)[0].text
         assert eng.search(first, k=1)[0].chunk_id == f"{d}#0"
+
+
+def test_int8_embedder_and_top_level_name(tmp_path, docs):
+    import tallow
+
+    assert tallow.Engine is Engine
+    with Engine(tmp_path / "int8", quantize="int8", chunk_tokens=64, overlap=16) as eng:
+        assert eng.embedder.quantization == "int8"
+        s = eng.ingest(docs[:6], progress=False)
+        assert s.added == 6 and s.chunks >= 6
+        assert eng.search(_q(eng, docs[4], 0), k=1)[0].doc_id == "doc-4"
+    with pytest.raises(EngineError, match="quantize"):
+        Engine(tmp_path / "x", quantize="int4")
