@@ -235,6 +235,16 @@ def test_corrupt_index_directory_is_rebuilt_from_the_store(engine, engine_factor
     assert any(p.name.startswith("index.corrupt-") for p in eng.data_dir.iterdir())
 
 
+def test_corrupt_store_file_is_a_clear_error_and_left_alone(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    junk = bytes(range(256)) * 20
+    (bad / "tallow.db").write_bytes(junk)
+    with pytest.raises((EngineError, RuntimeError), match="tallow.db|database"):
+        Engine(bad)
+    assert (bad / "tallow.db").read_bytes() == junk
+
+
 def test_crash_between_store_and_index_is_reconciled(engine, engine_factory, docs, monkeypatch):
     """Deterministic crash points: the store committed, the index write never
     happened (new and changed documents), and an index snapshot older than

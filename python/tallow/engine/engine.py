@@ -222,7 +222,15 @@ class Engine:
         self._chunks_of: dict[str, int] = {}  # doc id -> number of its chunks in the index
         self._unsaved = 0
         self._closed = False
-        self.store = MetadataStore(self.data_dir / "tallow.db", sync_url=sync_url, auth_token=auth_token)
+        from ..store import StoreError
+
+        try:
+            self.store = MetadataStore(self.data_dir / "tallow.db", sync_url=sync_url, auth_token=auth_token)
+        except StoreError:
+            raise
+        except Exception as exc:  # e.g. libsql's "file is not a database"
+            raise EngineError(f"cannot open the metadata store {self.data_dir / 'tallow.db'}: {exc} "
+                              "(the file was left as it is)") from exc
         try:
             self._dim: int | None = self.store.stats()["embedding_dim"]  # fixed by the first stored embedding
             self._open_index(self._dim)
