@@ -195,6 +195,15 @@ def test_bad_inputs_are_rejected_and_nothing_is_lost(engine, docs):
     assert engine.store.get_document("new") is None
 
 
+def test_settings_are_checked(engine_factory, tmp_path, docs):
+    with pytest.raises(EngineError, match="chunk_tokens=600 does not fit"):
+        engine_factory(tmp_path / "big", chunk_tokens=600, overlap=0).ingest(docs[:1], progress=False)
+    for kw, msg in (({"overlap": 32}, "overlap"), ({"index": "faiss"}, "index must be"),
+                    ({"save_every": 0}, "save_every")):
+        with pytest.raises(ValueError, match=msg):
+            engine_factory(tmp_path / "s", **kw)
+
+
 class _Broken:
     """Wraps MiniLM: same tokenizer, vectors of the wrong dimension or with NaN."""
 

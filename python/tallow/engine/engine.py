@@ -409,23 +409,34 @@ class Engine:
         summary = IngestSummary()
         from tqdm import tqdm
 
-        bar = tqdm(total=len(docs), unit="doc", desc="ingest", file=sys.stderr, disable=not progress,
-                   dynamic_ncols=True)
+        # Pass 1, nothing written yet: hashes, what changed, chunks (cheap next to embedding).
+        todo: list[tuple[dict, str, list[Chunk], bool]] = []
+        hf = None  # loading the embedder waits until something changed
+        for doc in docs:
+            h = content_hash(doc, self.chunk_tokens, self.overlap)
+            old = self.store.document_hash(doc["id"])
+            if old == h:
+                summary.unchanged += 1
+                continue
+            if hf is None:
+                hf = self._hf_tokenizer()
+                limit = getattr(getattr(self.embedder, "tokenizer", None), "max_length", None)
+                if limit is not None and self.chunk_tokens + 2 > limit:
+                    raise EngineError(f"chunk_tokens={self.chunk_tokens} does not fit the embedder's {limit} "
+                                      "positions (with [CLS] and [SEP]); lower chunk_tokens")
+            chunks = chunk_text(hf, doc["text"], self.chunk_tokens, self.overlap)
+            if not chunks:
+                raise EngineError(f"document {doc['id']!r}: the text has no tokens; nothing was written")
+            todo.append((doc, h, chunks, old is not None))
+        # Pass 2: embed groups of at least 4 batches, write each document (store, then index).
+        bar = tqdm(total=len(docs), initial=summary.unchanged, unit="doc", desc="ingest", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
         try:
             group: list[tuple[dict, str, list[Chunk], bool]] = []
             pending_chunks = 0
-            for doc in docs:
-                h = content_hash(doc, self.chunk_tokens, self.overlap)
-                old = self.store.document_hash(doc["id"])
-                if old == h:
-                    summary.unchanged += 1
-                    bar.update(1)
-                    continue
-                chunks = chunk_text(self._hf_tokenizer(), doc["text"], self.chunk_tokens, self.overlap)
-                if not chunks:
-                    raise EngineError(f"document {doc['id']!r}: the text has no tokens")
-                group.append((doc, h, chunks, old is not None))
-                pending_chunks += len(chunks)
+            for item in todo:
+                group.append(item)
+                pending_chunks += len(item[2])
                 if pending_chunks >= 4 * batch_size:
                     self._write_group(group, batch_size, summary, bar)
                     group, pending_chunks = [], 0
