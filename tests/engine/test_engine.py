@@ -359,3 +359,39 @@ def test_int8_embedder_and_top_level_name(tmp_path, docs):
         assert eng.search(_q(eng, docs[4], 0), k=1)[0].doc_id == "doc-4"
     with pytest.raises(EngineError, match="quantize"):
         Engine(tmp_path / "x", quantize="int4")
+
+
+def _sqld_class():
+    """tests/store/conftest.py's Sqld (a real libSQL server), or skip without its binary."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_store_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not mod.SQLD.is_file():
+        pytest.skip(f"no sqld binary at {mod.SQLD} (`make tools`)")
+    return mod.Sqld
+
+
+def test_engines_on_two_replicas_of_one_libsql_primary(tmp_path, embedder, docs):
+    """Ingest through one node, search on another: each keeps its own HNSW
+    index, derived from its replica of the store (sync = pull + reconcile)."""
+    server = _sqld_class()(tmp_path / "sqld-data", tmp_path / "sqld.log")
+    server.start()
+    kw = {"embedder": embedder, "chunk_tokens": 32, "overlap": 8, "sync_url": server.url}
+    try:
+        with Engine(tmp_path / "a", **kw) as a, Engine(tmp_path / "b", **kw) as b:
+            assert b.search("anything", k=3) == []
+            a.ingest(docs[:5], progress=False)
+            assert b.sync()["added"] == a.stats()["chunks"]
+            assert b.search(_q(b, docs[3]), k=1)[0].chunk_id == "doc-3#1"
+            a.ingest([{**docs[3], "text": "Replaced on node a."}], progress=False)
+            a.delete_document("doc-4")
+            b.sync()
+            _consistent(b)
+            assert {r.doc_id for r in b.search(_q(b, docs[4]), k=10)} <= {"doc-0", "doc-1", "doc-2", "doc-3"}
+            assert b.search("Replaced on node a.", k=1)[0].text == "Replaced on node a."
+    finally:
+        server.stop()

@@ -393,8 +393,10 @@ class Engine:
     def ingest(self, documents: Iterable[dict], batch_size: int = 64, progress: bool = True) -> IngestSummary:
         """Chunks, embeds and stores documents ({id, title, text, category,
         timestamp, payload}; only text is required — a missing id becomes the
-        text's SHA-256). All documents are checked before anything is written.
-        Returns added / updated / unchanged counts, chunks written, seconds."""
+        text's SHA-256). All documents are checked and chunked before anything
+        is written; a later failure (embedding, store) leaves the documents
+        written so far complete and the others untouched. Returns added /
+        updated / unchanged counts, chunks written, seconds."""
         self._check_open()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EngineError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -632,6 +634,18 @@ class Engine:
         return RagAnswer(out.text.strip(), sources, prompt, n, out.finish_reason)
 
     # -- misc -------------------------------------------------------------------------
+
+    def sync(self) -> dict:
+        """Embedded replica: pulls the primary's changes (other engines' ingests
+        and deletes) and brings this engine's index up to date. Returns what
+        ``reconcile`` changed. Embedded file: only reconciles."""
+        self._check_open()
+        self.store.sync()
+        dim = self.store.stats()["embedding_dim"]
+        if self._index is None and dim is not None:
+            self._dim = dim
+            self._index = self._new_index(dim)
+        return self.reconcile() if self._index is not None else {"added": 0, "deleted": 0}
 
     def stats(self) -> dict:
         self._check_open()
