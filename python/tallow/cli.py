@@ -70,7 +70,8 @@ def _engine(args, **kw):
 
     generator = getattr(args, "generator", None) or os.environ.get("TALLOW_GENERATOR")
     return Engine(args.data_dir, index=args.index, quantize="int8" if args.int8 else None,
-                  generator_path=generator, **kw)
+                  generator_path=generator, sync_url=args.sync_url or os.environ.get("TALLOW_SYNC_URL"),
+                  auth_token=os.environ.get("TALLOW_AUTH_TOKEN"), **kw)
 
 
 def _parse_filter(text: str | None):
@@ -142,6 +143,7 @@ def _common(p) -> None:
     p.add_argument("--data-dir", default="data", help="data directory (default ./data)")
     p.add_argument("--index", default="hnsw", choices=["hnsw", "qdrant", "libsql"], help="vector index backend")
     p.add_argument("--int8", action="store_true", help="INT8 embedding model")
+    p.add_argument("--sync-url", help="libSQL primary to replicate (or TALLOW_SYNC_URL; token: TALLOW_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
