@@ -19,9 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models"]  # bench_<name>.py scripts
+SUITES = ["attention", "int8_matmul", "preprocess", "models", "index"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models"]
+RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -44,6 +44,9 @@ def summary(suites: list[str], command: str) -> str:
             f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}\n\n"
             f"{markdown_table(data['rows'])}\n"
         )
+    rec = HERE / "results" / "index_recall.md"
+    if "index" in suites and rec.exists():
+        parts.append("### Vector search recall (index)\n\n" + rec.read_text().strip() + "\n")
     acc = HERE / "results" / "models_accuracy.json"
     if "models" in suites and acc.exists():
         parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")

@@ -28,7 +28,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
 
-_SUBMODULES = ("corpus", "index", "models", "ops", "store", "testing")
+_SUBMODULES = ("corpus", "engine", "index", "models", "ops", "store", "testing")
 
 
 def __getattr__(name: str):
@@ -38,6 +38,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "Engine":  # the Python API's entry point (tallow.engine.Engine)
+        from .engine import Engine
+
+        return Engine
     raise AttributeError(f"module 'tallow' has no attribute {name!r}")
 
 

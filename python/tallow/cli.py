@@ -37,14 +37,164 @@ def _print_info(as_json: bool) -> int:
     return 0
 
 
+def read_documents(paths: list[str]) -> list[dict]:
+    """txt / md files: one document each (id = the path as given, title = the
+    file name). jsonl: one document per line {id?, title?, text, category?,
+    timestamp?, payload?}; a missing id becomes "<path>:<line number>"."""
+    from pathlib import Path
+
+    docs: list[dict] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ValueError(f"{p}: no such file")
+        suffix = path.suffix.lower()
+        if suffix in (".txt", ".md", ".markdown"):
+            docs.append({"id": str(p), "title": path.name, "text": path.read_text(encoding="utf-8")})
+        elif suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{p}:{n}: not valid JSON ({exc})") from exc
+                    if not isinstance(doc, dict):
+                        raise ValueError(f"{p}:{n}: a line must be a JSON object, got {type(doc).__name__}")
+                    doc.setdefault("id", f"{p}:{n}")
+                    docs.append(doc)
+        else:
+            raise ValueError(f"{p}: unsupported file type {suffix or '(none)'} (txt, md, jsonl)")
+    return docs
+
+
+def _engine(args, **kw):
+    import os
+
+    from .engine import Engine
+
+    generator = getattr(args, "generator", None) or os.environ.get("TALLOW_GENERATOR")
+    return Engine(args.data_dir, index=args.index, quantize="int8" if args.int8 else None,
+                  generator_path=generator, sync_url=args.sync_url or os.environ.get("TALLOW_SYNC_URL"),
+                  auth_token=os.environ.get("TALLOW_AUTH_TOKEN"), **kw)
+
+
+def _parse_filter(text: str | None):
+    if text is None:
+        return None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--filter must be JSON, e.g. '{{\"category\": \"news\"}}' ({exc})") from exc
+    return spec
+
+
+def _index_cmd(args) -> int:
+    if args.index_command == "add":
+        docs = read_documents(args.files)
+        with _engine(args) as eng:
+            summary = eng.ingest(docs, batch_size=args.batch_size, progress=not args.no_progress)
+        s = summary.to_dict()
+        if args.json:
+            print(json.dumps(s))
+        else:
+            print(f"{s['documents']} documents: {s['added']} added, {s['updated']} updated, "
+                  f"{s['unchanged']} unchanged; {s['chunks']} chunks in {s['seconds']:.1f} s")
+        return 0
+    if args.index_command == "search":
+        with _engine(args) as eng:
+            results = eng.search(args.query, k=args.k, filter=_parse_filter(args.filter),
+                                 score_threshold=args.threshold, hybrid=args.hybrid)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in results]))
+        else:
+            if not results:
+                print("no results")
+            for i, r in enumerate(results, start=1):
+                text = " ".join(r.text.split())
+                print(f"{i:2d}. {r.score:.4f}  {r.doc_id}" + (f" — {r.title}" if r.title else "")
+                      + f"  [{r.start}:{r.end}]\n    {text[:200]}{'…' if len(text) > 200 else ''}")
+        return 0
+    if args.index_command == "stats":
+        with _engine(args) as eng:
+            st = eng.stats()
+        if args.json:
+            print(json.dumps(st))
+        else:
+            for key in ("data_dir", "index", "documents", "chunks", "indexed_chunks", "embedding_dim",
+                        "chunk_tokens", "overlap"):
+                print(f"{key:15s}: {st[key]}")
+            print(f"{'store file':15s}: {st['store']['path']} ({st['store']['file_bytes']} bytes)")
+        return 0
+    raise ValueError(f"unknown index command {args.index_command}")
+
+
+def _rag_cmd(args) -> int:
+    with _engine(args) as eng:
+        ans = eng.rag(args.question, k=args.k, max_new_tokens=args.max_new_tokens,
+                      filter=_parse_filter(args.filter))
+    if args.json:
+        print(json.dumps(ans.to_dict()))
+        return 0
+    print(ans.answer)
+    print("\nsources:")
+    for i, s in enumerate(ans.sources, start=1):
+        print(f"[{i}] {s['doc_id']}" + (f" — {s['title']}" if s["title"] else "")
+              + f" (score {s['score']:.4f}{', trimmed' if s['trimmed'] else ''})")
+    return 0
+
+
+def _common(p) -> None:
+    p.add_argument("--data-dir", default="data", help="data directory (default ./data)")
+    p.add_argument("--index", default="hnsw", choices=["hnsw", "qdrant", "libsql"], help="vector index backend")
+    p.add_argument("--int8", action="store_true", help="INT8 embedding model")
+    p.add_argument("--sync-url", help="libSQL primary to replicate (or TALLOW_SYNC_URL; token: TALLOW_AUTH_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tallow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, native build, ISA, threads, backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
+
+    p_index = sub.add_parser("index", help="add documents to, search and inspect the index")
+    isub = p_index.add_subparsers(dest="index_command", required=True)
+    p_add = isub.add_parser("add", help="ingest txt, md and jsonl files")
+    p_add.add_argument("files", nargs="+")
+    p_add.add_argument("--batch-size", type=int, default=64)
+    p_add.add_argument("--no-progress", action="store_true")
+    _common(p_add)
+    p_search = isub.add_parser("search", help="search the index")
+    p_search.add_argument("query")
+    p_search.add_argument("--k", type=int, default=10)
+    p_search.add_argument("--filter", help='JSON filter, e.g. \'{"category": "news"}\'')
+    p_search.add_argument("--threshold", type=float, help="minimum score")
+    p_search.add_argument("--hybrid", action="store_true", help="fuse BM25 keyword and vector results (RRF)")
+    _common(p_search)
+    p_stats = isub.add_parser("stats", help="documents, chunks, index size")
+    _common(p_stats)
+
+    p_rag = sub.add_parser("rag", help="answer a question from the indexed documents with GPT-2")
+    p_rag.add_argument("question")
+    p_rag.add_argument("--k", type=int, default=4)
+    p_rag.add_argument("--max-new-tokens", type=int, default=64)
+    p_rag.add_argument("--filter")
+    p_rag.add_argument("--generator", help="GPT-2 model directory (or TALLOW_GENERATOR)")
+    _common(p_rag)
+
     args = parser.parse_args(argv)
     if args.command == "info":
         return _print_info(args.json)
+    try:
+        if args.command == "index":
+            return _index_cmd(args)
+        if args.command == "rag":
+            return _rag_cmd(args)
+    except (ValueError, RuntimeError) as exc:  # EngineError, FilterError, StoreError, ...
+        print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -107,3 +107,21 @@ def test_put_document_through_a_replica_is_atomic_on_the_primary(replicas):
     a.put_document(doc(2, "still writable"), chunk("still writable"))   # the connection is usable after it
     b.sync()
     assert b.document_count() == 2
+
+
+def test_sync_learns_the_embedding_dimension_another_replica_fixed(sqld, tmp_path):
+    # Regression: the dimension was read only at open, so a replica opened before
+    # the first embedding existed accepted vectors of another dimension after sync.
+    a = MetadataStore(tmp_path / "a2" / "replica.db", sync_url=sqld.url)
+    b = MetadataStore(tmp_path / "b2" / "replica.db", sync_url=sqld.url)
+    try:
+        assert b.stats()["embedding_dim"] is None
+        a.put_document(doc(1), chunk())
+        b.sync()
+        assert b.stats()["embedding_dim"] == DIM
+        bad = [{**chunk()[0], "embedding": np.ones(DIM + 1, np.float32)}]
+        with pytest.raises(StoreError, match="dimension"):
+            b.put_document(doc(2), bad)
+    finally:
+        a.close()
+        b.close()

@@ -252,6 +252,16 @@ class MetadataStore:
             except Exception as exc:
                 raise StoreUnavailableError(f"sync with the libSQL primary {self.sync_url} failed; the local "
                                             f"replica {self.path} keeps serving its last state ({exc})") from exc
+            # Another node may have fixed the dimensions since this replica opened
+            # (store_meta is written with the first embedding / image feature).
+            # (_open() syncs before it reads them the first time: nothing to refresh then.)
+            if hasattr(self, "_image_dim") and self.schema_version() > 0:
+                if self._dim is None:
+                    dim = self._meta("embedding_dim")
+                    self._dim = int(dim) if dim is not None else None
+                if self._image_dim is None:
+                    img = self._meta("image_feature_dim")
+                    self._image_dim = int(img) if img is not None else None
 
     # -- documents and chunks ---------------------------------------------------------
 
