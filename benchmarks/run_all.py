@@ -22,8 +22,54 @@ ROOT = HERE.parent
 SUITES = ["attention", "int8_matmul", "preprocess", "models", "index"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
+# The issues' speed targets: (suite, case regex, our provider, peer provider
+# prefix, target ratio). The summary reports the smallest measured ratio over
+# the matching cases, so a target counts as met only where it holds for all.
+TARGETS = [
+    ("attention", r"prefill", "tallow", "torch_sdpa", 1.3),
+    ("attention", r"decode", "tallow", "torch_sdpa", 2.0),
+    ("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.5),
+    ("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch quantize_dynamic", 1.2),
+    ("int8_linear", r"M=1 ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.0),
+    ("int8_matmul", r".", "tallow int8_matmul", "torch._int_mm", 1.5),
+    ("preprocess", r"1 thr", "tallow-fast", "pil+numpy", 3.0),
+    ("models", r"bert-base", "tallow-fp32", "transformers-fp32", 1.1),
+    ("models", r"bert-base", "tallow-int8", "transformers-fp32", 2.0),
+    ("models", r"bert-base", "tallow-int8", "onnxruntime-int8", 1.0),
+    ("models", r"gpt2-124m b1 .*greedy", "tallow-fp32", "transformers-fp32", 1.1),
+    ("models", r"gpt2-124m b8 .*greedy", "tallow-fp32", "transformers-fp32", 2.0),
+    ("models", r"gpt2-124m b1 .*greedy", "tallow-int8", "transformers-fp32", 2.5),
+    ("models", r"resnet50 b", "tallow-fp32", "transformers-fp32", 1.0),
+    ("models", r"resnet50 b", "tallow-int8", "transformers-fp32", 1.3),
+]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
+
+
+def targets_table() -> str:
+    """One line per target: the measured ratio (worst matching case) and whether it is met."""
+    import re
+
+    lines = ["| suite | cases | tallow provider vs peer | target | measured (worst case) | met |",
+             "|---|---|---|---|---|---|"]
+    for suite, pattern, ours, peer, target in TARGETS:
+        path = HERE / "results" / f"{suite}.json"
+        if not path.exists():
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        ratios = []
+        for case in dict.fromkeys(r["case"] for r in rows if re.search(pattern, r["case"])):
+            mine = [r for r in rows if r["case"] == case and r["provider"] == ours]
+            theirs = [r for r in rows if r["case"] == case and r["provider"].startswith(peer)]
+            if mine and theirs:
+                ratios.append((theirs[0]["median_ms"] / mine[0]["median_ms"], case))
+        if not ratios:
+            continue
+        worst, case = min(ratios)
+        shown = pattern.replace("|", "\\|")  # a bare | would split the markdown cell
+        lines.append(f"| {suite} | `{shown}` ({len(ratios)}) | {ours} vs {peer} | ≥ {target}× | "
+                     f"{worst:.2f}× ({case}) | {'yes' if worst >= target else 'no'} |")
+    return "\n".join(lines)
 
 
 def summary(suites: list[str], command: str) -> str:
@@ -50,7 +96,9 @@ def summary(suites: list[str], command: str) -> str:
     acc = HERE / "results" / "models_accuracy.json"
     if "models" in suites and acc.exists():
         parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")
-    return f"Measured with `{command}`; medians of interleaved runs.\n\n" + "\n".join(parts)
+    head = (f"{command}; medians of interleaved runs.\n\n"
+            f"### Targets (from the issues), as measured\n\n{targets_table()}\n\n")
+    return head + "\n".join(parts)
 
 
 def main() -> int:
@@ -68,9 +116,9 @@ def main() -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(suite)
     if args.no_run or args.only:
-        command = "make bench` (or `python benchmarks/run_all.py --only SUITE` for one suite; each suite's time stamp says when it ran"
+        command = "Measured with `make bench` (single suites rerun with `python benchmarks/run_all.py --only SUITE`: each suite's time stamp says when it ran)"
     else:
-        command = "make bench" if not args.quick else "python benchmarks/run_all.py --quick"
+        command = f"Measured with `{'make bench' if not args.quick else 'python benchmarks/run_all.py --quick'}`"
     # The summary shows every suite's latest results (each with its own time
     # stamp), so rerunning one suite keeps the others in the table.
     text = summary(RESULTS, command.strip())
