@@ -120,3 +120,44 @@ def attention_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
         return 2 * err + ATTENTION_ERR_FLOOR
     eps = torch.finfo(q.dtype).eps
     return 2 * err + eps * max(1.0, float(oracle.abs().max()))
+
+
+# (B, H, Lq, Lk, D, causal, masked): the awkward lengths 1, 7, 97, 129, 1025,
+# head dims 64/80/128, batch 1-8, masks, causal with Lq < Lk, both the prefill
+# path (Lq > 4) and the decode path (Lq <= 4, flash-decoding when B*H is small).
+ATTENTION_SHAPES = [
+    (1, 1, 1, 1, 64, False, False),
+    (1, 1, 1, 1, 80, True, False),
+    (3, 3, 7, 7, 80, False, True),
+    (3, 2, 97, 97, 128, True, False),
+    (1, 2, 97, 129, 64, True, True),
+    (8, 2, 129, 129, 64, False, True),
+    (5, 1, 129, 129, 80, True, True),
+    (2, 2, 7, 1025, 80, True, False),
+    (1, 2, 1025, 1025, 64, True, False),
+    (2, 1, 1025, 1025, 128, False, True),
+    (8, 3, 1, 129, 64, True, True),
+    (4, 3, 1, 1025, 64, False, True),
+    (1, 1, 1, 1025, 128, True, False),
+    (1, 2, 3, 1025, 80, True, True),
+    (2, 2, 4, 97, 128, False, False),
+    (6, 2, 5, 129, 64, True, True),
+]
+
+
+def train_byte_level_bpe(path, vocab_size: int = 600) -> int:
+    """A GPT-2-style byte-level BPE tokenizer trained on the stdlib docstring
+    corpus, saved as tokenizer.json at ``path`` (tests: no GPT-2 vocabulary can
+    be downloaded here). Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .corpus import docstring_sentences
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docstring_sentences(3000), trainer)
+    tok.save(str(path))
+    return tok.get_vocab_size()

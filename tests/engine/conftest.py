@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tallow.testing import train_byte_level_bpe
+
 from tallow.corpus import docstring_sentences
 from tallow.models import load, minilm_path
 
@@ -74,21 +76,6 @@ def engine(engine_factory, ingested_dir, tmp_path):
     return engine_factory()
 
 
-def _train_byte_level_bpe(path: Path, vocab_size: int = 600) -> int:
-    """GPT-2-style byte-level BPE trained on the docstring corpus (the same
-    logic as tests/models/conftest.py: no GPT-2 vocabulary can be downloaded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docstring_sentences(3000), trainer)
-    tok.save(str(path))
-    return tok.get_vocab_size()
-
-
 @pytest.fixture(scope="session")
 def gpt2_small_ctx(tmp_path_factory) -> Path:
     """A random 2-layer GPT-2 with a context window of only 96 positions, so
@@ -96,7 +83,7 @@ def gpt2_small_ctx(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = tmp_path_factory.mktemp("gpt2-rag")
-    vocab = _train_byte_level_bpe(out / "tokenizer.json")
+    vocab = train_byte_level_bpe(out / "tokenizer.json")
     torch.manual_seed(2)
     cfg = GPT2Config(vocab_size=vocab, n_positions=96, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
                      eos_token_id=0)

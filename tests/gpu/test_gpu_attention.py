@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tallow.testing import ATTENTION_SHAPES
+
 from tallow.ops import attention, attention_ref
 from tallow.testing import attention_error_bound, compare
 
@@ -16,27 +18,8 @@ BACKENDS = ["cuda", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["f32", "f16", "bf16"]
 
-# the CPU tests' shapes: lengths 1, 7, 97, 129, 1025; head dims 64/80/128;
-# causal with Lq < Lk; masks; decode with and without key-range splits
-SHAPES = [
-    (1, 1, 1, 1, 64, False, False),
-    (1, 1, 1, 1, 80, True, False),
-    (3, 3, 7, 7, 80, False, True),
-    (3, 2, 97, 97, 128, True, False),
-    (1, 2, 97, 129, 64, True, True),
-    (8, 2, 129, 129, 64, False, True),
-    (5, 1, 129, 129, 80, True, True),
-    (2, 2, 7, 1025, 80, True, False),
-    (1, 2, 1025, 1025, 64, True, False),
-    (2, 1, 1025, 1025, 128, False, True),
-    (8, 3, 1, 129, 64, True, True),
-    (4, 3, 1, 1025, 64, False, True),
-    (1, 1, 1, 1025, 128, True, False),
-    (1, 2, 3, 1025, 80, True, True),
-    (2, 2, 4, 97, 128, False, False),
-    (6, 2, 5, 129, 64, True, True),
-    (1, 1, 1, 8192, 64, False, False),
-]
+# the CPU tests' shapes, plus a long decode
+SHAPES = ATTENTION_SHAPES + [(1, 1, 1, 8192, 64, False, False)]
 
 
 def _inputs(b, h, lq, lk, d, masked, dtype, seed=0):

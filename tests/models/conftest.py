@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tallow.testing import train_byte_level_bpe
+
 from tallow.models import minilm_path
 
 
@@ -35,30 +37,13 @@ def bert_classifier_dir(tmp_path_factory, minilm_dir) -> Path:
     return out
 
 
-def _train_byte_level_bpe(path: Path, vocab_size: int = 600) -> int:
-    """GPT-2-style byte-level BPE trained on the stdlib docstring corpus (no
-    GPT-2 vocabulary can be downloaded here). Returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from tallow.corpus import docstring_sentences
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docstring_sentences(3000), trainer)
-    tok.save(str(path))
-    return tok.get_vocab_size()
-
-
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A random GPT2LMHeadModel (4 layers, head_dim 32) with a byte-level BPE tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = tmp_path_factory.mktemp("gpt2")
-    vocab = _train_byte_level_bpe(out / "tokenizer.json")
+    vocab = train_byte_level_bpe(out / "tokenizer.json")
     torch.manual_seed(2)
     cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=128, n_layer=4, n_head=4,
                      bos_token_id=0, eos_token_id=0)

@@ -14,6 +14,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+
+from tallow.testing import ATTENTION_SHAPES
 import torch.nn.functional as F
 
 import tallow
@@ -90,27 +92,7 @@ def _check_against_oracle(q, k, v, causal, mask):
     return out
 
 
-# (B, H, Lq, Lk, D, causal, masked): the awkward lengths 1, 7, 97, 129, 1025,
-# head dims 64/80/128, batch 1-8, masks, causal with Lq < Lk, both the prefill
-# path (Lq > 4) and the decode path (Lq <= 4, flash-decoding when B*H is small).
-SHAPES = [
-    (1, 1, 1, 1, 64, False, False),
-    (1, 1, 1, 1, 80, True, False),
-    (3, 3, 7, 7, 80, False, True),
-    (3, 2, 97, 97, 128, True, False),
-    (1, 2, 97, 129, 64, True, True),
-    (8, 2, 129, 129, 64, False, True),
-    (5, 1, 129, 129, 80, True, True),
-    (2, 2, 7, 1025, 80, True, False),
-    (1, 2, 1025, 1025, 64, True, False),
-    (2, 1, 1025, 1025, 128, False, True),
-    (8, 3, 1, 129, 64, True, True),
-    (4, 3, 1, 1025, 64, False, True),
-    (1, 1, 1, 1025, 128, True, False),
-    (1, 2, 3, 1025, 80, True, True),
-    (2, 2, 4, 97, 128, False, False),
-    (6, 2, 5, 129, 64, True, True),
-]
+SHAPES = ATTENTION_SHAPES
 
 
 @pytest.mark.parametrize("b,h,lq,lk,d,causal,masked", SHAPES)
