@@ -65,7 +65,7 @@ class HnswIndex(VectorIndex):
         self._free: list[int] = []     # labels of deleted items, reusable
         self._next_label = 0
         self._version = 0              # bumps on every write; keys the filter cache
-        self._filter_cache: dict[str, tuple[int, np.ndarray]] = {}
+        self._filter_cache: dict[str, dict] = {}  # filter JSON -> _matching() entry
 
     # -- writes -----------------------------------------------------------------------
 
@@ -153,23 +153,30 @@ class HnswIndex(VectorIndex):
             return np.sqrt(np.maximum(distances, 0))  # hnswlib returns squared L2
         return 1.0 - distances                        # cosine / ip distances are 1 - similarity
 
-    def _allowed(self, node: F.Node, key: str) -> np.ndarray:
-        """Bool mask over labels of live items matching the filter (cached per version)."""
-        cached = self._filter_cache.get(key)
-        if cached is not None and cached[0] == self._version:
-            return cached[1]
+    def _matching(self, node: F.Node, key: str) -> dict:
+        """The live items matching a filter: {"mask": bool per label, "labels",
+        "vectors": their vectors once an exact search needed them}. Cached per
+        filter until the next write: hnswlib's get_items costs ~15 us a vector,
+        so repeated selective filters must not copy them again."""
+        entry = self._filter_cache.get(key)
+        if entry is not None and entry["version"] == self._version:
+            return entry
         mask = np.zeros(max(self._next_label, 1), dtype=bool)
         for lab, payload in self._payload.items():
             if F.matches(node, payload):
                 mask[lab] = True
-        if len(self._filter_cache) > 64:
+        if len(self._filter_cache) >= 16:  # bounds the cached vectors to ~16 x exact_fraction of the index
             self._filter_cache.clear()
-        self._filter_cache[key] = (self._version, mask)
-        return mask
+        entry = {"version": self._version, "mask": mask, "labels": np.flatnonzero(mask), "vectors": None}
+        self._filter_cache[key] = entry
+        return entry
 
-    def _exact(self, queries: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the given labels: (labels [q, k'], scores [q, k'])."""
-        vecs = np.asarray(self._index.get_items(labels), dtype=np.float32)  # normalised for cosine
+    def _exact(self, queries: np.ndarray, entry: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over a filter's matching items: (labels [q, k'], scores [q, k'])."""
+        labels = entry["labels"]
+        if entry["vectors"] is None:
+            entry["vectors"] = np.asarray(self._index.get_items(labels), dtype=np.float32)  # normalised for cosine
+        vecs = entry["vectors"]
         q = queries
         if self.metric == "cosine":
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
@@ -198,19 +205,19 @@ class HnswIndex(VectorIndex):
                 labels, dist = self._index.knn_query(queries, k=kk)
                 scores = self._scores(dist)
             else:
-                mask = self._allowed(node, json.dumps(filter, sort_keys=True))
-                allowed = np.flatnonzero(mask)
-                if len(allowed) == 0:
+                entry = self._matching(node, json.dumps(filter, sort_keys=True))
+                mask, n_allowed = entry["mask"], len(entry["labels"])
+                if n_allowed == 0:
                     return [[] for _ in range(len(queries))]
-                kk = min(k, len(allowed))
-                if len(allowed) <= max(self.exact_fraction * live, 4 * kk):
-                    labels, scores = self._exact(queries, allowed, kk)
+                kk = min(k, n_allowed)
+                if n_allowed <= max(self.exact_fraction * live, 4 * kk):
+                    labels, scores = self._exact(queries, entry, kk)
                 else:
                     try:
                         labels, dist = self._index.knn_query(queries, k=kk, filter=lambda lab: bool(mask[lab]))
                         scores = self._scores(dist)
                     except RuntimeError:  # hnswlib found fewer than kk passing items
-                        labels, scores = self._exact(queries, allowed, kk)
+                        labels, scores = self._exact(queries, entry, kk)
         return [self._hits(row_l, row_s, score_threshold) for row_l, row_s in zip(labels, scores)]
 
     def _hits(self, labels, scores, threshold) -> list[Hit]:
