@@ -127,6 +127,25 @@ inline void v_lut_store(float* o, const float* lut, V idx) {
 }
 #endif
 
+// Per block of kLanes output columns, the largest tap count in the block
+// (malloc'd, nblk entries; null when out of memory) and their sum in *total:
+// the SIMD passes iterate that many taps per block, padding shorter columns.
+int32_t* block_max_taps(const Taps& h, int32_t nblk, int32_t* total) {
+  int32_t* btaps = (int32_t*)malloc(sizeof(int32_t) * (size_t)nblk);
+  if (!btaps) return nullptr;
+  *total = 0;
+  for (int32_t b = 0; b < nblk; ++b) {
+    int32_t m = 0;
+    for (int32_t l = 0; l < kLanes; ++l) {
+      const int32_t j = b * kLanes + l;
+      if (j < h.count && h.taps[j] > m) m = h.taps[j];
+    }
+    btaps[b] = m;
+    *total += m;
+  }
+  return btaps;
+}
+
 // Horizontal pass for packed RGB rows (stride_x == 3, stride_c == 1, W >= 2)
 // or RGBX rows (stride_x == 4, stride_c == 1: Pillow's own pixel layout):
 // per block of kLanes output columns and tap t, a table of byte offsets,
@@ -136,17 +155,8 @@ bool horizontal_simd(const ImagePlan& p, uint8_t* tmp, int64_t plane, int64_t pi
   const Taps& h = p.horiz;
   const int32_t nblk = (h.count + kLanes - 1) / kLanes;
   int32_t total = 0;  // sum over blocks of the block's max taps
-  int32_t* btaps = (int32_t*)malloc(sizeof(int32_t) * (size_t)nblk);
+  int32_t* btaps = block_max_taps(h, nblk, &total);
   if (!btaps) return false;
-  for (int32_t b = 0; b < nblk; ++b) {
-    int32_t m = 0;
-    for (int32_t l = 0; l < kLanes; ++l) {
-      const int32_t j = b * kLanes + l;
-      if (j < h.count && h.taps[j] > m) m = h.taps[j];
-    }
-    btaps[b] = m;
-    total += m;
-  }
   int32_t* table = (int32_t*)malloc(sizeof(int32_t) * 3 * (size_t)kLanes * (size_t)(total > 0 ? total : 1));
   if (!table) { free(btaps); return false; }
   int32_t* q = table;
@@ -323,18 +333,9 @@ bool vfirst_pass2_simd(const ImagePlan& p, const uint8_t* tmp, int64_t plane, in
   const Taps& h = p.horiz;
   const Taps& v = p.vert;
   const int32_t nblk = (h.count + kLanes - 1) / kLanes;
-  int32_t total = 0;
-  int32_t* btaps = (int32_t*)malloc(sizeof(int32_t) * (size_t)nblk);
+  int32_t total = 0;  // sum over blocks of the block's max taps
+  int32_t* btaps = block_max_taps(h, nblk, &total);
   if (!btaps) return false;
-  for (int32_t b = 0; b < nblk; ++b) {
-    int32_t m = 0;
-    for (int32_t l = 0; l < kLanes; ++l) {
-      const int32_t j = b * kLanes + l;
-      if (j < h.count && h.taps[j] > m) m = h.taps[j];
-    }
-    btaps[b] = m;
-    total += m;
-  }
   int32_t* table = (int32_t*)malloc(sizeof(int32_t) * 2 * (size_t)kLanes * (size_t)(total > 0 ? total : 1));
   if (!table) { free(btaps); return false; }
   int32_t* q = table;
