@@ -194,6 +194,21 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
 
+def _length_sorted_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int):
+    """Yields (positions in ``ids``, input_ids [b, L], attention_mask [b, L]) for
+    batches of inputs sorted by length, so each batch pads little."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        longest = max(len(ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        yield idx, input_ids, mask
+
+
 class _BertBase(torch.nn.Module):
     architecture = "bert"
 
@@ -208,6 +223,10 @@ class _BertBase(torch.nn.Module):
         if self.tokenizer is None:
             raise ValueError("this model was loaded without tokenizer.json; pass token ids to forward()")
         return self.tokenizer.batch(texts, truncation=truncation)
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer is not None else 0
 
     def num_parameters(self) -> int:
         return count_parameters(self)
@@ -245,19 +264,24 @@ class BertEmbedder(_BertBase):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pooling = self.pooling if pooling is None else pooling
         normalize = self.normalize if normalize is None else normalize
-        ids = self.tokenizer.encode_ids(texts, truncation=truncation) if self.tokenizer else None
-        if ids is None:
+        if self.tokenizer is None:
             raise ValueError("this model was loaded without tokenizer.json")
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        ids = self.tokenizer.encode_ids(texts, truncation=truncation)
+        return self.embed_ids(ids, batch_size=batch_size, pooling=pooling, normalize=normalize)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 32, pooling: Optional[str] = None,
+                  normalize: Optional[bool] = None) -> torch.Tensor:
+        """``embed`` on already tokenized inputs (the server tokenizes on arrival
+        to count tokens for its batch budget, then runs many requests' ids at once)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pooling = self.pooling if pooling is None else pooling
+        normalize = self.normalize if normalize is None else normalize
+        if len(ids) == 0:
+            return torch.empty(0, self.config.hidden_size)
         out = torch.empty(len(ids), self.config.hidden_size)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            longest = max(len(ids[i]) for i in idx)
-            input_ids = torch.full((len(idx), longest), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), longest), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
+        for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
             hidden = self.bert(input_ids, mask)
             emb = _pool(hidden, mask, pooling)
             if normalize:
@@ -292,8 +316,19 @@ class BertClassifier(_BertBase):
             texts = [texts]
         if len(texts) == 0:
             return []
-        input_ids, mask = self._tokenize(texts, truncation)
-        probs = torch.softmax(self.logits(input_ids, mask), dim=-1)
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without tokenizer.json; pass token ids to forward()")
+        return self.classify_ids(self.tokenizer.encode_ids(texts, truncation=truncation))
+
+    @torch.inference_mode()
+    def classify_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 32) -> list[dict]:
+        """``classify`` on already tokenized inputs, batched by ``batch_size``
+        after sorting by length (little padding)."""
+        if len(ids) == 0:
+            return []
+        probs = torch.empty(len(ids), self.num_labels)
+        for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
+            probs[idx] = torch.softmax(self.logits(input_ids, mask), dim=-1)
         results = []
         for row in probs:
             best = int(torch.argmax(row))
