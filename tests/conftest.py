@@ -17,6 +17,12 @@ if not torch.cuda.is_available():
 import tallow
 from tallow.testing import ISA_LEVELS, available_isas
 
+# Real redis-server fixtures (redis_url, redis_server_factory) for the feature
+# cache tests and the server's. tests/ has no __init__.py: pytest's default
+# (prepend) import mode puts this folder on sys.path, so the plugin is
+# importable under its bare module name.
+pytest_plugins = ["redis_server"]
+
 
 @pytest.fixture(params=ISA_LEVELS)
 def each_isa(request):
