@@ -264,6 +264,13 @@ class Engine:
                               f"{dim}-d embeddings (another embedding model?); use another data_dir or re-ingest")
         return vecs
 
+    def set_generator(self, model) -> None:
+        """Uses an already loaded GPT-2 for ``rag()`` (the server shares one
+        model between /v1/completions and /v1/rag instead of loading two)."""
+        if getattr(model, "tokenizer", None) is None:
+            raise EngineError("the generator has no tokenizer: rag() cannot build prompts")
+        self._generator = model
+
     @property
     def generator(self):
         if self._generator is None:
