@@ -18,10 +18,11 @@ import tallow
 from tallow.testing import ISA_LEVELS, available_isas
 
 # Real redis-server fixtures (redis_url, redis_server_factory) for the feature
-# cache tests and the server's. tests/ has no __init__.py: pytest's default
+# cache tests and the server's; model checkpoints for the model, image and
+# server tests. tests/ has no __init__.py: pytest's default
 # (prepend) import mode puts this folder on sys.path, so the plugin is
 # importable under its bare module name.
-pytest_plugins = ["redis_server"]
+pytest_plugins = ["redis_server", "model_checkpoints"]
 
 
 @pytest.fixture(params=ISA_LEVELS)
