@@ -153,6 +153,27 @@ def _common(p) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
+def _serve_cmd(args) -> int:
+    import os
+
+    from .serve import ConfigError, load_config, serve
+
+    try:
+        config = load_config(
+            args.config,
+            **{"server.host": args.host, "server.port": args.port, "data.dir": args.data_dir,
+               "models.embedder": args.embedder, "models.classifier": args.classifier,
+               "models.generator": args.generator, "models.image": args.image_model,
+               "models.quantize": "int8" if args.int8 else None, "cache.url": args.cache_url,
+               "server.api_key": args.api_key or os.environ.get("TALLOW_API_KEY"),
+               "data.demo_corpus": False if args.no_demo else None})
+    except ConfigError as exc:
+        print(f"tallow serve: error: {exc}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tallow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     p_rag.add_argument("--generator", help="GPT-2 model directory (or TALLOW_GENERATOR)")
     _common(p_rag)
 
+    p_serve = sub.add_parser("serve", help="run the HTTP server (FastAPI on uvicorn)")
+    p_serve.add_argument("--config", help="tallow.toml (every setting has a default; flags override the file)")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--data-dir", help="index and libSQL file (default ./data)")
+    p_serve.add_argument("--embedder", help="BERT embedding model directory (default: all-MiniLM-L6-v2)")
+    p_serve.add_argument("--classifier", help="BERT sequence-classification directory")
+    p_serve.add_argument("--generator", help="GPT-2 directory with tokenizer.json")
+    p_serve.add_argument("--image-model", help="ResNet-50 directory or torchvision .pth")
+    p_serve.add_argument("--int8", action="store_true", default=None, help="INT8 linear layers for every model")
+    p_serve.add_argument("--cache-url", help="redis://host:port/db for the feature cache (default: in-process LRU)")
+    p_serve.add_argument("--api-key", help="bearer key for write endpoints (or TALLOW_API_KEY)")
+    p_serve.add_argument("--no-demo", action="store_true", default=None, help="do not index the demo corpus")
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve_cmd(args)
     if args.command == "info":
         return _print_info(args.json)
     try:

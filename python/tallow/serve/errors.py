@@ -1,0 +1,90 @@
+"""One error format for every failure the server answers:
+
+    {"error": {"message": "...", "type": "...", "param": "field or null", "code": 422}}
+
+(the OpenAI shape, so the official client raises its typed errors with our
+message). Handlers for FastAPI's validation errors, Starlette's HTTP errors
+and anything unexpected (500, logged, no internals in the body) live here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tallow.serve")
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+    415: "unsupported_media_type", 422: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 503: "service_unavailable", 504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client as the JSON body above."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _TYPES.get(status, "error")
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type or _TYPES.get(status, "error"), "param": param,
+                      "code": status}}
+
+
+def error_response(status: int, message: str, *, param: str | None = None, type: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, type), status_code=status, headers=headers)
+
+
+def _field(loc: tuple) -> str:
+    """("body", "input", 0) -> "input[0]"; the leading "body" is implied."""
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, param=exc.param, type=exc.type, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(422, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
+                                  .rstrip(": "), param="body")
+        parts = []
+        for e in errors[:5]:
+            name = _field(tuple(e.get("loc", ())))
+            parts.append(f"{name}: {e.get('msg', 'invalid')}")
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        param = _field(tuple(errors[0].get("loc", ()))) if errors else None
+        return error_response(422, "; ".join(parts) + more, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); the server logged the details")

@@ -1,0 +1,296 @@
+"""Data endpoints: /v1/search, /v1/rag, /v1/documents (ingest, delete) and
+/v1/images (store, similarity search)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .app import APIError, check_write_key, get_services, require_engine, require_model, submit
+from .services import RagRequest
+
+router = APIRouter()
+_unique = itertools.count()
+
+
+def _user_error(exc: Exception) -> APIError:
+    """Bad input found by the engine, the index or the store: 422 with its message."""
+    return APIError(422, str(exc))
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from ..engine import EngineError
+    from ..index.base import IndexInputError
+    from ..index.filters import FilterError
+
+    return isinstance(exc, (EngineError, IndexInputError, FilterError))
+
+
+async def _call(services, lane: str, fn, **kw) -> Any:
+    try:
+        return await submit(services, lane, fn, **kw)
+    except APIError:
+        raise
+    except Exception as exc:
+        if _is_user_error(exc):
+            raise _user_error(exc) from None
+        raise
+
+
+# -- search and RAG ----------------------------------------------------------------------------
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    k: int = Field(10, ge=1, le=1000)
+    filter: dict | None = None
+    score_threshold: float | None = None
+    hybrid: bool = False
+
+
+@router.post("/v1/search", tags=["search"], summary="Semantic (or hybrid BM25 + vector) search")
+async def search(body: SearchRequest, request: Request):
+    services = get_services(request)
+    engine = require_engine(services)
+    t0 = time.perf_counter()
+    hits = await _call(services, "search", lambda: engine.search(body.query, body.k, filter=body.filter,
+                                                                 score_threshold=body.score_threshold,
+                                                                 hybrid=body.hybrid))
+    return {"object": "list", "hits": [h.to_dict() for h in hits],
+            "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+
+class RagBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1)
+    k: int = Field(4, ge=1, le=50)
+    max_tokens: int = Field(64, ge=1)
+    filter: dict | None = None
+    hybrid: bool = False
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    include_prompt: bool = False
+
+
+@router.post("/v1/rag", tags=["search"], summary="Retrieval-augmented answer with its sources")
+async def rag(body: RagBody, request: Request):
+    services = get_services(request)
+    require_engine(services)
+    require_model(services, "generator")
+    limit = services.config.models.max_completion_tokens
+    if body.max_tokens > limit:
+        raise APIError(422, f"max_tokens={body.max_tokens} is over the limit of {limit} "
+                            "(models.max_completion_tokens)", param="max_tokens")
+    t0 = time.perf_counter()
+    job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
+                     {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
+    try:
+        answer = await submit(services, "generate", job, key=("rag", next(_unique)))
+    except APIError:
+        raise
+    except Exception as exc:
+        if _is_user_error(exc):
+            raise _user_error(exc) from None
+        raise
+    out = answer.to_dict()
+    if not body.include_prompt:
+        out.pop("prompt", None)
+    out["took_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    return out
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+class DocumentsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}")
+
+
+@router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)",
+             dependencies=[Depends(check_write_key)])
+async def ingest(body: DocumentsBody, request: Request):
+    from ..engine import EngineError
+    from ..engine.engine import normalize_document
+
+    services = get_services(request)
+    engine = require_engine(services)
+    limit = services.config.models.max_inputs_per_request
+    if len(body.documents) > limit:
+        raise APIError(422, f"{len(body.documents)} documents in one request; the limit is {limit} "
+                            "(models.max_inputs_per_request)", param="documents")
+    for i, doc in enumerate(body.documents):  # all checked before anything is written
+        try:
+            normalize_document(doc, i)
+        except (EngineError, ValueError, TypeError) as exc:
+            raise APIError(422, str(exc), param=f"documents[{i}]") from None
+
+    def write():
+        with services.write_lock:
+            return engine.ingest(body.documents, progress=False)
+
+    summary = await _call(services, "write", write)
+    return {"object": "ingest", **summary.to_dict()}
+
+
+@router.delete("/v1/documents/{id:path}", tags=["documents"], summary="Delete a document and its chunks",
+               dependencies=[Depends(check_write_key)])
+async def delete_document(id: str, request: Request):
+    services = get_services(request)
+    engine = require_engine(services)
+
+    def delete():
+        with services.write_lock:
+            return engine.delete_document(id)
+
+    if not await _call(services, "write", delete):
+        raise APIError(404, f"no document with id {id!r}", param="id")
+    return {"id": id, "object": "document", "deleted": True}
+
+
+# -- images ------------------------------------------------------------------------------------
+
+class ImageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64")
+    payload: dict = Field(default_factory=dict)
+
+
+class ImageSearchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="the encoded image as base64")
+    k: int = Field(10, ge=1, le=1000)
+    filter: dict | None = None
+    score_threshold: float | None = None
+
+
+async def _image_fields(request: Request) -> dict:
+    """The fields of a JSON body (image as base64) or a multipart form (image as
+    a file part, payload/filter as JSON strings), with the image as bytes."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form()
+        except Exception as exc:
+            raise APIError(422, f"the multipart body could not be read: {exc}", param="body") from None
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key == "image":
+                if not hasattr(value, "read"):
+                    raise APIError(422, "image must be a file part", param="image")
+                fields["image"] = await value.read()
+            elif key in ("payload", "filter"):
+                try:
+                    fields[key] = json.loads(value)
+                except (TypeError, ValueError):
+                    raise APIError(422, f"{key} must be a JSON object", param=key) from None
+            elif key in ("k",):
+                try:
+                    fields[key] = int(value)
+                except ValueError:
+                    raise APIError(422, "k must be an integer", param="k") from None
+            elif key == "score_threshold":
+                try:
+                    fields[key] = float(value)
+                except ValueError:
+                    raise APIError(422, "score_threshold must be a number", param=key) from None
+            else:
+                fields[key] = value
+        if "image" not in fields:
+            raise APIError(422, "the form has no 'image' file part", param="image")
+        return fields
+    if ctype and not ctype.startswith("application/json"):
+        raise APIError(415, f"send application/json (image as base64) or multipart/form-data, not {ctype!r}",
+                       param="body")
+    try:
+        fields = json.loads(await request.body())
+    except ValueError as exc:
+        raise APIError(422, f"the body is not valid JSON: {exc}", param="body") from None
+    if not isinstance(fields, dict):
+        raise APIError(422, "the body must be a JSON object", param="body")
+    return fields
+
+
+def _decode_image(fields: dict, model_cls) -> tuple[Any, bytes]:
+    """Validates the non-image fields with ``model_cls`` and returns (fields, image bytes)."""
+    from pydantic import ValidationError
+
+    raw = fields.get("image")
+    checked = {**fields, "image": "-"} if isinstance(raw, (bytes, bytearray)) else fields
+    try:
+        parsed = model_cls.model_validate(checked)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        name = ".".join(str(p) for p in e.get("loc", ())) or "body"
+        raise APIError(422, f"{name}: {e.get('msg')}", param=name) from None
+    if isinstance(raw, (bytes, bytearray)):
+        data = bytes(raw)
+    else:
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(422, "image is not valid base64", param="image") from None
+    if not data:
+        raise APIError(422, "image is empty", param="image")
+    return parsed, data
+
+
+def _image_error(exc: Exception) -> APIError:
+    kind = getattr(exc, "kind", "invalid")
+    status = 415 if kind == "unsupported" else 422
+    return APIError(status, str(exc), param="image" if kind != "invalid" or "image" in str(exc) else None)
+
+
+async def _image_call(services, fn):
+    from ..engine.images import ImageInputError
+
+    try:
+        return await submit(services, "images", fn)
+    except ImageInputError as exc:
+        raise _image_error(exc) from None
+    except APIError:
+        raise
+    except Exception as exc:
+        if _is_user_error(exc):
+            raise _user_error(exc) from None
+        raise
+
+
+def _require_images(services):
+    require_engine(services)
+    require_model(services, "image")
+    if services.images is None:
+        raise APIError(503, "image search is not available (see /ready)")
+    return services.images
+
+
+@router.post("/v1/images", tags=["images"], summary="Store an image with metadata (features indexed)",
+             dependencies=[Depends(check_write_key)])
+async def add_image(request: Request):
+    services = get_services(request)
+    images = _require_images(services)
+    body, data = _decode_image(await _image_fields(request), ImageBody)
+
+    def add():
+        with services.write_lock:
+            return images.add(body.id, data, body.payload)
+
+    return {"object": "image", **await _image_call(services, add)}
+
+
+@router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata")
+async def search_images(request: Request):
+    services = get_services(request)
+    images = _require_images(services)
+    body, data = _decode_image(await _image_fields(request), ImageSearchBody)
+    out = await _image_call(services, lambda: images.search(data, body.k, filter=body.filter,
+                                                            score_threshold=body.score_threshold))
+    return {"object": "list", **out}

@@ -1,0 +1,261 @@
+"""Model endpoints: /v1/classify, /v1/embeddings, /v1/completions (OpenAI
+compatible, streaming as server-sent events) and the seed's /generate."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import time
+import uuid
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from .app import APIError, enqueue, get_services, model_id, require_model, submit
+from .services import GenerationRequest, Services
+
+router = APIRouter()
+_unique = itertools.count()
+
+
+# -- tokenization shared by the BERT endpoints ---------------------------------------------
+
+def _as_list(value: str | list[str], services: Services) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise APIError(422, "input must be a non-empty string or a non-empty list of strings", param="input")
+    limit = services.config.models.max_inputs_per_request
+    if len(texts) > limit:
+        raise APIError(422, f"input has {len(texts)} items; the limit is {limit} per request "
+                            "(models.max_inputs_per_request)", param="input")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise APIError(422, f"input[{i}] is empty or only whitespace", param=f"input[{i}]")
+    return texts
+
+
+async def _tokenize(model, texts: list[str], truncate: bool, services: Services) -> list[list[int]]:
+    from ..models.tokenizer import InputTooLongError
+
+    tok = model.tokenizer
+    limit = services.config.models.max_input_tokens or tok.max_length
+    limit = min(limit, tok.max_length)
+    try:
+        return await run_in_threadpool(tok.encode_ids, texts, truncation=truncate, max_length=limit)
+    except InputTooLongError as exc:
+        what = str(exc).split(" (pass truncation")[0]  # "input 3 has 700 tokens; the limit is 512"
+        raise APIError(422, f"{what} (models.max_input_tokens, capped by the model); send \"truncate\": true "
+                            "to cut long inputs instead", param="input") from None
+    except (ValueError, TypeError) as exc:
+        raise APIError(422, str(exc), param="input") from None
+
+
+# -- /v1/embeddings -------------------------------------------------------------------------
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user)
+    input: str | list[str] = Field(description="A string or a list of strings")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    truncate: bool = Field(False, description="tallow: cut inputs over the token limit instead of a 422")
+
+
+@router.post("/v1/embeddings", tags=["models"], summary="Sentence embeddings (OpenAI compatible)")
+async def embeddings(body: EmbeddingsRequest, request: Request):
+    services = get_services(request)
+    model = require_model(services, "embedder")
+    dim = model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != dim:
+        raise APIError(422, f"dimensions={body.dimensions} is not supported: this model gives {dim}-d vectors",
+                       param="dimensions")
+    texts = _as_list(body.input, services)
+    ids = await _tokenize(model, texts, body.truncate, services)
+    tokens = sum(len(s) for s in ids)
+    vecs = await submit(services, "embeddings", ids, size=len(ids), tokens=tokens)
+    data = []
+    for i, v in enumerate(vecs):
+        v = np.ascontiguousarray(v, dtype="<f4")
+        emb = base64.b64encode(v.tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model_id(services, "embedder"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# -- /v1/classify ---------------------------------------------------------------------------
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str | list[str]
+    model: str | None = None
+    truncate: bool = False
+
+
+@router.post("/v1/classify", tags=["models"], summary="Sequence classification (e.g. sentiment)")
+async def classify(body: ClassifyRequest, request: Request):
+    services = get_services(request)
+    model = require_model(services, "classifier")
+    texts = _as_list(body.input, services)
+    ids = await _tokenize(model, texts, body.truncate, services)
+    tokens = sum(len(s) for s in ids)
+    rows = await submit(services, "classify", ids, size=len(ids), tokens=tokens)
+    return {"object": "list", "model": model_id(services, "classifier"),
+            "data": [{"index": i, **row} for i, row in enumerate(rows)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# -- /v1/completions and /generate ----------------------------------------------------------
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str | list[str]
+    model: str | None = None
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="tallow: keep the k most likely tokens (0: off)")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="tallow: CTRL-style penalty (1: off)")
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    truncate: bool = Field(False, description="tallow: keep the end of an over-long prompt instead of a 422")
+
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def _generation(services: Services, model, prompts: list[str], body: CompletionRequest) -> tuple:
+    from ..models.generation import SamplingParams
+
+    cfg = services.config.models
+    if body.max_tokens > cfg.max_completion_tokens:
+        raise APIError(422, f"max_tokens={body.max_tokens} is over the limit of {cfg.max_completion_tokens} "
+                            "(models.max_completion_tokens)", param="max_tokens")
+    if body.n > cfg.max_n:
+        raise APIError(422, f"n={body.n} is over the limit of {cfg.max_n} (models.max_n)", param="n")
+    if body.echo or body.logprobs is not None or (body.best_of or 1) > 1:
+        field = "echo" if body.echo else ("logprobs" if body.logprobs is not None else "best_of")
+        raise APIError(422, f"{field} is not supported by this server", param=field)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(422, "stop must be up to 4 non-empty strings", param="stop")
+    try:
+        ids = model.tokenizer.encode_ids(prompts)
+    except (ValueError, TypeError) as exc:
+        raise APIError(422, str(exc), param="prompt") from None
+    context = model.config.n_positions
+    room = context - body.max_tokens
+    limit = min(room, cfg.max_input_tokens or room)
+    for i, seq in enumerate(ids):
+        if len(seq) > limit:
+            if not body.truncate or limit < 1:
+                raise APIError(422, f"prompt {i} has {len(seq)} tokens; with max_tokens={body.max_tokens} the "
+                                    f"limit is {limit} (GPT-2's context is {context}; send \"truncate\": true to "
+                                    "keep the end of the prompt)", param="prompt")
+            ids[i] = seq[-limit:]
+    params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=tuple(stop),
+                            seed=body.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise APIError(422, str(exc)) from None
+    rows = [seq for seq in ids for _ in range(body.n)]  # choice index = prompt * n + j
+    # Requests share a batch only with identical settings; a seeded one runs alone
+    # so its output does not depend on what else was running.
+    key = ("gen", body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+           tuple(stop)) if body.seed is None else ("seeded", next(_unique))
+    return GenerationRequest(rows, params), key, sum(len(s) for s in ids)
+
+
+@router.post("/v1/completions", tags=["models"], summary="GPT-2 text completion (OpenAI compatible)")
+async def completions(body: CompletionRequest, request: Request):
+    services = get_services(request)
+    model = require_model(services, "generator")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise APIError(422, "prompt must be a string or a non-empty list of strings", param="prompt")
+    req, key, prompt_tokens = _generation(services, model, prompts, body)
+    cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id(services, "generator")
+    if not body.stream:
+        rows = await submit(services, "generate", req, size=len(req.prompt_ids), key=key)
+        completion_tokens = sum(r["completion_tokens"] for r in rows)
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"text": r["text"], "index": i, "logprobs": None,
+                             "finish_reason": _FINISH[r["finish_reason"]]} for i, r in enumerate(rows)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+    job = enqueue(services, "generate", req, size=len(req.prompt_ids), key=key, stream=True)
+    return StreamingResponse(_sse(services, job, cid, created, name), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(services: Services, job, cid: str, created: int, name: str):
+    """Server-sent events, one per token; a client that goes away cancels the job
+    (Starlette cancels this generator), and generation stops when no client of
+    the batch is left."""
+    import asyncio
+
+    lane = services.lanes["generate"]
+    deadline = time.monotonic() + services.config.server.request_timeout_s
+    finished = False
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                err = {"error": {"message": "the completion did not finish within server.request_timeout_s",
+                                 "type": "timeout_error", "param": None, "code": 504}}
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            if event is None:
+                break
+            row, text, reason = event
+            chunk = {"id": cid, "object": "text_completion", "created": created, "model": name,
+                     "choices": [{"text": text, "index": row, "logprobs": None,
+                                  "finish_reason": _FINISH.get(reason) if reason else None}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if job.future.done() and not job.future.cancelled() and job.future.exception() is not None:
+            exc = job.future.exception()
+            err = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                             "code": 500}}
+            yield f"data: {json.dumps(err)}\n\n"
+        else:
+            finished = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            lane.cancel(job)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    max_tokens: int = Field(32, ge=0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+
+
+@router.post("/generate", tags=["models"], summary="The seed's text generation: {prompt, max_tokens}")
+async def generate(body: GenerateRequest, request: Request):
+    t0 = time.perf_counter()
+    services = get_services(request)
+    model = require_model(services, "generator")
+    as_completion = CompletionRequest(prompt=body.prompt, max_tokens=body.max_tokens,
+                                      temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                      seed=body.seed)
+    req, key, _ = _generation(services, model, [body.prompt], as_completion)
+    rows = await submit(services, "generate", req, size=1, key=key)
+    return {"generated_text": rows[0]["text"], "finish_reason": _FINISH[rows[0]["finish_reason"]],
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
