@@ -146,6 +146,37 @@ def test_int_and_str_ids_are_distinct(index_factory, backend):
     assert ids_of(ix.search([10, 10], 1)[0]) == [5]
 
 
+def test_entries_list_ids_with_payloads(index_factory, backend, rng):
+    ix = index_factory(backend, 4, "cosine")
+    assert ix.entries() == [] and ix.entries("h") == []
+    ids = [0, 7, "a", "7", "doc#12"]
+    payloads = [{"h": "x0", "n": 0}, {"h": "x7"}, {"n": 2}, {"h": None, "tags": ["t"]}, {"h": "x12"}]
+    ix.upsert(ids, rng.standard_normal((5, 4)).astype(np.float32), payloads)
+    ix.upsert([7], rng.standard_normal((1, 4)).astype(np.float32), [{"h": "y7"}])  # replaced
+    ix.delete(["a"])
+    want = {0: {"h": "x0", "n": 0}, 7: {"h": "y7"}, "7": {"h": None, "tags": ["t"]}, "doc#12": {"h": "x12"}}
+
+    def keyed(pairs):  # int 7 and str "7" are two ids: key by (type, id)
+        assert len(pairs) == len({(type(i), i) for i, _ in pairs})
+        return {(type(i), i): v for i, v in pairs}
+
+    assert keyed(ix.entries()) == {(type(i), i): p for i, p in want.items()}
+    assert keyed(ix.entries("h")) == {(type(i), i): p.get("h") for i, p in want.items()}
+    # payloads come back as copies: changing one does not change the index
+    for _, p in ix.entries():
+        p["h"] = "changed"
+    assert keyed(ix.entries("h"))[(int, 7)] == "y7"
+
+
+def test_entries_pages_through_many_items(index_factory, backend, rng):
+    n = 2500  # more than one Qdrant scroll page
+    ix = index_factory(backend, 4, "l2")
+    ix.upsert([f"p{i}" for i in range(n)], rng.standard_normal((n, 4)).astype(np.float32),
+              [{"i": i} for i in range(n)])
+    assert sorted(v for _, v in ix.entries("i")) == list(range(n))
+    assert {i for i, _ in ix.entries()} == {f"p{i}" for i in range(n)}
+
+
 def test_empty_index_returns_no_hits(index_factory, backend):
     ix = index_factory(backend, 4, "cosine")
     assert ix.search(np.ones((2, 4)), 3) == [[], []]

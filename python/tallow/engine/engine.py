@@ -327,30 +327,7 @@ class Engine:
 
     def _index_entries(self) -> dict[str, str | None]:
         """{chunk id: content hash} of everything in the index."""
-        from ..index import HnswIndex, LibsqlVectorIndex, QdrantIndex
-
-        idx = self._index
-        out: dict[str, str | None] = {}
-        # The index classes have no public enumeration; read their id maps.
-        if isinstance(idx, HnswIndex):
-            with idx._lock.read():
-                for ext, lab in idx._label_of.items():
-                    out[str(ext)] = idx._payload[lab].get(HASH_KEY)
-        elif isinstance(idx, QdrantIndex):
-            offset = None
-            while True:
-                points, offset = idx._client.scroll(idx.collection, limit=1000, offset=offset, with_payload=True,
-                                                    with_vectors=False)
-                for p in points:
-                    out[str(p.payload.get("_tallow_id"))] = p.payload.get(HASH_KEY)
-                if offset is None:
-                    break
-        elif isinstance(idx, LibsqlVectorIndex):
-            with idx._lock:
-                rows = idx._conn.execute(f"SELECT ext_id, payload FROM {idx.table}").fetchall()
-            for ext, payload in rows:
-                out[ext] = json.loads(payload).get(HASH_KEY)
-        return out
+        return {str(ext): h for ext, h in self._index.entries(HASH_KEY)}
 
     def reconcile(self) -> dict:
         """Makes the index match the store (see the module docstring). Returns

@@ -151,7 +151,7 @@ class RWLock:
 
 
 class VectorIndex(ABC):
-    """upsert / delete / search / count (/ save where it applies)."""
+    """upsert / delete / search / count / entries (/ save where it applies)."""
 
     dim: int
     metric: str
@@ -168,6 +168,13 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def count(self) -> int: ...
+
+    @abstractmethod
+    def entries(self, field: str | None = None) -> list[tuple[Id, Any]]:
+        """Every stored id with a copy of its payload, in no particular order;
+        with ``field``, with that payload field's value instead (None where the
+        payload has no such field). A consistent snapshot where the backend has
+        one (HNSW: taken under its lock; libSQL: one query)."""
 
     def save(self) -> None:  # backends that persist on every write do nothing
         return None

@@ -133,6 +133,12 @@ class HnswIndex(VectorIndex):
         with self._lock.read():
             return len(self._label_of)
 
+    def entries(self, field: str | None = None) -> list[tuple[Id, Any]]:
+        with self._lock.read():
+            if field is None:
+                return [(ext, dict(self._payload[lab])) for ext, lab in self._label_of.items()]
+            return [(ext, self._payload[lab].get(field)) for ext, lab in self._label_of.items()]
+
     def set_ef(self, ef: int) -> None:
         """Search breadth (recall vs speed); saved with the index."""
         if not isinstance(ef, int) or ef < 1:

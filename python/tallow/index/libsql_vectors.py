@@ -100,6 +100,15 @@ class LibsqlVectorIndex(VectorIndex):
         with self._lock:
             return int(self._conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
 
+    def entries(self, field: str | None = None) -> list[tuple[Id, Any]]:
+        with self._lock:
+            rows = self._conn.execute(f"SELECT ext_id, id_kind, payload FROM {self.table}").fetchall()
+        out = []
+        for key, kind, payload in rows:
+            p = json.loads(payload)
+            out.append((self._ext(key, kind), p if field is None else p.get(field)))
+        return out
+
     def _distance_sql(self) -> str:
         if self.metric == "cosine":
             return "vector_distance_cos(embedding, vector32(?))"

@@ -83,6 +83,23 @@ class QdrantIndex(VectorIndex):
     def count(self) -> int:
         return int(self._client.count(self.collection, exact=True).count)
 
+    def entries(self, field: str | None = None) -> list[tuple[Id, Any]]:
+        if field == _ID_KEY:
+            raise IndexInputError(f"{_ID_KEY!r} is a reserved field (the caller's id)")
+        # Scrolling pages through the collection; only the fields needed come back.
+        selector: Any = True if field is None else [_ID_KEY, field]
+        out: list[tuple[Id, Any]] = []
+        offset = None
+        while True:
+            points, offset = self._client.scroll(self.collection, limit=1000, offset=offset, with_payload=selector,
+                                                 with_vectors=False)
+            for p in points:
+                payload = dict(p.payload or {})
+                ext = payload.pop(_ID_KEY, p.id)
+                out.append((ext, payload if field is None else payload.get(field)))
+            if offset is None:
+                return out
+
     def _ensure_payload_indexes(self, node: F.Node, spec: dict) -> None:
         qm = self._qm
         for field in F.fields(node) - self._indexed:
