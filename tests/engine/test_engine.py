@@ -260,7 +260,7 @@ def test_crash_between_store_and_index_is_reconciled(engine, engine_factory, doc
     the store."""
     engine.close()
     eng = engine_factory()
-    snapshot_hash = content_hash(docs[2], eng.chunk_tokens, eng.overlap)
+    snapshot_hash = content_hash(docs[2], eng.chunk_tokens, eng.overlap, eng.embedder_id)
 
     def crash(*a, **k):
         raise KeyboardInterrupt("simulated crash")
@@ -346,6 +346,56 @@ def test_killed_ingest_leaves_no_half_visible_document(tmp_path, engine_factory)
         text = eng.store.get_document(d)["text"]
         first = chunk_text(eng.embedder.tokenizer._tok, text, 32, 8)[0].text
         assert eng.search(first, k=1)[0].chunk_id == f"{d}#0"
+
+
+def test_another_embedding_model_re_embeds_the_same_text(engine_factory, embedder, docs, tmp_path):
+    """The content hash names the embedder: the same text under another model of
+    the same dimension (INT8 MiniLM, or weights changed by a fine-tune) is
+    re-embedded; the same model loaded again is not."""
+    import copy
+
+    import torch
+
+    from tallow.engine.engine import embedder_identity
+    from tallow.models import load, minilm_path
+
+    def stored(eng):
+        return {cid: v.copy() for ids, vecs in eng.store.iter_chunk_vectors() for cid, v in zip(ids, vecs)}
+
+    data = tmp_path / "models"
+    eng = engine_factory(data)
+    assert eng.ingest(docs[:3], progress=False).added == 3
+    fp32 = stored(eng)
+    eng.close()
+
+    reloaded = load(minilm_path())
+    assert embedder_identity(reloaded) == embedder_identity(embedder)
+    eng = engine_factory(data, embedder=reloaded)
+    s = eng.ingest(docs[:3], progress=False)
+    assert (s.added, s.updated, s.unchanged, s.chunks) == (0, 0, 3, 0)
+    eng.close()
+
+    int8 = load(minilm_path(), "int8")
+    assert embedder_identity(int8) != embedder_identity(embedder)
+    eng = engine_factory(data, embedder=int8)
+    s = eng.ingest(docs[:3], progress=False)
+    assert (s.added, s.updated, s.unchanged) == (0, 3, 0)
+    now = stored(eng)
+    assert now.keys() == fp32.keys()
+    assert all(not np.array_equal(now[c], fp32[c]) for c in now)  # every chunk re-embedded
+    cid = sorted(now)[0]
+    expected = int8.embed([eng.store.get_chunks([cid])[0]["text"]], truncation=True).numpy()[0]
+    np.testing.assert_allclose(now[cid], expected, atol=1e-5)
+    assert eng.search(_q(eng, docs[1], 0), k=1)[0].doc_id == "doc-1"
+    _consistent(eng)
+    eng.close()
+
+    tuned = copy.deepcopy(embedder)  # same architecture and dimension, one tensor changed
+    with torch.no_grad():
+        tuned.bert.layers[-1].out_norm.weight.mul_(1.01)
+    assert embedder_identity(tuned) != embedder_identity(embedder)
+    eng = engine_factory(data, embedder=tuned)
+    assert eng.ingest(docs[:3], progress=False).updated == 3
 
 
 def test_int8_embedder_and_top_level_name(tmp_path, docs):

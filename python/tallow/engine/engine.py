@@ -25,8 +25,9 @@ A corrupt or unreadable HNSW directory is moved aside and rebuilt from the
 store (with an ``IndexRebuiltWarning``): nothing is lost.
 
 Re-ingesting identical content (same content hash: text, title, category,
-timestamp, payload and the chunking settings) writes nothing; changed content
-replaces the document and all its chunks.
+timestamp, payload, the chunking settings and the embedding model's identity,
+see ``embedder_identity``) writes nothing; changed content — or the same text
+under another embedding model — replaces the document and all its chunks.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -109,11 +110,51 @@ class RagAnswer:
         return asdict(self)
 
 
-def content_hash(doc: dict, chunk_tokens: int, overlap: int) -> str:
+def content_hash(doc: dict, chunk_tokens: int, overlap: int, embedder_id: str) -> str:
+    """What decides whether a stored document must be re-chunked and re-embedded:
+    its content, the chunking settings and the embedding model (``embedder_identity``)."""
     canon = {k: doc.get(k) for k in ("text", "title", "category", "timestamp")}
     canon["payload"] = doc.get("payload") or {}
     canon["chunking"] = [chunk_tokens, overlap]
+    canon["embedder"] = embedder_id
     return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+_FINGERPRINT_VALUES = 4096  # values sampled per weight tensor
+
+
+def embedder_identity(embedder: Any) -> str:
+    """A digest that names an embedding model by what decides its vectors:
+    class, config, quantization mode, pooling, normalization and a fingerprint
+    of its weights (every tensor's name, dtype, shape and an evenly strided
+    sample of up to 4,096 of its values). Two models of the same dimension —
+    another checkpoint, a fine-tune, fp32 vs INT8 — differ; the same model
+    loaded twice, from any directory, is the same. An embedder that is not a
+    torch module can name itself with a str attribute ``identity``."""
+    explicit = getattr(embedder, "identity", None)
+    if isinstance(explicit, str) and explicit:
+        return "explicit:" + explicit
+    cls = type(embedder)
+    cfg = getattr(embedder, "config", None)
+    desc = {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "config": asdict(cfg) if is_dataclass(cfg) else (vars(cfg) if hasattr(cfg, "__dict__") else cfg),
+        **{a: getattr(embedder, a, None) for a in ("quantization", "pooling", "normalize")},
+    }
+    h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=repr).encode())
+    state = embedder.state_dict() if callable(getattr(embedder, "state_dict", None)) else {}
+    import torch
+
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // _FINGERPRINT_VALUES)]
+        sample = sample.to(torch.float64 if (sample.is_floating_point() or sample.is_complex()) else torch.int64)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def normalize_document(doc: Any, i: int = 0) -> dict:
@@ -217,6 +258,7 @@ class Engine:
         self.save_every = save_every
         self._embedder_spec = embedder
         self._embedder = None if embedder is None or isinstance(embedder, (str, os.PathLike)) else embedder
+        self._embedder_id: str | None = None
         self._generator = None
         self._index = None
         self._chunks_of: dict[str, int] = {}  # doc id -> number of its chunks in the index
@@ -248,6 +290,13 @@ class Engine:
             path = self._embedder_spec if self._embedder_spec is not None else minilm_path()
             self._embedder = load(path, self.quantize, task="embed")
         return self._embedder
+
+    @property
+    def embedder_id(self) -> str:
+        """``embedder_identity`` of the embedder (loads it), part of every content hash."""
+        if self._embedder_id is None:
+            self._embedder_id = embedder_identity(self.embedder)
+        return self._embedder_id
 
     def _embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         vecs = self.embedder.embed(texts, batch_size=batch_size, truncation=True)
@@ -397,9 +446,9 @@ class Engine:
 
         # Pass 1, nothing written yet: hashes, what changed, chunks (cheap next to embedding).
         todo: list[tuple[dict, str, list[Chunk], bool]] = []
-        hf = None  # loading the embedder waits until something changed
+        hf = None
         for doc in docs:
-            h = content_hash(doc, self.chunk_tokens, self.overlap)
+            h = content_hash(doc, self.chunk_tokens, self.overlap, self.embedder_id)
             old = self.store.document_hash(doc["id"])
             if old == h:
                 summary.unchanged += 1
