@@ -71,6 +71,18 @@ class Tokenizer:
             ids.append(seq)
         return ids
 
+    def encode_unbounded(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text with no length limit (the caller decides what to
+        cut: the server keeps the *end* of an over-long GPT-2 prompt)."""
+        if isinstance(texts, str):
+            raise TypeError("expected a list of strings, got a single str (wrap it in a list)")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"input {i} is {type(t).__name__}, expected str")
+            if not t.strip():
+                raise ValueError(f"input {i} is empty or only whitespace")
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)]
+
     def batch(self, texts: Sequence[str], *, truncation: bool = False,
               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids [B, L] int64, attention_mask [B, L] int64 with 1 = token),

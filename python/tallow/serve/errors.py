@@ -10,6 +10,7 @@ and anything unexpected (500, logged, no internals in the body) live here.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,9 +50,16 @@ def error_response(status: int, message: str, *, param: str | None = None, type:
     return JSONResponse(error_body(status, message, param, type), status_code=status, headers=headers)
 
 
+# pydantic names the member of a union that failed ("input", "list[str]", 0):
+# those tags are types, not fields, and are left out of the field name.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|tuple|set|none|literal|function-[a-z]+)(\[.*\])?$")
+
+
 def _field(loc: tuple) -> str:
     """("body", "input", 0) -> "input[0]"; the leading "body" is implied."""
-    parts = [p for p in loc if p not in ("body", "query", "path")]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    parts = [p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -69,11 +77,13 @@ def install_handlers(app: FastAPI) -> None:
         if errors and errors[0].get("type") == "json_invalid":
             return error_response(422, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
                                   .rstrip(": "), param="body")
-        parts = []
-        for e in errors[:5]:
-            name = _field(tuple(e.get("loc", ())))
-            parts.append(f"{name}: {e.get('msg', 'invalid')}")
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        by_field: dict[str, list[str]] = {}
+        for e in errors:
+            msgs = by_field.setdefault(_field(tuple(e.get("loc", ()))), [])
+            if e.get("msg", "invalid") not in msgs:
+                msgs.append(e.get("msg", "invalid"))
+        parts = [f"{name}: {' or '.join(msgs)}" for name, msgs in list(by_field.items())[:5]]
+        more = f" (and {len(by_field) - 5} more fields)" if len(by_field) > 5 else ""
         param = _field(tuple(errors[0].get("loc", ()))) if errors else None
         return error_response(422, "; ".join(parts) + more, param=param)
 

@@ -182,28 +182,31 @@ async def _image_fields(request: Request) -> dict:
         except Exception as exc:
             raise APIError(422, f"the multipart body could not be read: {exc}", param="body") from None
         fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if key == "image":
-                if not hasattr(value, "read"):
-                    raise APIError(422, "image must be a file part", param="image")
-                fields["image"] = await value.read()
-            elif key in ("payload", "filter"):
-                try:
-                    fields[key] = json.loads(value)
-                except (TypeError, ValueError):
-                    raise APIError(422, f"{key} must be a JSON object", param=key) from None
-            elif key in ("k",):
-                try:
-                    fields[key] = int(value)
-                except ValueError:
-                    raise APIError(422, "k must be an integer", param="k") from None
-            elif key == "score_threshold":
-                try:
-                    fields[key] = float(value)
-                except ValueError:
-                    raise APIError(422, "score_threshold must be a number", param=key) from None
-            else:
-                fields[key] = value
+        try:  # uploaded files are spooled to temporary files: close them
+            for key, value in form.multi_items():
+                if key == "image":
+                    if not hasattr(value, "read"):
+                        raise APIError(422, "image must be a file part", param="image")
+                    fields["image"] = await value.read()
+                elif key in ("payload", "filter"):
+                    try:
+                        fields[key] = json.loads(value)
+                    except (TypeError, ValueError):
+                        raise APIError(422, f"{key} must be a JSON object", param=key) from None
+                elif key in ("k",):
+                    try:
+                        fields[key] = int(value)
+                    except ValueError:
+                        raise APIError(422, "k must be an integer", param="k") from None
+                elif key == "score_threshold":
+                    try:
+                        fields[key] = float(value)
+                    except ValueError:
+                        raise APIError(422, "score_threshold must be a number", param=key) from None
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
         if "image" not in fields:
             raise APIError(422, "the form has no 'image' file part", param="image")
         return fields

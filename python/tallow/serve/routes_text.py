@@ -149,7 +149,7 @@ def _generation(services: Services, model, prompts: list[str], body: CompletionR
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(422, "stop must be up to 4 non-empty strings", param="stop")
     try:
-        ids = model.tokenizer.encode_ids(prompts)
+        ids = model.tokenizer.encode_unbounded(prompts)
     except (ValueError, TypeError) as exc:
         raise APIError(422, str(exc), param="prompt") from None
     context = model.config.n_positions
