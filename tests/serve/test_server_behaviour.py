@@ -1,0 +1,283 @@
+"""The server under load and in trouble: dynamic batching, 429 admission,
+timeouts, clients that leave mid-stream, the official OpenAI client, the
+Redis feature cache (and Redis going away), graceful shutdown, mounting."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import API_KEY, ServerThread, free_port, make_config
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(name) and (not labels or "{" + want + "}" in line or want in line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# -- dynamic batching --------------------------------------------------------------------------
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(full_server):
+    texts = [f"sentence number {i} about {'cats' if i % 2 else 'databases'}" for i in range(24)]
+    before = httpx.get(full_server.url + "/metrics").text
+
+    async def run():
+        async with httpx.AsyncClient(base_url=full_server.url, timeout=60) as c:
+            rs = await asyncio.gather(*[c.post("/v1/embeddings", json={"input": t}) for t in texts])
+        return [np.array(r.json()["data"][0]["embedding"], dtype=np.float32) for r in rs]
+
+    got = asyncio.run(run())
+    want = full_server.services.models["embedder"].model.embed(texts).numpy()
+    np.testing.assert_allclose(np.stack(got), want, atol=1e-5)  # nobody got another client's vector
+    after = httpx.get(full_server.url + "/metrics").text
+    batches = (_metric(after, "tallow_batch_size_count", lane="embeddings")
+               - _metric(before, "tallow_batch_size_count", lane="embeddings"))
+    inputs = (_metric(after, "tallow_batch_size_sum", lane="embeddings")
+              - _metric(before, "tallow_batch_size_sum", lane="embeddings"))
+    assert inputs == 24 and batches < 24  # some requests ran together
+
+
+# -- overload, timeout, cancellation -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, gpt2_long_dir):
+    """GPT-2 only (no demo corpus), a generation queue of 2, a short timeout."""
+    cfg = make_config(tmp_path_factory.mktemp("serve-small"), **{
+        "models.generator": str(gpt2_long_dir), "data.demo_corpus": False,
+        "models.max_completion_tokens": 1000, "server.request_timeout_s": 20.0})
+    cfg.batching["generate"].max_queue = 2
+    cfg.batching["generate"].max_batch_size = 1
+    server = ServerThread(cfg).start()
+    yield server
+    server.stop()
+
+
+def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_server):
+    long = {"prompt": "Tell me a long story", "max_tokens": 600, "temperature": 0}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/completions", json=long) for _ in range(6)])
+
+    rs = asyncio.run(run())
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in rs if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error" and "queue is full" in refused.json()["error"]["message"]
+    assert httpx.get(small_server.url + "/health").status_code == 200
+    text = httpx.get(small_server.url + "/metrics").text
+    assert _metric(text, "tallow_rejected_total", lane="generate") >= 1
+    assert _metric(text, "tallow_queue_depth", lane="generate") == 0  # nothing left behind
+
+
+def test_request_timeout_is_504(small_server):
+    lane = small_server.services.config.server
+    old = lane.request_timeout_s
+    lane.request_timeout_s = 0.05
+    try:
+        r = httpx.post(small_server.url + "/v1/completions", timeout=60,
+                       json={"prompt": "slow", "max_tokens": 900, "temperature": 0})
+    finally:
+        lane.request_timeout_s = old
+    assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+
+
+def test_client_leaving_mid_stream_stops_its_generation(small_server):
+    def tokens() -> float:
+        return _metric(httpx.get(small_server.url + "/metrics").text, "tallow_tokens_generated_total")
+
+    def cancelled() -> float:
+        return _metric(httpx.get(small_server.url + "/metrics").text, "tallow_generations_cancelled_total")
+
+    t0, c0 = tokens(), cancelled()
+    with httpx.Client(base_url=small_server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "Stream forever", "max_tokens": 1000,
+                                                       "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                    if seen == 3:
+                        break  # leave: the response is closed here
+    deadline = time.monotonic() + 10
+    while cancelled() == c0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled() == c0 + 1
+    time.sleep(0.3)
+    generated = tokens() - t0
+    assert generated < 1000 and tokens() - t0 == generated  # stopped, and stays stopped
+
+
+# -- the official OpenAI client -----------------------------------------------------------------
+
+def test_openai_client_embeddings_and_completions(full_server):
+    import openai
+
+    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key="unused-for-reads", max_retries=0)
+    emb = client.embeddings.create(model="tallow-embed", input=["hello world", "goodbye"])
+    want = full_server.services.models["embedder"].model.embed(["hello world", "goodbye"]).numpy()
+    np.testing.assert_allclose(np.array([d.embedding for d in emb.data]), want, atol=1e-5)
+    done = client.completions.create(model="tallow-gpt2", prompt="Once", max_tokens=6, temperature=0)
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="tallow-gpt2", prompt="Once", max_tokens=6, temperature=0, stream=True))
+    assert streamed == done.choices[0].text and done.usage.completion_tokens >= 1
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens"):
+        client.completions.create(model="tallow-gpt2", prompt="x", max_tokens=10_000)
+
+
+# -- Redis feature cache -------------------------------------------------------------------------
+
+def _png(seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_redis_feature_cache_and_redis_going_away(tmp_path, resnet_dir, redis_server_factory):
+    redis = redis_server_factory()
+    cfg = make_config(tmp_path, **{"models.image": str(resnet_dir), "data.demo_corpus": False,
+                                   "cache.url": redis.url, "cache.ttl_s": 60.0})
+    server = ServerThread(cfg).start()
+    try:
+        search = lambda seed: httpx.post(server.url + "/v1/images/search", timeout=60,  # noqa: E731
+                                         json={"image": _png(seed), "k": 1})
+        assert httpx.post(server.url + "/v1/images", json={"id": "a", "image": _png(1)}, timeout=60).status_code == 200
+        first, second = search(1), search(1)
+        assert first.status_code == second.status_code == 200
+        assert second.json()["cached"] is True and second.json()["hits"][0]["id"] == "a"
+        text = httpx.get(server.url + "/metrics").text
+        assert _metric(text, "tallow_cache_hits_total", backend="redis") >= 1
+        redis.stop()
+        down = search(2)  # not cached: computed, and Redis's absence is not an error
+        assert down.status_code == 200, down.text
+        assert search(2).status_code == 200
+        assert _metric(httpx.get(server.url + "/metrics").text, "tallow_cache_errors_total", backend="redis") >= 1
+    finally:
+        server.stop()
+
+
+# -- graceful shutdown of `tallow serve` ----------------------------------------------------------
+
+def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_path, gpt2_long_dir):
+    port = free_port()
+    (tmp_path / "tallow.toml").write_text(
+        f'[server]\nport = {port}\napi_key = "{API_KEY}"\n[data]\ndir = "{tmp_path / "data"}"\n'
+        f'demo_corpus = false\n[models]\ngenerator = "{gpt2_long_dir}"\nmax_completion_tokens = 1000\n')
+    proc = subprocess.Popen([sys.executable, "-m", "tallow", "serve", "--config", str(tmp_path / "tallow.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "not ready"
+            time.sleep(0.3)
+        doc = {"id": "kept", "text": "A document written just before the server was stopped."}
+        r = httpx.post(url + "/v1/documents", json={"documents": [doc]}, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200, r.text
+        result: dict = {}
+
+        def slow_request():
+            result["r"] = httpx.post(url + "/v1/completions", timeout=120,
+                                     json={"prompt": "in flight", "max_tokens": 400, "temperature": 0})
+
+        t = threading.Thread(target=slow_request)
+        t.start()
+        time.sleep(0.5)  # the request is running
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] >= 1
+        out, _ = proc.communicate(timeout=120)
+        # uvicorn re-raises the captured SIGTERM once it has shut down cleanly
+        assert proc.returncode in (0, -signal.SIGTERM), out
+        assert "index and metadata flushed" in out and "Application shutdown complete" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The HNSW snapshot was written at shutdown: it holds the document's chunk.
+    from tallow.index import HnswIndex
+
+    assert HnswIndex.load(tmp_path / "data" / "index").count() >= 1
+
+
+# -- mounted inside another ASGI app ---------------------------------------------------------------
+
+def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from tallow.serve import create_app
+
+    inner = create_app(config=make_config(tmp_path, **{"models.classifier": str(bert_classifier_dir),
+                                                       "data.demo_corpus": False}))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(host):
+        async with inner.router.lifespan_context(inner):
+            yield
+
+    host = FastAPI(lifespan=lifespan)
+    host.mount("/ai", inner)
+
+    @host.get("/")
+    def root():
+        return {"host": True}
+
+    with TestClient(host) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/ai/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert c.get("/").json() == {"host": True}
+        r = c.post("/ai/v1/classify", json={"input": ["great", "awful"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        assert c.post("/ai/v1/completions", json={"prompt": "x"}).status_code == 503  # no generator configured
+        assert "models.generator" in c.post("/ai/v1/completions", json={"prompt": "x"}).json()["error"]["message"]
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+def test_config_errors_name_the_setting(tmp_path):
+    from tallow.serve import ConfigError, load_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nprot = 8080\n")
+    with pytest.raises(ConfigError, match="server.prot"):
+        load_config(bad)
+    bad.write_text("[batching.embeddings]\nmax_batch_size = 0\n")
+    with pytest.raises(ConfigError, match="batching.embeddings.max_batch_size"):
+        load_config(bad)
+    bad.write_text("[models]\nquantize = 'int4'\n")
+    with pytest.raises(ConfigError, match="models.quantize"):
+        load_config(bad)
+    r = subprocess.run([sys.executable, "-m", "tallow", "serve", "--config", str(tmp_path / "missing.toml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing.toml" in r.stderr
