@@ -22,7 +22,7 @@ class IndexInputError(ValueError):
     """Bad input to an index: wrong dimension, NaN vectors, bad ids or k."""
 
 
-@dataclass
+@dataclass(slots=True)  # slots: cheaper to create (a search makes k of them per query)
 class Hit:
     id: Id
     score: float  # cosine / ip: similarity (higher is better); l2: distance (lower is better)
@@ -31,21 +31,24 @@ class Hit:
 
 def as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
     """float32 [n, dim] C-contiguous; a single vector becomes [1, dim]."""
-    try:
-        arr = np.asarray(vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors,
-                         dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise IndexInputError(f"{what} must be numeric arrays: {exc}") from exc
+    if type(vectors) is np.ndarray and vectors.dtype == np.float32:  # the common case, without copies
+        arr = vectors
+    else:
+        try:
+            arr = np.asarray(vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors,
+                             dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise IndexInputError(f"{what} must be numeric arrays: {exc}") from exc
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise IndexInputError(f"{what} must be [n, {dim}], got shape {arr.shape}")
     if arr.shape[1] != dim:
         raise IndexInputError(f"{what} have dimension {arr.shape[1]}, the index has dimension {dim}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
+    if not np.isfinite(arr).all():
+        bad = ~np.isfinite(arr).all(axis=1)
         raise IndexInputError(f"{what} row {int(np.argmax(bad))} contains NaN or inf")
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def check_ids(ids: Sequence[Id]) -> list[Id]:
@@ -104,6 +107,22 @@ def check_k(k: Any) -> int:
     return k
 
 
+class _Held:
+    """The context manager RWLock.read() / write() return (a class, not a
+    generator: the read side is taken on every search)."""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, enter, exit_) -> None:
+        self._enter, self._exit = enter, exit_
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc) -> None:
+        self._exit()
+
+
 class RWLock:
     """Many readers or one writer. Searches share; upserts/deletes/saves exclude.
 
@@ -113,27 +132,32 @@ class RWLock:
     take read() while it already holds it (a waiting writer would deadlock it)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._read = _Held(self._acquire_read, self._release_read)
+        self._write = _Held(self._acquire_write, self._release_write)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self) -> _Held:
+        return self._read
+
+    def write(self) -> _Held:
+        return self._write
+
+    def _acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def _acquire_write(self) -> None:
         with self._cond:
             self._writers_waiting += 1
             try:
@@ -142,12 +166,11 @@ class RWLock:
             finally:
                 self._writers_waiting -= 1
             self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+
+    def _release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
 
 
 class VectorIndex(ABC):

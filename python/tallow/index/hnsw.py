@@ -226,16 +226,17 @@ class HnswIndex(VectorIndex):
                         labels, scores = self._exact(queries, entry, kk)
         return [self._hits(row_l, row_s, score_threshold) for row_l, row_s in zip(labels, scores)]
 
-    def _hits(self, labels, scores, threshold) -> list[Hit]:
+    def _hits(self, labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> list[Hit]:
+        id_of, payload = self._id_of, self._payload
+        keep_above = self.metric != "l2"  # similarity: keep >= threshold; L2 distance: keep <= threshold
         hits = []
-        for lab, s in zip(labels, scores):
-            lab = int(lab)
-            if lab not in self._id_of:
+        for lab, s in zip(labels.tolist(), scores.tolist()):
+            ext = id_of.get(lab)
+            if ext is None:
                 continue
-            s = float(s)
-            if threshold is not None and (s > threshold if self.metric == "l2" else s < threshold):
+            if threshold is not None and (s < threshold if keep_above else s > threshold):
                 continue
-            hits.append(Hit(self._id_of[lab], s, dict(self._payload[lab])))
+            hits.append(Hit(ext, s, dict(payload[lab])))
         return hits
 
     # -- persistence ------------------------------------------------------------------
