@@ -83,9 +83,11 @@ test-all: install tools
 bench: install
 	$(VPY) benchmarks/run_all.py
 
-# The main job. Until the server lands (issue "tallow serve") it is the
-# benchmark run.
-run: bench
+# The main job: the HTTP server on 127.0.0.1:8080 with the embedded defaults
+# in tallow.toml (MiniLM embeddings, HNSW + libSQL under ./data, the demo
+# corpus indexed on a first start). Ctrl-C stops it gracefully.
+run: install
+	$(VPY) -m tallow serve --config tallow.toml
 
 info: install
 	$(VPY) -m tallow info
