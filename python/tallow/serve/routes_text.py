@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -83,8 +83,10 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
         v = np.ascontiguousarray(v, dtype="<f4")
         emb = base64.b64encode(v.tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    return {"object": "list", "data": data, "model": model_id(services, "embedder"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    # A JSONResponse skips FastAPI's jsonable_encoder, which walks every float
+    # (13 ms for 32 x 384-d vectors; json.dumps alone takes a third of that).
+    return JSONResponse({"object": "list", "data": data, "model": model_id(services, "embedder"),
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 # -- /v1/classify ---------------------------------------------------------------------------
