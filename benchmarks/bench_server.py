@@ -3,9 +3,9 @@ time cap; it stops by itself).
 
     python benchmarks/bench_server.py [--quick]
 
-Starts `tallow serve` (a subprocess, MiniLM embeddings, no demo corpus) on a
-free loopback port twice — dynamic batching on (max_batch_size 32,
-max_wait_ms 5) and off (max_batch_size 1) — and drives POST /v1/embeddings
+Starts `tallow serve` (a subprocess, MiniLM embeddings in fp32 and in INT8,
+no demo corpus) on a free loopback port with dynamic batching on
+(max_batch_size 32, max_wait_ms 5) and off (max_batch_size 1), and drives POST /v1/embeddings
 with 1, 8 and 32 concurrent clients (closed loops on a minimal asyncio
 HTTP/1.1 client, one real sentence per request). Reports throughput, p50/p99 latency and errors. Then an overload
 run: a queue of 32 and 128 clients sending 8 sentences each; it counts 429s,
@@ -50,12 +50,13 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, workdir: Path, name: str, lane: dict):
+    def __init__(self, workdir: Path, name: str, lane: dict, quantize: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = workdir / f"{name}.toml"
         lines = [f"[server]\nport = {self.port}\nlog_level = \"warning\"\n",
-                 f"[data]\ndir = \"{workdir / name}\"\ndemo_corpus = false\n", "[batching.embeddings]"]
+                 f"[data]\ndir = \"{workdir / name}\"\ndemo_corpus = false\n",
+                 f"[models]\nquantize = \"{'int8' if quantize else ''}\"\n", "[batching.embeddings]"]
         lines += [f"{k} = {v}" for k, v in lane.items()]
         cfg.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([sys.executable, "-m", "tallow", "serve", "--config", str(cfg)],
@@ -199,18 +200,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, lane in configs.items():
-            server = Server(work, "on" if "on" in name else "off", lane)
-            try:
-                server.wait_ready()
-                asyncio.run(load(server.url, 4, 40, texts))  # warm the connection path
-                for clients, n in plan:
-                    r = asyncio.run(load(server.url, clients, n, texts))
-                    rows.append({"config": name, **r})
-                    print(f"{name:48s} clients={clients:3d}: {r['throughput_rps']:7.1f} req/s  "
-                          f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  errors {r['errors']}", flush=True)
-            finally:
-                server.stop()
+        for precision in ("fp32", "int8"):
+            for name, lane in configs.items():
+                tag = f"{precision}-{'on' if 'on' in name else 'off'}"
+                server = Server(work, tag, lane, quantize=precision == "int8")
+                try:
+                    server.wait_ready()
+                    asyncio.run(load(server.url, 4, 40, texts))  # warm the connection path
+                    for clients, n in plan:
+                        r = asyncio.run(load(server.url, clients, n, texts))
+                        rows.append({"precision": precision, "config": name, **r})
+                        print(f"{precision} {name:48s} clients={clients:3d}: {r['throughput_rps']:7.1f} req/s  "
+                              f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  errors {r['errors']}",
+                              flush=True)
+                finally:
+                    server.stop()
         server = Server(work, "overload", {"max_batch_size": 32, "max_wait_ms": 5.0, "max_queue": 32})
         try:
             server.wait_ready()
@@ -219,21 +223,25 @@ def main() -> None:
             server.stop()
         print(f"overload: {json.dumps(over)}", flush=True)
 
-    on = {r["clients"]: r for r in rows if r["config"].startswith("batching on")}
-    off = {r["clients"]: r for r in rows if r["config"].startswith("batching off")}
-    speedup = {c: on[c]["throughput_rps"] / off[c]["throughput_rps"] for c in on if c in off}
+    def speedups(precision: str) -> dict:
+        on = {r["clients"]: r for r in rows if r["precision"] == precision and r["config"].startswith("batching on")}
+        off = {r["clients"]: r for r in rows if r["precision"] == precision and r["config"].startswith("batching off")}
+        return {c: on[c]["throughput_rps"] / off[c]["throughput_rps"] for c in on if c in off}
+
+    speedup = {p: speedups(p) for p in ("fp32", "int8")}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "server.json").write_text(json.dumps(
-        {"env": environment(), "rows": rows, "batching_speedup": speedup, "overload": over}, indent=2))
-    lines = ["| clients | config | throughput (req/s) | p50 ms | p99 ms | errors | batching speedup |",
-             "|---|---|---|---|---|---|---|"]
+        {"env": environment(), "rows": rows, "batching_speedup": speedup["fp32"],
+         "batching_speedup_int8": speedup["int8"], "overload": over}, indent=2))
+    lines = ["| model | clients | config | throughput (req/s) | p50 ms | p99 ms | errors | batching speedup |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sp = f"{speedup[r['clients']]:.2f}×" if r["config"].startswith("batching on") else "—"
-        lines.append(f"| {r['clients']} | {r['config']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {sum(r['errors'].values())} | {sp} |")
+        sp = f"{speedup[r['precision']][r['clients']]:.2f}×" if r["config"].startswith("batching on") else "—"
+        lines.append(f"| MiniLM {r['precision']} | {r['clients']} | {r['config']} | {r['throughput_rps']:.1f} | "
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {sum(r['errors'].values())} | {sp} |")
     o = over
     lines.append("")
-    lines.append(f"Overload (queue 32, 128 clients × 8 sentences, {o['seconds']:.0f} s): {o['ok']} answered, "
+    lines.append(f"Overload (fp32, queue 32, 128 clients × 8 sentences, {o['seconds']:.0f} s): {o['ok']} answered, "
                  f"{o['errors'].get('429', 0)} refused with 429, other errors "
                  f"{sum(v for k, v in o['errors'].items() if k != '429')}; /health {o['health_ok']}/"
                  f"{o['health_probes']} OK (p99 {o['health_p99_ms']:.1f} ms); queue depth ≤ "

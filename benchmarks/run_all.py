@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models", "index"]  # bench_<name>.py scripts
+SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
 # The issues' speed targets: (suite, case regex, our provider, peer provider
@@ -69,6 +69,14 @@ def targets_table() -> str:
         shown = pattern.replace("|", "\\|")  # a bare | would split the markdown cell
         lines.append(f"| {suite} | `{shown}` ({len(ratios)}) | {ours} vs {peer} | ≥ {target}× | "
                      f"{worst:.2f}× ({case}) | {'yes' if worst >= target else 'no'} |")
+    server = HERE / "results" / "server.json"
+    if server.exists():  # throughput, not latency: its own line
+        data = json.loads(server.read_text())
+        for label, key in (("fp32", "batching_speedup"), ("int8", "batching_speedup_int8")):
+            speed = data.get(key, {}).get("32")
+            if speed is not None:
+                lines.append(f"| server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
+                             f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
     return "\n".join(lines)
 
 
@@ -93,6 +101,11 @@ def summary(suites: list[str], command: str) -> str:
     rec = HERE / "results" / "index_recall.md"
     if "index" in suites and rec.exists():
         parts.append("### Vector search recall (index)\n\n" + rec.read_text().strip() + "\n")
+    srv = HERE / "results" / "server.md"
+    if srv.exists():
+        env = json.loads((HERE / "results" / "server.json").read_text())["env"]
+        parts.append(f"### HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_server.py`\n\n" + srv.read_text().strip() + "\n")
     acc = HERE / "results" / "models_accuracy.json"
     if "models" in suites and acc.exists():
         parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -275,3 +276,52 @@ def test_metrics_exposition(client):
     assert "tallow_tokens_generated_total" in text
     assert "tallow_time_to_first_token_seconds_count" in text
     assert 'tallow_cache_hits_total{backend="lru"}' in text
+
+
+# -- hostile input ------------------------------------------------------------------------------------
+
+HOSTILE_BODIES = [
+    b"", b"null", b"[]", b"123", b'"just a string"', b"\xff\xfe\x00garbage", b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"input": "x", "truncate": "yes please"}', b'{"input": ["a", null]}', b'{"query": "x", "k": 1e309}',
+    b'{"query": "x", "score_threshold": NaN}', b'{"prompt": "x", "max_tokens": -1}', b'{"prompt": "x", "stop": [""]}',
+    b'{"prompt": "x", "n": 99999999999999999999}', b'{"documents": [{"id": "", "text": "x"}]}',
+    b'{"documents": "not a list"}', b'{"image": 5, "id": "x"}', b'{"id": "x", "image": "", "payload": []}',
+]
+ENDPOINTS = ["/v1/embeddings", "/v1/classify", "/v1/completions", "/generate", "/v1/search", "/v1/rag",
+             "/v1/documents", "/v1/images", "/v1/images/search"]
+
+
+def test_hostile_bodies_get_4xx_json_and_the_server_stays_up(client, auth):
+    for path in ENDPOINTS:
+        for body in HOSTILE_BODIES:
+            r = client.post(path, content=body, headers={"content-type": "application/json", **auth})
+            assert 400 <= r.status_code < 500, (path, body[:60], r.status_code, r.text[:200])
+            assert set(r.json()) == {"error"}, (path, body[:60])
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/embeddings", json={"input": "still fine"}).status_code == 200
+
+
+def test_a_model_that_fails_to_load_keeps_the_server_not_ready(tmp_path):
+    from conftest import ServerThread, make_config
+
+    missing = tmp_path / "no-such-classifier"
+    server = ServerThread(make_config(tmp_path / "data", **{"models.classifier": str(missing),
+                                                            "data.demo_corpus": False}))
+    server.thread.start()
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            state = httpx.get(server.url + "/ready", timeout=10)
+            slot = state.json()["models"]["classifier"]
+            if slot["status"] != "loading" and state.json()["engine"]["status"] != "loading":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert state.status_code == 503 and slot["status"] == "failed" and str(missing) in slot["error"]
+        err = _error(httpx.post(server.url + "/v1/classify", json={"input": "x"}, timeout=10), 503)
+        assert "failed to load" in err["message"] and str(missing) in err["message"]
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=60).status_code == 200
+    finally:
+        server.stop()

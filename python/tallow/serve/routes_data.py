@@ -217,6 +217,8 @@ async def _image_fields(request: Request) -> dict:
         fields = json.loads(await request.body())
     except ValueError as exc:
         raise APIError(422, f"the body is not valid JSON: {exc}", param="body") from None
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise APIError(422, "the body's JSON is nested too deeply", param="body") from None
     if not isinstance(fields, dict):
         raise APIError(422, "the body must be a JSON object", param="body")
     return fields
