@@ -6,7 +6,9 @@ the batch is full: ``max_batch_size`` inputs, ``max_batch_tokens`` tokens),
 and runs the batch in the lane's own worker threads (``max_concurrency`` of
 them: the seed's semaphore) so the event loop never blocks — tallow's kernels
 release the GIL. While every worker is busy, jobs keep arriving and the next
-batch is fuller: batching grows with load by itself.
+batch is fuller: batching grows with load by itself. A lone request on an
+idle lane whose previous request came more than ``max_wait_ms`` earlier
+starts at once: waiting for company that is not coming only adds latency.
 
 Admission is bounded: at most ``max_queue`` jobs wait or run. Job
 ``max_queue + 1`` gets ``Overloaded`` (HTTP 429 with Retry-After) at once —
@@ -92,6 +94,7 @@ class Lane:
         self._running: set[asyncio.Task] = set()
         self._closed = False
         self._batch_seconds = 0.05  # moving average, for Retry-After
+        self._last_arrival = self._previous_arrival = float("-inf")
 
     # -- admission -------------------------------------------------------------------
 
@@ -117,6 +120,7 @@ class Lane:
         loop = asyncio.get_running_loop()
         job = Job(payload, size, tokens, key, loop.create_future(), loop,
                   events=asyncio.Queue() if stream else None)
+        self._previous_arrival, self._last_arrival = self._last_arrival, job.enqueued
         self._pending.append(job)
         self._admitted += 1
         self._observe_depth(self.name, self._admitted)
@@ -197,7 +201,14 @@ class Lane:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            deadline = self._pending[0].enqueued + max_wait
+            first = self._pending[0]
+            # Wait for company only when it is likely to come: a batch is
+            # running, or the previous request arrived within max_wait. A lone
+            # request on an idle lane (one client, light traffic) starts at
+            # once instead of paying max_wait for nothing.
+            idle = not self._running and len(self._pending) == 1
+            quiet = first.enqueued - self._previous_arrival > max_wait
+            deadline = first.enqueued + (0.0 if idle and quiet else max_wait)
             while self._pending and not self._full():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -253,9 +264,12 @@ class Lane:
         self._closed = True
         if self._wakeup is not None:
             self._wakeup.set()
-        tasks = [t for t in [self._dispatcher, *self._running] if t is not None]
-        if tasks:
-            done, not_done = await asyncio.wait(tasks, timeout=timeout)
-            for t in not_done:
+        deadline = time.monotonic() + timeout
+        if self._dispatcher is not None:  # it drains the queue, then returns
+            await asyncio.wait([self._dispatcher], timeout=timeout)
+        while self._running and time.monotonic() < deadline:  # batches it started meanwhile
+            await asyncio.wait(list(self._running), timeout=max(0.0, deadline - time.monotonic()))
+        for t in [self._dispatcher, *self._running]:
+            if t is not None and not t.done():
                 t.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
