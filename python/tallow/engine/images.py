@@ -498,11 +498,9 @@ class ImageSearch:
             self._index = self._new_index(self._dim)  # an empty leftover of another model
 
     def _index_entries(self) -> dict[str, str | None]:
-        """{id: content hash} of everything in the index. HnswIndex has no
-        public enumeration; read its id map under its lock (as the text engine does)."""
-        idx = self._index
-        with idx._lock.read():
-            return {str(ext): idx._payload[lab].get(HASH_KEY) for ext, lab in idx._label_of.items()}
+        """{id: content hash} of everything in the index (one consistent snapshot,
+        taken under the index's lock by ``entries``, as the text engine does)."""
+        return {str(ext): h for ext, h in self._index.entries(HASH_KEY)}
 
     def _reconcile(self) -> dict:
         """Makes the index match the store (caller holds the write lock)."""
