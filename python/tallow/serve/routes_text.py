@@ -12,11 +12,11 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from .app import APIError, enqueue, get_services, model_id, require_model, submit
+from .app import APIError, NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
 from .services import GenerationRequest, Services
 
 router = APIRouter()
@@ -86,12 +86,10 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
     data = []
     for i, v in enumerate(vecs):
         v = np.ascontiguousarray(v, dtype="<f4")
-        emb = base64.b64encode(v.tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
+        emb = base64.b64encode(v.tobytes()).decode() if body.encoding_format == "base64" else v
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    # A JSONResponse skips FastAPI's jsonable_encoder, which walks every float
-    # (13 ms for 32 x 384-d vectors; json.dumps alone takes a third of that).
-    return JSONResponse({"object": "list", "data": data, "model": model_id(services, "embedder"),
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return NumpyJSONResponse({"object": "list", "data": data, "model": model_id(services, "embedder"),
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 # -- /v1/classify ---------------------------------------------------------------------------
