@@ -194,33 +194,42 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
 
 
-# A micro-batch is closed when the next (longer) input would make the padded
-# batch more than this much larger than its real tokens: sorted by length,
-# similar inputs run together and little compute goes to padding. Measured on
-# 32 MiniLM sentences of 7-47 tokens: one batch of 32 wastes half its rows'
-# compute on padding and was 1.4x slower than length buckets.
-PADDING_SLACK = 1.3
-MIN_MICRO_BATCH = 4  # below this, per-call overheads cost more than padding
+# Inputs sorted by length are split into micro-batches that minimise
+#   sum over micro-batches of (FORWARD_COST_TOKENS + rows x longest row),
+# i.e. padded tokens plus a fixed price per forward pass (Python dispatch of
+# ~100 ops, kernel launches), found exactly by dynamic programming over the
+# sorted lengths. One batch pads short inputs to the longest; one batch per
+# length pays the fixed price many times. Measured on 32 MiniLM sentences of
+# 7-47 tokens: a single batch spent half its rows' compute on padding; cutting
+# by padding alone made 4-5 forward passes whose Python overhead (held under
+# the GIL, shared with the server's event loop) cost as much as the padding.
+FORWARD_COST_TOKENS = 96
+
+
+def _micro_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Partition of ``range(len(lengths))`` (by ascending length) into runs of
+    at most ``batch_size`` that minimises the cost above."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i sorted inputs
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = lengths[order[i - 1]]
+        for j in range(max(0, i - batch_size), i):
+            cost = best[j] + FORWARD_COST_TOKENS + (i - j) * longest
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups, i = [], n
+    while i > 0:
+        groups.append(order[cut[i]:i])
+        i = cut[i]
+    return groups[::-1]
 
 
 def _length_sorted_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int):
     """Yields (positions in ``ids``, input_ids [b, L], attention_mask [b, L]) for
-    micro-batches of inputs sorted by length: at most ``batch_size`` inputs, cut
-    where padding would exceed ``PADDING_SLACK``."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    real = 0
-    for i in order:
-        n = len(ids[i])
-        if cur and (len(cur) >= batch_size
-                    or (len(cur) >= MIN_MICRO_BATCH and (len(cur) + 1) * n > PADDING_SLACK * (real + n))):
-            groups.append(cur)
-            cur, real = [], 0
-        cur.append(i)
-        real += n
-    if cur:
-        groups.append(cur)
+    the micro-batches of ``_micro_batches``."""
+    groups = _micro_batches([len(x) for x in ids], batch_size)
     for idx in groups:
         longest = max(len(ids[i]) for i in idx)
         input_ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
