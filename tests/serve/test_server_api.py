@@ -36,7 +36,10 @@ def test_health_ready_models(client):
 
 
 def test_openapi_schema_lists_every_endpoint(client):
-    paths = set(client.get("/openapi.json").json()["paths"])
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    image_body = spec["paths"]["/v1/images"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(image_body)
     assert {"/v1/classify", "/v1/embeddings", "/v1/completions", "/generate", "/v1/search", "/v1/rag",
             "/v1/documents", "/v1/documents/{id}", "/v1/images", "/v1/images/search", "/v1/models",
             "/health", "/ready", "/metrics"} <= paths

@@ -277,8 +277,18 @@ def _require_images(services):
     return services.images
 
 
+def _image_body_doc(model_cls) -> dict:
+    """OpenAPI requestBody for the image endpoints (they read the body by hand
+    to take either JSON with base64 or a multipart upload)."""
+    schema = model_cls.model_json_schema()
+    form = {**schema, "properties": {**schema["properties"],
+                                     "image": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": form}}}}
+
+
 @router.post("/v1/images", tags=["images"], summary="Store an image with metadata (features indexed)",
-             dependencies=[Depends(check_write_key)])
+             dependencies=[Depends(check_write_key)], openapi_extra=_image_body_doc(ImageBody))
 async def add_image(request: Request):
     services = get_services(request)
     images = _require_images(services)
@@ -291,7 +301,8 @@ async def add_image(request: Request):
     return {"object": "image", **await _image_call(services, add)}
 
 
-@router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata")
+@router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata",
+             openapi_extra=_image_body_doc(ImageSearchBody))
 async def search_images(request: Request):
     services = get_services(request)
     images = _require_images(services)
