@@ -1,66 +1,13 @@
-"""Server fixtures: real uvicorn servers on free loopback ports, run in a
-background thread of the test process (uvicorn installs no signal handlers
-off the main thread), each with its own data directory."""
+"""Server fixtures: a server with every model (session-wide), a client, the
+API key header, a long-context GPT-2."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
-from tallow.serve import create_app, load_config
-
-API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """``uvicorn`` serving ``create_app(config=...)`` until ``stop()``."""
-
-    def __init__(self, config, engine=None):
-        self.port = free_port()
-        self.app = create_app(engine=engine, config=config)
-        self.services = self.app.state.services
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, ready_timeout: float = 300.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + ready_timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        while True:
-            r = httpx.get(self.url + "/ready", timeout=10)
-            if r.status_code == 200:
-                return self
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {ready_timeout} s: {r.json()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
-
-
-def make_config(data_dir: Path, **overrides):
-    return load_config(**{"data.dir": str(data_dir), **overrides})
+from server_helpers import API_KEY, ServerThread, make_config
 
 
 @pytest.fixture(scope="session")

@@ -305,7 +305,7 @@ def test_hostile_bodies_get_4xx_json_and_the_server_stays_up(client, auth):
 
 
 def test_a_model_that_fails_to_load_keeps_the_server_not_ready(tmp_path):
-    from conftest import ServerThread, make_config
+    from server_helpers import ServerThread, make_config
 
     missing = tmp_path / "no-such-classifier"
     server = ServerThread(make_config(tmp_path / "data", **{"models.classifier": str(missing),

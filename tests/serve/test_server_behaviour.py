@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, ServerThread, free_port, make_config
+from server_helpers import API_KEY, ServerThread, free_port, make_config
 
 
 def _metric(text: str, name: str, **labels) -> float:
