@@ -486,3 +486,20 @@ def test_concurrent_searches_and_adds(tmp_path, resnet, pictures):
             assert ids(ims.search(extra[i], k=1)) == [f"new{i}"]
     finally:
         close_all(ims)
+
+
+def test_search_many_equals_searches_one_by_one_and_isolates_bad_queries(filled, pictures):
+    datas, _ = pictures
+    queries = [{"data": datas[1], "k": 3}, {"data": datas[2], "k": 2, "filter": {"kind": "a"}},
+               {"data": b"not an image", "k": 3}, {"data": datas[3], "k": 0}, {"data": datas[5], "k": 4}]
+    got = filled.search_many(queries)
+    assert isinstance(got[2], ImageInputError) and got[2].kind == "unsupported"
+    assert isinstance(got[3], ImageInputError)
+    for i in (0, 1, 4):
+        alone = filled.search(queries[i]["data"], queries[i]["k"], queries[i].get("filter"))
+        assert ids(got[i]) == ids(alone)
+        assert [h["score"] for h in got[i]["hits"]] == pytest.approx([h["score"] for h in alone["hits"]], abs=1e-5)
+        assert got[i]["timing_ms"]["batch_size"] == 3
+    truncated = datas[6][: len(datas[6]) // 2]  # a good header, bad data: found only when decoding
+    got = filled.search_many([{"data": datas[1], "k": 1}, {"data": truncated, "k": 1}])
+    assert ids(got[0]) == ["img1"] and isinstance(got[1], ImageInputError)

@@ -281,3 +281,20 @@ def test_config_errors_name_the_setting(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tallow", "serve", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "missing.toml" in r.stderr
+
+
+def test_concurrent_image_searches_share_a_resnet_batch(full_server, auth):
+    imgs = [_png(100 + i) for i in range(6)]
+    for i, img in enumerate(imgs):
+        assert httpx.post(full_server.url + "/v1/images", headers=auth, timeout=60,
+                          json={"id": f"batch-{i}", "image": img}).status_code == 200
+
+    async def run():
+        async with httpx.AsyncClient(base_url=full_server.url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/images/search", json={"image": img, "k": 1})
+                                          for img in imgs])
+
+    rs = asyncio.run(run())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    assert [r.json()["hits"][0]["id"] for r in rs] == [f"batch-{i}" for i in range(6)]
+    assert max(r.json()["timing_ms"].get("batch_size", 1) for r in rs) > 1

@@ -639,9 +639,17 @@ class ImageSearch:
             raise ImageInputError(f"score_threshold must be a finite number, got {score_threshold!r}")
         # Features even when nothing is stored: bad images fail the same way always.
         vecs, cached, _, _, timing = self._features([data], ["image"])
+        result = self._hits(vecs, k, filter, score_threshold)
+        result["cached"] = cached[0]
+        result["timing_ms"] = {"preprocess": _ms(timing["preprocess"]), "inference": _ms(timing["inference"]),
+                               **result["timing_ms"], "total": _ms(time.perf_counter() - t0)}
+        return result
+
+    def _hits(self, vec: np.ndarray, k: int, filter: dict | None, score_threshold: float | None) -> dict:
+        """Index search + metadata for one feature vector [1, dim]."""
         t1 = time.perf_counter()
         idx = self._index
-        hits = idx.search(vecs, k, filter, score_threshold)[0] if idx is not None else []
+        hits = idx.search(vec, k, filter, score_threshold)[0] if idx is not None else []
         t2 = time.perf_counter()
         rows = {r["id"]: r for r in self.store.get_images([str(h.id) for h in hits])} if hits else {}
         out = []
@@ -652,9 +660,58 @@ class ImageSearch:
             out.append({"id": r["id"], "score": float(h.score), "sha256": r["sha256"], "width": r["width"],
                         "height": r["height"], "payload": r["payload"]})
         t3 = time.perf_counter()
-        return {"hits": out, "cached": cached[0], "timing_ms": {
-            "preprocess": _ms(timing["preprocess"]), "inference": _ms(timing["inference"]), "search": _ms(t2 - t1),
-            "metadata": _ms(t3 - t2), "total": _ms(t3 - t0)}}
+        return {"hits": out, "timing_ms": {"search": _ms(t2 - t1), "metadata": _ms(t3 - t2)}}
+
+    def search_many(self, queries: Sequence[dict]) -> list:
+        """Several searches with ONE batched preprocess + ResNet forward (the
+        server's dynamic batching). ``queries``: dicts of ``search``'s
+        arguments (data, k, filter, score_threshold). Returns per query the
+        ``search`` result or the exception that query alone raised; the
+        stage timings are the batch's, with ``batch_size`` added."""
+        self._check_open()
+        checked: list = []
+        for q in queries:  # argument errors fail only their own query
+            try:
+                data = check_data(q.get("data"))
+                k = check_k(q.get("k", 10))
+                F.parse(q.get("filter"))
+                thr = q.get("score_threshold")
+                if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float))
+                                        or not math.isfinite(thr)):
+                    raise ImageInputError(f"score_threshold must be a finite number, got {thr!r}")
+                probe(data, self.max_megapixels)
+                checked.append((data, k, q.get("filter"), thr))
+            except IndexInputError as exc:
+                checked.append(ImageInputError(str(exc)))
+            except F.FilterError as exc:
+                checked.append(ImageInputError(f"filter: {exc}"))
+            except Exception as exc:
+                checked.append(exc)
+        good = [i for i, c in enumerate(checked) if not isinstance(c, Exception)]
+        if len(good) < 2:
+            return [c if isinstance(c, Exception) else self._search_one(*c) for c in checked]
+        t0 = time.perf_counter()
+        try:
+            vecs, cached, _, _, timing = self._features([checked[i][0] for i in good],
+                                                        [f"image {i}" for i in good])
+        except ImageInputError:  # a body that decodes badly: isolate it by running one at a time
+            return [c if isinstance(c, Exception) else self._search_one(*c) for c in checked]
+        out: list = list(checked)
+        for row, i in enumerate(good):
+            _, k, flt, thr = checked[i]
+            result = self._hits(vecs[row:row + 1], k, flt, thr)
+            result["cached"] = cached[row]
+            result["timing_ms"] = {"preprocess": _ms(timing["preprocess"]), "inference": _ms(timing["inference"]),
+                                   **result["timing_ms"], "total": _ms(time.perf_counter() - t0),
+                                   "batch_size": len(good)}
+            out[i] = result
+        return out
+
+    def _search_one(self, data, k, filter, score_threshold) -> dict:
+        try:
+            return self.search(data, k, filter, score_threshold)
+        except Exception as exc:
+            return exc
 
     def get(self, id: str) -> dict | None:
         """An image's row {id, sha256, width, height, payload}, or None."""

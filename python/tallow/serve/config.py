@@ -43,7 +43,7 @@ def _lanes() -> dict[str, LaneConfig]:
         "embeddings": LaneConfig(),
         "classify": LaneConfig(),
         "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),
-        "images": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
+        "images": LaneConfig(max_batch_size=8, max_wait_ms=5.0, max_queue=64),
         "search": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=256),
         "write": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
     }

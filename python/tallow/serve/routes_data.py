@@ -254,11 +254,11 @@ def _image_error(exc: Exception) -> APIError:
     return APIError(status, str(exc), param="image" if kind != "invalid" or "image" in str(exc) else None)
 
 
-async def _image_call(services, fn):
+async def _image_call(services, payload, key):
     from ..engine.images import ImageInputError
 
     try:
-        return await submit(services, "images", fn)
+        return await submit(services, "images", payload, key=key)
     except ImageInputError as exc:
         raise _image_error(exc) from None
     except APIError:
@@ -298,7 +298,7 @@ async def add_image(request: Request):
         with services.write_lock:
             return images.add(body.id, data, body.payload)
 
-    return {"object": "image", **await _image_call(services, add)}
+    return {"object": "image", **await _image_call(services, add, key=("add", next(_unique)))}
 
 
 @router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata",
@@ -307,6 +307,7 @@ async def search_images(request: Request):
     services = get_services(request)
     images = _require_images(services)
     body, data = _decode_image(await _image_fields(request), ImageSearchBody)
-    out = await _image_call(services, lambda: images.search(data, body.k, filter=body.filter,
-                                                            score_threshold=body.score_threshold))
+    # Searches arriving together share one preprocess + ResNet forward (the images lane batches them).
+    out = await _image_call(services, {"data": data, "k": body.k, "filter": body.filter,
+                                       "score_threshold": body.score_threshold}, key="search")
     return {"object": "list", **out}

@@ -91,7 +91,7 @@ class Services:
         self.ready = threading.Event()
         self.lanes: dict[str, Lane] = {}
         for name, fn in (("embeddings", self._run_embeddings), ("classify", self._run_classify),
-                         ("generate", self._run_generate), ("images", self._run_calls),
+                         ("generate", self._run_generate), ("images", self._run_images),
                          ("search", self._run_calls), ("write", self._run_calls)):
             self.lanes[name] = Lane(name, fn, config.lane(name), observe_batch=self.metrics.observe_batch,
                                     observe_depth=self.metrics.observe_depth)
@@ -236,6 +236,13 @@ class Services:
             except Exception as exc:  # only this request fails
                 out.append(exc)
         return out
+
+    def _run_images(self, jobs: Sequence[Job]) -> list:
+        """Searches (dict payloads, one key) share one preprocess + ResNet
+        forward; adds (callables, a key each) run alone."""
+        if all(isinstance(job.payload, dict) for job in jobs):
+            return self.images.search_many([job.payload for job in jobs])
+        return self._run_calls(jobs)
 
     def _run_generate(self, jobs: Sequence[Job]) -> list:
         if isinstance(jobs[0].payload, RagRequest):  # RAG jobs have a key of their own: alone
