@@ -8,15 +8,11 @@ import asyncio
 import base64
 import contextlib
 import io
-import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -305,7 +305,7 @@ async def add_image(request: Request):
              openapi_extra=_image_body_doc(ImageSearchBody))
 async def search_images(request: Request):
     services = get_services(request)
-    images = _require_images(services)
+    _require_images(services)
     body, data = _decode_image(await _image_fields(request), ImageSearchBody)
     # Searches arriving together share one preprocess + ResNet forward (the images lane batches them).
     out = await _image_call(services, {"data": data, "k": body.k, "filter": body.filter,

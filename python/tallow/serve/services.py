@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .batching import Job, Lane
 from .config import ServeConfig
@@ -281,7 +280,7 @@ class Services:
                 metrics.generations_cancelled.inc()
                 break
         results: list[list[dict]] = [[] for _ in jobs]
-        for i, (j, r) in enumerate(owner):
+        for i, (j, _row) in enumerate(owner):
             results[j].append({"text": texts[i], "completion_tokens": counts[i],
                                "finish_reason": reasons[i] or "length", "prompt_tokens": len(rows[i])})
         return results
