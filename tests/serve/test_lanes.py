@@ -151,3 +151,31 @@ def test_close_lets_queued_jobs_finish_and_refuses_new_ones():
         return await asyncio.gather(*futs)
 
     assert run(main()) == [("done", i) for i in range(4)]
+
+
+def test_a_lane_serves_a_second_event_loop():
+    """An app object served twice (or a test client with a loop per request):
+    the lane restarts its dispatcher on the new loop instead of hanging."""
+    rec = Recorder()
+    lane = Lane("t", rec, LaneConfig(max_batch_size=4, max_wait_ms=1))
+
+    async def one(x):
+        return await lane.submit(x, timeout=5)
+
+    assert run(one("first loop")) == ("done", "first loop")
+    assert run(one("second loop")) == ("done", "second loop")
+
+
+def test_close_past_its_deadline_fails_the_queued_jobs_instead_of_leaving_them_hanging():
+    rec = Recorder(delay=0.5)
+
+    async def main():
+        lane = Lane("t", rec, LaneConfig(max_batch_size=1, max_wait_ms=0))
+        futs = [asyncio.ensure_future(lane.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        await lane.close(timeout=0.1)
+        res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+        return res, lane.depth
+
+    res, depth = run(main())
+    assert all(isinstance(r, BaseException) for r in res[1:]) and depth == 0

@@ -327,3 +327,44 @@ def test_a_model_that_fails_to_load_keeps_the_server_not_ready(tmp_path):
         assert httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=60).status_code == 200
     finally:
         server.stop()
+
+
+def test_reviewed_edge_cases(client, auth):
+    """Inputs found by review that used to give 500s, hangs or out-of-memory."""
+    err = _error(client.post("/v1/completions", json={"prompt": ["hi"] * 5, "n": 4, "max_tokens": 2}), 422)
+    assert "max_completion_rows" in err["message"]  # 20 rows > 16: each row holds a KV cache
+    err = _error(client.post("/v1/completions", json={"prompt": "x" * 200_000, "max_tokens": 2}), 422)
+    assert "characters" in err["message"]  # refused before tokenizing 200k characters
+    r = client.post("/v1/completions", json={"prompt": "ab " * 70_000, "max_tokens": 2, "truncate": True,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert _error(client.post("/v1/completions", json={"prompt": "x", "seed": 2**70}), 422)["param"] == "seed"
+    assert _error(client.post("/generate", json={"prompt": "x", "seed": -(2**64)}), 422)["param"] == "seed"
+    surrogate = '{"input": ["ok", "bad \\ud800 text"]}'
+    err = _error(client.post("/v1/embeddings", content=surrogate, headers={"content-type": "application/json"}), 422)
+    assert err["param"] == "input[1]" and "surrogate" in err["message"]
+    doc = '{"documents": [{"id": "s1", "text": "bad \\udfff text"}]}'
+    err = _error(client.post("/v1/documents", content=doc, headers={"content-type": "application/json", **auth}),
+                 422)
+    assert "surrogate" in err["message"]
+    err = _error(client.post("/v1/documents", headers=auth,
+                             json={"documents": [{"id": "big", "text": "word " * 50_000}]}), 422)
+    assert "max_document_chars" in err["message"]
+    err = _error(client.post("/v1/embeddings", json={"input": [[101, 2023, 102]]}), 422)
+    assert "token-id arrays" in err["message"]
+    nested = b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert "nested" in _error(client.post("/v1/embeddings", content=nested,
+                                          headers={"content-type": "application/json"}), 422)["message"]
+
+
+def test_openai_model_retrieve_and_stream_usage(full_server):
+    import openai
+
+    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key="x", max_retries=0)
+    assert client.models.retrieve("tallow-embed").id == "tallow-embed"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    chunks = list(client.completions.create(model="tallow-gpt2", prompt="Hi", max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == sum(
+        1 for c in chunks[:-1] if c.choices)

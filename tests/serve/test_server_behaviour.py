@@ -304,3 +304,24 @@ def test_concurrent_image_searches_share_a_resnet_batch(full_server, auth):
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
     assert [r.json()["hits"][0]["id"] for r in rs] == [f"batch-{i}" for i in range(6)]
     assert max(r.json()["timing_ms"].get("batch_size", 1) for r in rs) > 1
+
+
+def test_a_stream_that_times_out_stops_its_generation(small_server):
+    def metric(name: str) -> float:
+        return _metric(httpx.get(small_server.url + "/metrics").text, name)
+
+    c0 = metric("tallow_generations_cancelled_total")
+    cfg = small_server.services.config.server
+    old, cfg.request_timeout_s = cfg.request_timeout_s, 0.3
+    try:
+        with httpx.Client(base_url=small_server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": "Never ending", "max_tokens": 1000,
+                                                           "temperature": 0, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        cfg.request_timeout_s = old
+    assert lines[-1] == "data: [DONE]" and "timeout_error" in lines[-2]
+    deadline = time.monotonic() + 10
+    while metric("tallow_generations_cancelled_total") == c0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric("tallow_generations_cancelled_total") == c0 + 1

@@ -157,6 +157,14 @@ def embedder_identity(embedder: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def _check_utf8(value: str, what: str) -> None:
+    """A str with a lone surrogate (JSON allows "\ud800") cannot be stored or hashed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EngineError(f"{what} is not valid Unicode text: a lone surrogate at position {exc.start}") from None
+
+
 def normalize_document(doc: Any, i: int = 0) -> dict:
     """Checks one input document; returns {id, title, text, category, timestamp, payload}."""
     if not isinstance(doc, dict):
@@ -168,6 +176,7 @@ def normalize_document(doc: Any, i: int = 0) -> dict:
     text = doc.get("text")
     if not isinstance(text, str):
         raise EngineError(f"document {i}: text must be a str, got {type(text).__name__}")
+    _check_utf8(text, f"document {i}: text")
     if not text.strip():
         raise EngineError(f"document {i}" + (f" ({doc['id']!r})" if doc.get("id") else "") + ": text is empty")
     doc_id = doc.get("id")
@@ -175,10 +184,13 @@ def normalize_document(doc: Any, i: int = 0) -> dict:
         doc_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:24]
     if not isinstance(doc_id, str) or not doc_id:
         raise EngineError(f"document {i}: id must be a non-empty str, got {doc_id!r}")
+    _check_utf8(doc_id, f"document {i}: id")
     for name in ("title", "category"):
         v = doc.get(name)
         if v is not None and not isinstance(v, str):
             raise EngineError(f"document {doc_id!r}: {name} must be a str or None, got {type(v).__name__}")
+        if v is not None:
+            _check_utf8(v, f"document {doc_id!r}: {name}")
     ts = doc.get("timestamp")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int)):
         raise EngineError(f"document {doc_id!r}: timestamp must be an int (Unix seconds) or None, got {ts!r}")
@@ -188,9 +200,9 @@ def normalize_document(doc: Any, i: int = 0) -> dict:
     if HASH_KEY in payload or "_tallow_id" in payload:
         raise EngineError(f"document {doc_id!r}: payload fields starting with '_tallow' are reserved")
     try:
-        json.dumps(payload, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise EngineError(f"document {doc_id!r}: payload is not JSON-serialisable: {exc}") from exc
+        json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise EngineError(f"document {doc_id!r}: payload is not JSON-serialisable UTF-8: {exc}") from exc
     return {"id": doc_id, "title": doc.get("title"), "text": text, "category": doc.get("category"),
             "timestamp": ts, "payload": payload}
 
@@ -415,6 +427,12 @@ class Engine:
         doc = {"id": chunk_or_doc.get("doc_id", chunk_or_doc.get("id")), **{
             k: chunk_or_doc.get(k) for k in ("title", "category", "timestamp", "payload")}}
         return {**filter_fields(doc), HASH_KEY: h}
+
+    def save(self) -> None:
+        """Writes the index snapshot now (the store is always up to date); a
+        host that owns the engine calls it at shutdown instead of close()."""
+        self._check_open()
+        self._save_index()
 
     def _save_index(self) -> None:
         if self._index is not None and self._unsaved:

@@ -39,6 +39,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.Generator's range), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         for s in self.stop:

@@ -22,7 +22,7 @@ def serve(config: ServeConfig) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config=config)
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=config.server.log_level,
-                timeout_graceful_shutdown=int(config.server.request_timeout_s))
+                timeout_graceful_shutdown=max(1, round(config.server.request_timeout_s)))
 
 
 __all__ = ["create_app", "load_config", "serve", "ServeConfig", "ConfigError"]

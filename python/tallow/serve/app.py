@@ -86,14 +86,21 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     async def metrics():
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_cards() -> list[dict]:
+        return [{"id": model_id(services, name), "object": "model", "created": 0, "owned_by": "tallow",
+                 "task": name, "path": slot.path}
+                for name, slot in services.models.items() if slot.status == "ready"]
+
     @app.get("/v1/models", tags=["models"], summary="The models this server has loaded (OpenAI format)")
     async def models():
-        data = []
-        for name, slot in services.models.items():
-            if slot.status == "ready":
-                data.append({"id": model_id(services, name), "object": "model", "created": 0,
-                             "owned_by": "tallow", "task": name, "path": slot.path})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model}", tags=["models"], summary="One loaded model (OpenAI format)")
+    async def model(model: str):
+        for card in model_cards():
+            if card["id"] == model:
+                return card
+        raise APIError(404, f"no loaded model {model!r} (see GET /v1/models)", param="model")
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 413s included.
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)

@@ -70,6 +70,13 @@ class Job:
 BatchFn = Callable[[Sequence[Job]], Sequence[Any]]
 
 
+def _fail(job: Job, exc: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+    if job.events is not None:
+        job.events.put_nowait(None)
+
+
 class Lane:
     """``Lane(name, run_batch, config, observe_batch=None, observe_depth=None)``
 
@@ -91,6 +98,7 @@ class Lane:
         self._slots: asyncio.Semaphore | None = None
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
         self._batch_seconds = 0.05  # moving average, for Retry-After
@@ -103,10 +111,20 @@ class Lane:
         return self._admitted
 
     def _start(self) -> None:
-        if self._dispatcher is None:
+        """Starts the dispatcher on the running loop — again if the app now runs
+        on another loop (an app object served twice, a test client per request):
+        asyncio primitives belong to the loop that made them."""
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._loop is not loop or self._dispatcher.done():
+            for job in self._pending:  # jobs of a loop that is gone can never be answered
+                job.loop.call_soon_threadsafe(_fail, job, LaneClosed("the event loop of this request stopped"))
+            self._release(len(self._pending))
+            self._pending.clear()
+            self._loop = loop
             self._slots = asyncio.Semaphore(self.config.max_concurrency)
             self._wakeup = asyncio.Event()
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"lane-{self.name}")
+            self._running = set()
+            self._dispatcher = loop.create_task(self._dispatch(), name=f"lane-{self.name}")
 
     def enqueue(self, payload: Any, *, size: int = 1, tokens: int = 0, key: Hashable = None,
                 stream: bool = False) -> Job:
@@ -272,4 +290,9 @@ class Lane:
         for t in [self._dispatcher, *self._running]:
             if t is not None and not t.done():
                 t.cancel()
+        # Past the deadline: whoever still waits gets an answer, not a hang.
+        for job in self._pending:
+            _fail(job, LaneClosed(f"the server shut down before this {self.name} request ran"))
+        self._release(len(self._pending))
+        self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -65,7 +65,8 @@ class DataConfig:
     index: str = "hnsw"  # hnsw | qdrant | libsql
     sync_url: str = ""  # libSQL primary for an embedded replica; empty: local file only
     auth_token: str = ""
-    demo_corpus: bool = True  # index the demo corpus when the store is empty at start
+    demo_corpus: bool = True  # index the demo corpus when the store is empty at start (own engine only)
+    max_document_chars: int = 200_000  # per document on POST /v1/documents (~10 s of embedding here)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ModelsConfig:
     max_input_tokens: int = 0  # 0: each model's own limit
     max_completion_tokens: int = 256
     max_n: int = 8  # completions per prompt
+    max_completion_rows: int = 16  # prompts x n per request: each row has its own KV cache
     max_inputs_per_request: int = 2048
     warmup: bool = True
 
@@ -110,11 +112,13 @@ class ServeConfig:
         _check(s.request_timeout_s > 0, "server.request_timeout_s", s.request_timeout_s, "> 0")
         _check(self.data.index in ("hnsw", "qdrant", "libsql"), "data.index", self.data.index,
                "one of hnsw, qdrant, libsql")
+        _check(self.data.max_document_chars >= 1, "data.max_document_chars", self.data.max_document_chars, ">= 1")
         m = self.models
         _check(m.quantize in ("", "int8"), "models.quantize", m.quantize, '"" or "int8"')
         _check(m.max_input_tokens >= 0, "models.max_input_tokens", m.max_input_tokens, ">= 0")
         _check(m.max_completion_tokens >= 1, "models.max_completion_tokens", m.max_completion_tokens, ">= 1")
         _check(m.max_n >= 1, "models.max_n", m.max_n, ">= 1")
+        _check(m.max_completion_rows >= 1, "models.max_completion_rows", m.max_completion_rows, ">= 1")
         _check(m.max_inputs_per_request >= 1, "models.max_inputs_per_request", m.max_inputs_per_request, ">= 1")
         _check(self.cache.ttl_s > 0, "cache.ttl_s", self.cache.ttl_s, "> 0")
         _check(self.cache.max_entries >= 1, "cache.max_entries", self.cache.max_entries, ">= 1")

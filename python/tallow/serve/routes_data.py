@@ -126,11 +126,16 @@ async def ingest(body: DocumentsBody, request: Request):
     if len(body.documents) > limit:
         raise APIError(422, f"{len(body.documents)} documents in one request; the limit is {limit} "
                             "(models.max_inputs_per_request)", param="documents")
+    max_chars = services.config.data.max_document_chars
     for i, doc in enumerate(body.documents):  # all checked before anything is written
         try:
             normalize_document(doc, i)
         except (EngineError, ValueError, TypeError) as exc:
             raise APIError(422, str(exc), param=f"documents[{i}]") from None
+        if len(doc["text"]) > max_chars:  # a write holds the write lock; bound how long
+            raise APIError(422, f"documents[{i}] has {len(doc['text'])} characters; the limit is {max_chars} "
+                                "(data.max_document_chars): split it into several documents",
+                           param=f"documents[{i}]")
 
     def write():
         with services.write_lock:
@@ -254,11 +259,11 @@ def _image_error(exc: Exception) -> APIError:
     return APIError(status, str(exc), param="image" if kind != "invalid" or "image" in str(exc) else None)
 
 
-async def _image_call(services, payload, key):
+async def _image_call(services, payload, key=None, lane: str = "images"):
     from ..engine.images import ImageInputError
 
     try:
-        return await submit(services, "images", payload, key=key)
+        return await submit(services, lane, payload, key=key)
     except ImageInputError as exc:
         raise _image_error(exc) from None
     except APIError:
@@ -298,7 +303,8 @@ async def add_image(request: Request):
         with services.write_lock:
             return images.add(body.id, data, body.payload)
 
-    return {"object": "image", **await _image_call(services, add, key=("add", next(_unique)))}
+    # On the write lane, with the other writes: image searches never queue behind a store write.
+    return {"object": "image", **await _image_call(services, add, lane="write")}
 
 
 @router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata",

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from .app import APIError, NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
@@ -24,6 +24,16 @@ _unique = itertools.count()
 # Short inputs are tokenized on the event loop (tens of µs: less than the hop
 # to a worker thread); longer ones in a thread so the loop never stalls.
 INLINE_TOKENIZE_CHARS = 4096
+_token_chars: dict[int, int] = {}
+
+
+def _max_token_chars(model) -> int:
+    """The most characters one token of the model's vocabulary decodes to (its
+    longest token string: byte-level BPE writes one character per byte)."""
+    key = id(model.tokenizer)
+    if key not in _token_chars:
+        _token_chars[key] = max(len(t) for t in model.tokenizer._tok.get_vocab())
+    return _token_chars[key]
 
 
 # -- tokenization shared by the BERT endpoints ---------------------------------------------
@@ -39,7 +49,16 @@ def _as_list(value: str | list[str], services: Services) -> list[str]:
     for i, t in enumerate(texts):
         if not t.strip():
             raise APIError(422, f"input[{i}] is empty or only whitespace", param=f"input[{i}]")
+        _check_utf8(t, f"input[{i}]")
     return texts
+
+
+def _check_utf8(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON allows lone surrogates ("\ud800"); no tokenizer does
+        raise APIError(422, f"{field} is not valid Unicode text: a lone surrogate at position {exc.start}",
+                       param=field) from None
 
 
 async def _tokenize(model, texts: list[str], truncate: bool, services: Services) -> list[list[int]]:
@@ -60,6 +79,16 @@ async def _tokenize(model, texts: list[str], truncate: bool, services: Services)
         raise APIError(422, str(exc), param="input") from None
 
 
+def _no_token_arrays(value, what: str):
+    """OpenAI also accepts token-id arrays; this server takes text only, and says so once
+    (pydantic would list one 'should be a valid string' per element)."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, list) for v in items):
+        raise ValueError(f"{what} must be text: token-id arrays are not supported (LangChain's "
+                         "OpenAIEmbeddings sends them unless check_embedding_ctx_length=False)")
+    return value
+
+
 # -- /v1/embeddings -------------------------------------------------------------------------
 
 class EmbeddingsRequest(BaseModel):
@@ -69,6 +98,11 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     truncate: bool = Field(False, description="tallow: cut inputs over the token limit instead of a 422")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        return _no_token_arrays(v, "input")
 
 
 @router.post("/v1/embeddings", tags=["models"], summary="Sentence embeddings (OpenAI compatible)")
@@ -127,18 +161,24 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, description="tallow: CTRL-style penalty (1: off)")
     n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: dict | None = Field(None, description='{"include_usage": true}: a last chunk with usage')
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     truncate: bool = Field(False, description="tallow: keep the end of an over-long prompt instead of a 422")
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        return _no_token_arrays(v, "prompt")
+
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def _generation(services: Services, model, prompts: list[str], body: CompletionRequest) -> tuple:
+async def _generation(services: Services, model, prompts: list[str], body: CompletionRequest) -> tuple:
     from ..models.generation import SamplingParams
 
     cfg = services.config.models
@@ -153,13 +193,30 @@ def _generation(services: Services, model, prompts: list[str], body: CompletionR
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(422, "stop must be up to 4 non-empty strings", param="stop")
-    try:
-        ids = model.tokenizer.encode_unbounded(prompts)
-    except (ValueError, TypeError) as exc:
-        raise APIError(422, str(exc), param="prompt") from None
+    if len(prompts) * body.n > cfg.max_completion_rows:
+        # Every row holds a KV cache of its own: rows are what costs memory.
+        raise APIError(422, f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} completions; the "
+                            f"limit is {cfg.max_completion_rows} per request (models.max_completion_rows)",
+                       param="prompt")
     context = model.config.n_positions
     room = context - body.max_tokens
     limit = min(room, cfg.max_input_tokens or room)
+    longest_token = _max_token_chars(model)
+    for i, p in enumerate(prompts):
+        _check_utf8(p, f"prompt[{i}]")
+        # No token is longer than the vocabulary's longest, so a prompt longer
+        # than limit x that is over the limit for sure: refuse it (or keep only
+        # its tail) before spending time tokenizing all of it.
+        if len(p) > max(limit, 1) * longest_token:
+            if not body.truncate or limit < 1:
+                raise APIError(422, f"prompt {i} has {len(p)} characters, more than GPT-2's context of "
+                                    f"{context} tokens can hold with max_tokens={body.max_tokens} (send "
+                                    "\"truncate\": true to keep the end of the prompt)", param="prompt")
+            prompts[i] = p[-limit * longest_token:]
+    try:
+        ids = await run_in_threadpool(model.tokenizer.encode_unbounded, prompts)
+    except (ValueError, TypeError) as exc:
+        raise APIError(422, str(exc), param="prompt") from None
     for i, seq in enumerate(ids):
         if len(seq) > limit:
             if not body.truncate or limit < 1:
@@ -189,7 +246,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
         raise APIError(422, "prompt must be a string or a non-empty list of strings", param="prompt")
-    req, key, prompt_tokens = _generation(services, model, prompts, body)
+    req, key, prompt_tokens = await _generation(services, model, prompts, body)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id(services, "generator")
     if not body.stream:
         rows = await submit(services, "generate", req, size=len(req.prompt_ids), key=key)
@@ -200,11 +257,13 @@ async def completions(body: CompletionRequest, request: Request):
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
     job = enqueue(services, "generate", req, size=len(req.prompt_ids), key=key, stream=True)
-    return StreamingResponse(_sse(services, job, cid, created, name), media_type="text/event-stream",
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return StreamingResponse(_sse(services, job, cid, created, name, prompt_tokens if include_usage else None),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(services: Services, job, cid: str, created: int, name: str):
+async def _sse(services: Services, job, cid: str, created: int, name: str, usage_prompt_tokens: int | None):
     """Server-sent events, one per token; a client that goes away cancels the job
     (Starlette cancels this generator), and generation stops when no client of
     the batch is left."""
@@ -213,6 +272,7 @@ async def _sse(services: Services, job, cid: str, created: int, name: str):
     lane = services.lanes["generate"]
     deadline = time.monotonic() + services.config.server.request_timeout_s
     finished = False
+    tokens = 0
     try:
         while True:
             try:
@@ -221,10 +281,12 @@ async def _sse(services: Services, job, cid: str, created: int, name: str):
                 err = {"error": {"message": "the completion did not finish within server.request_timeout_s",
                                  "type": "timeout_error", "param": None, "code": 504}}
                 yield f"data: {json.dumps(err)}\n\n"
-                break
+                yield "data: [DONE]\n\n"
+                return  # not finished: the finally cancels the job, generation stops
             if event is None:
                 break
             row, text, reason = event
+            tokens += 1
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": name,
                      "choices": [{"text": text, "index": row, "logprobs": None,
                                   "finish_reason": _FINISH.get(reason) if reason else None}]}
@@ -236,6 +298,10 @@ async def _sse(services: Services, job, cid: str, created: int, name: str):
             yield f"data: {json.dumps(err)}\n\n"
         else:
             finished = True
+        if usage_prompt_tokens is not None:  # OpenAI's stream_options.include_usage: usage, no choices
+            usage = {"prompt_tokens": usage_prompt_tokens, "completion_tokens": tokens,
+                     "total_tokens": usage_prompt_tokens + tokens}
+            yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
@@ -249,7 +315,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
 
 
 @router.post("/generate", tags=["models"], summary="The seed's text generation: {prompt, max_tokens}")
@@ -260,7 +326,7 @@ async def generate(body: GenerateRequest, request: Request):
     as_completion = CompletionRequest(prompt=body.prompt, max_tokens=body.max_tokens,
                                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed)
-    req, key, _ = _generation(services, model, [body.prompt], as_completion)
+    req, key, _ = await _generation(services, model, [body.prompt], as_completion)
     rows = await submit(services, "generate", req, size=1, key=key)
     return {"generated_text": rows[0]["text"], "finish_reason": _FINISH[rows[0]["finish_reason"]],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}

@@ -123,7 +123,7 @@ class Services:
             try:
                 from ..engine.images import ImageSearch
 
-                self.images = ImageSearch(Path(cfg.data.dir), self.engine.store, resnet, cache=self.cache,
+                self.images = ImageSearch(Path(self.engine.data_dir), self.engine.store, resnet, cache=self.cache,
                                           max_megapixels=cfg.images.max_megapixels)
             except Exception as exc:
                 slot = self.models["image"]
@@ -186,7 +186,8 @@ class Services:
             if self.engine is None:
                 self.engine = Engine(cfg.data.dir, embedder=embedder, index=cfg.data.index,
                                      sync_url=cfg.data.sync_url or None, auth_token=cfg.data.auth_token or None)
-            if cfg.data.demo_corpus and self.engine.stats()["documents"] == 0:
+            # The demo corpus goes only into an engine of our own, never into a host's.
+            if self._own_engine and cfg.data.demo_corpus and self.engine.stats()["documents"] == 0:
                 from .demo import demo_documents
 
                 docs = demo_documents()
@@ -198,22 +199,38 @@ class Services:
             log.error("cannot open the engine in %s: %s", cfg.data.dir, exc)
 
     def readiness(self) -> dict:
+        data_dir = str(self.engine.data_dir) if self.engine is not None else self.config.data.dir
         return {"ready": self.ready.is_set(),
                 "engine": {"status": self.engine_status, "error": self.engine_error or None,
-                           "data_dir": self.config.data.dir},
+                           "data_dir": data_dir},
                 "models": {n: s.describe() for n, s in self.models.items()}}
 
     # -- shut-down --------------------------------------------------------------------
 
     async def close(self) -> None:
-        """In-flight and queued jobs finish; then the index and metadata are flushed."""
-        for lane in self.lanes.values():
-            await lane.close(timeout=self.config.server.request_timeout_s)
-        with self.write_lock:
+        """In-flight and queued jobs finish (all lanes together, one deadline);
+        then the index and metadata are flushed. A caller's engine is saved,
+        not closed: its owner closes it."""
+        import asyncio
+
+        await asyncio.gather(*[lane.close(timeout=self.config.server.request_timeout_s)
+                               for lane in self.lanes.values()])
+        await asyncio.to_thread(self._flush)
+
+    def _flush(self) -> None:
+        with self.write_lock:  # a write that outlived its lane's deadline finishes first
             if self.images is not None:
                 self.images.close()
-            if self.engine is not None and self._own_engine:
-                self.engine.close()
+            if self.engine is not None:
+                if self._own_engine:
+                    self.engine.close()
+                else:
+                    from ..engine import EngineError
+
+                    try:
+                        self.engine.save()
+                    except EngineError:  # its owner closed it already (and saved it then)
+                        pass
             if self.cache is not None:
                 self.cache.close()
 
