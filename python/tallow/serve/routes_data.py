@@ -20,28 +20,34 @@ router = APIRouter()
 _unique = itertools.count()
 
 
-def _user_error(exc: Exception) -> APIError:
-    """Bad input found by the engine, the index or the store: 422 with its message."""
-    return APIError(422, str(exc))
-
-
-def _is_user_error(exc: Exception) -> bool:
+def _as_api_error(exc: Exception) -> APIError | None:
+    """Bad input found by the engine, the index, the store or the image
+    pipeline: 422 with its message (415 for data that is not an image)."""
     from ..engine import EngineError
+    from ..engine.images import ImageInputError
     from ..index.base import IndexInputError
     from ..index.filters import FilterError
 
-    return isinstance(exc, (EngineError, IndexInputError, FilterError))
+    if isinstance(exc, ImageInputError):
+        kind = getattr(exc, "kind", "invalid")
+        return APIError(415 if kind == "unsupported" else 422, str(exc),
+                        param="image" if kind != "invalid" or "image" in str(exc) else None)
+    if isinstance(exc, (EngineError, IndexInputError, FilterError)):
+        return APIError(422, str(exc))
+    return None
 
 
-async def _call(services, lane: str, fn, **kw) -> Any:
+async def _call(services, lane: str, payload, *, key=None) -> Any:
+    """``submit`` with the engine's input errors turned into HTTP answers."""
     try:
-        return await submit(services, lane, fn, **kw)
+        return await submit(services, lane, payload, key=key)
     except APIError:
         raise
     except Exception as exc:
-        if _is_user_error(exc):
-            raise _user_error(exc) from None
-        raise
+        api = _as_api_error(exc)
+        if api is None:
+            raise
+        raise api from None
 
 
 # -- search and RAG ----------------------------------------------------------------------------
@@ -92,14 +98,7 @@ async def rag(body: RagBody, request: Request):
     t0 = time.perf_counter()
     job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
                      {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
-    try:
-        answer = await submit(services, "generate", job, key=("rag", next(_unique)))
-    except APIError:
-        raise
-    except Exception as exc:
-        if _is_user_error(exc):
-            raise _user_error(exc) from None
-        raise
+    answer = await _call(services, "generate", job, key=("rag", next(_unique)))
     out = answer.to_dict()
     if not body.include_prompt:
         out.pop("prompt", None)
@@ -253,27 +252,6 @@ def _decode_image(fields: dict, model_cls) -> tuple[Any, bytes]:
     return parsed, data
 
 
-def _image_error(exc: Exception) -> APIError:
-    kind = getattr(exc, "kind", "invalid")
-    status = 415 if kind == "unsupported" else 422
-    return APIError(status, str(exc), param="image" if kind != "invalid" or "image" in str(exc) else None)
-
-
-async def _image_call(services, payload, key=None, lane: str = "images"):
-    from ..engine.images import ImageInputError
-
-    try:
-        return await submit(services, lane, payload, key=key)
-    except ImageInputError as exc:
-        raise _image_error(exc) from None
-    except APIError:
-        raise
-    except Exception as exc:
-        if _is_user_error(exc):
-            raise _user_error(exc) from None
-        raise
-
-
 def _require_images(services):
     require_engine(services)
     require_model(services, "image")
@@ -304,7 +282,7 @@ async def add_image(request: Request):
             return images.add(body.id, data, body.payload)
 
     # On the write lane, with the other writes: image searches never queue behind a store write.
-    return {"object": "image", **await _image_call(services, add, lane="write")}
+    return {"object": "image", **await _call(services, "write", add)}
 
 
 @router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata",
@@ -314,6 +292,6 @@ async def search_images(request: Request):
     _require_images(services)
     body, data = _decode_image(await _image_fields(request), ImageSearchBody)
     # Searches arriving together share one preprocess + ResNet forward (the images lane batches them).
-    out = await _image_call(services, {"data": data, "k": body.k, "filter": body.filter,
-                                       "score_threshold": body.score_threshold}, key="search")
+    out = await _call(services, "images", {"data": data, "k": body.k, "filter": body.filter,
+                                           "score_threshold": body.score_threshold}, key="search")
     return {"object": "list", **out}
