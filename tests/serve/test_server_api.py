@@ -368,3 +368,19 @@ def test_openai_model_retrieve_and_stream_usage(full_server):
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == sum(
         1 for c in chunks[:-1] if c.choices)
+
+
+def test_an_embedder_that_fails_to_load_fails_the_engine_not_hangs_it(tmp_path):
+    from starlette.testclient import TestClient
+
+    from tallow.serve import create_app, load_config
+
+    app = create_app(config=load_config(**{"data.dir": str(tmp_path), "models.embedder": str(tmp_path / "none")}))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while (state := c.get("/ready")).json()["engine"]["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state.status_code == 503 and state.json()["engine"]["status"] == "failed"
+        err = _error(c.post("/v1/search", json={"query": "x"}), 503)
+        assert "embedder did not load" in err["message"] and str(tmp_path / "none") in err["message"]

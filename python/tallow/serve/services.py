@@ -114,9 +114,12 @@ class Services:
         emb = self._load_slot("embedder", lambda: self._load_embedder(quantize))
         if emb is not None:
             self._open_engine(emb)
+        else:
+            self.engine_status = "failed"
+            self.engine_error = f"the embedder did not load: {self.models['embedder'].error}"
         self._load_slot("classifier", lambda: self._load_model(cfg.models.classifier, quantize, task="classify"))
         self._load_slot("generator", lambda: self._load_model(cfg.models.generator, quantize))
-        if self.engine is not None and self.models["generator"].model is not None:
+        if self.engine is not None and self.models["generator"].status == "ready":
             self.engine.set_generator(self.models["generator"].model)
         resnet = self._load_slot("image", lambda: self._load_model(cfg.models.image, quantize))
         if resnet is not None and self.engine is not None:
