@@ -110,6 +110,32 @@ class RagAnswer:
         return asdict(self)
 
 
+def load_snapshot(root: Path, *, dim: int | None, store_path: Any, what: str = "index",
+                  metric: str | None = None):
+    """The HNSW snapshot saved under ``root``, or None: when no save ever
+    completed (no CURRENT: a crash during the first one), or when it is
+    corrupt or of another shape — then it is moved aside to
+    ``<root>.corrupt-<time>`` with an ``IndexRebuiltWarning``, and the caller
+    rebuilds the index from the store (the text engine and image search)."""
+    from ..index import CorruptIndexError, HnswIndex
+
+    if not (root / "CURRENT").exists():
+        return None
+    try:
+        idx = HnswIndex.load(root)
+        if metric is not None and idx.metric != metric:
+            raise CorruptIndexError(f"{root} is a {idx.metric} index, {metric} is needed")
+        if dim is not None and idx.dim != dim:
+            raise CorruptIndexError(f"{root} holds {idx.dim}-d vectors, the store {dim}-d")
+        return idx
+    except CorruptIndexError as exc:
+        aside = root.with_name(f"{root.name}.corrupt-{int(time.time())}")
+        shutil.move(str(root), str(aside))
+        warnings.warn(IndexRebuiltWarning(f"{exc}; moved to {aside} and rebuilding the {what} from {store_path}"),
+                      stacklevel=4)
+        return None
+
+
 def content_hash(doc: dict, chunk_tokens: int, overlap: int, embedder_id: str) -> str:
     """What decides whether a stored document must be re-chunked and re-embedded:
     its content, the chunking settings and the embedding model (``embedder_identity``)."""
@@ -358,22 +384,8 @@ class Engine:
 
     def _open_index(self, dim: int | None) -> None:
         """Loads the index (HNSW: its last snapshot) and reconciles it with the store."""
-        from ..index import CorruptIndexError, HnswIndex
-
         if self.index_kind == "hnsw":
-            root = self.data_dir / "index"
-            # No CURRENT: no save ever completed (a crash during the first one); start empty.
-            if (root / "CURRENT").exists():
-                try:
-                    idx = HnswIndex.load(root)
-                    if dim is not None and idx.dim != dim:
-                        raise CorruptIndexError(f"{root} holds {idx.dim}-d vectors, the store {dim}-d")
-                    self._index = idx
-                except CorruptIndexError as exc:
-                    aside = root.with_name(f"index.corrupt-{int(time.time())}")
-                    shutil.move(str(root), str(aside))
-                    warnings.warn(IndexRebuiltWarning(f"{exc}; moved to {aside} and rebuilding the index from "
-                                                      f"{self.store.path}"), stacklevel=3)
+            self._index = load_snapshot(self.data_dir / "index", dim=dim, store_path=self.store.path)
         if self._index is None and dim is not None:
             self._index = self._new_index(dim)
         if self._index is not None:

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 import warnings
@@ -59,7 +58,7 @@ import numpy as np
 
 from ..index import filters as F
 from ..index.base import IndexInputError, check_k
-from .engine import IndexRebuiltWarning
+from .engine import load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -464,24 +463,12 @@ class ImageSearch:
 
     def _open_index(self, dim: int | None) -> None:
         """Loads the last snapshot (a corrupt one is moved aside) and reconciles it with the store."""
-        from ..index import CorruptIndexError, HnswIndex
 
         root = self.data_dir / INDEX_DIR
-        if (root / "CURRENT").exists():  # no CURRENT: no save ever completed
-            try:
-                idx = HnswIndex.load(root)
-                if idx.metric != "cosine":
-                    raise CorruptIndexError(f"{root} is a {idx.metric} index, image search needs cosine")
-                if dim is not None and idx.dim != dim:
-                    raise CorruptIndexError(f"{root} holds {idx.dim}-d vectors, the store {dim}-d")
-                if idx.ef != self.ef:
-                    idx.set_ef(self.ef)
-                self._index = idx
-            except CorruptIndexError as exc:
-                aside = root.with_name(f"{INDEX_DIR}.corrupt-{int(time.time())}")
-                shutil.move(str(root), str(aside))
-                warnings.warn(IndexRebuiltWarning(f"{exc}; moved to {aside} and rebuilding the image index from "
-                                                  f"{self.store.path}"), stacklevel=4)
+        idx = load_snapshot(root, dim=dim, store_path=self.store.path, what="image index", metric="cosine")
+        if idx is not None and idx.ef != self.ef:
+            idx.set_ef(self.ef)
+        self._index = idx
         if self._index is None and dim is not None:
             self._index = self._new_index(dim)
         if self._index is not None:
