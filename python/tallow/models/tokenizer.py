@@ -51,17 +51,9 @@ class Tokenizer:
                    max_length: int | None = None) -> list[list[int]]:
         """Token ids per text, unpadded. Raises for empty or over-long input."""
         limit = self.max_length if max_length is None else min(int(max_length), self.max_length)
-        if isinstance(texts, str):
-            raise TypeError("expected a list of strings, got a single str (wrap it in a list)")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"input {i} is {type(t).__name__}, expected str")
-            if not t.strip():
-                raise ValueError(f"input {i} is empty or only whitespace")
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        encs = self.encode_unbounded(texts)
         ids = []
-        for i, e in enumerate(encs):
-            seq = list(e.ids)
+        for i, seq in enumerate(encs):
             if len(seq) > limit:
                 if not truncation:
                     raise InputTooLongError(
