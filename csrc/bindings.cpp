@@ -23,8 +23,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = TALLOW_VERSION;
   m.attr("compiler") = __VERSION__;
 
+  m.def("arch", [] { return std::string(tallow::arch_name()); },
+        "Architecture the module was built for: x86_64, aarch64 or other.");
+  m.def("isa_levels", [] {
+    std::vector<std::string> names;
+    for (tallow::Isa isa : tallow::arch_isas()) names.emplace_back(tallow::isa_name(isa));
+    return names;
+  }, "The ISA tiers this build has kernels for, lowest first (x86_64: scalar, avx2, avx512_vnni; "
+     "aarch64: scalar, neon).");
   m.def("best_isa", [] { return std::string(tallow::isa_name(tallow::best_isa())); },
-        "Best ISA this CPU supports: avx512_vnni, avx2 or scalar.");
+        "Best ISA this CPU supports: avx512_vnni, avx2, neon or scalar.");
   m.def("active_isa", [] { return std::string(tallow::isa_name(tallow::active_isa())); },
         "ISA the kernels use now (best_isa unless lowered by TALLOW_ISA or set_isa).");
   m.def("set_isa", [](const std::string& name) { tallow::set_isa(name); }, py::arg("name"),

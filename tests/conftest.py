@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tallow
-from tallow.testing import ISA_LEVELS, available_isas
+from tallow.testing import ALL_ISAS, available_isas
 
 # Real redis-server fixtures (redis_url, redis_server_factory) for the feature
 # cache tests and the server's; model checkpoints for the model, image and
@@ -25,13 +25,13 @@ from tallow.testing import ISA_LEVELS, available_isas
 pytest_plugins = ["redis_server", "model_checkpoints"]
 
 
-@pytest.fixture(params=ISA_LEVELS)
+@pytest.fixture(params=ALL_ISAS)
 def each_isa(request):
     """Runs the test once per ISA the CPU supports, with the kernels forced
     onto it; restores the previous ISA afterwards."""
     isa = request.param
     if isa not in available_isas():
-        pytest.skip(f"this CPU cannot run {isa}")
+        pytest.skip(f"this CPU cannot run {isa} (tiers of this build: {tallow.native().isa_levels()})")
     previous = tallow.get_isa()
     tallow.set_isa(isa)
     try:

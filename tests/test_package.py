@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import torch
 
 import tallow
 from tallow._dispatch import BackendUnavailable, dispatch
+from tallow.testing import available_isas
 
 # Blocks tallow._C the way a missing or broken build would.
 _BLOCK_NATIVE = textwrap.dedent(
@@ -82,7 +84,10 @@ def test_info_reports_build_isa_threads_and_backends():
     report = tallow.info()
     assert report["version"] == tallow.__version__
     assert report["native"]["available"] is True
-    assert report["native"]["isa"] in ("scalar", "avx2", "avx512_vnni")
+    assert report["native"]["isa"] in report["native"]["isa_levels"]
+    machine = platform.machine().lower()
+    expected_arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+    assert report["native"]["arch"] == expected_arch.get(machine, "other")
     assert report["native"]["threads"] == tallow.get_num_threads() >= 1
     assert report["backends"]["ref"] is True and report["backends"]["cpu"] is True
 
@@ -120,9 +125,12 @@ def test_isa_override_env_and_api():
     assert proc.stdout.strip() == "scalar"
     with pytest.raises(ValueError, match="unknown ISA"):
         tallow.set_isa("sse9")
-    if best != "avx512_vnni":
-        with pytest.raises(ValueError, match="supports at most"):
-            tallow.set_isa("avx512_vnni")
+    # Every tier this CPU cannot run (higher ones, or another architecture's) is refused by name.
+    for name in ("avx2", "avx512_vnni", "neon"):
+        if name not in available_isas():
+            with pytest.raises(ValueError, match="supports at most"):
+                tallow.set_isa(name)
+    assert best == available_isas()[-1]
     previous = tallow.get_isa()
     try:
         tallow.set_isa("scalar")

@@ -1,5 +1,6 @@
 // Baseline dispatcher: picks the attention kernel of the active ISA.
-// Compiled without ISA flags, so it is safe to run on any x86-64 CPU.
+// Compiled without ISA flags, so it is safe to run on any CPU of the target
+// architecture; only the tiers this architecture builds are referenced.
 #include "attention/attention.h"
 
 #include "common/cpu_features.h"
@@ -8,11 +9,13 @@ namespace tallow {
 
 bool attention_forward(const AttentionArgs& args) {
   switch (active_isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512Vnni:
       return attention_avx512::forward(args);
     case Isa::Avx2:
       return attention_avx2::forward(args);
-    case Isa::Scalar:
+#endif
+    default:
       break;
   }
   return attention_scalar::forward(args);

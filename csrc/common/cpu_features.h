@@ -1,22 +1,33 @@
 // Run-time CPU feature detection and ISA selection.
 //
-// Compiled without ISA flags: safe to call on any x86-64 CPU. Kernels are
-// compiled once per ISA (files named *_avx512.cpp, *_avx2.cpp, *_scalar.cpp)
-// and each op's dispatcher asks `active_isa()` which one to call.
+// Compiled without ISA flags: safe to call on any CPU of the target
+// architecture. Kernels are compiled once per ISA (files named *_avx512.cpp,
+// *_avx2.cpp on x86-64; *_neon.cpp on aarch64; *_scalar.cpp everywhere) and
+// each op's dispatcher asks `active_isa()` which one to call.
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace tallow {
 
-// Ordered: a higher value implies every lower one is usable.
+// The ISA tiers, per architecture. Within one architecture a later tier
+// implies every earlier one (arch_isas() lists them lowest first).
 enum class Isa : int {
-  Scalar = 0,      // portable C++, baseline x86-64
-  Avx2 = 1,        // AVX2 + FMA (Haswell and later)
-  Avx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake and later)
+  Scalar = 0,      // portable C++: every architecture
+  Avx2 = 1,        // x86-64: AVX2 + FMA (Haswell, Zen and later)
+  Avx512Vnni = 2,  // x86-64: AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake, Zen 4 and later)
+  Neon = 3,        // aarch64: Advanced SIMD + dot product (SDOT: Neoverse N1, Apple M1 and later)
 };
 
-// The best ISA this CPU (and OS, via XCR0) supports.
+// The tiers this build has kernels for on this architecture, lowest first
+// (x86-64: scalar, avx2, avx512_vnni; aarch64: scalar, neon; else: scalar).
+std::vector<Isa> arch_isas();
+
+// Whether this CPU (and OS) can run kernels of `isa`.
+bool isa_supported(Isa isa);
+
+// The best ISA this CPU supports among arch_isas().
 Isa best_isa();
 
 // The ISA kernels use now: best_isa() unless lowered by set_isa() or the
@@ -29,7 +40,11 @@ void set_isa(const std::string& name);
 
 const char* isa_name(Isa isa);
 
-// Human-readable feature list, e.g. "avx2 fma avx512f ... avx512_vnni".
+// Human-readable feature list, e.g. "fma avx2 avx512f ... avx512_vnni" on
+// x86-64 or "asimd asimddp i8mm bf16" on aarch64.
 std::string cpu_feature_string();
+
+// The architecture this module was built for: "x86_64", "aarch64" or "other".
+const char* arch_name();
 
 }  // namespace tallow

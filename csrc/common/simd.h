@@ -1,4 +1,5 @@
-// Thin SIMD layer so one kernel source compiles for AVX-512, AVX2 and scalar.
+// Thin SIMD layer so one kernel source compiles for AVX-512, AVX2 and scalar
+// (and NEON on aarch64).
 //
 // Include this ONLY from ISA-specific translation units (*_avx512.cpp,
 // *_avx2.cpp, *_scalar.cpp). The vector width follows the flags the file is
@@ -13,7 +14,9 @@
 //   (vpdpbusd on AVX-512 VNNI; exact emulation on AVX2 and scalar).
 #pragma once
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 

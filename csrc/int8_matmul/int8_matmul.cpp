@@ -1,10 +1,12 @@
-// INT8 GEMM dispatcher (baseline x86-64 code): picks the kernels of the
+// INT8 GEMM dispatcher (baseline code of the target architecture): picks the kernels of the
 // active ISA, allocates the operand buffers and runs quantize/pack + GEMM.
 #include "int8_matmul/int8_matmul.h"
 
+#if defined(__x86_64__)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -20,10 +22,12 @@ namespace {
 
 const IsaKernels& kernels() {
   switch (active_isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512Vnni:
       return kKernelsAvx512;
     case Isa::Avx2:
       return kKernelsAvx2;
+#endif
     default:
       return kKernelsScalar;
   }
@@ -82,6 +86,9 @@ class Scratch {
 };
 
 bool detect_amx() {
+#if !defined(__x86_64__)
+  return false;
+#else
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   const bool tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
@@ -92,6 +99,7 @@ bool detect_amx() {
   if (((lo >> 17) & 3u) != 3u) return false;  // XTILECFG + XTILEDATA enabled by the OS
   // Linux >= 5.16: a process must ask for the AMX tile state (ARCH_REQ_XCOMP_PERM, XTILEDATA).
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
 }
 
 bool env_allows_amx() {

@@ -143,8 +143,10 @@ inline VF apply_act(VF y, int act) {
 
 // ---------------------------------------------------------------- packing
 
-// 4 rows x 16 bytes (rows r, r + sk, ...) -> 16 dwords (column-interleaved), SSE2.
+// 4 rows x 16 bytes (rows r, r + sk, ...) -> 16 dwords (column-interleaved):
+// SSE2 on x86-64 (baseline there), plain bytes elsewhere.
 inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
+#if defined(__SSE2__)
   const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
   const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + sk));
   const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * sk));
@@ -155,6 +157,10 @@ inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
+#else
+  for (int c = 0; c < 16; ++c)
+    for (int i = 0; i < 4; ++i) o[4 * c + i] = r[i * sk + c];
+#endif
 }
 
 // One (block nb, k-group kb) cell of the packed layout, any strides, zero padded.
@@ -185,7 +191,7 @@ void pack_rows_range(const PackCtx& c, int64_t kb_begin, int64_t kb_end) {
     if (kb + kAhead < kb_end && pf_bytes <= 256) {
       const int8_t* pf = c.b + (kb + kAhead) * 4 * c.sk + c.nb_lo * 16;
       for (int i = 0; i < 4; ++i)
-        for (int64_t o = 0; o < pf_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(pf + i * c.sk + o), _MM_HINT_T0);
+        for (int64_t o = 0; o < pf_bytes; o += 64) __builtin_prefetch(pf + i * c.sk + o, 0, 3);
     }
     const bool full_k = kb * 4 + 4 <= c.K;
     int64_t nb = c.nb_lo;
@@ -230,6 +236,12 @@ void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
       for (int64_t g = 0; g < full_kb4; ++g, kb += 4) {
         for (int c0 = 0; c0 < 16; c0 += 4) {
           const int8_t* src = c.b + (nb * 16 + c0) * c.sn + kb * 4;
+#if !defined(__SSE2__)
+          // 4 columns x 16 k: dword (k-group kb + q, column c0 + i) of the output.
+          for (int q = 0; q < 4; ++q)
+            for (int i = 0; i < 4; ++i)
+              __builtin_memcpy(out + (kb + q) * 64 + (c0 + i) * 4, src + i * c.sn + q * 4, 4);
+#else
           const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
           const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c.sn));
           const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * c.sn));
@@ -241,6 +253,7 @@ void pack_cols_range(const PackCtx& c, int64_t nb_begin, int64_t nb_end) {
           _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 64), _mm_unpackhi_epi64(t0, t2));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 128), _mm_unpacklo_epi64(t1, t3));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 192), _mm_unpackhi_epi64(t1, t3));
+#endif
         }
       }
     }

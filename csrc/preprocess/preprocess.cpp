@@ -91,8 +91,10 @@ namespace {
 void run_isa(const ImagePlan& p) {
   bool ok;
   switch (active_isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512Vnni: ok = preprocess_avx512::run_image(p); break;
     case Isa::Avx2: ok = preprocess_avx2::run_image(p); break;
+#endif
     default: ok = preprocess_scalar::run_image(p); break;
   }
   if (!ok) throw std::bad_alloc();

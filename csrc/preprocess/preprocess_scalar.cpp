@@ -1,5 +1,7 @@
 // The preprocess resample kernel compiled for scalar (see preprocess_kernel.h).
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstdlib>

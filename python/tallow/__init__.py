@@ -58,8 +58,9 @@ def get_num_threads() -> int:
 
 
 def set_isa(name: str) -> None:
-    """Forces the CPU kernels onto an ISA: 'avx512_vnni', 'avx2' or 'scalar'
-    (no higher than the CPU supports). Also settable with TALLOW_ISA."""
+    """Forces the CPU kernels onto an ISA: 'avx512_vnni', 'avx2' or 'scalar' on
+    x86-64, 'neon' or 'scalar' on aarch64 (no higher than the CPU supports).
+    Also settable with TALLOW_ISA."""
     try:
         native().set_isa(name)
     except RuntimeError as exc:  # "this CPU supports at most ..."
@@ -89,6 +90,8 @@ def info() -> dict:
             {
                 "module": mod.__file__,
                 "compiler": mod.compiler,
+                "arch": mod.arch(),
+                "isa_levels": list(mod.isa_levels()),
                 "cpu_features": mod.cpu_features(),
                 "best_isa": mod.best_isa(),
                 "isa": mod.active_isa(),

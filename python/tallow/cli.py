@@ -20,7 +20,8 @@ def _print_info(as_json: bool) -> int:
         print(f"native module : {nat['module']}")
         print(f"compiler      : {nat['compiler']}")
         print(f"cpu features  : {nat['cpu_features']}")
-        print(f"isa           : {nat['isa']} (best on this CPU: {nat['best_isa']})")
+        print(f"isa           : {nat['isa']} (best on this CPU: {nat['best_isa']}; "
+              f"{nat['arch']} build tiers: {', '.join(nat['isa_levels'])})")
         print(f"threads       : {nat['threads']}")
     else:
         print(f"native module : NOT AVAILABLE ({nat['error']})")

@@ -9,17 +9,22 @@ from dataclasses import dataclass
 
 import torch
 
-ISA_LEVELS = ("scalar", "avx2", "avx512_vnni")
+# Every ISA tier any build knows, for test parametrization (a test skips the
+# ones this CPU or architecture cannot run: see available_isas()).
+ALL_ISAS = ("scalar", "avx2", "avx512_vnni", "neon")
 
 
 def available_isas() -> list[str]:
-    """ISAs this CPU can run, lowest first (empty without the native module)."""
+    """ISAs this CPU can run, lowest first (empty without the native module):
+    the build's tiers for its architecture (x86_64: scalar, avx2, avx512_vnni;
+    aarch64: scalar, neon) up to the best one this CPU supports."""
     import tallow
 
     if not tallow.native_available():
         return []
+    levels = list(tallow.native().isa_levels())
     best = tallow.native().best_isa()
-    return list(ISA_LEVELS[: ISA_LEVELS.index(best) + 1])
+    return levels[: levels.index(best) + 1]
 
 
 @dataclass

