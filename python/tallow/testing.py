@@ -9,6 +9,24 @@ from dataclasses import dataclass
 
 import torch
 
+def libsql_available() -> bool:
+    """Whether the store runs on the libsql package here (not on the stdlib's
+    sqlite3 fallback, as on aarch64 where libsql has no build)."""
+    from .store.driver import driver
+
+    return driver().has_libsql
+
+
+def needs_libsql():
+    """A skip mark for tests of what only libSQL has (embedded replicas, the
+    native vector index): they skip, with the reason, where the store runs on
+    sqlite3. On x86-64 (CI) libsql is installed, so they always run there."""
+    import pytest
+
+    return pytest.mark.skipif(not libsql_available(), reason="the libsql package is not installed on this "
+                              "platform (no aarch64 build): the store runs on the stdlib's sqlite3")
+
+
 # Every ISA tier any build knows, for test parametrization (a test skips the
 # ones this CPU or architecture cannot run: see available_isas()).
 ALL_ISAS = ("scalar", "avx2", "avx512_vnni", "neon")

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from tallow.testing import needs_libsql
+
 from tallow.engine import Engine, EngineError, IndexRebuiltWarning, chunk_text, content_hash, rrf_fuse
 from tallow.index import FilterError
 
@@ -282,7 +284,7 @@ def test_crash_between_store_and_index_is_reconciled(engine, engine_factory, doc
         "A short replacement text."}
 
 
-@pytest.mark.parametrize("backend", ["libsql", "qdrant"])
+@pytest.mark.parametrize("backend", [pytest.param("libsql", marks=needs_libsql()), "qdrant"])
 def test_other_index_backends(engine_factory, docs, sentences, backend, tmp_path):
     eng = engine_factory(tmp_path / backend, index=backend)
     eng.ingest(docs[:9], progress=False)
@@ -425,6 +427,7 @@ def _sqld_class():
     return mod.Sqld
 
 
+@needs_libsql()
 def test_engines_on_two_replicas_of_one_libsql_primary(tmp_path, embedder, docs):
     """Ingest through one node, search on another: each keeps its own HNSW
     index, derived from its replica of the store (sync = pull + reconcile)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_helpers import BACKENDS, make_index
+from index_helpers import ALL_BACKENDS, make_index
+from tallow.testing import needs_libsql
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[pytest.param(b, marks=needs_libsql()) if b == "libsql" else b for b in ALL_BACKENDS])
 def backend(request):
     return request.param
 

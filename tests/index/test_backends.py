@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tallow.testing import needs_libsql
+
 from tallow.index import MAX_K, FilterError, HnswIndex, IndexInputError
 from tallow.index import filters as F
 
@@ -62,6 +64,7 @@ def test_qdrant_local_is_exact(index_factory, rng, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@needs_libsql()
 def test_libsql_vectors_vs_brute_force(index_factory, rng, metric):
     """ip is answered by an exact scan (ids equal); cosine / l2 go through the
     DiskANN index (high recall, scores exact for what it returns)."""

@@ -9,6 +9,8 @@ import random
 import numpy as np
 import pytest
 
+from tallow.testing import needs_libsql
+
 from tallow.index import filters as F
 
 from index_helpers import make_index
@@ -54,6 +56,7 @@ def random_filter(rnd, depth=0, values=VALUES):
     return spec or random_cond(rnd, values)
 
 
+@needs_libsql()
 def test_to_sql_agrees_with_matches_on_random_filters():
     import libsql
 
@@ -93,7 +96,7 @@ def test_to_qdrant_agrees_with_matches_on_random_filters():
         ix.close()
 
 
-@pytest.mark.parametrize("backend", ["hnsw", "libsql"])
+@pytest.mark.parametrize("backend", ["hnsw", pytest.param("libsql", marks=needs_libsql())])
 def test_awkward_field_names(backend):
     """Field names are literal top-level keys: dots, quotes, spaces, '$'."""
     names = ["a.b", 'we"ird', "sp ace", "$", "a[0]", "ünï", "x'y"]

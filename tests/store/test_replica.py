@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from tallow.store import MetadataStore, StoreError, StoreUnavailableError
+from tallow.testing import needs_libsql
+
+pytestmark = needs_libsql()  # embedded replicas are libSQL's own
 
 DIM = 4
 

@@ -12,8 +12,19 @@ from tallow.index import FilterError
 from tallow.store import MIGRATIONS, SCHEMA_VERSION, MetadataStore, StoreError
 from tallow.store import migrations as M
 from tallow.store.store import _fts_query
+from tallow.testing import libsql_available
 
 DIM = 8
+
+
+@pytest.fixture(autouse=True, params=["libsql", "sqlite3"])
+def store_driver(request, monkeypatch):
+    """Every store test runs on both drivers: the libsql package (x86-64) and
+    the stdlib's sqlite3 (its fallback where libsql has no build, e.g. aarch64)."""
+    if request.param == "libsql" and not libsql_available():
+        pytest.skip("the libsql package is not installed on this platform (no aarch64 build)")
+    monkeypatch.setenv("TALLOW_STORE_DRIVER", request.param)
+    return request.param
 
 
 def make_doc(i: int, text: str | None = None, **fields):
@@ -376,3 +387,39 @@ def test_concurrent_writers_and_readers(store):
     assert errors == []
     assert store.document_count() == 30 and store.chunk_count() == 60
     assert len(store.fts_search("document", 100)) == 30   # every first sentence, FTS in step with chunks
+
+
+# -- drivers ---------------------------------------------------------------------------
+
+def test_driver_is_the_one_asked_for_and_files_are_interchangeable(tmp_path, store_driver, monkeypatch):
+    """The store reports its driver; a database written through one driver
+    opens through the other (libSQL's file format is SQLite's)."""
+    path = tmp_path / "t.db"
+    s = MetadataStore(path, embedding_dim=DIM)
+    assert s.driver.name == store_driver
+    doc = make_doc(1)
+    s.put_document(doc, chunks_of(doc))
+    s.close()
+    other = "sqlite3" if store_driver == "libsql" else "libsql"
+    if other == "libsql" and not libsql_available():
+        return
+    monkeypatch.setenv("TALLOW_STORE_DRIVER", other)
+    s = MetadataStore(path)
+    assert s.driver.name == other
+    assert s.get_document("doc-1")["title"] == "Title 1"
+    assert [cid for cid, _ in s.fts_search("topic1", k=5)]
+    s.close()
+
+
+def test_sqlite3_driver_refuses_what_needs_libsql_by_name(tmp_path, monkeypatch):
+    from tallow.index import LibsqlVectorIndex
+    from tallow.store.driver import DriverUnavailable
+
+    monkeypatch.setenv("TALLOW_STORE_DRIVER", "sqlite3")
+    with pytest.raises(DriverUnavailable, match="embedded replica .*needs the libsql package"):
+        MetadataStore(tmp_path / "r.db", sync_url="http://127.0.0.1:1")
+    with pytest.raises(DriverUnavailable, match="vector index .*needs the libsql package"):
+        LibsqlVectorIndex(4, path=tmp_path / "v.db")
+    monkeypatch.setenv("TALLOW_STORE_DRIVER", "sqlite9")
+    with pytest.raises(StoreError, match="TALLOW_STORE_DRIVER must be libsql or sqlite3"):
+        MetadataStore(tmp_path / "x.db")

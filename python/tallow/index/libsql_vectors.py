@@ -36,13 +36,15 @@ def _ident(name: str) -> str:
 class LibsqlVectorIndex(VectorIndex):
     def __init__(self, dim: int, metric: str = "cosine", *, path: str | Path = ":memory:", table: str = "vectors",
                  connection: Any = None):
-        import libsql
+        from ..store.driver import require_libsql
 
         if metric not in ("cosine", "l2", "ip"):
             raise IndexInputError(f"metric must be cosine, l2 or ip, got {metric!r}")
         self.dim, self.metric = int(dim), metric
         self.table = _ident(table)
-        self._conn = connection if connection is not None else libsql.connect(str(path))
+        if connection is None:
+            connection = require_libsql("the libSQL vector index (index='libsql')").connect(str(path))
+        self._conn = connection
         self._lock = threading.Lock()  # one connection: serialise its use
         t = self.table
         with self._lock:

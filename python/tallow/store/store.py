@@ -3,7 +3,8 @@
 Two modes, one API:
 
 - **embedded file** (default): ``MetadataStore("data/tallow.db")``, a local
-  libSQL (SQLite) database;
+  libSQL (SQLite) database (through the stdlib's ``sqlite3`` where the libsql
+  package cannot be installed, e.g. aarch64: see ``store/driver.py``);
 - **embedded replica** (the seed's Turso "read local, write global"):
   ``MetadataStore(path, sync_url="http://host:8080", auth_token=...)`` keeps
   a local replica of a remote libSQL primary (sqld / Turso). Reads are served
@@ -40,6 +41,7 @@ import numpy as np
 
 from ..index import filters as F
 from . import migrations as M
+from .driver import DriverUnavailable, driver, require_libsql
 from .errors import StoreError, StoreUnavailableError
 
 _DOC_FIELDS = ("id", "title", "category", "timestamp")
@@ -98,9 +100,7 @@ class MetadataStore:
     def __init__(self, path: str | os.PathLike = "data/tallow.db", *, sync_url: str | None = None,
                  auth_token: str | None = None, embedding_dim: int | None = None,
                  sync_interval: float | None = None):
-        import libsql
-
-        self._libsql = libsql
+        self.driver = driver()
         self.path = Path(path)
         self.sync_url = sync_url
         self._lock = threading.RLock()
@@ -111,10 +111,13 @@ class MetadataStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if sync_url:
+                libsql = require_libsql(f"an embedded replica (sync_url={sync_url!r})")
                 self._conn = libsql.connect(str(self.path), sync_url=sync_url, auth_token=auth_token or "",
                                             sync_interval=sync_interval, isolation_level=None)
             else:
-                self._conn = libsql.connect(str(self.path), isolation_level=None)
+                self._conn = self.driver.connect(str(self.path))
+        except DriverUnavailable:
+            raise
         except Exception as exc:
             # libsql 0.1.8 syncs inside connect(): a replica cannot be opened while its primary is down.
             cls = StoreUnavailableError if sync_url and _UNREACHABLE.search(str(exc)) else StoreError
