@@ -147,10 +147,10 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
   const int64_t KB = (K + 3) / 4, lda = KB * 4;
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
-  Scratch<uint8_t> au(0, Mp * lda);
+  Scratch<uint8_t> au(0, Mp * lda * kr.a_bytes);
   // B is packed panel by panel inside the GEMM tasks (GemmArgs::b_raw).
-  kr.a_to_u8(a, M, K, sam, sak, au.get(), lda);
-  if (Mp > M) std::memset(au.get() + M * lda, 0, (Mp - M) * lda);
+  kr.a_from_s8(a, M, K, sam, sak, au.get(), lda);
+  if (Mp > M) std::memset(au.get() + M * lda * kr.a_bytes, 0, (Mp - M) * lda * kr.a_bytes);
   GemmArgs g{};
   g.a = au.get();
   g.lda = lda;
@@ -162,7 +162,7 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
   g.K = K;
   g.ldc = N;
   g.c_i32 = c;
-  g.a_offset = 128;
+  g.a_offset = kr.s8_offset;
   g.use_amx = amx;
   kr.gemm(g);
 }
@@ -191,11 +191,11 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   }
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
-  Scratch<uint8_t> q(0, Mp * lda);
+  Scratch<uint8_t> q(0, Mp * lda * kr.a_bytes);
   Scratch<float> sx(5, M);
   Scratch<int32_t> zp(6, M);
-  kr.quantize_rows(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
-  if (Mp > M) std::memset(q.get() + M * lda, 0, (Mp - M) * lda);
+  kr.quantize_rows_a(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
+  if (Mp > M) std::memset(q.get() + M * lda * kr.a_bytes, 0, (Mp - M) * lda * kr.a_bytes);
   GemmArgs g{};
   g.a = q.get();
   g.lda = lda;

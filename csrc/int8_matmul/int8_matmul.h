@@ -18,8 +18,10 @@ namespace int8mm {
 enum Act : int { kActNone = 0, kActRelu = 1, kActGeluErf = 2, kActGeluTanh = 3 };
 
 struct GemmArgs {
-  // A: M rows of u8, row r at a + r * lda; lda >= 4 * KB. Bytes at k >= K are
-  // multiplied by the zero padding of B, so any value is fine there.
+  // A: M rows in the ISA's A format (IsaKernels::a_bytes): u8 (1 byte per k)
+  // or int16 (2 bytes per k, AVX2); row r at element r * lda; lda >= 4 * KB
+  // elements. Elements at k >= K are multiplied by the zero padding of B, so
+  // any value is fine there.
   const uint8_t* a;
   int64_t lda;
   const int8_t* bp;  // packed B, [NB][KB][16][4] (with colsum), or null:
@@ -48,13 +50,22 @@ struct GemmArgs {
 };
 
 struct IsaKernels {
-  // out[m][k] = a[m * sm + k * sk] + 128 as u8 (k < K), 0 for K <= k < ldo.
-  void (*a_to_u8)(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
-                  int64_t ldo);
+  // Bytes per element of the GEMM's A operand: 1 (u8, fed to vpdpbusd and its
+  // emulations) or 2 (int16, AVX2's vpmaddwd path: exact, no saturation).
+  int a_bytes;
+  // What int8_matmul subtracts per column sum: the A format stores a + s8_offset
+  // for signed int8 a (128 for u8, 0 for int16).
+  int32_t s8_offset;
+  // out[m][k] = a[m * sm + k * sk] + s8_offset in the A format (k < K), 0 for K <= k < ldo.
+  void (*a_from_s8)(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, void* out,
+                    int64_t ldo);
   // Dynamic asymmetric u8 quantization per row (see python/tallow/ops/int8_matmul.py);
   // q has row stride ldq >= K, bytes K..ldq-1 are zeroed. x rows at x + m * ldx.
   void (*quantize_rows)(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q,
                         int64_t ldq, float* scale, int32_t* zp);
+  // The same quantization written in the A format (q as u8 or as int16), for the GEMM.
+  void (*quantize_rows_a)(const float* x, int64_t M, int64_t K, int64_t ldx, void* q,
+                          int64_t ldq, float* scale, int32_t* zp);
   void (*gemm)(const GemmArgs& args);
 };
 

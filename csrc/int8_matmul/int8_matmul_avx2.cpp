@@ -14,7 +14,8 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsAvx2;
-const IsaKernels kKernelsAvx2 = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsAvx2 = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
+                                 &isa_quantize_rows_a, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow

@@ -128,7 +128,8 @@ void gemm_amx(const GemmArgs& g) { drive(g, &amx_rows, &amx_begin, &amx_end, kAm
 }  // namespace
 
 extern const IsaKernels kKernelsAvx512;
-const IsaKernels kKernelsAvx512 = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsAvx512 = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
+                                 &isa_quantize_rows_a, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow

@@ -28,12 +28,26 @@
 constexpr int kMR = 6;   // rows per register tile
 constexpr int kNBK = 4;  // 16-column blocks per register tile
 #elif defined(__AVX2__)
-constexpr int kMR = 4;
-constexpr int kNBK = 1;
+#define TALLOW_I8_S16 1  // the int16 vpmaddwd path below
+constexpr int kMR = 6;   // rows per register tile (6 rows x 8 columns: 12 ymm accumulators)
+constexpr int kNBK = 2;  // 16-column blocks per task chunk
 #else
 constexpr int kMR = 2;
 constexpr int kNBK = 1;
 #endif
+
+// The A operand format (GemmArgs::a): u8 for vpdpbusd and its exact scalar
+// emulation; int16 on AVX2, where vpmaddwd (s16 x s16 -> s32 pairs) is the
+// exact multiply — vpmaddubsw (u8 x s8 -> s16 pairs) saturates at 32767, and
+// 255 * 127 * 2 = 64770 overflows it (see "AVX2" below).
+#if defined(TALLOW_I8_S16)
+using AElem = int16_t;
+constexpr int32_t kS8Offset = 0;  // signed int8 A is stored as int16 as it is
+#else
+using AElem = uint8_t;
+constexpr int32_t kS8Offset = 128;  // signed int8 A is stored as a + 128 (u8)
+#endif
+constexpr int kABytes = static_cast<int>(sizeof(AElem));
 constexpr int kV = 16 / kW;          // vectors per 16-column block
 constexpr int kNR = 16 * kNBK;       // columns per register tile / task
 constexpr int64_t kKBC = 64;         // k-groups (of 4) per L1 block: kKC = 256
@@ -79,6 +93,17 @@ inline void k_store_u8(uint8_t* p, VI v, int n) {
   }
 }
 inline void k_store_i32_n(int32_t* p, VI v, int n) { _mm256_maskstore_epi32(p, tail_mask(n), v); }
+// Stores the first n lanes as int16 (values already in [0, 255]).
+inline void k_store_u8(int16_t* p, VI v, int n) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  if (n == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), w);
+  } else {
+    int16_t tmp[8];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), w);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+}
 #else
 inline VF k_div(VF a, VF b) { return a / b; }
 inline VF k_abs(VF a) { return __builtin_fabsf(a); }
@@ -302,20 +327,28 @@ void pack_panel(const GemmArgs& g, int64_t nc, int8_t* panel, int32_t* colsum) {
 struct AConvCtx {
   const int8_t* a;
   int64_t M, K, sm, sk;
-  uint8_t* out;
+  AElem* out;
   int64_t ldo;
 };
 
-void isa_a_to_u8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, uint8_t* out,
-             int64_t ldo) {
-  AConvCtx ctx{a, M, K, sm, sk, out, ldo};
+// Signed int8 A in the A format: a + 128 as u8 (a ^ 0x80 bytewise), or a as int16.
+void isa_a_from_s8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, void* out,
+                   int64_t ldo) {
+  AConvCtx ctx{a, M, K, sm, sk, static_cast<AElem*>(out), ldo};
   const int64_t grain = k_min(M, 1 + (1 << 16) / (K + 1));
   tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
     const AConvCtx& c = *static_cast<const AConvCtx*>(p);
     for (int64_t m = begin; m < end; ++m) {
       const int8_t* src = c.a + m * c.sm;
-      uint8_t* dst = c.out + m * c.ldo;
+      AElem* dst = c.out + m * c.ldo;
       int64_t k = 0;
+#if defined(TALLOW_I8_S16)
+      if (c.sk == 1)
+        for (; k + 16 <= c.K; k += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+      for (; k < c.K; ++k) dst[k] = src[k * c.sk];
+#else
       if (c.sk == 1) {
         // x + 128 as u8 == x ^ 0x80 bytewise; 8 bytes at a time.
         for (; k + 8 <= c.K; k += 8) {
@@ -326,6 +359,7 @@ void isa_a_to_u8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, 
         }
       }
       for (; k < c.K; ++k) dst[k] = static_cast<uint8_t>(src[k * c.sk]) ^ 0x80u;
+#endif
       for (; k < c.ldo; ++k) dst[k] = 0;
     }
   }, &ctx);
@@ -338,7 +372,9 @@ void isa_a_to_u8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk, 
 // q = clamp(round(x * inv) + zp, 0, 255), round half to even — the same
 // float32 operations as quantize_rows_ref, so q, scale and zp match it bit
 // for bit. A row with a NaN/inf gets scale NaN, zp 0, q 0 (its outputs are NaN).
-void quantize_row(const float* x, int64_t K, uint8_t* q, int64_t ldq, float* scale_out,
+// QT: uint8_t (the op's q) or the GEMM's A element (int16 on AVX2: same values).
+template <typename QT>
+void quantize_row(const float* x, int64_t K, QT* q, int64_t ldq, float* scale_out,
                   int32_t* zp_out) {
   VF vmin = vf_zero(), vmax = vf_zero(), vbad = vf_zero();
   int64_t k = 0;
@@ -358,7 +394,7 @@ void quantize_row(const float* x, int64_t K, uint8_t* q, int64_t ldq, float* sca
   if (bad != 0.0f || bad != bad) {
     *scale_out = __builtin_nanf("");
     *zp_out = 0;
-    __builtin_memset(q, 0, static_cast<size_t>(ldq));
+    __builtin_memset(q, 0, static_cast<size_t>(ldq) * sizeof(QT));
     return;
   }
   const float mn = -vf_reduce_max(vf_sub(vf_zero(), vmin));
@@ -382,24 +418,36 @@ void quantize_row(const float* x, int64_t K, uint8_t* q, int64_t ldq, float* sca
   for (k = K; k < ldq; ++k) q[k] = 0;
 }
 
+template <typename QT>
 struct QuantCtx {
   const float* x;
   int64_t K, ldx;
-  uint8_t* q;
+  QT* q;
   int64_t ldq;
   float* scale;
   int32_t* zp;
 };
 
-void isa_quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q, int64_t ldq,
-                   float* scale, int32_t* zp) {
-  QuantCtx ctx{x, K, ldx, q, ldq, scale, zp};
+template <typename QT>
+void quantize_rows_as(const float* x, int64_t M, int64_t K, int64_t ldx, QT* q, int64_t ldq,
+                      float* scale, int32_t* zp) {
+  QuantCtx<QT> ctx{x, K, ldx, q, ldq, scale, zp};
   const int64_t grain = k_min(M, 1 + (1 << 14) / (K + 1));
   tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {
-    const QuantCtx& c = *static_cast<const QuantCtx*>(p);
+    const QuantCtx<QT>& c = *static_cast<const QuantCtx<QT>*>(p);
     for (int64_t m = begin; m < end; ++m)
       quantize_row(c.x + m * c.ldx, c.K, c.q + m * c.ldq, c.ldq, c.scale + m, c.zp + m);
   }, &ctx);
+}
+
+void isa_quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* q, int64_t ldq,
+                       float* scale, int32_t* zp) {
+  quantize_rows_as<uint8_t>(x, M, K, ldx, q, ldq, scale, zp);
+}
+
+void isa_quantize_rows_a(const float* x, int64_t M, int64_t K, int64_t ldx, void* q, int64_t ldq,
+                         float* scale, int32_t* zp) {
+  quantize_rows_as<AElem>(x, M, K, ldx, static_cast<AElem*>(q), ldq, scale, zp);
 }
 
 // ---------------------------------------------------------------- GEMM
@@ -490,6 +538,7 @@ void micro_x4(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, i
 }
 #endif
 
+#if !defined(TALLOW_I8_S16)  // AVX2 has its own int16 micro-kernel (below)
 template <int MR>
 MicroFn micro_for_nbk(int nbk) {
   switch (nbk) {
@@ -516,6 +565,7 @@ MicroFn micro_for(int mr, int nbk) {
     default: return micro_for_nbk<1>(nbk);
   }
 }
+#endif
 
 // Epilogue for rows [m0, m0 + rows) and columns [n0, n0 + ncols) of C, from
 // the task's int32 accumulators (row stride kNR).
@@ -554,6 +604,7 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
   }
 }
 
+#if !defined(TALLOW_I8_S16)
 // Rows [m0, m0 + rows) x column chunk nc on the VNNI micro-kernel, from a
 // panel (its 16-column blocks bstride bytes apart) and its column sums; acc
 // holds kMB rows of kNR int32.
@@ -579,6 +630,145 @@ void vnni_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t
     epilogue(g, acc, ms, sub, n0, ncols, cs);
   }
 }
+#endif
+
+#if defined(TALLOW_I8_S16)
+// ---------------------------------------------------------------- AVX2: int16 vpmaddwd
+//
+// AVX2 has no vpdpbusd. Its byte multiply, vpmaddubsw (u8 x s8, adjacent
+// pairs summed into a *saturating* int16), overflows for u8 activations
+// (255 * 127 * 2 = 64770 > 32767); the usual ways around it lose a bit of
+// precision (7-bit activations, as FBGEMM's reduce_range, measured here at
+// 1.6-1.9 % relative error on the test layers against 0.9-1.2 % for 8 bits:
+// over the 1.5 % bound QuantizedLinear keeps) or cost an extra operation per
+// multiply (vpsignb, measured no faster). So AVX2 multiplies in int16 and is
+// exact: A is stored as int16 (q in 0..255, or signed int8 a), and per
+// k-group (4 k) and 4 columns one vpmovsxbw widens 16 bytes of the packed
+// block ([c0k0 c0k1 c0k2 c0k3 c1k0 ... c3k3]) to int16; vpmaddwd against the
+// row's 4 int16 (a 64-bit broadcast) gives int32 [c0(k0+k1), c0(k2+k3), c1..,
+// c2.., c3..]. Each accumulator thus holds 4 columns x 2 partial sums, folded
+// with vphaddd when the tile is stored. |products| < 2^15, pair sums < 2^17:
+// no saturation anywhere. Peak: one vpmaddwd (16 multiply-adds) per multiply
+// pipe and cycle, the same rate as vpmaddubsw + vpmaddwd(ones) (32 per two
+// multiply-pipe instructions) — benchmarks/bench_peak.py measures both.
+//
+// Register tile: 6 rows x 8 columns (12 ymm accumulators, 2 widened B, 1
+// broadcast A, 1 product); M = 1 (decode) uses 1 row x 32 columns.
+
+constexpr int64_t kKBC16 = 128;  // k-groups per L1 block: B 32 cols x 512 k = 16 KiB, A 6 rows = 6 KiB
+
+// acc[r][s*4 ..] (row stride kNR int32) (+)= A[MR rows, k-groups kb0..kb1) x B for NS groups
+// of 4 columns: group s at b + (s / 4) * bstride + (s % 4) * 16 (+ kb * 64).
+template <int MR, int NS>
+void micro_s16(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+               int64_t kb1, int32_t* acc, bool init) {
+  static_assert(NS % 2 == 0, "columns are folded in pairs of groups");
+  __m256i c[MR][NS];
+  for (int r = 0; r < MR; ++r)
+    for (int s = 0; s < NS; ++s) c[r][s] = _mm256_setzero_si256();
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int8_t* bp = b + kb * 64;
+    __m256i bv[NS];
+    for (int s = 0; s < NS; ++s)
+      bv[s] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + (s / 4) * bstride + (s % 4) * 16)));
+    for (int r = 0; r < MR; ++r) {
+      int64_t a4;
+      __builtin_memcpy(&a4, a + r * lda + kb * 4, 8);
+      const __m256i av = _mm256_set1_epi64x(a4);
+      for (int s = 0; s < NS; ++s) c[r][s] = _mm256_add_epi32(c[r][s], _mm256_madd_epi16(av, bv[s]));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int s = 0; s < NS; s += 2) {
+      // hadd -> [c0 c1 c4 c5 | c2 c3 c6 c7]; the permute puts the 8 columns in order.
+      __m256i h = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[r][s], c[r][s + 1]), 0xD8);
+      int32_t* o = acc + r * kNR + s * 4;
+      if (!init) h = _mm256_add_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+    }
+}
+
+// The full 6 x 8 tile hand-unrolled: GCC keeps the generic version's
+// accumulator array half on the stack (a load + store per vpmaddwd); named
+// variables stay in the 16 ymm registers.
+void micro_s16_6x8(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+                   int64_t kb1, int32_t* acc, bool init) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int16_t* a0 = a + kb0 * 4;
+  const int8_t* bp = b + kb0 * 64;
+#define TALLOW_S16_ROW(r)                                                          \
+  {                                                                                \
+    int64_t a4;                                                                    \
+    __builtin_memcpy(&a4, a0 + r * lda, 8);                                        \
+    const __m256i av = _mm256_set1_epi64x(a4);                                     \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, b0));               \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, b1));               \
+  }
+  for (int64_t kb = kb0; kb < kb1; ++kb, a0 += 4, bp += 64) {
+    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp)));
+    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 16)));
+    TALLOW_S16_ROW(0) TALLOW_S16_ROW(1) TALLOW_S16_ROW(2)
+    TALLOW_S16_ROW(3) TALLOW_S16_ROW(4) TALLOW_S16_ROW(5)
+  }
+#undef TALLOW_S16_ROW
+  const __m256i rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < 6; ++r) {
+    __m256i h = _mm256_permute4x64_epi64(_mm256_hadd_epi32(rows[r][0], rows[r][1]), 0xD8);
+    int32_t* o = acc + r * kNR;
+    if (!init) h = _mm256_add_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), h);
+  }
+}
+
+using MicroS16Fn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, bool);
+
+MicroS16Fn micro_s16_for(int mr) {
+  switch (mr) {
+    case 6: return &micro_s16_6x8;
+    case 5: return &micro_s16<5, 2>;
+    case 4: return &micro_s16<4, 2>;
+    case 3: return &micro_s16<3, 2>;
+    case 2: return &micro_s16<2, 2>;
+    default: return &micro_s16<1, 2>;
+  }
+}
+
+// Rows [m0, m0 + rows) x column chunk nc (kNBK 16-column blocks) on the int16 path.
+void s16_rows(const GemmArgs& g, int64_t m0, int rows, int64_t nc, const int8_t* panel,
+              const int32_t* cs, int32_t* acc) {
+  const int64_t KB = (g.K + 3) / 4;
+  const int64_t NB = (g.N + 15) / 16;
+  const int nbk = static_cast<int>(k_min(kNBK, NB - nc * kNBK));
+  const int64_t n0 = nc * kNR;
+  const int ncols = static_cast<int>(k_min(kNR, g.N - n0));
+  const int64_t bstride = KB * 64;
+  const int16_t* a = reinterpret_cast<const int16_t*>(g.a);
+  for (int64_t ms = m0; ms < m0 + rows; ms += kMB) {
+    const int sub = static_cast<int>(k_min(kMB, m0 + rows - ms));
+    for (int64_t kb0 = 0; kb0 < KB; kb0 += kKBC16) {
+      const int64_t kb1 = k_min(KB, kb0 + kKBC16);
+      const bool init = kb0 == 0;
+      if (sub == 1) {  // a single row (decode): one tile over the whole chunk
+        if (nbk == 2)
+          micro_s16<1, 8>(a + ms * g.lda, g.lda, panel, bstride, kb0, kb1, acc, init);
+        else
+          micro_s16<1, 4>(a + ms * g.lda, g.lda, panel, bstride, kb0, kb1, acc, init);
+        continue;
+      }
+      for (int mt = 0; mt < sub; mt += kMR) {
+        const int mr = static_cast<int>(k_min(kMR, sub - mt));
+        const MicroS16Fn fn = micro_s16_for(mr);
+        for (int t = 0; t < nbk * 2; ++t)  // 8-column tiles: the A tile stays in L1 across them
+          fn(a + (ms + mt) * g.lda, g.lda, panel + (t / 2) * bstride + (t % 2) * 32, bstride, kb0, kb1,
+             acc + mt * kNR + t * 8, init);
+      }
+    }
+    epilogue(g, acc, ms, sub, n0, ncols, cs);
+  }
+}
+#endif
 
 using RowsFn = void (*)(const GemmArgs&, int64_t, int, int64_t, const int8_t*, const int32_t*, int32_t*);
 
@@ -655,5 +845,9 @@ void isa_gemm(const GemmArgs& g) {
     return;
   }
 #endif
+#if defined(TALLOW_I8_S16)
+  drive(g, &s16_rows, nullptr, nullptr, kMB);
+#else
   drive(g, &vnni_rows, nullptr, nullptr, kMB);
+#endif
 }

@@ -14,7 +14,8 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsScalar;
-const IsaKernels kKernelsScalar = {&isa_a_to_u8, &isa_quantize_rows, &isa_gemm};
+const IsaKernels kKernelsScalar = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
+                                 &isa_quantize_rows_a, &isa_gemm};
 
 }  // namespace int8mm
 }  // namespace tallow
