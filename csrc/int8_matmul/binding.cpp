@@ -95,6 +95,58 @@ void register_int8_matmul(py::module_& m) {
       py::arg("bias"), py::arg("act"), py::arg("out"),
       "out[M, N] = act(dequant(quant_u8(x) @ W_s8^T) + bias) with prepacked [N/16][K/4][16][4] weights.");
 
+  m.def(
+      "int8_conv2d",
+      [](py::array x, py::array packed, py::array colsum, py::array scale_w, py::object bias,
+         int64_t kh, int64_t kw, int64_t stride, int64_t pad, int act, py::array out) {
+        const char* op = "int8_conv2d";
+        check_array<float>(op, "x", x, 4, true);
+        check_array<int8_t>(op, "packed_weight", packed, 4, true);
+        check_array<int32_t>(op, "weight_colsum", colsum, 1, true);
+        check_array<float>(op, "weight_scale", scale_w, 1, true);
+        check_array<float>(op, "out", out, 4, true);
+        if (kh < 1 || kw < 1) throw py::value_error("int8_conv2d: kernel size must be >= 1");
+        if (stride < 1) throw py::value_error("int8_conv2d: stride must be >= 1, got " + std::to_string(stride));
+        if (pad < 0) throw py::value_error("int8_conv2d: padding must be >= 0, got " + std::to_string(pad));
+        const int64_t B = x.shape(0), H = x.shape(1), W = x.shape(2), C = x.shape(3);
+        const int64_t Cout = colsum.shape(0), K = kh * kw * C;
+        const int64_t Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+        if (H + 2 * pad < kh || W + 2 * pad < kw)
+          throw py::value_error("int8_conv2d: the padded input is smaller than the kernel, got x shape " +
+                                shape_str(x));
+        check_dim(op, "packed_weight", packed, 0, (Cout + 15) / 16);
+        check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
+        check_dim(op, "packed_weight", packed, 2, 16);
+        check_dim(op, "packed_weight", packed, 3, 4);
+        check_dim(op, "weight_scale", scale_w, 0, Cout);
+        check_dim(op, "out", out, 0, B);
+        check_dim(op, "out", out, 1, Ho);
+        check_dim(op, "out", out, 2, Wo);
+        check_dim(op, "out", out, 3, Cout);
+        if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
+          throw py::value_error("int8_conv2d: act must be 0..3, got " + std::to_string(act));
+        const float* bp = nullptr;
+        py::array bias_arr;
+        if (!bias.is_none()) {
+          bias_arr = bias.cast<py::array>();
+          check_array<float>(op, "bias", bias_arr, 1, true);
+          check_dim(op, "bias", bias_arr, 0, Cout);
+          bp = static_cast<const float*>(bias_arr.data());
+        }
+        if (!out.writeable()) throw py::value_error("int8_conv2d: out must be writeable");
+        const auto* xp = static_cast<const float*>(x.data());
+        const auto* wp = static_cast<const int8_t*>(packed.data());
+        const auto* cs = static_cast<const int32_t*>(colsum.data());
+        const auto* sw = static_cast<const float*>(scale_w.data());
+        auto* yp = static_cast<float*>(out.mutable_data());
+        py::gil_scoped_release release;
+        int8mm::conv2d_nhwc(xp, B, H, W, C, kh, kw, stride, pad, wp, cs, sw, bp, Cout, act, yp);
+      },
+      py::arg("x"), py::arg("packed_weight"), py::arg("weight_colsum"), py::arg("weight_scale"),
+      py::arg("bias"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("pad"), py::arg("act"),
+      py::arg("out"),
+      "out[B, Ho, Wo, Cout] = act(conv(x[B, H, W, C]) + bias): per-image u8 activations, im2col, INT8 GEMM.");
+
   m.def("int8_amx_usable", &int8mm::amx_usable,
         "True when the CPU and OS allow AMX-INT8 tiles (the AVX-512 GEMM then uses them for M >= 8).");
   m.def("int8_amx_enabled", &int8mm::amx_enabled);

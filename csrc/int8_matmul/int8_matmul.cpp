@@ -8,6 +8,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include <new>
 
 #include "common/cpu_features.h"
+#include "common/thread_pool.h"
 
 namespace tallow {
 namespace int8mm {
@@ -167,28 +169,38 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
   kr.gemm(g);
 }
 
+// Per-column epilogue operands padded to whole 16-column blocks, so the
+// epilogue loads full vectors.
+struct ColumnOperands {
+  Scratch<int32_t> cs;
+  Scratch<float> sw, bs;
+  ColumnOperands(const int32_t* colsum, const float* scale_w, const float* bias, int64_t N)
+      : cs(2, (N + 15) / 16 * 16), sw(3, (N + 15) / 16 * 16), bs(4, (N + 15) / 16 * 16) {
+    const int64_t NP = (N + 15) / 16 * 16;
+    std::memcpy(cs.get(), colsum, N * sizeof(int32_t));
+    std::memcpy(sw.get(), scale_w, N * sizeof(float));
+    if (bias)
+      std::memcpy(bs.get(), bias, N * sizeof(float));
+    else
+      std::memset(bs.get(), 0, N * sizeof(float));
+    for (int64_t n = N; n < NP; ++n) {
+      cs[n] = 0;
+      sw[n] = 0.0f;
+      bs[n] = 0.0f;
+    }
+  }
+};
+
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
             float* y) {
   if (M <= 0 || N <= 0) return;
   const IsaKernels& kr = kernels();
-  const int64_t KB = (K + 3) / 4, NB = (N + 15) / 16, lda = KB * 4;
-  // Per-column epilogue operands padded to whole 16-column blocks, so the
-  // epilogue loads full vectors.
-  Scratch<int32_t> cs(2, NB * 16);
-  Scratch<float> sw(3, NB * 16);
-  Scratch<float> bs(4, NB * 16);
-  std::memcpy(cs.get(), colsum, N * sizeof(int32_t));
-  std::memcpy(sw.get(), scale_w, N * sizeof(float));
-  if (bias)
-    std::memcpy(bs.get(), bias, N * sizeof(float));
-  else
-    std::memset(bs.get(), 0, N * sizeof(float));
-  for (int64_t n = N; n < NB * 16; ++n) {
-    cs[n] = 0;
-    sw[n] = 0.0f;
-    bs[n] = 0.0f;
-  }
+  const int64_t KB = (K + 3) / 4, lda = KB * 4;
+  const ColumnOperands cols(colsum, scale_w, bias, N);
+  const Scratch<int32_t>& cs = cols.cs;
+  const Scratch<float>& sw = cols.sw;
+  const Scratch<float>& bs = cols.bs;
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
   Scratch<uint8_t> q(0, Mp * lda * kr.a_bytes);
@@ -213,6 +225,99 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   g.act = act;
   g.use_amx = amx;
   kr.gemm(g);
+}
+
+namespace {
+
+// im2col of quantized NHWC images into GEMM rows [m0, m0 + rows) of A (the
+// ISA's A element type T): row m = (b, oy, ox), tap t = (kh, kw) holds the C
+// values of input pixel (oy * stride - pad + kh, ox * stride - pad + kw), or
+// the image's zero point where that pixel lies in the padding.
+struct Im2colCtx {
+  const void* xq;
+  const int32_t* zp;
+  int64_t H, W, C, KH, KW, stride, pad, Ho, Wo, lda, m0;
+  void* a;
+};
+
+template <typename T>
+void im2col_rows(void* p, int64_t begin, int64_t end) {
+  const Im2colCtx& c = *static_cast<const Im2colCtx*>(p);
+  const T* xq = static_cast<const T*>(c.xq);
+  T* a = static_cast<T*>(c.a);
+  const int64_t K = c.KH * c.KW * c.C;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t m = c.m0 + r;
+    const int64_t b = m / (c.Ho * c.Wo), pix = m % (c.Ho * c.Wo);
+    const int64_t oy = pix / c.Wo, ox = pix % c.Wo;
+    const T* img = xq + b * c.H * c.W * c.C;
+    const T zp = static_cast<T>(c.zp[b]);
+    T* row = a + r * c.lda;
+    for (int64_t kh = 0; kh < c.KH; ++kh) {
+      const int64_t iy = oy * c.stride - c.pad + kh;
+      for (int64_t kw = 0; kw < c.KW; ++kw) {
+        const int64_t ix = ox * c.stride - c.pad + kw;
+        T* dst = row + (kh * c.KW + kw) * c.C;
+        if (iy < 0 || iy >= c.H || ix < 0 || ix >= c.W)
+          for (int64_t i = 0; i < c.C; ++i) dst[i] = zp;
+        else
+          std::memcpy(dst, img + (iy * c.W + ix) * c.C, c.C * sizeof(T));
+      }
+    }
+    for (int64_t k = K; k < c.lda; ++k) row[k] = 0;
+  }
+}
+
+}  // namespace
+
+void conv2d_nhwc(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t KH,
+                 int64_t KW, int64_t stride, int64_t pad, const int8_t* packed,
+                 const int32_t* colsum, const float* scale_w, const float* bias, int64_t Cout,
+                 int act, float* y) {
+  const int64_t Ho = (H + 2 * pad - KH) / stride + 1, Wo = (W + 2 * pad - KW) / stride + 1;
+  if (B <= 0 || Ho <= 0 || Wo <= 0 || Cout <= 0) return;
+  const IsaKernels& kr = kernels();
+  const int64_t K = KH * KW * C, KB = (K + 3) / 4, lda = KB * 4, M = B * Ho * Wo;
+  const ColumnOperands cols(colsum, scale_w, bias, Cout);
+  // 1. Each image quantized as one row (per-image scale and zero point).
+  const int64_t hwc = H * W * C;
+  std::unique_ptr<void, FreeDeleter> xq(std::aligned_alloc(64, (B * hwc * kr.a_bytes + 63) / 64 * 64));
+  if (!xq) throw std::bad_alloc();
+  Scratch<float> sx_img(5, B);
+  Scratch<int32_t> zp_img(6, B);
+  kr.quantize_rows_a(x, B, hwc, hwc, xq.get(), hwc, sx_img.get(), zp_img.get());
+  // 2. GEMM rows in chunks (~4 MiB of A): gather, then multiply; A stays in cache.
+  const int64_t chunk = std::max<int64_t>(64, (int64_t{4} << 20) / (lda * kr.a_bytes) / 64 * 64);
+  Scratch<uint8_t> a(0, std::min(chunk, M) * lda * kr.a_bytes);
+  Scratch<float> sx(1, std::min(chunk, M));
+  Scratch<int32_t> zp(7, std::min(chunk, M));
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
+    Im2colCtx ctx{xq.get(), zp_img.get(), H, W, C, KH, KW, stride, pad, Ho, Wo, lda, m0, a.get()};
+    tallow::parallel_for(rows, 16, kr.a_bytes == 2 ? &im2col_rows<int16_t> : &im2col_rows<uint8_t>, &ctx);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = (m0 + r) / (Ho * Wo);
+      sx[r] = sx_img[b];
+      zp[r] = zp_img[b];
+    }
+    GemmArgs g{};
+    g.a = a.get();
+    g.lda = lda;
+    g.bp = packed;
+    g.M = rows;
+    g.N = Cout;
+    g.K = K;
+    g.colsum = cols.cs.get();
+    g.ldc = Cout;
+    g.c_f32 = y + m0 * Cout;
+    g.row_zp = zp.get();
+    g.row_scale = sx.get();
+    g.col_scale = cols.sw.get();
+    g.bias = cols.bs.get();
+    g.act = act;
+    g.use_amx = false;  // rows are not padded to the AMX tiles' 16
+    kr.gemm(g);
+  }
 }
 
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* scale,

@@ -86,6 +86,19 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
             float* y);
 
+// y [B, Ho, Wo, Cout] (NHWC, contiguous float32) = act(conv(x) + bias), x
+// [B, H, W, C] NHWC contiguous float32; weights prepacked like linear's with
+// K = KH * KW * C in (kh, kw, c) order. Activations are quantized per image
+// (one u8 scale and zero point for each image: the 3x3 taps of a GEMM row
+// come from different pixels, so per-row scales cannot be shared with the
+// quantized input), gathered (im2col) into GEMM rows, padding taps holding
+// the zero point, then multiplied on the INT8 GEMM with the fused epilogue.
+// Ho = (H + 2 pad - KH) / stride + 1 (same for W).
+void conv2d_nhwc(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t KH,
+                 int64_t KW, int64_t stride, int64_t pad, const int8_t* packed,
+                 const int32_t* colsum, const float* scale_w, const float* bias, int64_t Cout,
+                 int act, float* y);
+
 // AMX-INT8 (Sapphire Rapids and later): usable = CPU + OS support and the
 // process got permission (arch_prctl ARCH_REQ_XCOMP_PERM); enabled = usable
 // and not switched off (TALLOW_AMX=0 or set_amx_enabled(false)).

@@ -1,4 +1,5 @@
-"""Building blocks shared by the models: a linear layer that runs fp32 or INT8."""
+"""Building blocks shared by the models: a linear layer and a 2-D convolution
+that run fp32 or INT8."""
 
 from __future__ import annotations
 
@@ -53,24 +54,69 @@ class Dense(torch.nn.Module):
         return f"{self.in_features} -> {self.out_features}, {kind}, activation={self.activation}"
 
 
+class Conv(torch.nn.Module):
+    """y = activation(conv2d(x, W, b, stride, padding)) on channels-last
+    input, in fp32 (torch) or INT8 (``tallow.ops.QuantizedConv2d``: per-image
+    activations, im2col, the INT8 GEMM with bias and activation fused)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], *, stride: int, padding: int,
+                 activation: Optional[str] = None, quantizable: bool = True):
+        super().__init__()
+        # quantizable=False keeps a layer fp32 under quantize="int8" (ResNet's
+        # 7x7 stem: 3 input channels make im2col rows of 147 values, where the
+        # INT8 path measured slower than torch's direct convolution).
+        self.quantizable = quantizable
+        if activation not in (None, "relu"):
+            raise ValueError(f"Conv supports activation None or 'relu', got {activation!r}")
+        self.weight = torch.nn.Parameter(weight.detach().float().contiguous(memory_format=torch.channels_last),
+                                         requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().contiguous(),
+                                                                 requires_grad=False)
+        self.stride, self.padding, self.activation = stride, padding, activation
+        self.shape = tuple(weight.shape)  # [Cout, Cin, KH, KW], kept after quantize() drops the weight
+        self.quantized = None  # a tallow.ops.QuantizedConv2d once quantize() ran
+
+    def quantize(self) -> None:
+        from ..ops import QuantizedConv2d
+
+        self.quantized = QuantizedConv2d.from_float(self.weight, self.bias, stride=self.stride,
+                                                    padding=self.padding, activation=self.activation)
+        self.weight = None
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized(x)
+        y = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return torch.relu_(y) if self.activation == "relu" else y
+
+    def extra_repr(self) -> str:
+        kind = "int8" if self.quantized is not None else "fp32"
+        return (f"{self.shape[1]} -> {self.shape[0]}, kernel={tuple(self.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, {kind}, activation={self.activation}")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of a model, counting each quantized Dense as the float
-    weights it replaced (N·K + N), so fp32 and INT8 variants report alike."""
+    """Parameters of a model, counting each quantized Dense / Conv as the
+    float weights it replaced, so fp32 and INT8 variants report alike."""
     n = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         if isinstance(m, Dense) and m.quantized is not None:
             n += m.in_features * m.out_features + m.out_features
+        elif isinstance(m, Conv) and m.quantized is not None:
+            cout, cin, kh, kw = m.shape
+            n += cout * cin * kh * kw + (cout if m.quantized.bias is not None else 0)
     return n
 
 
 def quantize_model(model: torch.nn.Module, mode: Optional[str]) -> Optional[str]:
-    """Turns every Dense of ``model`` into W8A8 when ``mode == "int8"``;
+    """Turns every Dense and Conv of ``model`` into W8A8 when ``mode == "int8"``;
     returns the quantization now in force (None or "int8")."""
     if mode is None:
         return None
     if mode != "int8":
         raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
     for m in model.modules():
-        if isinstance(m, Dense):
+        if isinstance(m, Dense) or (isinstance(m, Conv) and m.quantizable):
             m.quantize()
     return "int8"

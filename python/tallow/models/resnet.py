@@ -2,9 +2,13 @@
 image features and ImageNet logits.
 
 Batch norms are folded into the convolutions at load time. Convolutions run
-through torch in channels-last fp32; with ``quantize="int8"`` every 1×1
-convolution (a GEMM over pixels × channels in channels-last layout) and the
-final FC run on tallow's INT8 GEMM, bias and ReLU fused in its epilogue.
+through torch in channels-last fp32; with ``quantize="int8"`` every
+convolution and the final FC run on tallow's INT8 GEMM, bias and ReLU fused
+in its epilogue: 1×1 stride-1 convolutions as a GEMM over channels-last
+pixels with per-pixel activation scales (``QuantizedLinear``), the 3×3 and
+the strided convolutions through ``QuantizedConv2d`` (per-image activation
+scales, im2col). The 7×7 stem (3 input channels, 3 % of the FLOPs) stays
+fp32: its im2col rows are short and torch's direct convolution was faster.
 Input: ``tallow.ops.preprocess`` output, [B, 3, 224, 224] normalised float32.
 
 Checkpoints: a Hugging Face ``ResNetModel`` / ``ResNetForImageClassification``
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict
-from .layers import Dense, count_parameters, quantize_model
+from .layers import Conv, Dense, count_parameters, quantize_model
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -125,34 +129,31 @@ def infer_torchvision_config(sd: dict[str, torch.Tensor]) -> ResNetConfig:
 class ConvBN(torch.nn.Module):
     """Convolution with its batch norm folded in (+ optional ReLU).
 
-    1×1 convolutions keep their weight as a [Cout, Cin] ``Dense`` so they can
-    run as a GEMM over channels-last pixels (INT8 when quantized)."""
+    1×1 stride-1 convolutions keep their weight as a [Cout, Cin] ``Dense`` so
+    they run as a GEMM over channels-last pixels; the others are a ``Conv``
+    (both INT8 when quantized)."""
 
-    def __init__(self, sd, conv: str, bn: str, *, stride: int, relu: bool, eps: float):
+    def __init__(self, sd, conv: str, bn: str, *, stride: int, relu: bool, eps: float, quantizable: bool = True):
         super().__init__()
         w = sd[f"{conv}.weight"].float()
         scale = sd[f"{bn}.weight"].float() / torch.sqrt(sd[f"{bn}.running_var"].float() + eps)
         bias = sd[f"{bn}.bias"].float() - sd[f"{bn}.running_mean"].float() * scale
         w = w * scale[:, None, None, None]
-        self.stride, self.relu = stride, relu
-        self.kernel = w.shape[-1]
-        self.padding = self.kernel // 2
-        if self.kernel == 1:
-            self.dense = Dense(w[:, :, 0, 0], bias, activation="relu" if relu else None)
+        act = "relu" if relu else None
+        kernel = w.shape[-1]
+        self.dense = self.conv = None
+        if kernel == 1 and stride == 1:
+            self.dense = Dense(w[:, :, 0, 0], bias, activation=act)
         else:
-            self.weight = torch.nn.Parameter(w.contiguous(memory_format=torch.channels_last), requires_grad=False)
-            self.bias = torch.nn.Parameter(bias, requires_grad=False)
+            self.conv = Conv(w, bias, stride=stride, padding=kernel // 2, activation=act, quantizable=quantizable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == 1:
-            if self.stride > 1:
-                x = x[:, :, :: self.stride, :: self.stride]
-            b, c, h, w = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # free for channels-last input
-            y = self.dense(rows)
-            return y.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
-        y = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
-        return torch.relu_(y) if self.relu else y
+        if self.conv is not None:
+            return self.conv(x)
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # free for channels-last input
+        y = self.dense(rows)
+        return y.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
 
 
 class Bottleneck(torch.nn.Module):
@@ -178,7 +179,7 @@ class ResNet50(torch.nn.Module):
                  quantize: Optional[str] = None):
         super().__init__()
         self.config = cfg
-        self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps)
+        self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps, quantizable=False)
         blocks = []
         cin = cfg.embedding_size
         for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
