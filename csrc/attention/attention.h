@@ -17,6 +17,11 @@ struct AttentionArgs {
   const float* k;  // [B, H, Lk, D]
   const float* v;  // [B, H, Lk, D]
   float* out;      // [B, H, Lq, D]
+  // bfloat16 K and V (a low-precision KV cache), read directly by the
+  // decode path (Lq <= 4): when set, k and v are null and these hold the
+  // bf16 bits; strides as for k and v (in elements).
+  const uint16_t* k_bf16;
+  const uint16_t* v_bf16;
   const uint8_t* key_padding_mask;  // [B, Lk] C-contiguous, nonzero = padding; or null
   int64_t B, H, Lq, Lk, D;
   int64_t q_sb, q_sh, q_sl;

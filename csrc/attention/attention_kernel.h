@@ -78,6 +78,37 @@ constexpr float kLog2e = 1.4426950408889634f;
 inline VF exp_diff(VF x, VF m) { return vf_exp2(vf_mul(vf_sub(x, m), vf_set1(kLog2e))); }
 inline float exp_diff_scalar(float x, float m) { return exp2_scalar((x - m) * kLog2e); }
 
+// K/V element loads for the decode path: float32, or bfloat16 bits (a bf16
+// value is the high half of the float32 with the same bits: widen, shift).
+inline VF kv_load(const float* p) { return vf_load(p); }
+inline VF kv_load_n(const float* p, int n) { return vf_load_n(p, n); }
+#if defined(__AVX512F__)
+inline VF kv_load(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#elif defined(__AVX2__)
+inline VF kv_load(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+#else
+// Any other width (scalar, NEON): through a float buffer.
+inline VF kv_load(const uint16_t* p) {
+  float f[kW];
+  for (int i = 0; i < kW; ++i) {
+    const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+    __builtin_memcpy(&f[i], &u, 4);
+  }
+  return vf_load(f);
+}
+#endif
+inline VF kv_load_n(const uint16_t* p, int n) {
+  uint16_t tmp[kW];
+  for (int i = 0; i < kW; ++i) tmp[i] = i < n ? p[i] : 0;
+  return kv_load(tmp);
+}
+
 inline float* alloc_floats(int64_t n) {
   const int64_t bytes = round_up(imax(n, 1) * 4, 64);
   return static_cast<float*>(aligned_alloc(64, static_cast<size_t>(bytes)));
@@ -218,8 +249,8 @@ inline void st_block(int np, int nk, const float* k, int64_t ldk, const float* q
 // two-level summation (within a block, then across blocks) whose rounding
 // error grows like the block length, not like all of Lk (for Lk = 4096 this
 // is ~5x more accurate than accumulating straight into O).
-template <int RV, int CW>
-inline void pv_tile(const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
+template <int RV, int CW, typename KV = float>
+inline void pv_tile(const float* pt, int nk, const KV* v, int64_t ldv, int lastn, float* o,
                     int64_t ldo, const float* alpha) {
   VF acc[RV][CW];
   TALLOW_UNROLL
@@ -227,11 +258,11 @@ inline void pv_tile(const float* pt, int nk, const float* v, int64_t ldv, int la
     TALLOW_UNROLL
     for (int c = 0; c < CW; ++c) acc[r][c] = vf_zero();
   for (int j = 0; j < nk; ++j) {
-    const float* vr = v + j * ldv;
+    const KV* vr = v + j * ldv;
     VF vv[CW];
     TALLOW_UNROLL
-    for (int c = 0; c < CW - 1; ++c) vv[c] = vf_load(vr + c * kW);
-    vv[CW - 1] = vf_load_n(vr + (CW - 1) * kW, lastn);
+    for (int c = 0; c < CW - 1; ++c) vv[c] = kv_load(vr + c * kW);
+    vv[CW - 1] = kv_load_n(vr + (CW - 1) * kW, lastn);
     TALLOW_UNROLL
     for (int r = 0; r < RV; ++r) {
       const VF a = vf_set1(pt[j * kQT + r]);
@@ -247,8 +278,8 @@ inline void pv_tile(const float* pt, int nk, const float* v, int64_t ldv, int la
   }
 }
 
-template <int CW, int RV>
-inline void pv_rows(int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
+template <int CW, int RV, typename KV>
+inline void pv_rows(int rows, const float* pt, int nk, const KV* v, int64_t ldv, int lastn, float* o,
                     int64_t ldo, const float* alpha) {
   if constexpr (RV > 1) {
     if (rows < RV) {
@@ -256,11 +287,11 @@ inline void pv_rows(int rows, const float* pt, int nk, const float* v, int64_t l
       return;
     }
   }
-  pv_tile<RV, CW>(pt, nk, v, ldv, lastn, o, ldo, alpha);
+  pv_tile<RV, CW, KV>(pt, nk, v, ldv, lastn, o, ldo, alpha);
 }
 
-template <int CW>
-inline void pv_chunk(int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn, float* o,
+template <int CW, typename KV>
+inline void pv_chunk(int rows, const float* pt, int nk, const KV* v, int64_t ldv, int lastn, float* o,
                      int64_t ldo, const float* alpha) {
   constexpr int kRV = kAccBudget / CW < kQT ? kAccBudget / CW : kQT;
   for (int r = 0; r < rows; r += kRV) {
@@ -269,8 +300,8 @@ inline void pv_chunk(int rows, const float* pt, int nk, const float* v, int64_t 
   }
 }
 
-template <int CW>
-inline void pv_dispatch(int cw, int rows, const float* pt, int nk, const float* v, int64_t ldv, int lastn,
+template <int CW, typename KV>
+inline void pv_dispatch(int cw, int rows, const float* pt, int nk, const KV* v, int64_t ldv, int lastn,
                         float* o, int64_t ldo, const float* alpha) {
   if constexpr (CW <= kMaxCW) {
     if (cw == CW) {
@@ -282,7 +313,9 @@ inline void pv_dispatch(int cw, int rows, const float* pt, int nk, const float* 
 }
 
 // Full P.V update of a query tile: D split into chunks of <= kMaxCW vectors.
-inline void pv_update(int rows, const float* pt, int nk, const float* v, int64_t ldv, int64_t D, float* o,
+// V is float32, or bfloat16 bits (a bf16 KV cache, decode path).
+template <typename KV = float>
+inline void pv_update(int rows, const float* pt, int nk, const KV* v, int64_t ldv, int64_t D, float* o,
                       int64_t ldo, const float* alpha) {
   const int nvec = static_cast<int>((D + kW - 1) / kW);
   const int nchunks = (nvec + kMaxCW - 1) / kMaxCW;
@@ -571,10 +604,20 @@ inline VF reduce16(VF a[16]) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Lane j of the result = sum of the lanes of a[j].
+inline VF reduce8(VF a[8]) {
+  const VF t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const VF t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const VF u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 | a0..a3] halves, [a4..a7 | ..]
+  return vf_add(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 // Scores (base 2) of rows [0, R) against keys [0, n) (n <= kKBD), row-major
 // into s[r * lds + j]; padded keys are skipped (set to -inf later).
-template <int R>
-inline void decode_scores(const float* kb, int64_t ldk, int n, const float* qs, int64_t Dp, int nvec, int lastn,
+template <int R, typename KV>
+inline void decode_scores(const KV* kb, int64_t ldk, int n, const float* qs, int64_t Dp, int nvec, int lastn,
                           float* s, int lds) {
 #if defined(__AVX512F__)
   for (int j0 = 0; j0 < n; j0 += 16) {
@@ -589,19 +632,42 @@ inline void decode_scores(const float* kb, int64_t ldk, int n, const float* qs, 
         const int nl = c == nvec - 1 ? lastn : kW;
         TALLOW_UNROLL
         for (int jj = 0; jj < 16; ++jj)
-          if (jj < cnt) acc[jj] = vf_fmadd(qv, vf_load_n(kb + (j0 + jj) * ldk + c * kW, nl), acc[jj]);
+          if (jj < cnt) acc[jj] = vf_fmadd(qv, kv_load_n(kb + (j0 + jj) * ldk + c * kW, nl), acc[jj]);
       }
       vf_store(s + r * lds + j0, reduce16(acc));
     }
   }
+#elif defined(__AVX2__)
+  // 8 keys at a time: 8 independent FMA chains (one key each), summed with
+  // one transpose-and-add tree (a single chain per key would wait on the FMA
+  // latency, and reduce each key horizontally).
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    const int cnt = n - j0 < 8 ? n - j0 : 8;
+    TALLOW_UNROLL
+    for (int r = 0; r < R; ++r) {
+      VF acc[8];
+      TALLOW_UNROLL
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = vf_zero();
+      for (int c = 0; c < nvec; ++c) {
+        const VF qv = vf_load(qs + r * Dp + c * kW);
+        TALLOW_UNROLL
+        for (int jj = 0; jj < 8; ++jj) {
+          if (jj >= cnt) continue;
+          const KV* kr = kb + (j0 + jj) * ldk + c * kW;
+          acc[jj] = vf_fmadd(qv, c == nvec - 1 ? kv_load_n(kr, lastn) : kv_load(kr), acc[jj]);
+        }
+      }
+      vf_store(s + r * lds + j0, reduce8(acc));
+    }
+  }
 #else
   for (int j = 0; j < n; ++j) {
-    const float* kr = kb + j * ldk;
+    const KV* kr = kb + j * ldk;
     VF acc[R];
     TALLOW_UNROLL
     for (int r = 0; r < R; ++r) acc[r] = vf_zero();
     for (int c = 0; c < nvec; ++c) {
-      const VF kv = c == nvec - 1 ? vf_load_n(kr + c * kW, lastn) : vf_load(kr + c * kW);
+      const VF kv = c == nvec - 1 ? kv_load_n(kr + c * kW, lastn) : kv_load(kr + c * kW);
       TALLOW_UNROLL
       for (int r = 0; r < R; ++r) acc[r] = vf_fmadd(vf_load(qs + r * Dp + c * kW), kv, acc[r]);
     }
@@ -612,9 +678,9 @@ inline void decode_scores(const float* kb, int64_t ldk, int n, const float* qs, 
 }
 
 // Writes the unnormalised (O, m, l) of rows [0, R) over keys [j0, j1).
-template <int R>
+template <int R, typename KV>
 inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64_t j1, float* ws, float* o,
-                        float* ml) {
+                        float* ml, const KV* kall, const KV* vall) {
   const tallow::AttentionArgs& a = *P.a;
   const int64_t D = a.D, Dp = P.Dp, Lk = a.Lk;
   const int nvec = static_cast<int>(Dp / kW);
@@ -626,8 +692,8 @@ inline void decode_keys(const Decode& P, int64_t b, int64_t h, int64_t j0, int64
   float* alpha = pt + kKBD * kQT;  // [kQT]
 
   const float* qb = a.q + b * a.q_sb + h * a.q_sh;
-  const float* kbase = a.k + b * a.k_sb + h * a.k_sh;
-  const float* vbase = a.v + b * a.v_sb + h * a.v_sh;
+  const KV* kbase = kall + b * a.k_sb + h * a.k_sh;
+  const KV* vbase = vall + b * a.v_sb + h * a.v_sh;
   const uint8_t* mask = a.key_padding_mask ? a.key_padding_mask + b * Lk : nullptr;
   const VF vscale = vf_set1(P.qscale);
   float m[R], l[R];
@@ -683,6 +749,17 @@ inline void write_normalised(const tallow::AttentionArgs& a, int64_t b, int64_t 
   if (d < a.D) vf_store_n(dst + d, vf_mul(vf_load(o + d), vi), static_cast<int>(a.D - d));
 }
 
+template <typename KV>
+inline void decode_rows(const Decode& P, int64_t Lq, int64_t b, int64_t h, int64_t j0, int64_t j1, float* ws,
+                        float* o, float* ml, const KV* k, const KV* v) {
+  switch (Lq) {
+    case 1: decode_keys<1>(P, b, h, j0, j1, ws, o, ml, k, v); break;
+    case 2: decode_keys<2>(P, b, h, j0, j1, ws, o, ml, k, v); break;
+    case 3: decode_keys<3>(P, b, h, j0, j1, ws, o, ml, k, v); break;
+    default: decode_keys<4>(P, b, h, j0, j1, ws, o, ml, k, v); break;
+  }
+}
+
 inline void decode_range(void* ctx, int64_t begin, int64_t end) {
   Decode& P = *static_cast<Decode*>(ctx);
   const tallow::AttentionArgs& a = *P.a;
@@ -706,12 +783,10 @@ inline void decode_range(void* ctx, int64_t begin, int64_t end) {
       o = ws + Lq * P.Dp + Lq * (kKBD + kW) + kKBD * kQT + kQT;
       ml = o + Lq * P.Dp;
     }
-    switch (Lq) {
-      case 1: decode_keys<1>(P, b, h, j0, j1, ws, o, ml); break;
-      case 2: decode_keys<2>(P, b, h, j0, j1, ws, o, ml); break;
-      case 3: decode_keys<3>(P, b, h, j0, j1, ws, o, ml); break;
-      default: decode_keys<4>(P, b, h, j0, j1, ws, o, ml); break;
-    }
+    if (a.k_bf16)
+      decode_rows(P, Lq, b, h, j0, j1, ws, o, ml, a.k_bf16, a.v_bf16);
+    else
+      decode_rows(P, Lq, b, h, j0, j1, ws, o, ml, a.k, a.v);
     if (P.nsplit == 1)
       for (int64_t r = 0; r < Lq; ++r) write_normalised(a, b, h, r, o + r * P.Dp, ml[2 * r + 1]);
   }

@@ -20,16 +20,19 @@ namespace {
 
 constexpr const char* kOp = "attention";
 
-// Element strides of a float32 array; D (the last axis) must be unit-stride.
+// Element strides of a float32 (or, for k and v, bf16-bits uint16) array; D
+// (the last axis) must be unit-stride.
 void float_strides(const char* name, const py::array& a, int64_t* s) {
-  if (reinterpret_cast<std::uintptr_t>(a.data()) % sizeof(float) != 0)
-    throw py::value_error(std::string(kOp) + ": " + name + " data is not aligned to 4 bytes");
+  const py::ssize_t item = a.itemsize();
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % item != 0)
+    throw py::value_error(std::string(kOp) + ": " + name + " data is not aligned to " + std::to_string(item) +
+                          " bytes");
   for (int i = 0; i < 4; ++i) {
     const py::ssize_t st = a.strides(i);
-    if (st % static_cast<py::ssize_t>(sizeof(float)) != 0)
+    if (st % item != 0)
       throw py::value_error(std::string(kOp) + ": " + name + ".strides[" + std::to_string(i) + "] = " +
-                            std::to_string(st) + " bytes is not a multiple of 4");
-    s[i] = st / static_cast<py::ssize_t>(sizeof(float));
+                            std::to_string(st) + " bytes is not a multiple of " + std::to_string(item));
+    s[i] = st / item;
   }
   if (a.shape(3) > 1 && s[3] != 1)
     throw py::value_error(std::string(kOp) + ": " + name +
@@ -40,8 +43,15 @@ void float_strides(const char* name, const py::array& a, int64_t* s) {
 void attention_forward_py(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                           const py::object& mask, bool causal, double scale) {
   check_array<float>(kOp, "q", q, 4, false);
-  check_array<float>(kOp, "k", k, 4, false);
-  check_array<float>(kOp, "v", v, 4, false);
+  // k and v: float32, or uint16 holding bfloat16 bits (a bf16 KV cache; numpy has no bf16)
+  const bool bf16 = py::dtype::of<uint16_t>().is(k.dtype());
+  if (bf16) {
+    check_array<uint16_t>(kOp, "k", k, 4, false);
+    check_array<uint16_t>(kOp, "v", v, 4, false);
+  } else {
+    check_array<float>(kOp, "k", k, 4, false);
+    check_array<float>(kOp, "v", v, 4, false);
+  }
   check_array<float>(kOp, "out", out, 4, false);
   const py::ssize_t B = q.shape(0), H = q.shape(1), Lq = q.shape(2), D = q.shape(3);
   const py::ssize_t Lk = k.shape(2);
@@ -54,6 +64,9 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
     throw py::value_error(std::string(kOp) + ": needs Lk >= Lq, got Lq=" + std::to_string(Lq) +
                           " (q.shape[2]) and Lk=" + std::to_string(Lk) + " (k.shape[2])");
   if (!out.writeable()) throw py::value_error(std::string(kOp) + ": out must be writeable");
+  if (bf16 && Lq > 4)
+    throw py::value_error(std::string(kOp) + ": bfloat16 k/v are read by the decode path only (Lq <= 4), got Lq=" +
+                          std::to_string(Lq) + "; pass float32 k/v for prefill");
   if (!std::isfinite(scale))
     throw py::value_error(std::string(kOp) + ": scale must be finite, got " + std::to_string(scale));
 
@@ -81,8 +94,13 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   }
 
   a.q = static_cast<const float*>(q.data());
-  a.k = static_cast<const float*>(k.data());
-  a.v = static_cast<const float*>(v.data());
+  if (bf16) {
+    a.k_bf16 = static_cast<const uint16_t*>(k.data());
+    a.v_bf16 = static_cast<const uint16_t*>(v.data());
+  } else {
+    a.k = static_cast<const float*>(k.data());
+    a.v = static_cast<const float*>(v.data());
+  }
   a.out = static_cast<float*>(out.mutable_data());
   a.B = B, a.H = H, a.Lq = Lq, a.Lk = Lk, a.D = D;
   a.causal = causal;
@@ -103,7 +121,8 @@ void register_attention(py::module_& m) {
         py::arg("mask"), py::arg("causal"), py::arg("scale"),
         R"doc(Fused attention (FlashAttention-2 forward), float32.
 
-q, out: [B, H, Lq, D]; k, v: [B, H, Lk, D], Lk >= Lq; any strides over B, H, L,
+q, out: [B, H, Lq, D]; k, v: [B, H, Lk, D], Lk >= Lq, float32 — or uint16 arrays
+holding bfloat16 bits when Lq <= 4 (a bf16 KV cache); any strides over B, H, L,
 stride 1 over D. mask: None or a C-contiguous bool [B, Lk], True = padding.
 causal: query i sees keys j <= Lk - Lq + i. Writes softmax(scale q k^T) v into
 out; rows that see no key are zeros. Releases the GIL.)doc");

@@ -128,3 +128,39 @@ def test_int8_logits_close_and_perplexity_change_reported(gpt2_dir, model):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert abs(ppl_int8 - ppl_fp32) / ppl_fp32 < 0.02
     assert "quantization=int8" in repr(int8)
+
+
+def test_kv_cache_dtype_defaults_and_validation(gpt2_dir, model):
+    assert model.kv_cache_dtype == "float32"  # an fp32 model keeps transformers-equal logits
+    int8 = load(gpt2_dir, quantize="int8")
+    assert int8.kv_cache_dtype == "bfloat16" and "kv_cache=bfloat16" in repr(int8)
+    assert int8.new_cache(2, 5)[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        load(gpt2_dir, kv_cache_dtype="int4")
+
+
+def test_bf16_kv_cache_gives_the_same_greedy_tokens(gpt2_dir, model):
+    bf16 = load(gpt2_dir, kv_cache_dtype="bfloat16")
+    ours = bf16.generate(PROMPTS, max_new_tokens=20, temperature=0)
+    ref = model.generate(PROMPTS, max_new_tokens=20, temperature=0)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+
+
+def test_bf16_kv_cache_decode_logit_error_is_bounded(gpt2_dir, model):
+    """One decode step against a bf16 cache vs the fp32 cache: the keys and
+    values are rounded to 8 mantissa bits (relative error <= 2^-9), so the
+    step's logits move by well under 1 % of their range."""
+    bf16 = load(gpt2_dir, kv_cache_dtype="bfloat16")
+    ids = torch.tensor([model.tokenizer.encode_ids([PROMPTS[2]])[0]])
+    t = ids.shape[1]
+    out = []
+    for m in (model, bf16):
+        cache = m.new_cache(1, t + 1)
+        pos = torch.arange(t)[None]
+        with torch.inference_mode():
+            first = m._run(ids, cache, 0, pos, None, last_only=True)[:, -1]
+            nxt = first.argmax(-1)
+            out.append(m._run(nxt[:, None], cache, t, torch.tensor([[t]]), None, last_only=True)[0, -1])
+    err = float((out[0] - out[1]).abs().max() / out[0].abs().max())
+    print(f"GPT-2 (random) bf16 KV cache, decode-step logits: max |diff| / max |logit| = {err:.2e}")
+    assert 0 < err < 5e-3

@@ -382,3 +382,45 @@ def test_thread_count_changing_while_running():
         stop.set()
         t.join()
         tallow.set_num_threads(threads)
+
+
+# -- bf16 KV cache --------------------------------------------------------------------
+
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 1, 97, 64), (1, 2, 3, 1025, 80), (3, 1, 4, 7, 128),
+                                         (2, 12, 1, 600, 64), (1, 1, 2, 2, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_kv_decode_matches_oracle_on_the_same_values(each_isa, b, h, lq, lk, d, masked):
+    """float32 q against bfloat16 k/v (the decode path reads them directly):
+    the oracle gets the same bf16 values in float64, so the only error left
+    is the kernel's float32 arithmetic — the usual 2x-SDPA rule applies."""
+    q, k, v, mask = _inputs(b, h, lq, lk, d, masked=masked, seed=lk)
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    got = attention(q, k16, v16, causal=True, key_padding_mask=mask)
+    oracle = attention_ref(q.double(), k16.double(), v16.double(), causal=True, key_padding_mask=mask)
+    sdpa_err = float((attention_ref(q, k16.float(), v16.float(), causal=True, key_padding_mask=mask).double()
+                      - oracle).abs().max())
+    err = float((got.double() - oracle).abs().max())
+    assert got.dtype == torch.float32
+    assert err <= 2 * sdpa_err + ERR_FLOOR, f"{each_isa}: {err:.3e} vs reference {sdpa_err:.3e}"
+
+
+def test_bf16_kv_strided_cache_view_and_prefill():
+    """A slice of a preallocated bf16 cache is read in place; a prefill
+    (Lq > 4) against bf16 k/v is converted to float32 first."""
+    cache = torch.randn(2, 4, 64, 32).bfloat16()
+    q1 = torch.randn(2, 4, 1, 32)
+    got = attention(q1, cache[:, :, :40], cache[:, :, :40])
+    ref = attention_ref(q1, cache[:, :, :40].float(), cache[:, :, :40].float())
+    assert_close(got, ref, atol=1e-5, rtol=1e-5, what="bf16 decode on a cache slice")
+    q8 = torch.randn(2, 4, 8, 32)
+    got = attention(q8, cache[:, :, :40], cache[:, :, :40], causal=True)
+    ref = attention(q8, cache[:, :, :40].float(), cache[:, :, :40].float(), causal=True)
+    assert torch.equal(got, ref)
+
+
+def test_mixed_dtypes_other_than_a_bf16_cache_are_refused():
+    q = torch.randn(1, 1, 1, 8)
+    with pytest.raises(TypeError, match="float32 q with bfloat16 k and v"):
+        attention(q, torch.randn(1, 1, 4, 8).half(), torch.randn(1, 1, 4, 8).half())
+    with pytest.raises(TypeError, match="must share a dtype"):
+        attention(q, torch.randn(1, 1, 4, 8).bfloat16(), torch.randn(1, 1, 4, 8))

@@ -6,6 +6,13 @@ steps whose attention reads the cache through strided views (no copies).
 Linears run fp32 or INT8 (``quantize="int8"``; the LM head too — at batch 1
 it is a third of the bytes read per token).
 
+The KV cache is float32 or bfloat16 (``kv_cache_dtype``): a decode step
+streams the whole cache, and bf16 halves those bytes; the attention kernel
+reads bf16 keys/values directly and computes in float32. Default: float32
+for an fp32 model (logits equal to transformers'), bfloat16 with
+``quantize="int8"`` (the model is approximate already; its greedy tokens
+match the fp32 cache's on the tests' prompts).
+
 Checkpoints: a Hugging Face ``GPT2LMHeadModel`` directory. GPT-2's
 ``Conv1D`` stores weights as [in, out]; they are transposed once at load.
 """
@@ -26,6 +33,7 @@ from .generation import SamplingParams, find_stop, next_tokens
 from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer
 
+_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "relu": "relu"}
 
 
@@ -123,7 +131,11 @@ class GPT2Block(torch.nn.Module):
         end = start + t
         cache_k[:, :, start:end] = qkv[1]
         cache_v[:, :, start:end] = qkv[2]
-        ctx = attention(qkv[0], cache_k[:, :, :end], cache_v[:, :, :end], causal=True,
+        # A prefill from position 0 attends to its own fresh (float32) keys:
+        # the same values as the cache's for an fp32 cache, and no float32
+        # copy of a bf16 cache. Later steps read the cache itself.
+        keys, values = (qkv[1], qkv[2]) if start == 0 else (cache_k[:, :, :end], cache_v[:, :, :end])
+        ctx = attention(qkv[0], keys, values, causal=True,
                         key_padding_mask=None if padding is None else padding[:, :end])
         x = x + self.c_proj(ctx.transpose(1, 2).reshape(b, t, e))
         return x + self.mlp_proj(self.c_fc(self.ln_2(x)))
@@ -155,8 +167,13 @@ class GPT2LMHeadModel(torch.nn.Module):
     architecture = "gpt2"
 
     def __init__(self, cfg: GPT2Config, sd: dict[str, torch.Tensor], tokenizer: Optional[Tokenizer],
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, kv_cache_dtype: Optional[str] = None):
         super().__init__()
+        if kv_cache_dtype is None:
+            kv_cache_dtype = "float32" if quantize is None else "bfloat16"
+        if kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(_KV_DTYPES)}, got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype
         self.config = cfg
         self.tokenizer = tokenizer
         self.wte = torch.nn.Embedding.from_pretrained(sd["wte.weight"].float())
@@ -173,7 +190,8 @@ class GPT2LMHeadModel(torch.nn.Module):
     def new_cache(self, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
-        return torch.empty(shape), torch.empty(shape)
+        dtype = _KV_DTYPES[self.kv_cache_dtype]
+        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
     def _run(self, ids: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int,
              positions: torch.Tensor, padding: Optional[torch.Tensor], last_only: bool) -> torch.Tensor:
@@ -323,7 +341,7 @@ class GPT2LMHeadModel(torch.nn.Module):
         c = self.config
         return (f"GPT2LMHeadModel(architecture=gpt2, layers={c.n_layer}, hidden={c.n_embd}, heads={c.n_head}, "
                 f"context={c.n_positions}, dtype=float32, quantization={self.quantization or 'none'}, "
-                f"parameters={self.num_parameters():,})")
+                f"kv_cache={self.kv_cache_dtype}, parameters={self.num_parameters():,})")
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -338,7 +356,8 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return n
 
 
-def load_gpt2(path: str | Path, quantize: Optional[str] = None) -> GPT2LMHeadModel:
+def load_gpt2(path: str | Path, quantize: Optional[str] = None,
+              kv_cache_dtype: Optional[str] = None) -> GPT2LMHeadModel:
     path = Path(path)
     cfg = GPT2Config.from_dict(read_config(path))
     sd = strip_prefix(read_state_dict(path), "transformer.")
@@ -349,4 +368,4 @@ def load_gpt2(path: str | Path, quantize: Optional[str] = None) -> GPT2LMHeadMod
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer(path, max_length=cfg.n_positions, add_special_tokens=False)
-    return GPT2LMHeadModel(cfg, sd, tokenizer, quantize)
+    return GPT2LMHeadModel(cfg, sd, tokenizer, quantize, kv_cache_dtype)

@@ -45,6 +45,13 @@ which keeps the error vs a float64 oracle at or below torch SDPA's.
 q, k, v may be strided views (a fused QKV projection, a KV-cache slice): the
 kernel takes any strides over B, H and L as long as D is contiguous, so no
 copy is made. AVX-512, AVX2 and scalar builds are chosen at run time.
+
+**Low-precision KV cache.** On CPU, k and v may be ``torch.bfloat16`` while q
+is float32 (a bf16 KV cache: half the bytes a decode step streams). The
+decode path (Lq <= 4) reads the bf16 values directly, widening them to
+float32 in registers (exact: a bf16 is the high half of a float32); all
+arithmetic stays float32. A prefill (Lq > 4) against bf16 k/v converts them
+to float32 first. The reference does ``k.float()``, ``v.float()``.
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ def attention_ref(
     key_padding_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Eager reference: materialises the score matrix; any float dtype."""
+    """Eager reference: materialises the score matrix; any float dtype (k and
+    v in another dtype than q — a bf16 KV cache — are converted to q's)."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
     lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -93,12 +102,17 @@ def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
     if q.dtype != torch.float32:
         raise BackendUnavailable(f"cpu attention takes float32, got {q.dtype}")
     mod = native()
+    bf16 = k.dtype == torch.bfloat16
+    if bf16 and q.shape[2] > 4:  # the kernel reads bf16 on its decode path only
+        k, v, bf16 = k.float(), v.float(), False
     # The kernel takes any strides over (B, H, L) but needs D contiguous:
     # copy only the tensors that are not.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().numpy()
-    mod.attention_forward(q.numpy(), k.numpy(), v.numpy(), out.numpy(), mask, bool(causal), float(scale))
+    # numpy has no bfloat16: the bits travel as uint16 (same strides, in elements)
+    kn, vn = (k.view(torch.uint16).numpy(), v.view(torch.uint16).numpy()) if bf16 else (k.numpy(), v.numpy())
+    mod.attention_forward(q.numpy(), kn, vn, out.numpy(), mask, bool(causal), float(scale))
     return out
 
 
@@ -156,6 +170,12 @@ def _(q, k, v, causal, key_padding_mask, scale):
     return q.new_empty(q.shape)
 
 
+def _bf16_cache(q, k, v) -> bool:
+    """float32 q against a bfloat16 K/V cache (CPU)."""
+    return (q.dtype == torch.float32 and k.dtype == torch.bfloat16 and v.dtype == torch.bfloat16
+            and q.device.type == "cpu")
+
+
 def _check(q, k, v, key_padding_mask, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -164,8 +184,9 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
             raise ValueError(f"attention: {name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"attention: q, k, v must share a dtype, got q {q.dtype} and {name} {t.dtype}")
+        if t.dtype != q.dtype and not _bf16_cache(q, k, v):
+            raise TypeError(f"attention: q, k, v must share a dtype (or, on CPU, float32 q with bfloat16 k and v), "
+                            f"got q {q.dtype} and {name} {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"attention: q, k, v must be on one device, got q on {q.device} and {name} on {t.device}")
     b, h, lq, d = q.shape
