@@ -104,6 +104,7 @@ inline VF kv_load(const uint16_t* p) {
 }
 #endif
 inline VF kv_load_n(const uint16_t* p, int n) {
+  if (n == kW) return kv_load(p);  // the common case: D a multiple of the width
   uint16_t tmp[kW];
   for (int i = 0; i < kW; ++i) tmp[i] = i < n ? p[i] : 0;
   return kv_load(tmp);
