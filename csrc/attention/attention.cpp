@@ -15,6 +15,10 @@ bool attention_forward(const AttentionArgs& args) {
     case Isa::Avx2:
       return attention_avx2::forward(args);
 #endif
+#if defined(__aarch64__) && defined(TALLOW_HAVE_NEON_KERNELS)
+    case Isa::Neon:
+      return attention_neon::forward(args);
+#endif
     default:
       break;
   }

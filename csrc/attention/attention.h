@@ -39,6 +39,7 @@ bool attention_forward(const AttentionArgs& args);
 // Per-ISA entry points (each defined in its own translation unit).
 namespace attention_avx512 { bool forward(const AttentionArgs& args); }
 namespace attention_avx2 { bool forward(const AttentionArgs& args); }
+namespace attention_neon { bool forward(const AttentionArgs& args); }
 namespace attention_scalar { bool forward(const AttentionArgs& args); }
 
 }  // namespace tallow

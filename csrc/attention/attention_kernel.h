@@ -1,6 +1,6 @@
 // FlashAttention-2 forward on the CPU, written once over simd.h.
 //
-// Included by attention_avx512.cpp / attention_avx2.cpp / attention_scalar.cpp
+// Included by attention_{avx512,avx2,neon,scalar}.cpp
 // INSIDE a namespace of their own, after "common/simd.h", "common/thread_pool.h"
 // and "attention/attention.h". No system header, STL or <cmath> here (ODR rule:
 // every function below becomes a distinct per-ISA symbol).
@@ -45,6 +45,16 @@ constexpr int kQP = 2;
 constexpr int kRK = 6;
 constexpr int kAccBudget = 12;
 constexpr int kMaxCW = 4;
+#elif defined(TALLOW_SIMD_NEON)
+// 32 q registers of 4 floats. GCC loads every broadcast operand of a tile
+// step up front (fmla by element), so a tile needs acc + operands + RK
+// registers: S^T 5 keys x 4 panels (16 queries) = 20 + 4 + 5; P.V 16
+// accumulators (e.g. 8 rows x 2 vectors + 2 + 8). Chosen by register count
+// (no aarch64 machine has timed them yet).
+constexpr int kQP = 4;
+constexpr int kRK = 5;
+constexpr int kAccBudget = 16;
+constexpr int kMaxCW = 8;
 #else
 constexpr int kQP = 4;
 constexpr int kRK = 3;
@@ -167,6 +177,8 @@ inline VF vf_keep_ge(VF x, VF q, VF t) {
 inline VF vf_keep_ge(VF x, VF q, VF t) {
   return _mm256_blendv_ps(vf_set1(neg_inf()), x, _mm256_cmp_ps(q, t, _CMP_GE_OQ));
 }
+#elif defined(TALLOW_SIMD_NEON)
+inline VF vf_keep_ge(VF x, VF q, VF t) { return vbslq_f32(vcgeq_f32(q, t), x, vf_set1(neg_inf())); }
 #else
 inline VF vf_keep_ge(VF x, VF q, VF t) { return q >= t ? x : neg_inf(); }
 #endif

@@ -2,20 +2,27 @@
 // (and NEON on aarch64).
 //
 // Include this ONLY from ISA-specific translation units (*_avx512.cpp,
-// *_avx2.cpp, *_scalar.cpp). The vector width follows the flags the file is
-// compiled with (__AVX512F__ / __AVX2__ / neither). Everything here lives in
-// an anonymous namespace, so each translation unit gets its own copy and the
-// linker can never hand an AVX-512 body to the scalar path. For the same
-// reason ISA files call compiler builtins (__builtin_fmaf, ...) rather than
-// inline functions of shared headers (<cmath>, <algorithm>, STL containers).
+// *_avx2.cpp, *_neon.cpp, *_scalar.cpp). The vector width follows the flags
+// the file is compiled with (__AVX512F__ / __AVX2__ / __ARM_FEATURE_DOTPROD /
+// none of them). On aarch64 NEON itself is baseline, so every file sees
+// __ARM_NEON; only the *_neon.cpp files are built with +dotprod, and that
+// macro is what selects the NEON branch (the scalar files stay scalar).
+// Everything here lives in an anonymous namespace, so each translation unit
+// gets its own copy and the linker can never hand an AVX-512 body to the
+// scalar path. For the same reason ISA files call compiler builtins
+// (__builtin_fmaf, ...) rather than inline functions of shared headers
+// (<cmath>, <algorithm>, STL containers).
 //
 //   VF: kW floats        VI: kW int32 lanes
 //   vi_dpbusd(acc, a, w): per int32 lane, acc += sum_{j<4} u8(a.byte[j]) * s8(w.byte[j])
-//   (vpdpbusd on AVX-512 VNNI; exact emulation on AVX2 and scalar).
+//   (vpdpbusd on AVX-512 VNNI; exact emulation on AVX2, NEON and scalar).
 #pragma once
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define TALLOW_SIMD_NEON 1
 #endif
 
 #include <cstdint>
@@ -115,6 +122,72 @@ inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) {
   const __m256i w_odd = _mm256_srai_epi16(w_s8, 8);
   acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a_even, w_even));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a_odd, w_odd));
+}
+
+#elif defined(TALLOW_SIMD_NEON)
+// aarch64 Advanced SIMD (128-bit) + the dot-product extension (SDOT).
+constexpr int kW = 4;
+using VF = float32x4_t;
+using VI = int32x4_t;
+
+inline VF vf_zero() { return vdupq_n_f32(0.0f); }
+inline VF vf_set1(float x) { return vdupq_n_f32(x); }
+inline VF vf_load(const float* p) { return vld1q_f32(p); }
+// Partial loads/stores lane by lane: never touch memory past n (n >= 4 is a
+// plain load: callers pass kW for whole vectors, e.g. D % 4 == 0).
+inline VF vf_load_n(const float* p, int n) {
+  if (n >= 4) return vld1q_f32(p);
+  VF v = vdupq_n_f32(0.0f);
+  if (n > 0) v = vsetq_lane_f32(p[0], v, 0);
+  if (n > 1) v = vsetq_lane_f32(p[1], v, 1);
+  if (n > 2) v = vsetq_lane_f32(p[2], v, 2);
+  return v;
+}
+inline void vf_store(float* p, VF v) { vst1q_f32(p, v); }
+inline void vf_store_n(float* p, VF v, int n) {
+  if (n >= 4) {
+    vst1q_f32(p, v);
+    return;
+  }
+  if (n > 0) vst1q_lane_f32(p, v, 0);
+  if (n > 1) vst1q_lane_f32(p + 1, v, 1);
+  if (n > 2) vst1q_lane_f32(p + 2, v, 2);
+}
+inline VF vf_add(VF a, VF b) { return vaddq_f32(a, b); }
+inline VF vf_sub(VF a, VF b) { return vsubq_f32(a, b); }
+inline VF vf_mul(VF a, VF b) { return vmulq_f32(a, b); }
+inline VF vf_fmadd(VF a, VF b, VF c) { return vfmaq_f32(c, a, b); }
+// x86 semantics (a > b ? a : b: the second operand when either is NaN), not
+// FMAX's (NaN wins): exp2 clamps NaN like the other ISAs, ReLU passes it.
+inline VF vf_max(VF a, VF b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+inline VF vf_min(VF a, VF b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+inline float vf_reduce_add(VF v) { return vaddvq_f32(v); }
+inline float vf_reduce_max(VF v) { return vmaxvq_f32(v); }
+inline VF vf_round(VF v) { return vrndnq_f32(v); }  // ties to even
+inline VF vf_scale2(VF v, VF n) {
+  // n is integral and, by the callers' clamping, in [-126, 127].
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(v, vreinterpretq_f32_s32(e));
+}
+
+inline VI vi_zero() { return vdupq_n_s32(0); }
+inline VI vi_set1(int32_t x) { return vdupq_n_s32(x); }
+inline VI vi_load(const void* p) { return vld1q_s32(static_cast<const int32_t*>(p)); }
+inline void vi_store(void* p, VI v) { vst1q_s32(static_cast<int32_t*>(p), v); }
+inline VI vi_add(VI a, VI b) { return vaddq_s32(a, b); }
+inline VI vi_mullo(VI a, VI b) { return vmulq_s32(a, b); }
+inline VF vi_to_vf(VI v) { return vcvtq_f32_s32(v); }
+inline VI vf_round_to_vi(VF v) { return vcvtnq_s32_f32(v); }  // ties to even
+inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) {
+  // Exact u8*s8 with SDOT (s8*s8): a = (a ^ 0x80) + 128 with a ^ 0x80 read as
+  // s8, so sum a*w = sdot(a ^ 0x80, w) - sdot(-128, w). Both partial sums fit
+  // easily in int32 (|.| <= 4 * 128 * 128); the int32 adds wrap like vpdpbusd.
+  // Hot loops (the INT8 GEMM) avoid the second SDOT by folding 128 * colsum
+  // into their zero-point correction instead (int8_matmul_kernel.h).
+  const int8x16_t w = vreinterpretq_s8_s32(w_s8);
+  const int8x16_t a = vreinterpretq_s8_u8(veorq_u8(vreinterpretq_u8_s32(a_u8), vdupq_n_u8(0x80)));
+  acc = vdotq_s32(acc, a, w);
+  return vsubq_s32(acc, vdotq_s32(vdupq_n_s32(0), vdupq_n_s8(-128), w));
 }
 
 #else  // scalar

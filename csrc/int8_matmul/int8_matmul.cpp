@@ -30,6 +30,10 @@ const IsaKernels& kernels() {
     case Isa::Avx2:
       return kKernelsAvx2;
 #endif
+#if defined(__aarch64__) && defined(TALLOW_HAVE_NEON_KERNELS)
+    case Isa::Neon:
+      return kKernelsNeon;
+#endif
     default:
       return kKernelsScalar;
   }

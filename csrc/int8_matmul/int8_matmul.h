@@ -71,6 +71,7 @@ struct IsaKernels {
 
 extern const IsaKernels kKernelsAvx512;
 extern const IsaKernels kKernelsAvx2;
+extern const IsaKernels kKernelsNeon;  // aarch64 only (int8_matmul_neon.cpp)
 extern const IsaKernels kKernelsScalar;
 
 // The dispatcher (int8_matmul.cpp, baseline code): picks the ISA from

@@ -1,5 +1,5 @@
 // INT8 GEMM kernel body, written once over csrc/common/simd.h and compiled
-// per ISA: int8_matmul_{avx512,avx2,scalar}.cpp include it inside an
+// per ISA: int8_matmul_{avx512,avx2,neon,scalar}.cpp include it inside an
 // anonymous namespace (no include guard on purpose; never include it from
 // baseline code).
 //
@@ -23,6 +23,14 @@
 // With raw B (int8_matmul) each task packs its panel first (pack_panel).
 // The AMX tile path (int8_matmul_avx512.cpp) reuses drive(), the packing and
 // the epilogue.
+//
+// NEON (SDOT is s8 x s8, not u8 x s8): the micro-kernel feeds a ^ 0x80, i.e.
+// a - 128 read as s8, so its accumulators hold
+//     sum_k (a[m,k] - 128) * B[k,n] = sum_k a[m,k] * B[k,n] - 128 * colsum[n]
+// exactly (mod 2^32). The epilogue subtracts (zp - kAccZpBias) * colsum with
+// kAccZpBias = 128, which gives the same int32 as the VNNI path bit for bit.
+// colsum itself stays a true column sum (colsum_range uses vi_dpbusd, an
+// exact u8 x s8 emulation on NEON, with u8 ones).
 
 #if defined(__AVX512F__)
 constexpr int kMR = 6;   // rows per register tile
@@ -31,6 +39,11 @@ constexpr int kNBK = 4;  // 16-column blocks per register tile
 #define TALLOW_I8_S16 1  // the int16 vpmaddwd path below
 constexpr int kMR = 6;   // rows per register tile (6 rows x 8 columns: 12 ymm accumulators)
 constexpr int kNBK = 2;  // 16-column blocks per task chunk
+#elif defined(TALLOW_SIMD_NEON)
+// 5 rows x 16 columns = 20 q-register accumulators + 4 B + 5 A broadcasts
+// (with 6 rows GCC keeps all six broadcasts live and spills accumulators).
+constexpr int kMR = 5;
+constexpr int kNBK = 1;
 #else
 constexpr int kMR = 2;
 constexpr int kNBK = 1;
@@ -104,6 +117,26 @@ inline void k_store_u8(int16_t* p, VI v, int n) {
     for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
 }
+#elif defined(TALLOW_SIMD_NEON)
+inline VF k_div(VF a, VF b) { return vdivq_f32(a, b); }
+inline VF k_abs(VF a) { return vabsq_f32(a); }
+inline VF k_select_neg(VF x, VF if_neg, VF if_pos) {
+  return vbslq_f32(vcltq_f32(x, vdupq_n_f32(0.0f)), if_neg, if_pos);
+}
+inline VI k_sub(VI a, VI b) { return vsubq_s32(a, b); }
+inline void k_store_u8(uint8_t* p, VI v, int n) {
+  // Lanes are already in [0, 255]: two narrowing moves keep the low bytes.
+  const uint16x4_t h = vmovn_u32(vreinterpretq_u32_s32(v));
+  const uint8x8_t b = vmovn_u16(vcombine_u16(h, h));
+  uint8_t t[8];
+  vst1_u8(t, b);
+  __builtin_memcpy(p, t, static_cast<unsigned>(n > 0 ? n : 0));
+}
+inline void k_store_i32_n(int32_t* p, VI v, int n) {
+  int32_t t[4];
+  vst1q_s32(t, v);
+  __builtin_memcpy(p, t, static_cast<unsigned>(n > 0 ? n : 0) * 4u);
+}
 #else
 inline VF k_div(VF a, VF b) { return a / b; }
 inline VF k_abs(VF a) { return __builtin_fabsf(a); }
@@ -120,6 +153,15 @@ inline void k_store_i32_n(int32_t* p, VI v, int n) {
 #endif
 
 inline int64_t k_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// What the micro-kernel's accumulators already have subtracted, in units of
+// colsum (see the NEON note at the top): the epilogue subtracts
+// (zero point - kAccZpBias) * colsum.
+#if defined(TALLOW_SIMD_NEON)
+constexpr int32_t kAccZpBias = 128;
+#else
+constexpr int32_t kAccZpBias = 0;
+#endif
 
 // ---------------------------------------------------------------- activations
 
@@ -169,7 +211,7 @@ inline VF apply_act(VF y, int act) {
 // ---------------------------------------------------------------- packing
 
 // 4 rows x 16 bytes (rows r, r + sk, ...) -> 16 dwords (column-interleaved):
-// SSE2 on x86-64 (baseline there), plain bytes elsewhere.
+// SSE2 on x86-64 (baseline there), zips on NEON, plain bytes elsewhere.
 inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
 #if defined(__SSE2__)
   const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
@@ -182,6 +224,14 @@ inline void interleave4x16(const int8_t* r, int64_t sk, int8_t* o) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(t0, t2));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(t1, t3));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(t1, t3));
+#elif defined(TALLOW_SIMD_NEON)
+  const int8x16_t r0 = vld1q_s8(r), r1 = vld1q_s8(r + sk), r2 = vld1q_s8(r + 2 * sk), r3 = vld1q_s8(r + 3 * sk);
+  const int16x8_t t0 = vreinterpretq_s16_s8(vzip1q_s8(r0, r1)), t1 = vreinterpretq_s16_s8(vzip2q_s8(r0, r1));
+  const int16x8_t t2 = vreinterpretq_s16_s8(vzip1q_s8(r2, r3)), t3 = vreinterpretq_s16_s8(vzip2q_s8(r2, r3));
+  vst1q_s8(o, vreinterpretq_s8_s16(vzip1q_s16(t0, t2)));
+  vst1q_s8(o + 16, vreinterpretq_s8_s16(vzip2q_s16(t0, t2)));
+  vst1q_s8(o + 32, vreinterpretq_s8_s16(vzip1q_s16(t1, t3)));
+  vst1q_s8(o + 48, vreinterpretq_s8_s16(vzip2q_s16(t1, t3)));
 #else
   for (int c = 0; c < 16; ++c)
     for (int i = 0; i < 4; ++i) o[4 * c + i] = r[i * sk + c];
@@ -538,6 +588,39 @@ void micro_x4(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, i
 }
 #endif
 
+#if defined(TALLOW_SIMD_NEON)
+// NEON tile of MR rows x 16 columns (one packed block; NBK = 1): per k-group,
+// 4 B vectors (4 columns x 4 k each) and, per row, the row's 4 A bytes
+// broadcast and flipped to s8 (a ^ 0x80 = a - 128), then one SDOT per
+// (row, vector). The accumulators hold sum (a - 128) * B: the epilogue adds
+// the 128 * colsum back through kAccZpBias.
+template <int MR>
+void micro_sdot(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+                int64_t kb1, int32_t* acc, bool init) {
+  int32x4_t c[MR][4];
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
+      c[r][j] = init ? vdupq_n_s32(0) : vld1q_s32(acc + r * kNR + j * 4);
+  const uint8_t* ap = a + kb0 * 4;
+  const int8_t* bp = b + kb0 * 64;
+  const uint32x4_t flip = vdupq_n_u32(0x80808080u);
+  for (int64_t kb = kb0; kb < kb1; ++kb, ap += 4, bp += 64) {
+    const int8x16_t b0 = vld1q_s8(bp), b1 = vld1q_s8(bp + 16), b2 = vld1q_s8(bp + 32), b3 = vld1q_s8(bp + 48);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      uint32_t w;
+      __builtin_memcpy(&w, ap + r * lda, 4);
+      const int8x16_t av = vreinterpretq_s8_u32(veorq_u32(vdupq_n_u32(w), flip));
+      c[r][0] = vdotq_s32(c[r][0], av, b0);
+      c[r][1] = vdotq_s32(c[r][1], av, b1);
+      c[r][2] = vdotq_s32(c[r][2], av, b2);
+      c[r][3] = vdotq_s32(c[r][3], av, b3);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) vst1q_s32(acc + r * kNR + j * 4, c[r][j]);
+}
+#endif
+
 #if !defined(TALLOW_I8_S16)  // AVX2 has its own int16 micro-kernel (below)
 template <int MR>
 MicroFn micro_for_nbk(int nbk) {
@@ -552,6 +635,17 @@ MicroFn micro_for_nbk(int nbk) {
 }
 
 MicroFn micro_for(int mr, int nbk) {
+#if defined(TALLOW_SIMD_NEON)
+  // kNBK = 1: nbk is always 1. Never the generic micro (its vi_dpbusd is
+  // the exact u8 x s8 emulation, which would not match kAccZpBias).
+  switch (mr) {
+    case 5: return &micro_sdot<5>;
+    case 4: return &micro_sdot<4>;
+    case 3: return &micro_sdot<3>;
+    case 2: return &micro_sdot<2>;
+    default: return &micro_sdot<1>;
+  }
+#endif
   switch (mr) {
 #if defined(__AVX512F__)
     case 6: return micro_for_nbk<6>(nbk);
@@ -576,7 +670,7 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
     const int32_t* ar = acc + r * kNR;
     if (g.c_i32) {
       int32_t* out = g.c_i32 + m * g.ldc + n0;
-      const VI off = vi_set1(g.a_offset);
+      const VI off = vi_set1(g.a_offset - kAccZpBias);
       for (int j = 0; j < ncols; j += kW) {
         const VI y = k_sub(vi_load(ar + j), vi_mullo(off, vi_load(cs + j)));
         const int n = ncols - j < kW ? ncols - j : kW;
@@ -587,7 +681,7 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
       }
     } else {
       float* out = g.c_f32 + m * g.ldc + n0;
-      const VI zp = vi_set1(g.row_zp[m]);
+      const VI zp = vi_set1(g.row_zp[m] - kAccZpBias);
       const VF sx = vf_set1(g.row_scale[m]);
       for (int j = 0; j < ncols; j += kW) {
         const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(cs + j)));

@@ -1,4 +1,4 @@
-// Dispatcher of the preprocess op (baseline x86-64, no ISA flags).
+// Dispatcher of the preprocess op (baseline code of the target architecture, no ISA flags).
 //
 // Computes, in double precision exactly as Pillow's precompute_coeffs does
 // (libImaging/Resample.c), the bilinear taps of the output rows/columns that
@@ -94,6 +94,9 @@ void run_isa(const ImagePlan& p) {
 #if defined(__x86_64__)
     case Isa::Avx512Vnni: ok = preprocess_avx512::run_image(p); break;
     case Isa::Avx2: ok = preprocess_avx2::run_image(p); break;
+#endif
+#if defined(__aarch64__) && defined(TALLOW_HAVE_NEON_KERNELS)
+    case Isa::Neon: ok = preprocess_neon::run_image(p); break;
 #endif
     default: ok = preprocess_scalar::run_image(p); break;
   }

@@ -52,6 +52,7 @@ struct ImagePlan {
 // Returns false when scratch memory could not be allocated.
 namespace preprocess_avx512 { bool run_image(const preprocess::ImagePlan& plan); }
 namespace preprocess_avx2 { bool run_image(const preprocess::ImagePlan& plan); }
+namespace preprocess_neon { bool run_image(const preprocess::ImagePlan& plan); }
 namespace preprocess_scalar { bool run_image(const preprocess::ImagePlan& plan); }
 
 }  // namespace tallow

@@ -1,6 +1,6 @@
 // Resample kernel of the preprocess op, compiled once per ISA.
 //
-// #included by preprocess_avx512.cpp / preprocess_avx2.cpp /
+// #included by preprocess_avx512.cpp / preprocess_avx2.cpp / preprocess_neon.cpp /
 // preprocess_scalar.cpp inside a distinct namespace; the vector width follows
 // the file's compile flags. Only intrinsics, builtins and malloc/free here
 // (the ODR rule of csrc/common/simd.h).
@@ -33,10 +33,18 @@ namespace {
 using ::tallow::preprocess::ImagePlan;
 using ::tallow::preprocess::Taps;
 
+// The SIMD paths below run on AVX-512, AVX2 and NEON (preprocess_neon.cpp is
+// the only aarch64 file built with +dotprod; the scalar file stays scalar).
+#if defined(__AVX512F__) || defined(__AVX2__) || (defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD))
+#define TALLOW_PP_SIMD 1
+#endif
+
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX2__)
 constexpr int kLanes = 8;
+#elif defined(TALLOW_PP_SIMD)
+constexpr int kLanes = 4;
 #else
 constexpr int kLanes = 1;
 #endif
@@ -73,7 +81,7 @@ void horizontal_generic(const ImagePlan& p, uint8_t* tmp, int64_t plane, int64_t
   }
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(TALLOW_PP_SIMD)
 
 #if defined(__AVX512F__)
 using V = __m512i;
@@ -95,6 +103,50 @@ inline void v_store_u8(uint8_t* p, V v) { _mm_storeu_si128((__m128i*)p, _mm512_c
 inline V v_load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
 inline void v_lut_store(float* o, const float* lut, V idx) {
   _mm512_storeu_ps(o, _mm512_i32gather_ps(idx, lut, 4));
+}
+#elif defined(__aarch64__)
+// NEON: 4 int32 lanes. There is no gather instruction: v_gather and
+// v_lut_store do 4 scalar loads (4-byte, unaligned) into a vector; the
+// multiply-adds, shifts and clamps stay vector, and the arithmetic is the
+// same int32 maths as the other ISAs (bit-identical results).
+using V = int32x4_t;
+inline V v_load(const int32_t* p) { return vld1q_s32(p); }
+inline V v_set1(int32_t x) { return vdupq_n_s32(x); }
+inline V v_add(V a, V b) { return vaddq_s32(a, b); }
+inline V v_mul(V a, V b) { return vmulq_s32(a, b); }
+inline V v_and(V a, V b) { return vandq_s32(a, b); }
+// Logical right shifts: USHL by a negative count (n may be a run-time value).
+inline V v_srli(V a, int n) {
+  return vreinterpretq_s32_u32(vshlq_u32(vreinterpretq_u32_s32(a), vdupq_n_s32(-n)));
+}
+inline V v_srlv(V a, V n) { return vreinterpretq_s32_u32(vshlq_u32(vreinterpretq_u32_s32(a), vnegq_s32(n))); }
+inline V v_gather(const uint8_t* base, V idx) {
+  int32_t o[4];
+  vst1q_s32(o, idx);
+  uint32_t w[4];
+  for (int l = 0; l < 4; ++l) __builtin_memcpy(&w[l], base + o[l], 4);
+  return vreinterpretq_s32_u32(vld1q_u32(w));
+}
+inline V v_clip8(V s) {
+  return vminq_s32(vmaxq_s32(vshrq_n_s32(s, ::tallow::preprocess::kPrecisionBits), vdupq_n_s32(0)),
+                   vdupq_n_s32(255));
+}
+inline void v_store_u8(uint8_t* p, V v) {
+  // Lanes are in [0, 255]: two narrowing moves keep the low bytes.
+  const uint16x4_t h = vmovn_u32(vreinterpretq_u32_s32(v));
+  vst1_lane_u32(reinterpret_cast<uint32_t*>(p), vreinterpret_u32_u8(vmovn_u16(vcombine_u16(h, h))), 0);
+}
+inline V v_load_u8(const uint8_t* p) {
+  uint32_t w;
+  __builtin_memcpy(&w, p, 4);
+  const uint8x8_t b = vreinterpret_u8_u32(vdup_n_u32(w));
+  return vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
+}
+inline void v_lut_store(float* o, const float* lut, V idx) {
+  int32_t i[4];
+  vst1q_s32(i, idx);
+  const float t[4] = {lut[i[0]], lut[i[1]], lut[i[2]], lut[i[3]]};
+  vst1q_f32(o, vld1q_f32(t));
 }
 #else
 using V = __m256i;
@@ -286,7 +338,7 @@ void vfirst_pass2_generic(const ImagePlan& p, const uint8_t* tmp, int64_t plane,
   }
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(TALLOW_PP_SIMD)
 
 // Pass 1, kLanes adjacent columns at a time, for packed RGB (stride 3, one
 // gather per tap) or RGBX (stride 4, one plain load per tap) rows. Returns

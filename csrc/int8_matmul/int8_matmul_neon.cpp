@@ -1,0 +1,21 @@
+// INT8 GEMM kernels compiled for neon (flags from CMakeLists.txt by file name).
+// Everything from int8_matmul_kernel.h lands in an anonymous namespace, so
+// this file's copies can never be linked into another ISA's code path.
+#include <stdlib.h>
+
+#include "common/simd.h"
+#include "common/thread_pool.h"
+#include "int8_matmul/int8_matmul.h"
+
+namespace tallow {
+namespace int8mm {
+namespace {
+#include "int8_matmul/int8_matmul_kernel.h"
+}  // namespace
+
+extern const IsaKernels kKernelsNeon;
+const IsaKernels kKernelsNeon = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
+                                 &isa_quantize_rows_a, &isa_gemm};
+
+}  // namespace int8mm
+}  // namespace tallow
