@@ -102,8 +102,10 @@ inline VF kv_load(const uint16_t* p) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+#elif defined(TALLOW_SIMD_NEON)
+inline VF kv_load(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 #else
-// Any other width (scalar, NEON): through a float buffer.
+// Any other width (scalar): through a float buffer.
 inline VF kv_load(const uint16_t* p) {
   float f[kW];
   for (int i = 0; i < kW; ++i) {

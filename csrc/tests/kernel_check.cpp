@@ -234,7 +234,9 @@ void check_linear(const std::string& isa) {
 
 // ------------------------------------------------------------------ attention
 
-struct AttnCase { int64_t B, H, Lq, Lk, D; bool causal, mask; int layout; };
+struct AttnCase { int64_t B, H, Lq, Lk, D; bool causal, mask; int layout; bool bf16 = false; };
+// bf16: K and V given as bfloat16 bits (a bf16 KV cache; decode path only,
+// Lq <= 4); the reference uses the same bf16-rounded values in double.
 // layout: 0 contiguous [B, H, L, D]; 1 [B, L, H, D] (a transposed
 // projection); 2 contiguous with padded rows (row stride D + 3).
 
@@ -247,6 +249,8 @@ void check_attention(const std::string& isa) {
       {1, 1, 5, 33, 13, false, false, 2},   {1, 1, 40, 20, 64, true, false, 0},
       {2, 1, 1, 1, 80, true, true, 0},     {1, 1, 300, 1025, 64, true, false, 1},
       {1, 2, 129, 260, 80, false, true, 0},
+      {2, 3, 1, 97, 64, true, true, 0, true},  {1, 2, 3, 1025, 80, true, false, 1, true},
+      {1, 1, 4, 7, 13, false, true, 2, true},
   };
   for (const AttnCase& c : cases) {
     const int64_t B = c.B, H = c.H, Lq = c.Lq, Lk = c.Lk, D = c.D;
@@ -265,6 +269,22 @@ void check_attention(const std::string& isa) {
     for (auto& x : q) x = rand_float(-2.0f, 2.0f);
     for (auto& x : k) x = rand_float(-2.0f, 2.0f);
     for (auto& x : v) x = rand_float(-1.0f, 1.0f);
+    std::vector<uint16_t> k16, v16;
+    if (c.bf16) {  // round to nearest even bf16, keep the rounded floats for the reference
+      auto to_bf16 = [](std::vector<float>& f, std::vector<uint16_t>& h) {
+        h.resize(f.size());
+        for (size_t i = 0; i < f.size(); ++i) {
+          uint32_t u;
+          std::memcpy(&u, &f[i], 4);
+          u += 0x7fffu + ((u >> 16) & 1u);
+          h[i] = static_cast<uint16_t>(u >> 16);
+          u = static_cast<uint32_t>(h[i]) << 16;
+          std::memcpy(&f[i], &u, 4);
+        }
+      };
+      to_bf16(k, k16);
+      to_bf16(v, v16);
+    }
     std::vector<uint8_t> mask;
     if (c.mask) {
       mask.assign((size_t)(B * Lk), 0);
@@ -273,8 +293,13 @@ void check_attention(const std::string& isa) {
       if (B > 1) mask[(size_t)(Lk + Lk - 1)] = 0;
     }
     a.q = q.data();
-    a.k = k.data();
-    a.v = v.data();
+    if (c.bf16) {
+      a.k_bf16 = k16.data();
+      a.v_bf16 = v16.data();
+    } else {
+      a.k = k.data();
+      a.v = v.data();
+    }
     a.out = o.data();
     a.key_padding_mask = c.mask ? mask.data() : nullptr;
     a.B = B; a.H = H; a.Lq = Lq; a.Lk = Lk; a.D = D;
@@ -291,7 +316,7 @@ void check_attention(const std::string& isa) {
           for (int64_t j = 0; j < Lk; ++j) {
             const bool vis = (!c.causal || j <= Lk - Lq + i) && !(c.mask && mask[(size_t)(b * Lk + j)]);
             if (!vis) { s[(size_t)j] = -INFINITY; continue; }
-            const float* kj = a.k + b * a.k_sb + h * a.k_sh + j * a.k_sl;
+            const float* kj = k.data() + b * a.k_sb + h * a.k_sh + j * a.k_sl;
             double d = 0.0;
             for (int64_t e = 0; e < D; ++e) d += (double)qi[e] * kj[e];
             s[(size_t)j] = d * a.scale;
@@ -305,7 +330,7 @@ void check_attention(const std::string& isa) {
                 if (s[(size_t)j] == -INFINITY) continue;
                 const double p = std::exp(s[(size_t)j] - mx);
                 den += p;
-                num += p * a.v[b * a.v_sb + h * a.v_sh + j * a.v_sl + e];
+                num += p * v[(size_t)(b * a.v_sb + h * a.v_sh + j * a.v_sl + e)];
               }
             const double ref = den > 0.0 ? num / den : 0.0;
             const double err = std::fabs(oi[e] - ref);
@@ -313,8 +338,8 @@ void check_attention(const std::string& isa) {
           }
         }
     record("attention", isa,
-           fmt("B=%lld H=%lld Lq=%lld Lk=%lld D=%lld causal=%d mask=%d layout=%d", (long long)B, (long long)H,
-               (long long)Lq, (long long)Lk, (long long)D, c.causal, c.mask, c.layout),
+           fmt("B=%lld H=%lld Lq=%lld Lk=%lld D=%lld causal=%d mask=%d layout=%d bf16=%d", (long long)B,
+               (long long)H, (long long)Lq, (long long)Lk, (long long)D, c.causal, c.mask, c.layout, c.bf16),
            ran && worst <= 1e-5, worst, fmt("max abs err %.3g", worst));
   }
 }
