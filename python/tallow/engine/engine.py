@@ -46,6 +46,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import InputError, check_utf8
 from ..index import filters as F
 from ..index.base import MAX_K, IndexInputError, check_k
 from .chunking import Chunk, chunk_text, check_window
@@ -56,7 +57,7 @@ _INDEXES = ("hnsw", "qdrant", "libsql")
 _DOC_KEYS = {"id", "title", "text", "category", "timestamp", "payload"}
 
 
-class EngineError(ValueError):
+class EngineError(InputError):
     """Bad input to the engine (documents, queries, settings)."""
 
 
@@ -184,11 +185,7 @@ def embedder_identity(embedder: Any) -> str:
 
 
 def _check_utf8(value: str, what: str) -> None:
-    """A str with a lone surrogate (JSON allows "\ud800") cannot be stored or hashed."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise EngineError(f"{what} is not valid Unicode text: a lone surrogate at position {exc.start}") from None
+    check_utf8(value, what, error=EngineError)
 
 
 def normalize_document(doc: Any, i: int = 0) -> dict:

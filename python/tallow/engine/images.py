@@ -56,6 +56,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..index import filters as F
 from ..index.base import IndexInputError, check_k
 from .engine import load_snapshot
@@ -78,14 +79,14 @@ KINDS = ("unsupported", "too_large", "invalid")
 _MODES = ("exact", "fast")
 
 
-class ImageInputError(ValueError):
-    """Bad input: ``kind`` is "unsupported" (415), "too_large" or "invalid" (422)."""
+class ImageInputError(InputError):
+    """Bad input: ``kind`` is "unsupported" (415), "too_large" or "invalid" (422);
+    ``param`` is "image" when the image (its data, id or payload) is at fault."""
 
-    def __init__(self, message: str, kind: str = "invalid"):
+    def __init__(self, message: str, kind: str = "invalid", *, param: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"ImageInputError kind must be one of {KINDS}, got {kind!r}")
-        super().__init__(message)
-        self.kind = kind
+        super().__init__(message, param=param, kind=kind)
 
 
 class ImageSearchError(RuntimeError):
@@ -97,14 +98,14 @@ class ImageSearchError(RuntimeError):
 
 def check_id(id: Any) -> str:
     if not isinstance(id, str):
-        raise ImageInputError(f"image id must be a str, got {type(id).__name__}")
+        raise ImageInputError(f"image id must be a str, got {type(id).__name__}", param="image")
     if not id:
-        raise ImageInputError("image id is empty")
+        raise ImageInputError("image id is empty", param="image")
     if len(id) > MAX_ID_CHARS:
-        raise ImageInputError(f"image id is {len(id)} characters long, the limit is {MAX_ID_CHARS}")
+        raise ImageInputError(f"image id is {len(id)} characters long, the limit is {MAX_ID_CHARS}", param="image")
     if any(ord(c) < 32 or ord(c) == 127 for c in id):
         # Ids end up in URLs (DELETE /v1/images/{id}) and logs.
-        raise ImageInputError(f"image id {id!r} contains control characters")
+        raise ImageInputError(f"image id {id!r} contains control characters", param="image")
     return id
 
 
@@ -112,20 +113,20 @@ def check_payload(payload: Any, id: str) -> dict:
     if payload is None:
         return {}
     if not isinstance(payload, dict):
-        raise ImageInputError(f"image {id!r}: payload must be a JSON object (dict), got {type(payload).__name__}")
+        raise ImageInputError(f"image {id!r}: payload must be a JSON object (dict), got {type(payload).__name__}", param="image")
     for key in payload:
         if not isinstance(key, str):
-            raise ImageInputError(f"image {id!r}: payload keys must be str, got {key!r}")
+            raise ImageInputError(f"image {id!r}: payload keys must be str, got {key!r}", param="image")
         if key.startswith(RESERVED_PREFIX):
             raise ImageInputError(f"image {id!r}: payload key {key!r} is reserved (keys starting with "
-                                  f"{RESERVED_PREFIX!r} are tallow's own)")
+                                  f"{RESERVED_PREFIX!r} are tallow's own)", param="image")
     try:
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise ImageInputError(f"image {id!r}: payload is not JSON-serialisable: {exc}") from None
+        raise ImageInputError(f"image {id!r}: payload is not JSON-serialisable: {exc}", param="image") from None
     if len(text.encode()) > MAX_PAYLOAD_BYTES:
         raise ImageInputError(f"image {id!r}: payload is {len(text.encode())} bytes as JSON, the limit is "
-                              f"{MAX_PAYLOAD_BYTES}")
+                              f"{MAX_PAYLOAD_BYTES}", param="image")
     return json.loads(text)  # a deep copy in canonical JSON types (tuples -> lists)
 
 
@@ -133,9 +134,9 @@ def check_data(data: Any, what: str = "image") -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
-        raise ImageInputError(f"{what}: expected encoded image bytes, got {type(data).__name__}")
+        raise ImageInputError(f"{what}: expected encoded image bytes, got {type(data).__name__}", param="image")
     if not data:
-        raise ImageInputError(f"{what}: the image data is empty")
+        raise ImageInputError(f"{what}: the image data is empty", param="image")
     return data
 
 
@@ -148,20 +149,20 @@ def probe(data: bytes, max_megapixels: float, what: str = "image") -> tuple[int,
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own limit (~179 MP raises; the warning only under -W error).
-        raise ImageInputError(f"{what}: too large ({exc})", "too_large") from None
+        raise ImageInputError(f"{what}: too large ({exc})", "too_large", param="image") from None
     except UnidentifiedImageError:
         raise ImageInputError(f"{what}: not an image in a supported format (supported: {', '.join(FORMATS)}; "
-                              f"got {len(data)} bytes starting {data[:8]!r})", "unsupported") from None
+                              f"got {len(data)} bytes starting {data[:8]!r})", "unsupported", param="image") from None
     except Exception as exc:  # a recognised header Pillow then cannot parse
-        raise ImageInputError(f"{what}: corrupt image header: {type(exc).__name__}: {exc}") from None
+        raise ImageInputError(f"{what}: corrupt image header: {type(exc).__name__}: {exc}", param="image") from None
     w, h = img.size
     fmt = img.format
     img.close()
     if w <= 0 or h <= 0:
-        raise ImageInputError(f"{what}: the image is empty ({w}x{h})")
+        raise ImageInputError(f"{what}: the image is empty ({w}x{h})", param="image")
     if w * h > max_megapixels * 1e6:
         raise ImageInputError(f"{what}: {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
-                              f"{max_megapixels:g} megapixels", "too_large")
+                              f"{max_megapixels:g} megapixels", "too_large", param="image")
     return w, h, fmt
 
 
@@ -420,7 +421,7 @@ class ImageSearch:
             for r, e in zip(rows, errs):
                 if e is not None:
                     # The header was fine (probe), so this is truncated or corrupt data.
-                    raise ImageInputError(f"{names[r]}: {e}", "too_large" if "megapixels" in e else "invalid")
+                    raise ImageInputError(f"{names[r]}: {e}", "too_large" if "megapixels" in e else "invalid", param="image")
             feats = model.features(x)
             feats = np.asarray(feats.detach().cpu().numpy() if hasattr(feats, "detach") else feats,
                                dtype=np.float32)
@@ -445,7 +446,7 @@ class ImageSearch:
         came from a cache (the feature cache or the store)."""
         self._check_open()
         if isinstance(images, (bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
-            raise ImageInputError(f"images must be a list of encoded images, got {type(images).__name__}")
+            raise ImageInputError(f"images must be a list of encoded images, got {type(images).__name__}", param="image")
         names = [f"image {i}" for i in range(len(images))]
         datas = [check_data(d, name) for d, name in zip(images, names)]
         if not datas:
@@ -563,7 +564,7 @@ class ImageSearch:
             ids.append(id)
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
-            raise ImageInputError(f"image id {dup!r} appears more than once in one call")
+            raise ImageInputError(f"image id {dup!r} appears more than once in one call", param="image")
         if not ids:
             return {"images": [], "timing_ms": {"preprocess": 0.0, "inference": 0.0, "store": 0.0, "index": 0.0,
                                                 "total": _ms(time.perf_counter() - t0)}}

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from .._dispatch import dispatch
+from ..errors import InputError
 from .._native import native
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +74,7 @@ _ERRORS = ("raise", "return")
 _JPEG_FORMATS = ("JPEG", "MPO")
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """Some images could not be preprocessed.
 
     ``index``: the first bad image; ``errors``: one message (or None) per
