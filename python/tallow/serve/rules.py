@@ -153,7 +153,7 @@ def check_documents(documents: list, max_inputs: int, max_chars: int) -> None:
     """Every document checked before anything is written: at most
     ``max_inputs`` of them, each valid for the engine and at most
     ``max_chars`` characters long (a write holds the write lock; bound how long)."""
-    from ..engine.engine import normalize_document
+    from ..engine.documents import normalize_document
 
     if len(documents) > max_inputs:
         raise InputError(f"{len(documents)} documents in one request; the limit is {max_inputs} "
