@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
-
 from . import rules
 from .deps import NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
 from .services import Services
