@@ -1,3 +1,4 @@
+"""``python -m tallow``: the command line (``tallow.cli``)."""
 from .cli import main
 
 raise SystemExit(main())

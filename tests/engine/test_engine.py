@@ -448,3 +448,69 @@ def test_engines_on_two_replicas_of_one_libsql_primary(tmp_path, embedder, docs)
             assert b.search("Replaced on node a.", k=1)[0].text == "Replaced on node a."
     finally:
         server.stop()
+
+
+def test_ingest_and_search_from_threads_at_once(engine_factory, sentences):
+    """Engine as a library used from several threads: writers ingest (some ids
+    by two writers, with different texts) while readers search; nothing is
+    lost, no call fails, and the index matches the store exactly."""
+    import threading
+
+    eng = engine_factory(save_every=3)  # snapshots taken while others write and search
+    writers, per_writer = 3, 8
+    texts = [" ".join(sentences[i:i + 5]) for i in range(0, 5 * writers * per_writer, 5)]
+    errors: list[BaseException] = []
+    done = threading.Event()
+    searched = [0]
+
+    def write(w: int) -> None:
+        try:
+            for j in range(per_writer):
+                text = texts[w * per_writer + j]
+                batch = [{"id": f"w{w}-{j}", "text": text, "category": f"w{w}"},
+                         {"id": f"shared-{j}", "text": text, "payload": {"writer": w}}]  # contended ids
+                eng.ingest(batch, batch_size=4, progress=False)
+                if j % 3 == 2:
+                    eng.delete_document(f"w{w}-{j - 1}")
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                for hybrid in (False, True):
+                    for hit in eng.search(texts[searched[0] % len(texts)], k=5, hybrid=hybrid):
+                        assert hit.text and hit.chunk_id.startswith(hit.doc_id + "#")
+                    searched[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers + threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    done.set()
+    for t in readers:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert searched[0] > 0
+    deleted = {f"w{w}-{j - 1}" for w in range(writers) for j in range(per_writer) if j % 3 == 2}
+    expected = {f"w{w}-{j}" for w in range(writers) for j in range(per_writer)} - deleted
+    expected |= {f"shared-{j}" for j in range(per_writer)}
+    stored = {d for d in expected if eng.store.get_document(d) is not None}
+    assert stored == expected and eng.store.document_count() == len(expected)
+    for j in range(per_writer):  # a contended id holds one writer's version, whole
+        doc = eng.store.get_document(f"shared-{j}")
+        assert doc["text"] == texts[doc["payload"]["writer"] * per_writer + j]
+    _consistent(eng)
+    for w in range(writers):
+        for j in range(per_writer):
+            if f"w{w}-{j}" in expected:
+                first = chunk_text(eng.embedder.tokenizer._tok, texts[w * per_writer + j], 32, 8)[0].text
+                hits = eng.search(first, k=3, filter={"category": f"w{w}"})
+                assert f"w{w}-{j}" in {h.doc_id for h in hits}
+    eng.close()
+    eng2 = engine_factory()  # the saved snapshot plus reconcile give the same index
+    _consistent(eng2)

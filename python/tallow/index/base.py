@@ -13,12 +13,14 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
+from ..errors import InputError
+
 Id = Union[int, str]
 METRICS = ("cosine", "ip", "l2")
 MAX_K = 10_000
 
 
-class IndexInputError(ValueError):
+class IndexInputError(InputError):
     """Bad input to an index: wrong dimension, NaN vectors, bad ids or k."""
 
 

@@ -21,13 +21,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ..errors import InputError
+
 _RANGE_OPS = ("gt", "gte", "lt", "lte")
 _OPS = ("eq", "ne", "in", "nin") + _RANGE_OPS
 _BOOL_KEYS = ("must", "should", "must_not")
 Scalar = Union[str, int, float, bool]
 
 
-class FilterError(ValueError):
+class FilterError(InputError):
     """A filter that does not follow tallow's filter syntax."""
 
 

@@ -8,11 +8,15 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
 from ._checkpoint import CheckpointError, model_dir
 
 
-class InputTooLongError(ValueError):
+class InputTooLongError(InputError):
     """An input has more tokens than the model accepts and truncation is off."""
+
+    def __init__(self, message: str = "", *, param: str | None = None, kind: str = "too_long"):
+        super().__init__(message, param=param, kind=kind)
 
 
 class Tokenizer:

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from typing import Any
-
-import orjson
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from ..errors import NotFound
 from .config import ServeConfig, load_config
-from .errors import APIError, install_handlers
+from .deps import model_id
+from .errors import install_handlers
 from .middleware import BodyLimit, RequestMetrics
+from .routes_data import router as data_router
+from .routes_text import router as text_router
 from .services import Services
 
 log = logging.getLogger("tallow.serve")
@@ -66,9 +67,8 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     app.state.start_loading = start_loading
     install_handlers(app)
 
-    from .routes_data import router as data_router
-    from .routes_text import router as text_router
-
+    # Routers: one APIRouter per module, included here; they take what they
+    # share from deps.py and never import this module.
     app.include_router(text_router)
     app.include_router(data_router)
 
@@ -100,98 +100,9 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
         for card in model_cards():
             if card["id"] == model:
                 return card
-        raise APIError(404, f"no loaded model {model!r} (see GET /v1/models)", param="model")
+        raise NotFound(f"no loaded model {model!r} (see GET /v1/models)", param="model")
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 413s included.
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app
-
-
-class NumpyJSONResponse(JSONResponse):
-    """JSON by orjson, numpy arrays included. For embeddings: FastAPI's
-    jsonable_encoder + json.dumps took ~8 ms for 32 x 384 floats, this 0.4 ms,
-    and float32 values are written in their shortest exact form (9 digits,
-    not 17), which round-trip bit for bit."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def model_id(services: Services, name: str) -> str:
-    return {"embedder": "tallow-embed", "classifier": "tallow-classify", "generator": "tallow-gpt2",
-            "image": "tallow-resnet50"}[name]
-
-
-# -- helpers the routers share ------------------------------------------------------------
-
-def get_services(request: Request) -> Services:
-    request.app.state.start_loading()
-    return request.app.state.services
-
-
-def require_model(services: Services, name: str):
-    from .services import MODEL_SETTINGS
-
-    slot = services.models[name]
-    if slot.status == "ready":
-        return slot.model
-    key, flag = MODEL_SETTINGS[name]
-    if slot.status == "absent":
-        raise APIError(503, f"no {name} model is configured: set {key} = \"PATH\" in tallow.toml "
-                            f"(or {flag} PATH) and restart")
-    if slot.status == "loading":
-        raise APIError(503, f"the {name} model is still loading (see /ready)", headers={"Retry-After": "5"})
-    raise APIError(503, f"the {name} model failed to load from {slot.path}: {slot.error}")
-
-
-def require_engine(services: Services):
-    if services.engine_status == "ready" and services.engine is not None:
-        return services.engine
-    if services.engine_status == "loading":
-        raise APIError(503, "the search engine is still starting (see /ready)", headers={"Retry-After": "5"})
-    raise APIError(503, f"the search engine failed to open {services.config.data.dir}: {services.engine_error}")
-
-
-def check_write_key(request: Request) -> None:
-    """Bearer API key for write endpoints (when ``server.api_key`` is set)."""
-    expected = request.app.state.services.config.server.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header or scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "this endpoint needs an API key: send 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise APIError(403, "the API key is not valid for this server")
-
-
-async def submit(services: Services, lane_name: str, payload: Any, *, size: int = 1, tokens: int = 0,
-                 key: Any = None) -> Any:
-    """Runs ``payload`` on a lane; admission and timeout failures become HTTP errors."""
-    job = enqueue(services, lane_name, payload, size=size, tokens=tokens, key=key)
-    return await wait(services, lane_name, job)
-
-
-def enqueue(services: Services, lane_name: str, payload: Any, *, size: int = 1, tokens: int = 0,
-            key: Any = None, stream: bool = False):
-    from .batching import LaneClosed, Overloaded
-
-    lane = services.lanes[lane_name]
-    try:
-        return lane.enqueue(payload, size=size, tokens=tokens, key=key, stream=stream)
-    except Overloaded as exc:
-        services.metrics.rejected.labels(lane_name).inc()
-        raise APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
-    except LaneClosed as exc:
-        raise APIError(503, str(exc)) from None
-
-
-async def wait(services: Services, lane_name: str, job) -> Any:
-    from .batching import LaneTimeout
-
-    try:
-        return await services.lanes[lane_name].wait(job, services.config.server.request_timeout_s)
-    except LaneTimeout as exc:
-        raise APIError(504, f"{exc} (server.request_timeout_s)") from None

@@ -3,8 +3,10 @@
     {"error": {"message": "...", "type": "...", "param": "field or null", "code": 422}}
 
 (the OpenAI shape, so the official client raises its typed errors with our
-message). Handlers for FastAPI's validation errors, Starlette's HTTP errors
-and anything unexpected (500, logged, no internals in the body) live here.
+message). The one place where exceptions become HTTP answers: tallow's own
+(``tallow.errors``: InputError -> 422, or 415 for kind "unsupported";
+NotFound -> 404; Unavailable -> 503), FastAPI's validation errors, Starlette's
+HTTP errors and anything unexpected (500, logged, no internals in the body).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InputError, NotFound, Unavailable
 
 log = logging.getLogger("tallow.serve")
 
@@ -66,10 +70,28 @@ def _field(loc: tuple) -> str:
     return out or "body"
 
 
+def input_status(exc: InputError) -> int:
+    """415 for data of a media type tallow does not read, 422 for any other bad input."""
+    return 415 if exc.kind == "unsupported" else 422
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, param=exc.param, type=exc.type, headers=exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError):
+        return error_response(input_status(exc), str(exc), param=exc.param)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return error_response(404, str(exc), param=exc.param)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable):
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        return error_response(503, str(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import itertools
 import json
 import time
 from typing import Any
@@ -13,41 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import APIError, check_write_key, get_services, require_engine, require_model, submit
+from ..errors import InputError, NotFound, Unavailable
+from . import rules
+from .deps import check_write_key, get_services, require_engine, require_model, submit
 from .services import RagRequest
 
 router = APIRouter()
-_unique = itertools.count()
-
-
-def _as_api_error(exc: Exception) -> APIError | None:
-    """Bad input found by the engine, the index, the store or the image
-    pipeline: 422 with its message (415 for data that is not an image)."""
-    from ..engine import EngineError
-    from ..engine.images import ImageInputError
-    from ..index.base import IndexInputError
-    from ..index.filters import FilterError
-
-    if isinstance(exc, ImageInputError):
-        kind = getattr(exc, "kind", "invalid")
-        return APIError(415 if kind == "unsupported" else 422, str(exc),
-                        param="image" if kind != "invalid" or "image" in str(exc) else None)
-    if isinstance(exc, (EngineError, IndexInputError, FilterError)):
-        return APIError(422, str(exc))
-    return None
-
-
-async def _call(services, lane: str, payload, *, key=None) -> Any:
-    """``submit`` with the engine's input errors turned into HTTP answers."""
-    try:
-        return await submit(services, lane, payload, key=key)
-    except APIError:
-        raise
-    except Exception as exc:
-        api = _as_api_error(exc)
-        if api is None:
-            raise
-        raise api from None
 
 
 # -- search and RAG ----------------------------------------------------------------------------
@@ -66,7 +36,7 @@ async def search(body: SearchRequest, request: Request):
     services = get_services(request)
     engine = require_engine(services)
     t0 = time.perf_counter()
-    hits = await _call(services, "search", lambda: engine.search(body.query, body.k, filter=body.filter,
+    hits = await submit(services, "search", lambda: engine.search(body.query, body.k, filter=body.filter,
                                                                  score_threshold=body.score_threshold,
                                                                  hybrid=body.hybrid))
     return {"object": "list", "hits": [h.to_dict() for h in hits],
@@ -91,14 +61,11 @@ async def rag(body: RagBody, request: Request):
     services = get_services(request)
     require_engine(services)
     require_model(services, "generator")
-    limit = services.config.models.max_completion_tokens
-    if body.max_tokens > limit:
-        raise APIError(422, f"max_tokens={body.max_tokens} is over the limit of {limit} "
-                            "(models.max_completion_tokens)", param="max_tokens")
+    rules.check_rag(body.max_tokens, services.config.models)
     t0 = time.perf_counter()
     job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
                      {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
-    answer = await _call(services, "generate", job, key=("rag", next(_unique)))
+    answer = await submit(services, "generate", job, key=rules.unique_key("rag"))
     out = answer.to_dict()
     if not body.include_prompt:
         out.pop("prompt", None)
@@ -116,31 +83,14 @@ class DocumentsBody(BaseModel):
 @router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)",
              dependencies=[Depends(check_write_key)])
 async def ingest(body: DocumentsBody, request: Request):
-    from ..engine import EngineError
-    from ..engine.engine import normalize_document
-
     services = get_services(request)
     engine = require_engine(services)
-    limit = services.config.models.max_inputs_per_request
-    if len(body.documents) > limit:
-        raise APIError(422, f"{len(body.documents)} documents in one request; the limit is {limit} "
-                            "(models.max_inputs_per_request)", param="documents")
-    max_chars = services.config.data.max_document_chars
-    for i, doc in enumerate(body.documents):  # all checked before anything is written
-        try:
-            normalize_document(doc, i)
-        except (EngineError, ValueError, TypeError) as exc:
-            raise APIError(422, str(exc), param=f"documents[{i}]") from None
-        if len(doc["text"]) > max_chars:  # a write holds the write lock; bound how long
-            raise APIError(422, f"documents[{i}] has {len(doc['text'])} characters; the limit is {max_chars} "
-                                "(data.max_document_chars): split it into several documents",
-                           param=f"documents[{i}]")
+    rules.check_documents(body.documents, services.config.models.max_inputs_per_request,
+                          services.config.data.max_document_chars)
 
-    def write():
-        with services.write_lock:
-            return engine.ingest(body.documents, progress=False)
-
-    summary = await _call(services, "write", write)
+    # The engine serialises its writes itself (its DerivedIndex's lock): the
+    # write lane needs no max_concurrency of 1 for correctness.
+    summary = await submit(services, "write", lambda: engine.ingest(body.documents, progress=False))
     return {"object": "ingest", **summary.to_dict()}
 
 
@@ -150,12 +100,8 @@ async def delete_document(id: str, request: Request):
     services = get_services(request)
     engine = require_engine(services)
 
-    def delete():
-        with services.write_lock:
-            return engine.delete_document(id)
-
-    if not await _call(services, "write", delete):
-        raise APIError(404, f"no document with id {id!r}", param="id")
+    if not await submit(services, "write", lambda: engine.delete_document(id)):
+        raise NotFound(f"no document with id {id!r}", param="id")
     return {"id": id, "object": "document", "deleted": True}
 
 
@@ -184,47 +130,47 @@ async def _image_fields(request: Request) -> dict:
         try:
             form = await request.form()
         except Exception as exc:
-            raise APIError(422, f"the multipart body could not be read: {exc}", param="body") from None
+            raise InputError(f"the multipart body could not be read: {exc}", param="body") from None
         fields: dict[str, Any] = {}
         try:  # uploaded files are spooled to temporary files: close them
             for key, value in form.multi_items():
                 if key == "image":
                     if not hasattr(value, "read"):
-                        raise APIError(422, "image must be a file part", param="image")
+                        raise InputError("image must be a file part", param="image")
                     fields["image"] = await value.read()
                 elif key in ("payload", "filter"):
                     try:
                         fields[key] = json.loads(value)
                     except (TypeError, ValueError):
-                        raise APIError(422, f"{key} must be a JSON object", param=key) from None
+                        raise InputError(f"{key} must be a JSON object", param=key) from None
                 elif key in ("k",):
                     try:
                         fields[key] = int(value)
                     except ValueError:
-                        raise APIError(422, "k must be an integer", param="k") from None
+                        raise InputError("k must be an integer", param="k") from None
                 elif key == "score_threshold":
                     try:
                         fields[key] = float(value)
                     except ValueError:
-                        raise APIError(422, "score_threshold must be a number", param=key) from None
+                        raise InputError("score_threshold must be a number", param=key) from None
                 else:
                     fields[key] = value
         finally:
             await form.close()
         if "image" not in fields:
-            raise APIError(422, "the form has no 'image' file part", param="image")
+            raise InputError("the form has no 'image' file part", param="image")
         return fields
     if ctype and not ctype.startswith("application/json"):
-        raise APIError(415, f"send application/json (image as base64) or multipart/form-data, not {ctype!r}",
-                       param="body")
+        raise InputError(f"send application/json (image as base64) or multipart/form-data, not {ctype!r}",
+                         param="body", kind="unsupported")
     try:
         fields = json.loads(await request.body())
     except ValueError as exc:
-        raise APIError(422, f"the body is not valid JSON: {exc}", param="body") from None
+        raise InputError(f"the body is not valid JSON: {exc}", param="body") from None
     except RecursionError:  # json's C scanner recurses per nesting level
-        raise APIError(422, "the body's JSON is nested too deeply", param="body") from None
+        raise InputError("the body's JSON is nested too deeply", param="body") from None
     if not isinstance(fields, dict):
-        raise APIError(422, "the body must be a JSON object", param="body")
+        raise InputError("the body must be a JSON object", param="body")
     return fields
 
 
@@ -239,16 +185,16 @@ def _decode_image(fields: dict, model_cls) -> tuple[Any, bytes]:
     except ValidationError as exc:
         e = exc.errors()[0]
         name = ".".join(str(p) for p in e.get("loc", ())) or "body"
-        raise APIError(422, f"{name}: {e.get('msg')}", param=name) from None
+        raise InputError(f"{name}: {e.get('msg')}", param=name) from None
     if isinstance(raw, (bytes, bytearray)):
         data = bytes(raw)
     else:
         try:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
-            raise APIError(422, "image is not valid base64", param="image") from None
+            raise InputError("image is not valid base64", param="image") from None
     if not data:
-        raise APIError(422, "image is empty", param="image")
+        raise InputError("image is empty", param="image")
     return parsed, data
 
 
@@ -256,7 +202,7 @@ def _require_images(services):
     require_engine(services)
     require_model(services, "image")
     if services.images is None:
-        raise APIError(503, "image search is not available (see /ready)")
+        raise Unavailable("image search is not available (see /ready)")
     return services.images
 
 
@@ -277,12 +223,8 @@ async def add_image(request: Request):
     images = _require_images(services)
     body, data = _decode_image(await _image_fields(request), ImageBody)
 
-    def add():
-        with services.write_lock:
-            return images.add(body.id, data, body.payload)
-
     # On the write lane, with the other writes: image searches never queue behind a store write.
-    return {"object": "image", **await _call(services, "write", add)}
+    return {"object": "image", **await submit(services, "write", lambda: images.add(body.id, data, body.payload))}
 
 
 @router.post("/v1/images/search", tags=["images"], summary="Similar images: preprocess, ResNet-50, search, metadata",
@@ -292,6 +234,6 @@ async def search_images(request: Request):
     _require_images(services)
     body, data = _decode_image(await _image_fields(request), ImageSearchBody)
     # Searches arriving together share one preprocess + ResNet forward (the images lane batches them).
-    out = await _call(services, "images", {"data": data, "k": body.k, "filter": body.filter,
+    out = await submit(services, "images", {"data": data, "k": body.k, "filter": body.filter,
                                            "score_threshold": body.score_threshold}, key="search")
     return {"object": "list", **out}

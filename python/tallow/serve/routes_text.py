@@ -4,7 +4,6 @@ compatible, streaming as server-sent events) and the seed's /generate."""
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import time
 import uuid
@@ -16,67 +15,22 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from .app import APIError, NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
-from .services import GenerationRequest, Services
+from ..errors import InputError
+from . import rules
+from .deps import NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
+from .services import Services
 
 router = APIRouter()
-_unique = itertools.count()
 # Short inputs are tokenized on the event loop (tens of µs: less than the hop
 # to a worker thread); longer ones in a thread so the loop never stalls.
 INLINE_TOKENIZE_CHARS = 4096
-_token_chars: dict[int, int] = {}
-
-
-def _max_token_chars(model) -> int:
-    """The most characters one token of the model's vocabulary decodes to (its
-    longest token string: byte-level BPE writes one character per byte)."""
-    key = id(model.tokenizer)
-    if key not in _token_chars:
-        _token_chars[key] = max(len(t) for t in model.tokenizer._tok.get_vocab())
-    return _token_chars[key]
-
-
-# -- tokenization shared by the BERT endpoints ---------------------------------------------
-
-def _as_list(value: str | list[str], services: Services) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value)
-    if not texts:
-        raise APIError(422, "input must be a non-empty string or a non-empty list of strings", param="input")
-    limit = services.config.models.max_inputs_per_request
-    if len(texts) > limit:
-        raise APIError(422, f"input has {len(texts)} items; the limit is {limit} per request "
-                            "(models.max_inputs_per_request)", param="input")
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise APIError(422, f"input[{i}] is empty or only whitespace", param=f"input[{i}]")
-        _check_utf8(t, f"input[{i}]")
-    return texts
-
-
-def _check_utf8(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # JSON allows lone surrogates ("\ud800"); no tokenizer does
-        raise APIError(422, f"{field} is not valid Unicode text: a lone surrogate at position {exc.start}",
-                       param=field) from None
 
 
 async def _tokenize(model, texts: list[str], truncate: bool, services: Services) -> list[list[int]]:
-    from ..models.tokenizer import InputTooLongError
-
-    tok = model.tokenizer
-    limit = services.config.models.max_input_tokens or tok.max_length
-    limit = min(limit, tok.max_length)
-    try:
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return tok.encode_ids(texts, truncation=truncate, max_length=limit)
-        return await run_in_threadpool(tok.encode_ids, texts, truncation=truncate, max_length=limit)
-    except InputTooLongError as exc:
-        what = str(exc).split(" (pass truncation")[0]  # "input 3 has 700 tokens; the limit is 512"
-        raise APIError(422, f"{what} (models.max_input_tokens, capped by the model); send \"truncate\": true "
-                            "to cut long inputs instead", param="input") from None
-    except (ValueError, TypeError) as exc:
-        raise APIError(422, str(exc), param="input") from None
+    cfg = services.config.models
+    if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+        return rules.tokenize_inputs(model, texts, truncate, cfg)
+    return await run_in_threadpool(rules.tokenize_inputs, model, texts, truncate, cfg)
 
 
 def _no_token_arrays(value, what: str):
@@ -111,9 +65,9 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
     model = require_model(services, "embedder")
     dim = model.config.hidden_size
     if body.dimensions is not None and body.dimensions != dim:
-        raise APIError(422, f"dimensions={body.dimensions} is not supported: this model gives {dim}-d vectors",
-                       param="dimensions")
-    texts = _as_list(body.input, services)
+        raise InputError(f"dimensions={body.dimensions} is not supported: this model gives {dim}-d vectors",
+                         param="dimensions")
+    texts = rules.text_inputs(body.input, services.config.models)
     ids = await _tokenize(model, texts, body.truncate, services)
     tokens = sum(len(s) for s in ids)
     vecs = await submit(services, "embeddings", ids, size=len(ids), tokens=tokens)
@@ -139,7 +93,7 @@ class ClassifyRequest(BaseModel):
 async def classify(body: ClassifyRequest, request: Request):
     services = get_services(request)
     model = require_model(services, "classifier")
-    texts = _as_list(body.input, services)
+    texts = rules.text_inputs(body.input, services.config.models)
     ids = await _tokenize(model, texts, body.truncate, services)
     tokens = sum(len(s) for s in ids)
     rows = await submit(services, "classify", ids, size=len(ids), tokens=tokens)
@@ -178,75 +132,15 @@ class CompletionRequest(BaseModel):
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-async def _generation(services: Services, model, prompts: list[str], body: CompletionRequest) -> tuple:
-    from ..models.generation import SamplingParams
-
-    cfg = services.config.models
-    if body.max_tokens > cfg.max_completion_tokens:
-        raise APIError(422, f"max_tokens={body.max_tokens} is over the limit of {cfg.max_completion_tokens} "
-                            "(models.max_completion_tokens)", param="max_tokens")
-    if body.n > cfg.max_n:
-        raise APIError(422, f"n={body.n} is over the limit of {cfg.max_n} (models.max_n)", param="n")
-    if body.echo or body.logprobs is not None or (body.best_of or 1) > 1:
-        field = "echo" if body.echo else ("logprobs" if body.logprobs is not None else "best_of")
-        raise APIError(422, f"{field} is not supported by this server", param=field)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise APIError(422, "stop must be up to 4 non-empty strings", param="stop")
-    if len(prompts) * body.n > cfg.max_completion_rows:
-        # Every row holds a KV cache of its own: rows are what costs memory.
-        raise APIError(422, f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} completions; the "
-                            f"limit is {cfg.max_completion_rows} per request (models.max_completion_rows)",
-                       param="prompt")
-    context = model.config.n_positions
-    room = context - body.max_tokens
-    limit = min(room, cfg.max_input_tokens or room)
-    longest_token = _max_token_chars(model)
-    for i, p in enumerate(prompts):
-        _check_utf8(p, f"prompt[{i}]")
-        # No token is longer than the vocabulary's longest, so a prompt longer
-        # than limit x that is over the limit for sure: refuse it (or keep only
-        # its tail) before spending time tokenizing all of it.
-        if len(p) > max(limit, 1) * longest_token:
-            if not body.truncate or limit < 1:
-                raise APIError(422, f"prompt {i} has {len(p)} characters, more than GPT-2's context of "
-                                    f"{context} tokens can hold with max_tokens={body.max_tokens} (send "
-                                    "\"truncate\": true to keep the end of the prompt)", param="prompt")
-            prompts[i] = p[-limit * longest_token:]
-    try:
-        ids = await run_in_threadpool(model.tokenizer.encode_unbounded, prompts)
-    except (ValueError, TypeError) as exc:
-        raise APIError(422, str(exc), param="prompt") from None
-    for i, seq in enumerate(ids):
-        if len(seq) > limit:
-            if not body.truncate or limit < 1:
-                raise APIError(422, f"prompt {i} has {len(seq)} tokens; with max_tokens={body.max_tokens} the "
-                                    f"limit is {limit} (GPT-2's context is {context}; send \"truncate\": true to "
-                                    "keep the end of the prompt)", param="prompt")
-            ids[i] = seq[-limit:]
-    params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=tuple(stop),
-                            seed=body.seed)
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise APIError(422, str(exc)) from None
-    rows = [seq for seq in ids for _ in range(body.n)]  # choice index = prompt * n + j
-    # Requests share a batch only with identical settings; a seeded one runs alone
-    # so its output does not depend on what else was running.
-    key = ("gen", body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-           tuple(stop)) if body.seed is None else ("seeded", next(_unique))
-    return GenerationRequest(rows, params), key, sum(len(s) for s in ids)
-
-
 @router.post("/v1/completions", tags=["models"], summary="GPT-2 text completion (OpenAI compatible)")
 async def completions(body: CompletionRequest, request: Request):
     services = get_services(request)
     model = require_model(services, "generator")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
-        raise APIError(422, "prompt must be a string or a non-empty list of strings", param="prompt")
-    req, key, prompt_tokens = await _generation(services, model, prompts, body)
+        raise InputError("prompt must be a string or a non-empty list of strings", param="prompt")
+    req, key, prompt_tokens = await run_in_threadpool(rules.completion_job, services.config.models, model, prompts,
+                                                      body)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id(services, "generator")
     if not body.stream:
         rows = await submit(services, "generate", req, size=len(req.prompt_ids), key=key)
@@ -326,7 +220,8 @@ async def generate(body: GenerateRequest, request: Request):
     as_completion = CompletionRequest(prompt=body.prompt, max_tokens=body.max_tokens,
                                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed)
-    req, key, _ = await _generation(services, model, [body.prompt], as_completion)
+    req, key, _ = await run_in_threadpool(rules.completion_job, services.config.models, model, [body.prompt],
+                                          as_completion)
     rows = await submit(services, "generate", req, size=1, key=key)
     return {"generated_text": rows[0]["text"], "finish_reason": _FINISH[rows[0]["finish_reason"]],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}

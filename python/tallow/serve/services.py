@@ -87,7 +87,6 @@ class Services:
         self.images = None  # tallow.engine.images.ImageSearch once the image model is loaded
         self.cache = None
         self.metrics = metrics or Metrics(self.cache_stats)
-        self.write_lock = threading.Lock()  # ingest / delete / image writes: one at a time
         self.ready = threading.Event()
         self.lanes: dict[str, Lane] = {}
         for name, fn in (("embeddings", self._run_embeddings), ("classify", self._run_classify),
@@ -221,21 +220,22 @@ class Services:
         await asyncio.to_thread(self._flush)
 
     def _flush(self) -> None:
-        with self.write_lock:  # a write that outlived its lane's deadline finishes first
-            if self.images is not None:
-                self.images.close()
-            if self.engine is not None:
-                if self._own_engine:
-                    self.engine.close()
-                else:
-                    from ..engine import EngineError
+        # A write that outlived its lane's deadline finishes first: close() and
+        # save() wait for the engine's and the image search's write locks.
+        if self.images is not None:
+            self.images.close()
+        if self.engine is not None:
+            if self._own_engine:
+                self.engine.close()
+            else:
+                from ..engine import EngineError
 
-                    try:
-                        self.engine.save()
-                    except EngineError:  # its owner closed it already (and saved it then)
-                        pass
-            if self.cache is not None:
-                self.cache.close()
+                try:
+                    self.engine.save()
+                except EngineError:  # its owner closed it already (and saved it then)
+                    pass
+        if self.cache is not None:
+            self.cache.close()
 
     # -- batch functions (worker threads) --------------------------------------------
 

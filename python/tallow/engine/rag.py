@@ -1,0 +1,106 @@
+"""RAG prompts: the template, fitting the retrieved chunks into GPT-2's
+context window (best first, the first that does not fit trimmed at a token
+boundary), and the answer with the sources it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from .documents import EngineError
+from .retrieval import SearchResult
+
+PROMPT_HEAD = "Answer the question using the context.\n\nContext:\n"
+PROMPT_TAIL = "\nQuestion: {question}\nAnswer:"
+
+
+@dataclass
+class RagAnswer:
+    answer: str
+    sources: list[dict]
+    prompt: str
+    prompt_tokens: int
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_max_new_tokens(max_new_tokens: Any, gen: Any = None) -> None:
+    """``max_new_tokens`` must be an int >= 1 and, given the generator, leave
+    room for a prompt in its context window."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EngineError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if gen is not None and max_new_tokens >= gen.config.n_positions:
+        raise EngineError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in GPT-2's "
+                          f"context window of {gen.config.n_positions}")
+
+
+def build_prompt(gen, question: str, results: Sequence[SearchResult], max_new_tokens: int, *,
+                 head: str = PROMPT_HEAD, tail_template: str = PROMPT_TAIL) -> tuple[str, list[dict], int]:
+    """The RAG prompt within GPT-2's context window.
+
+    Template: ``head`` (``PROMPT_HEAD``), then one line ``[i] <chunk text>`` per
+    context chunk, then ``tail_template`` (``PROMPT_TAIL``) with the question. Budget for the
+    chunks = n_positions − max_new_tokens − tokens(template + question).
+    Chunks are added best first while they fit; the first one that does
+    not fit is trimmed at a token boundary to the tokens left (kept if at
+    least one token is left), and every chunk after it is dropped.
+    Returns (prompt, sources used, prompt tokens)."""
+    hf = gen.tokenizer._tok
+    n_ctx = gen.config.n_positions
+
+    def ntok(s: str) -> int:
+        return len(hf.encode(s, add_special_tokens=False).ids)
+
+    tail = tail_template.format(question=question)
+    budget = n_ctx - max_new_tokens - ntok(head + tail)
+    if budget < 0:
+        raise EngineError(f"the question and the prompt template need {n_ctx - max_new_tokens - budget} tokens; "
+                          f"GPT-2's context window is {n_ctx} with max_new_tokens={max_new_tokens}: "
+                          "shorten the question or lower max_new_tokens")
+    lines: list[str] = []
+    sources: list[dict] = []
+    for r in results:
+        line = f"[{len(lines) + 1}] {r.text}\n"
+        ids = hf.encode(line, add_special_tokens=False).ids
+        used = ntok("".join(lines))
+        left = budget - used
+        trimmed = False
+        if len(ids) > left:
+            trimmed = True
+            keep = left - 1  # room for the newline that ends the line
+            text = ""
+            while keep > 0:
+                text = hf.decode(ids[:keep]).rstrip("\ufffd\n")
+                if ntok("".join(lines) + text + "\n") <= budget:
+                    break
+                keep -= 1
+            if keep <= 0 or not text.strip() or text.strip() == f"[{len(lines) + 1}]":
+                break
+            line = text + "\n"
+        lines.append(line)
+        body = line[len(f"[{len(lines)}] "):].rstrip("\n")
+        sources.append({"doc_id": r.doc_id, "title": r.title, "chunk_id": r.chunk_id, "text": body,
+                        "score": r.score, "trimmed": trimmed})
+        if trimmed:
+            break
+    prompt = head + "".join(lines) + tail
+    n = ntok(prompt)
+    # BPE merges across the joins can change counts by a token or two; the
+    # generator checks the hard limit, so make sure here.
+    while n + max_new_tokens > n_ctx and lines:
+        lines.pop()
+        sources.pop()
+        prompt = head + "".join(lines) + tail
+        n = ntok(prompt)
+    return prompt, sources, n
+
+
+def answer(gen: Any, prompt: str, sources: list[dict], prompt_tokens: int, max_new_tokens: int,
+           **sampling) -> RagAnswer:
+    """Generates from the prompt (greedy unless ``temperature`` etc. are given)."""
+    sampling.setdefault("temperature", 0.0)
+    out = gen.generate([prompt], max_new_tokens=max_new_tokens, **sampling)[0]
+    return RagAnswer(out.text.strip(), sources, prompt, prompt_tokens, out.finish_reason)

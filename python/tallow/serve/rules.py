@@ -1,0 +1,169 @@
+"""The server's request rules as plain functions (no HTTP, callable from
+tests): per-request limits, input checks, tokenization with or without
+truncation, and which requests may share a batch (the batching key). Each
+raises ``tallow.errors.InputError`` naming the offending field; the server
+answers it as a 422 in ``errors``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ..errors import InputError, check_utf8
+from .config import ModelsConfig
+from .services import GenerationRequest
+
+_unique = itertools.count()
+_token_chars: dict[int, int] = {}
+
+
+def unique_key(tag: str) -> tuple:
+    """A batching key no other request has: the request runs alone."""
+    return (tag, next(_unique))
+
+
+def max_token_chars(model) -> int:
+    """The most characters one token of the model's vocabulary decodes to (its
+    longest token string: byte-level BPE writes one character per byte)."""
+    key = id(model.tokenizer)
+    if key not in _token_chars:
+        _token_chars[key] = max(len(t) for t in model.tokenizer._tok.get_vocab())
+    return _token_chars[key]
+
+
+# -- the BERT endpoints (/v1/embeddings, /v1/classify) -------------------------------------
+
+def text_inputs(value: str | list[str], cfg: ModelsConfig) -> list[str]:
+    """``input`` as a non-empty list of non-blank UTF-8 strings, at most
+    ``models.max_inputs_per_request`` of them."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise InputError("input must be a non-empty string or a non-empty list of strings", param="input")
+    limit = cfg.max_inputs_per_request
+    if len(texts) > limit:
+        raise InputError(f"input has {len(texts)} items; the limit is {limit} per request "
+                         "(models.max_inputs_per_request)", param="input")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise InputError(f"input[{i}] is empty or only whitespace", param=f"input[{i}]")
+        check_utf8(t, f"input[{i}]", param=f"input[{i}]")
+    return texts
+
+
+def tokenize_inputs(model, texts: list[str], truncate: bool, cfg: ModelsConfig) -> list[list[int]]:
+    """Token ids of each input: over ``models.max_input_tokens`` (capped by the
+    model) an input is cut when ``truncate``, refused otherwise."""
+    from ..models.tokenizer import InputTooLongError
+
+    tok = model.tokenizer
+    limit = min(cfg.max_input_tokens or tok.max_length, tok.max_length)
+    try:
+        return tok.encode_ids(texts, truncation=truncate, max_length=limit)
+    except InputTooLongError as exc:
+        what = str(exc).split(" (pass truncation")[0]  # "input 3 has 700 tokens; the limit is 512"
+        raise InputError(f"{what} (models.max_input_tokens, capped by the model); send \"truncate\": true "
+                         "to cut long inputs instead", param="input", kind="too_long") from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc), param="input") from None
+
+
+# -- /v1/completions and /generate ---------------------------------------------------------
+
+def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> tuple[GenerationRequest, Any, int]:
+    """Checks a completion request against the limits, tokenizes its prompts
+    (keeping only the end of an over-long one when ``body.truncate``) and
+    returns (the lane's job, its batching key, prompt tokens). ``body`` has
+    the fields of ``routes_text.CompletionRequest``."""
+    from ..models.generation import SamplingParams
+
+    if body.max_tokens > cfg.max_completion_tokens:
+        raise InputError(f"max_tokens={body.max_tokens} is over the limit of {cfg.max_completion_tokens} "
+                         "(models.max_completion_tokens)", param="max_tokens")
+    if body.n > cfg.max_n:
+        raise InputError(f"n={body.n} is over the limit of {cfg.max_n} (models.max_n)", param="n")
+    if body.echo or body.logprobs is not None or (body.best_of or 1) > 1:
+        field = "echo" if body.echo else ("logprobs" if body.logprobs is not None else "best_of")
+        raise InputError(f"{field} is not supported by this server", param=field)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise InputError("stop must be up to 4 non-empty strings", param="stop")
+    if len(prompts) * body.n > cfg.max_completion_rows:
+        # Every row holds a KV cache of its own: rows are what costs memory.
+        raise InputError(f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} completions; the "
+                         f"limit is {cfg.max_completion_rows} per request (models.max_completion_rows)",
+                         param="prompt")
+    prompts = list(prompts)
+    context = model.config.n_positions
+    room = context - body.max_tokens
+    limit = min(room, cfg.max_input_tokens or room)
+    longest_token = max_token_chars(model)
+    for i, p in enumerate(prompts):
+        check_utf8(p, f"prompt[{i}]", param=f"prompt[{i}]")
+        # No token is longer than the vocabulary's longest, so a prompt longer
+        # than limit x that is over the limit for sure: refuse it (or keep only
+        # its tail) before spending time tokenizing all of it.
+        if len(p) > max(limit, 1) * longest_token:
+            if not body.truncate or limit < 1:
+                raise InputError(f"prompt {i} has {len(p)} characters, more than GPT-2's context of "
+                                 f"{context} tokens can hold with max_tokens={body.max_tokens} (send "
+                                 "\"truncate\": true to keep the end of the prompt)", param="prompt",
+                                 kind="too_long")
+            prompts[i] = p[-limit * longest_token:]
+    try:
+        ids = model.tokenizer.encode_unbounded(prompts)
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc), param="prompt") from None
+    for i, seq in enumerate(ids):
+        if len(seq) > limit:
+            if not body.truncate or limit < 1:
+                raise InputError(f"prompt {i} has {len(seq)} tokens; with max_tokens={body.max_tokens} the "
+                                 f"limit is {limit} (GPT-2's context is {context}; send \"truncate\": true to "
+                                 "keep the end of the prompt)", param="prompt", kind="too_long")
+            ids[i] = seq[-limit:]
+    params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=tuple(stop),
+                            seed=body.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    rows = [seq for seq in ids for _ in range(body.n)]  # choice index = prompt * n + j
+    return GenerationRequest(rows, params), completion_key(body, stop), sum(len(s) for s in ids)
+
+
+def completion_key(body: Any, stop: list[str]) -> tuple:
+    """Requests share a batch only with identical settings; a seeded one runs
+    alone so its output does not depend on what else was running."""
+    if body.seed is not None:
+        return unique_key("seeded")
+    return ("gen", body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty, tuple(stop))
+
+
+# -- /v1/rag and /v1/documents -------------------------------------------------------------
+
+def check_rag(max_tokens: int, cfg: ModelsConfig) -> None:
+    limit = cfg.max_completion_tokens
+    if max_tokens > limit:
+        raise InputError(f"max_tokens={max_tokens} is over the limit of {limit} "
+                         "(models.max_completion_tokens)", param="max_tokens")
+
+
+def check_documents(documents: list, max_inputs: int, max_chars: int) -> None:
+    """Every document checked before anything is written: at most
+    ``max_inputs`` of them, each valid for the engine and at most
+    ``max_chars`` characters long (a write holds the write lock; bound how long)."""
+    from ..engine.documents import normalize_document
+
+    if len(documents) > max_inputs:
+        raise InputError(f"{len(documents)} documents in one request; the limit is {max_inputs} "
+                         "(models.max_inputs_per_request)", param="documents")
+    for i, doc in enumerate(documents):
+        try:
+            normalize_document(doc, i)
+        except (ValueError, TypeError) as exc:
+            raise InputError(str(exc), param=f"documents[{i}]") from None
+        if len(doc["text"]) > max_chars:
+            raise InputError(f"documents[{i}] has {len(doc['text'])} characters; the limit is {max_chars} "
+                             "(data.max_document_chars): split it into several documents",
+                             param=f"documents[{i}]")
