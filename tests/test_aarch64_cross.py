@@ -66,3 +66,19 @@ def test_kernels_on_aarch64():
     for op in ("int8_matmul", "quantize", "int8_linear", "attention", "preprocess"):
         assert any(line.split()[:2] == [op, "neon"] for line in out.splitlines()), f"no {op} neon row:\n{out[-3000:]}"
     assert "kernel_check (aarch64, best_isa neon): all passed" in out, out[-3000:]
+
+
+@pytest.mark.skipif(NATIVE, reason="qemu's CPU models are for the cross check; natively the CPU is what it is")
+def test_kernels_on_aarch64_without_dotprod():
+    """An ARMv8.0 core (Cortex-A72: asimd, no asimddp, e.g. Raspberry Pi 4, Graviton 1) must get the scalar
+    tier and never execute an SDOT (qemu would raise SIGILL)."""
+    _require_tools()
+    build = subprocess.run(["make", "-s", "-j2", "build/kcheck-aarch64/kernel_check"], cwd=REPO, capture_output=True,
+                           text=True, timeout=900)
+    assert build.returncode == 0, build.stdout + build.stderr
+    proc = subprocess.run(["qemu-aarch64-static", "-cpu", "cortex-a72", "build/kcheck-aarch64/kernel_check"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-6000:]}"
+    assert "supported ISAs: scalar; best_isa: scalar" in out, out[-3000:]
+    assert "kernel_check (aarch64, best_isa scalar): all passed" in out, out[-3000:]
