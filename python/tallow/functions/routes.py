@@ -97,6 +97,8 @@ class ServicesHost(Host):
 
 
 def _clashes(app: FastAPI, spec: FunctionSpec) -> str | None:
+    if spec.base_route == "/v1/functions" or (spec.wildcard and "/v1/functions".startswith(spec.base_route.rstrip("/") + "/")):
+        return "GET /v1/functions"
     probes = [spec.base_route] + ([spec.base_route.rstrip("/") + "/x"] if spec.wildcard else [])
     for route in app.routes:
         for path in probes:
@@ -133,6 +135,8 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
             raise FunctionConfigError(f"function {spec.name!r}: route {spec.route!r} clashes with the built-in "
                                       f"route {clash}")
     loaded = [runtime.load(spec) for spec in specs]
+    if any(spec.kv_stores for spec in specs) and kv_path is not None:
+        kv.store  # open (and migrate) the metadata store now, not in a first request
     pool = concurrent.futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="tallow-fn")
     state = {"in_flight": 0}
     app.state.functions = runtime
@@ -180,10 +184,13 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
         handler = make_handler(fn)
         paths = [spec.base_route] + ([spec.base_route.rstrip("/") + "/{path:path}"] if spec.wildcard else [])
         for i, path in enumerate(paths):
-            app.add_api_route(path, handler, methods=spec.methods, tags=["functions"], summary=summary,
-                              description=description, name=f"function_{spec.name}" + ("_subpaths" if i else ""),
-                              response_class=Response, openapi_extra=_openapi_extra(fn),
-                              include_in_schema=True)
+            for method in spec.methods:  # one route per method: each gets its own OpenAPI operation id
+                app.add_api_route(path, handler, methods=[method], tags=["functions"], summary=summary,
+                                  description=description, response_class=Response,
+                                  name=f"function_{spec.name}" + ("_subpaths" if i else ""),
+                                  operation_id=f"function_{spec.name}{'_subpaths' if i else ''}_{method.lower()}",
+                                  openapi_extra=_openapi_extra(fn) if method not in ("GET", "HEAD") else
+                                  {k: v for k, v in _openapi_extra(fn).items() if k != "requestBody"})
         log.info("function %s mounted at %s %s (%s, %.1f ms)", spec.name, ",".join(spec.methods), spec.route,
                  "from the compiled cache" if fn.from_cache else "compiled", fn.load_ms)
 

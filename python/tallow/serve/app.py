@@ -72,13 +72,6 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
 
     app.include_router(text_router)
     app.include_router(data_router)
-    if config.functions:  # WebAssembly functions (tallow.functions), after the built-in routes they must not shadow
-        from ..functions.routes import mount_functions
-        from .errors import error_response
-
-        mount_functions(app, config.functions, services=services, error_response=error_response,
-                        kv_path=Path(getattr(engine, "data_dir", None) or config.data.dir) / "tallow.db",
-                        kv_config=config.kv, sync_url=config.data.sync_url, auth_token=config.data.auth_token)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health():
@@ -109,6 +102,14 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
             if card["id"] == model:
                 return card
         raise APIError(404, f"no loaded model {model!r} (see GET /v1/models)", param="model")
+
+    if config.functions:  # WebAssembly functions (tallow.functions), after the built-in routes they must not shadow
+        from ..functions.routes import mount_functions
+        from .errors import error_response
+
+        mount_functions(app, config.functions, services=services, error_response=error_response,
+                        kv_path=Path(getattr(engine, "data_dir", None) or config.data.dir) / "tallow.db",
+                        kv_config=config.kv, sync_url=config.data.sync_url, auth_token=config.data.auth_token)
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 413s included.
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
