@@ -168,3 +168,23 @@ def test_cache_dir_permissions_tightened(tmp_path):
 
 def test_error_codes_are_named():
     assert abi.ERRORS[abi.E_STORE_FULL] == "store_full" and len(set(abi.ERRORS.values())) == len(abi.ERRORS)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_memory_bombs_do_not_accumulate(make_runtime):
+    """A trapped guest's memory is released at once (not at the next cyclic GC)."""
+    rt = make_runtime(spec("bomb", limits={"memory_mib": 32}))
+    with pytest.raises(FunctionError):
+        rt.call("bomb", FnRequest())
+    before = _rss_mib()
+    for _ in range(6):
+        with pytest.raises(FunctionError):
+            rt.call("bomb", FnRequest())
+    assert _rss_mib() - before < 48  # 6 x 32 MiB touched; all of it given back

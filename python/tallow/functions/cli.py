@@ -130,7 +130,7 @@ def _compile(args) -> int:
     for path in paths:
         wasm = read_module(path)
         t0 = time.perf_counter()
-        _, hit = cache.get_or_compile(engine, wasm)
+        _, _, hit = cache.get_or_compile(engine, wasm)
         ms = (time.perf_counter() - t0) * 1000
         print(f"{path}: {'already cached' if hit else 'compiled'} in {ms:.1f} ms -> "
               f"{cache.paths(ModuleCache.key(wasm))[0]}")

@@ -20,8 +20,10 @@ loaded).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -47,6 +49,7 @@ TICK_MS = 5.0  # epoch ticker period: a deadline is enforced within one tick
 _ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt_level=speed;abi=" + abi.ABI_VERSION
 
 
+@functools.cache
 def wasmtime_version() -> str:
     from importlib.metadata import version
 
@@ -123,10 +126,17 @@ class _Shared:
 
 
 def _tick(engine: Engine) -> None:
+    """Advances the epoch by one per TICK_MS of wall clock. A sleep that ran
+    late (a busy machine, the GIL) is caught up with several increments, so
+    epochs keep to the clock and a deadline is never pushed back."""
     period = TICK_MS / 1000.0
+    start, ticks = time.monotonic(), 0
     while True:
-        time.sleep(period)
-        engine.increment_epoch()
+        time.sleep(max(0.0, start + (ticks + 1) * period - time.monotonic()))
+        due = int((time.monotonic() - start) / period)
+        while ticks < due:
+            engine.increment_epoch()
+            ticks += 1
 
 
 def shared_engine() -> tuple[Engine, Linker]:
@@ -197,50 +207,72 @@ class ModuleCache:
         h.update(b"\0wasmtime=" + wasmtime_version().encode() + b"\0" + _ENGINE_SETTINGS.encode())
         return h.hexdigest()
 
-    def _mac(self, key: str, data: bytes) -> bytes:
-        return hmac.new(self._mac_key, key.encode() + b"\0" + data, hashlib.sha256).digest()
+    def _mac(self, key: str, data: bytes, manifest: bytes) -> bytes:
+        h = hmac.new(self._mac_key, key.encode() + b"\0", hashlib.sha256)
+        h.update(hashlib.sha256(data).digest())
+        h.update(manifest)
+        return h.digest()
 
     def paths(self, key: str) -> tuple[Path, Path]:
-        return self.dir / f"{key}.cwasm", self.dir / f"{key}.mac"
+        """The serialised module, and tallow's manifest: 32 bytes of HMAC, then the
+        module's imports and exports as JSON (so a load needs no introspection)."""
+        return self.dir / f"{key}.cwasm", self.dir / f"{key}.manifest"
 
-    def load(self, engine: Engine, key: str) -> Module | None:
-        """The cached module, or None (absent, or not written by tallow: ignored)."""
-        data_path, mac_path = self.paths(key)
+    def load(self, engine: Engine, key: str) -> tuple[Module, dict] | None:
+        """The cached module and its description, or None (absent, or not written by tallow: ignored)."""
+        data_path, manifest_path = self.paths(key)
         try:
             data = data_path.read_bytes()
-            mac = mac_path.read_bytes()
+            raw = manifest_path.read_bytes()
         except OSError:
             return None
-        if not hmac.compare_digest(mac, self._mac(key, data)):
+        mac, manifest = raw[:32], raw[32:]
+        if not hmac.compare_digest(mac, self._mac(key, data, manifest)):
             log.warning("ignoring %s: its HMAC does not match (not written by this tallow)", data_path)
             return None
         try:
-            return Module.deserialize(engine, data)
-        except WasmtimeError as exc:
+            return Module.deserialize(engine, data), json.loads(manifest)
+        except (WasmtimeError, ValueError) as exc:
             log.warning("ignoring %s: %s", data_path, exc)
             return None
 
-    def store(self, key: str, module: Module) -> None:
+    def store(self, key: str, module: Module, description: dict) -> None:
         data = bytes(module.serialize())
-        for path, blob in zip(self.paths(key), (data, self._mac(key, data))):
+        manifest = json.dumps(description, sort_keys=True).encode()
+        for path, blob in zip(self.paths(key), (data, self._mac(key, data, manifest) + manifest)):
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)
 
-    def get_or_compile(self, engine: Engine, wasm: bytes) -> tuple[Module, bool]:
-        """(module, True when it came from the cache)."""
+    def get_or_compile(self, engine: Engine, wasm: bytes) -> tuple[Module, dict, bool]:
+        """(module, its description, True when it came from the cache)."""
         key = self.key(wasm)
-        module = self.load(engine, key)
-        if module is not None:
-            return module, True
+        hit = self.load(engine, key)
+        if hit is not None:
+            return hit[0], hit[1], True
         module = Module(engine, wasm)
+        description = describe_module(module)
         try:
-            self.store(key, module)
+            self.store(key, module, description)
         except OSError as exc:
             log.warning("cannot write the compiled module to %s: %s", self.dir, exc)
-        return module, False
+        return module, description, False
+
+
+def _sig(ty: Any) -> Any:
+    if isinstance(ty, FuncType):
+        return {"params": [str(t) for t in ty.params], "results": [str(t) for t in ty.results]}
+    if isinstance(ty, wasmtime.MemoryType):
+        return "memory"
+    return type(ty).__name__
+
+
+def describe_module(module: Module) -> dict:
+    """Exports and imports as plain data (what _check_module reads)."""
+    return {"exports": {e.name: _sig(e.type) for e in module.exports},
+            "imports": [[i.module, i.name, _sig(i.type)] for i in module.imports]}
 
 
 def read_module(path: str | Path) -> bytes:
@@ -263,7 +295,7 @@ class _Abort(Exception):
 
 class _Ctx:
     __slots__ = ("fn", "req", "status", "headers", "body", "body_len", "pending", "stores", "abort",
-                 "deadline", "out", "err", "kv", "host")
+                 "deadline", "out", "err", "kv", "host", "memory")
 
     def __init__(self, fn: "LoadedFunction", req: FnRequest, deadline: float, kv: KV | None, host: Host):
         self.fn = fn
@@ -279,6 +311,7 @@ class _Ctx:
         self.err = bytearray()
         self.kv = kv
         self.host = host
+        self.memory = None  # the guest's exported memory, looked up on the first host call
 
 
 _local = threading.local()
@@ -296,9 +329,13 @@ class _Bounds(Exception):
 
 
 def _memory(caller) -> tuple[int, int]:
-    mem = caller.get("memory")
-    if mem is None or not isinstance(mem, wasmtime.Memory):
-        raise _Bounds()
+    ctx = _local.ctx
+    mem = ctx.memory
+    if mem is None:
+        mem = ctx.memory = caller.get("memory")
+        if mem is None or not isinstance(mem, wasmtime.Memory):
+            ctx.memory = None
+            raise _Bounds()
     size = mem.data_len(caller)
     base = ctypes.addressof(mem.data_ptr(caller).contents) if size else 0
     return base, size
@@ -644,6 +681,18 @@ def _fd_write(caller, fd, iovs, iovs_len, nwritten):
         return 21  # EFAULT
 
 
+def _release(exc: BaseException) -> None:
+    """Breaks the reference cycle a trap makes (the exception's traceback holds
+    wasmtime-py's frames, one of which holds the exception): without this the
+    Store, and the guest's whole linear memory, lives until a cyclic GC pass."""
+    import traceback
+
+    tb, exc.__traceback__ = exc.__traceback__, None
+    if tb is not None:
+        traceback.clear_frames(tb)
+    exc.__context__ = exc.__cause__ = None
+
+
 def _trap_message(exc: BaseException) -> str:
     """The cause of a trap in one line (wasmtime's text starts with a backtrace)."""
     text = str(exc).strip()
@@ -679,35 +728,30 @@ class LoadedFunction:
                 "calls": self.calls, "errors": self.errors}
 
 
-def _check_module(spec: FunctionSpec, module: Module) -> bool:
+def _check_module(spec: FunctionSpec, desc: dict) -> bool:
     """Exports and imports against tallow:v1; returns whether _initialize is exported."""
     where = f"function {spec.name!r} ({spec.module})"
-    exports = {e.name: e.type for e in module.exports}
-    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+    exports = desc["exports"]
+    if exports.get("memory") != "memory":
         raise FunctionConfigError(f"{where}: the module does not export 'memory' ({abi.ABI_VERSION} needs it)")
-    handle = exports.get("handle")
-    if not isinstance(handle, FuncType) or [str(t) for t in handle.params] or \
-            [str(t) for t in handle.results] != ["i32"]:
+    if exports.get("handle") != {"params": [], "results": ["i32"]}:
         raise FunctionConfigError(f"{where}: the module does not export 'handle: () -> i32' "
                                   f"({abi.ABI_VERSION} needs it)")
     init = exports.get("_initialize")
-    if init is not None and (not isinstance(init, FuncType) or list(init.params) or list(init.results)):
+    if init is not None and init != {"params": [], "results": []}:
         raise FunctionConfigError(f"{where}: '_initialize' must be () -> ()")
-    for imp in module.imports:
-        if imp.module == "wasi_snapshot_preview1":
+    for module, name, ty in desc["imports"]:
+        if module == "wasi_snapshot_preview1":
             continue
-        if imp.module != abi.IMPORT_MODULE or imp.name not in abi.IMPORTS:
-            raise FunctionConfigError(f"{where}: imports {imp.module}.{imp.name}, which {abi.ABI_VERSION} does "
-                                      f"not provide")
-        params, results = abi.IMPORTS[imp.name]
-        ty = imp.type
-        if not isinstance(ty, FuncType) or [str(t) for t in ty.params] != list(params) or \
-                [str(t) for t in ty.results] != list(results):
-            raise FunctionConfigError(f"{where}: imports tallow.{imp.name} with the wrong type "
+        if module != abi.IMPORT_MODULE or name not in abi.IMPORTS:
+            raise FunctionConfigError(f"{where}: imports {module}.{name}, which {abi.ABI_VERSION} does not provide")
+        params, results = abi.IMPORTS[name]
+        if ty != {"params": list(params), "results": list(results)}:
+            raise FunctionConfigError(f"{where}: imports tallow.{name} with the wrong type "
                                       f"(expected {list(params)} -> {list(results)})")
-        if imp.name in abi.GRANTABLE and imp.name not in spec.host_functions:
-            raise FunctionConfigError(f"{where}: imports tallow.{imp.name}, which is not granted: add "
-                                      f"\"{imp.name}\" to its host_functions")
+        if name in abi.GRANTABLE and name not in spec.host_functions:
+            raise FunctionConfigError(f"{where}: imports tallow.{name}, which is not granted: add "
+                                      f"\"{name}\" to its host_functions")
     return init is not None
 
 
@@ -720,9 +764,10 @@ class Runtime:
         self.cache = ModuleCache(cache_dir) if cache else None
         self.functions: dict[str, LoadedFunction] = {}
 
-    def compile(self, wasm: bytes) -> tuple[Module, bool]:
+    def compile(self, wasm: bytes) -> tuple[Module, dict, bool]:
         if self.cache is None:
-            return Module(self.engine, wasm), False
+            module = Module(self.engine, wasm)
+            return module, describe_module(module), False
         return self.cache.get_or_compile(self.engine, wasm)
 
     def load(self, spec: FunctionSpec) -> LoadedFunction:
@@ -732,11 +777,11 @@ class Runtime:
         except OSError as exc:
             raise FunctionConfigError(f"function {spec.name!r}: cannot read {spec.module}: {exc}") from None
         try:
-            module, hit = self.compile(wasm)
+            module, description, hit = self.compile(wasm)
         except WasmtimeError as exc:
             raise FunctionConfigError(f"function {spec.name!r}: {spec.module} is not a valid module: "
                                       f"{str(exc).splitlines()[0]}") from None
-        has_init = _check_module(spec, module)
+        has_init = _check_module(spec, description)
         pre = self.linker.instantiate_pre(module)
         fn = LoadedFunction(spec, module, pre, hashlib.sha256(wasm).hexdigest(), has_init, hit,
                             (time.perf_counter() - t0) * 1000)
@@ -745,6 +790,14 @@ class Runtime:
 
     def call(self, name: str, req: FnRequest) -> FnResponse:
         fn = self.functions[name]
+        fn.calls += 1
+        try:
+            return self._call(fn, req)
+        except FunctionError:
+            fn.errors += 1
+            raise
+
+    def _call(self, fn: LoadedFunction, req: FnRequest) -> FnResponse:
         lim = fn.spec.limits
         t0 = time.monotonic()
         store = Store(self.engine)
@@ -755,39 +808,45 @@ class Runtime:
         store.set_wasi(WasiConfig())  # no preopened directories, no environment, no arguments; fd_write: the log
         ctx = _Ctx(fn, req, t0 + lim.deadline_ms / 1000.0, self.kv, self.host)
         _local.ctx = ctx
-        fn.calls += 1
+        failure: FunctionError | None = None
+        rc = 0
+        instantiated = False
         try:
-            try:
-                instance = fn.pre.instantiate(store)
-            except Trap as exc:
-                raise self._failure(fn, ctx, exc, t0) from None
-            except WasmtimeError as exc:
-                raise FunctionError(500, f"function {fn.spec.name!r} could not be instantiated: "
-                                    f"{str(exc).splitlines()[0]}", function=fn.spec.name, kind="instantiate") from None
+            instance = fn.pre.instantiate(store)
+            instantiated = True
             exports = instance.exports(store)
-            try:
-                if fn.has_initialize:
-                    exports["_initialize"](store)
-                rc = exports["handle"](store)
-            except ExitTrap as exc:
-                if exc.code != 0:
-                    raise self._failure(fn, ctx, exc, t0) from None
-                rc = 0
-            except BaseException as exc:  # Trap, WasmtimeError, or a host function's _Abort
-                raise self._failure(fn, ctx, exc, t0) from None
-            if rc != 0:
-                raise FunctionError(500, f"function {fn.spec.name!r} failed: handle() returned {rc}",
-                                    function=fn.spec.name, kind="error_code")
-            return FnResponse(ctx.status, ctx.headers, bytes(ctx.body), lim.fuel - store.get_fuel(),
-                              (time.monotonic() - t0) * 1000)
-        except FunctionError:
-            fn.errors += 1
-            raise
+            if fn.has_initialize:
+                exports["_initialize"](store)
+            rc = exports["handle"](store)
+        except ExitTrap as exc:
+            _release(exc)
+            if exc.code != 0:
+                failure = self._failure(fn, ctx, exc, t0)
+        except WasmtimeError as exc:
+            _release(exc)
+            if not instantiated and not isinstance(exc, Trap) and ctx.abort is None:  # e.g. over its memory limit
+                failure = FunctionError(500, f"function {fn.spec.name!r} could not be instantiated: "
+                                        f"{_trap_message(exc)}", function=fn.spec.name, kind="instantiate")
+            else:
+                failure = self._failure(fn, ctx, exc, t0)
+        except BaseException as exc:  # Trap, or a host function's _Abort
+            _release(exc)
+            failure = self._failure(fn, ctx, exc, t0)
         finally:
             _local.ctx = None
             for stream, buf in (("stdout", ctx.out), ("stderr", ctx.err)):
                 if buf:
                     log.info("function %s %s: %s", fn.spec.name, stream, buf.decode("utf-8", "replace"))
+        fuel_used = lim.fuel - store.get_fuel()
+        # Drop the instance and the Store now: the exception caught above (and its
+        # traceback, which holds this frame) must not keep the guest's memory alive.
+        instance = exports = store = None  # noqa: F841
+        if failure is not None:
+            raise failure
+        if rc != 0:
+            raise FunctionError(500, f"function {fn.spec.name!r} failed: handle() returned {rc}",
+                                function=fn.spec.name, kind="error_code")
+        return FnResponse(ctx.status, ctx.headers, bytes(ctx.body), fuel_used, (time.monotonic() - t0) * 1000)
 
     def _failure(self, fn: LoadedFunction, ctx: _Ctx, exc: BaseException, t0: float) -> FunctionError:
         name, lim = fn.spec.name, fn.spec.limits
