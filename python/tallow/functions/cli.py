@@ -119,10 +119,16 @@ def _compile(args) -> int:
     from .runtime import ModuleCache, read_module, shared_engine
 
     paths = [Path(m) for m in args.modules]
-    if args.config:
-        from ..serve.config import load_config  # the CLI sits above serve; this package does not
+    if args.config:  # only its [kv] and [[functions]]: this package does not import tallow.serve
+        import tomllib
 
-        paths += [spec.module for spec in load_config(args.config).functions]
+        from .limits import KVConfig
+        from .manifest import parse_functions
+
+        config = Path(args.config)
+        values = tomllib.loads(config.read_text())
+        kv = KVConfig(**values.get("kv", {}))
+        paths += [spec.module for spec in parse_functions(values.get("functions"), config.parent, kv)]
     if not paths:
         raise ValueError("nothing to compile: give modules or --config tallow.toml")
     engine, _ = shared_engine()

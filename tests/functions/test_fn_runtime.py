@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import spec
+from fn_helpers import spec
 
 from tallow.functions import FunctionConfigError, abi
 from tallow.functions.runtime import FnRequest, FunctionError, ModuleCache

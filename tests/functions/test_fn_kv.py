@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import kv_answer, kv_body, spec
+from fn_helpers import kv_answer, kv_body, spec
 
 from tallow.functions import abi
 from tallow.functions.limits import KVConfig

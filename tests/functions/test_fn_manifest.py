@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUESTS
+from fn_helpers import GUESTS
 
 from tallow.serve import ConfigError, load_config
 

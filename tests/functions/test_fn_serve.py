@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 
-from conftest import EXAMPLES, GUESTS
+from fn_helpers import EXAMPLES, GUESTS
 
 TOML = """
 [kv]

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import EXAMPLES, GUESTS
+from fn_helpers import EXAMPLES, GUESTS
 
 
 def tallow(*args, env=None):
@@ -20,6 +20,9 @@ def test_fn_run_and_compile(tmp_path):
     r = tallow("fn", "compile", str(GUESTS / "echo.wat"), env=env)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr
     assert "already cached" in tallow("fn", "compile", str(GUESTS / "echo.wat"), env=env).stdout
+    root = EXAMPLES.parents[1]
+    r = tallow("fn", "compile", "--config", str(root / "tallow.toml"), env=env)  # the repository's examples
+    assert r.returncode == 0 and "todo.wasm" in r.stdout and "image.wasm" in r.stdout, r.stderr
     req = {"method": "POST", "path": "/e", "query": "a=1", "body": "hello"}
     r = tallow("fn", "run", str(GUESTS / "echo.wat"), "--request", json.dumps(req), env=env)
     assert r.returncode == 0, r.stderr
