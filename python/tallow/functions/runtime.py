@@ -408,6 +408,11 @@ def _hostfn(name: str, cost: int = abi.FUEL_BASE):
             except TimeoutError:
                 ctx.abort = "deadline"
                 raise _Abort("deadline") from None
+            except _Abort:
+                raise
+            except Exception:  # a bug on the host side: the guest traps (500); the details go to the log
+                log.exception("function %s: host function %s failed", ctx.fn.spec.name, name)
+                raise
         call.__name__ = name
         return call
     return wrap
