@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install tools test test-all bench run info clean check-aarch64 check-kernels
+.PHONY: all venv deps install tools test test-all bench run info clean check-aarch64 check-kernels functions-examples
 
 all: install
 
@@ -167,6 +167,13 @@ bench: install
 # corpus indexed on a first start). Ctrl-C stops it gracefully.
 run: install
 	$(VPY) -m tallow serve --config tallow.toml
+
+# Rebuilds the example WebAssembly functions (examples/functions: the Todo
+# REST API and the image function) with Debian's clang + wasi-libc
+# (apt-get install -y clang lld wasi-libc libclang-rt-dev-wasm32). The built
+# .wasm files are committed, so `make run` and the tests need no compiler.
+functions-examples:
+	$(MAKE) -C examples/functions
 
 info: install
 	$(VPY) -m tallow info

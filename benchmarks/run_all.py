@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server"]  # bench_<name>.py scripts
+SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server", "functions"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
 # The issues' speed targets: (suite, case regex, our provider, peer provider
@@ -78,7 +78,40 @@ def targets_table() -> str:
             if speed is not None:
                 lines.append(f"| server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
                              f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
+    lines += functions_target_lines()
     return "\n".join(lines)
+
+
+def functions_target_lines() -> list[str]:
+    """Issue 13: from results/functions.json as bench_functions.py writes it."""
+    path = HERE / "results" / "functions.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    t, h = data["targets"], data["http"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    tp = {r["path"]: r for r in h["throughput_8_clients"]}
+    return [
+        f"| functions | cold start from the compiled cache to the first response (in process) | p50 | ≤ 2 ms | "
+        f"{t['cold_start_ms']['value']:.2f} ms | {yes(t['cold_start_ms']['met'])} |",
+        f"| functions | compiled-cache load vs compile (todo.wasm) | speed-up | ≥ 50× | "
+        f"{t['cache_speedup']['value']:.0f}× | {yes(t['cache_speedup']['met'])} |",
+        f"| functions | function route vs native Python route, same HTTP stack | added p50 | ≤ 1 ms | "
+        f"+{t['added_latency_p50_ms']['value']:.2f} ms | {yes(t['added_latency_p50_ms']['met'])} |",
+        f"| functions | 8 clients, function route (native route) | throughput | stated | "
+        f"{tp['/hello/x']['rps']:.0f} ({tp['/native/x']['rps']:.0f}) req/s | — |",
+        f"| functions | infinite loop → 504 | answer after the deadline | ≤ deadline + 50 ms | "
+        f"+{t['deadline_overshoot_ms']['value']:.1f} ms (worst of {h['deadline']['loops']}) | "
+        f"{yes(t['deadline_overshoot_ms']['met'])} |",
+        f"| functions | memory bomb (64 MiB limit) → 500, RSS bounded | RSS growth | bounded | "
+        f"+{t['memory_bomb']['value']:.0f} MB (2 concurrent) | {yes(t['memory_bomb']['met'])} |",
+        f"| functions | /etc/passwd, sockets, environment | denied | all | "
+        f"{'denied' if t['sandbox_denied']['met'] else 'NOT denied'} | {yes(t['sandbox_denied']['met'])} |",
+        f"| functions | every KV limit | named error | all 5 | "
+        f"{', '.join(h['kv_limits'].values())} | {yes(t['kv_named_errors']['met'])} |",
+        f"| functions | 1,000 requests to a stateful guest | leaks | 0 | {t['stateful_leaks']['value']} | "
+        f"{yes(t['stateful_leaks']['met'])} |",
+    ]
 
 
 HNSW_RECALL, HNSW_SPEEDUP, FILTER_RECALL = 0.95, 20.0, 0.95  # issue 4's targets
@@ -153,6 +186,12 @@ def summary(suites: list[str], command: str) -> str:
         env = json.loads((HERE / "results" / "server.json").read_text())["env"]
         parts.append(f"### HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
                      "`python benchmarks/bench_server.py`\n\n" + srv.read_text().strip() + "\n")
+    fns = HERE / "results" / "functions.md"
+    if fns.exists():
+        env = json.loads((HERE / "results" / "functions.json").read_text())["env"]
+        parts.append(f"### WebAssembly functions (functions)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_functions.py` (a shared, noisy 2-core machine: read the "
+                     "interleaved differences and ratios)\n\n" + fns.read_text().strip() + "\n")
     acc = HERE / "results" / "models_accuracy.json"
     if "models" in suites and acc.exists():
         parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")

@@ -171,7 +171,13 @@ def _serve_cmd(args) -> int:
     except ConfigError as exc:
         print(f"tallow serve: error: {exc}", file=sys.stderr)
         return 2
-    serve(config)
+    from .functions import FunctionConfigError
+
+    try:
+        serve(config)
+    except FunctionConfigError as exc:  # a [[functions]] module or route refused at start
+        print(f"tallow serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -220,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--api-key", help="bearer key for write endpoints (or TALLOW_API_KEY)")
     p_serve.add_argument("--no-demo", action="store_true", default=None, help="do not index the demo corpus")
 
+    from .functions import cli as fn_cli
+
+    fn_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve_cmd(args)
@@ -230,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             return _index_cmd(args)
         if args.command == "rag":
             return _rag_cmd(args)
+        if args.command == "fn":
+            return fn_cli.run(args)
     except (ValueError, RuntimeError) as exc:  # EngineError, FilterError, StoreError, ...
         print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tallow.store import MetadataStore, StoreError, StoreUnavailableError
+from tallow.store import SCHEMA_VERSION, MetadataStore, StoreError, StoreUnavailableError
 from tallow.testing import needs_libsql
 
 pytestmark = needs_libsql()  # embedded replicas are libSQL's own
@@ -33,7 +33,7 @@ def replicas(sqld, tmp_path):
 
 def test_write_through_one_replica_is_read_through_another_after_sync(replicas):
     a, b = replicas
-    assert a.stats()["mode"] == "replica" and a.schema_version() == b.schema_version() == 1
+    assert a.stats()["mode"] == "replica" and a.schema_version() == b.schema_version() == SCHEMA_VERSION
     a.put_document(doc(1), chunk())
     a.put_image("img", "ab" * 32, {"label": "cat"}, 2, 3, np.arange(6, dtype=np.float32))
     assert a.get_document("d1")["payload"] == {"i": 1}       # the writer reads its own write

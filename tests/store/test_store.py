@@ -350,7 +350,7 @@ def test_stats_sync_noop_and_close(tmp_path):
     s.put_document(d, chunks_of(d))
     s.sync()                                   # embedded file: nothing to do
     st = s.stats()
-    assert st["mode"] == "embedded" and st["documents"] == 1 and st["chunks"] == 2 and st["schema_version"] == 1
+    assert st["mode"] == "embedded" and st["documents"] == 1 and st["chunks"] == 2 and st["schema_version"] == SCHEMA_VERSION
     s.close()
     s.close()                                  # idempotent
     with pytest.raises(StoreError, match="closed"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,6 +102,14 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
             if card["id"] == model:
                 return card
         raise NotFound(f"no loaded model {model!r} (see GET /v1/models)", param="model")
+
+    if config.functions:  # WebAssembly functions (tallow.functions), after the built-in routes they must not shadow
+        from ..functions.routes import mount_functions
+        from .errors import error_response
+
+        mount_functions(app, config.functions, services=services, error_response=error_response,
+                        kv_path=Path(getattr(engine, "data_dir", None) or config.data.dir) / "tallow.db",
+                        kv_config=config.kv, sync_url=config.data.sync_url, auth_token=config.data.auth_token)
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 413s included.
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)

@@ -104,6 +104,9 @@ class ServeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     batching: dict[str, LaneConfig] = field(default_factory=_lanes)
+    # tallow.functions (issue 13): [[functions]] entries and the [kv] stores they may use
+    functions: list = field(default_factory=list)  # of tallow.functions.FunctionSpec
+    kv: Any = None  # tallow.functions.KVConfig (None: the defaults)
 
     def validate(self) -> "ServeConfig":
         s = self.server
@@ -182,6 +185,23 @@ def _coerce(value: Any, kind: type, path: str) -> Any:
     raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
 
 
+def _functions(cfg: ServeConfig, entries: Any, kv: Any, base_dir: Path) -> None:
+    """[[functions]] (module paths relative to the config file) and [kv]: tallow.functions checks them."""
+    from ..functions import FunctionConfigError, KVConfig, parse_functions
+
+    try:
+        if kv is not None and not isinstance(kv, dict):
+            raise FunctionConfigError(f"kv must be a table, got {kv!r}")
+        try:
+            cfg.kv = KVConfig(**(kv or {})).check()
+        except TypeError as exc:
+            raise FunctionConfigError(f"unknown setting in [kv] ({exc}); known: stores, max_keys, max_key_bytes, "
+                                      f"max_value_bytes") from None
+        cfg.functions = parse_functions(entries, base_dir, cfg.kv)
+    except FunctionConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
     """Defaults ← the TOML file (if given) ← ``overrides`` ("section.key": value,
     None values ignored, so unset CLI flags change nothing)."""
@@ -196,6 +216,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from exc
+        _functions(cfg, values.pop("functions", None), values.pop("kv", None), p.parent)
         _fill(cfg, values, "")
     for dotted, value in overrides.items():
         if value is None:

@@ -74,6 +74,16 @@ MIGRATIONS: tuple[Migration, ...] = (
                created_at  REAL NOT NULL)""",
         "CREATE INDEX images_sha ON images(sha256)",
     )),
+    # tallow.functions (issue 13): the key-value stores of WebAssembly functions,
+    # Spin's semantics (store, key) -> value; keys and values are bytes.
+    Migration(2, "kv for WebAssembly functions", (
+        """CREATE TABLE kv (
+               store      TEXT NOT NULL,
+               key        BLOB NOT NULL,
+               value      BLOB NOT NULL,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (store, key)) WITHOUT ROWID""",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

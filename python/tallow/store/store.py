@@ -42,7 +42,7 @@ import numpy as np
 from ..index import filters as F
 from . import migrations as M
 from .driver import DriverUnavailable, driver, require_libsql
-from .errors import StoreError, StoreUnavailableError
+from .errors import KVNotIntegerError, KVStoreFullError, StoreError, StoreUnavailableError
 
 _DOC_FIELDS = ("id", "title", "category", "timestamp")
 # Error texts of the libsql client when a replica cannot reach its primary.
@@ -474,6 +474,92 @@ class MetadataStore:
 
     def image_count(self) -> int:
         return int(self._read_one("SELECT count(*) FROM images")[0])
+
+    # -- key-value stores (tallow.functions) -------------------------------------------
+    # Spin's semantics: keys and values are bytes; a missing key is None, an empty
+    # value b""; set overwrites; delete of a missing key succeeds. Each write is one
+    # transaction, committed (durable) when the call returns. Size limits are the
+    # caller's (tallow.functions.kv); the key-count limit needs the count inside the
+    # write's transaction, so it is checked here.
+
+    def _kv_txn(self, fn, action: str):
+        """Runs ``fn(conn)`` in one IMMEDIATE transaction (the write lock up front,
+        so a read-then-write is atomic against other connections too)."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                out = fn(self._conn)
+                self._conn.execute("COMMIT")
+                return out
+            except Exception as exc:
+                try:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                except Exception:
+                    pass
+                if isinstance(exc, StoreError):
+                    raise
+                raise self._wrap(exc, action) from exc
+
+    def kv_get(self, store: str, key: bytes) -> bytes | None:
+        row = self._read_one("SELECT value FROM kv WHERE store = ? AND key = ?", (store, bytes(key)))
+        return None if row is None else bytes(row[0])
+
+    def kv_exists(self, store: str, key: bytes) -> bool:
+        return self._read_one("SELECT 1 FROM kv WHERE store = ? AND key = ?", (store, bytes(key))) is not None
+
+    def kv_keys(self, store: str) -> list[bytes]:
+        return [bytes(r[0]) for r in self._read("SELECT key FROM kv WHERE store = ? ORDER BY key", (store,))]
+
+    def kv_count(self, store: str) -> int:
+        return int(self._read_one("SELECT count(*) FROM kv WHERE store = ?", (store,))[0])
+
+    @staticmethod
+    def _kv_room(conn, store: str, key: bytes, max_keys: int) -> None:
+        if conn.execute("SELECT 1 FROM kv WHERE store = ? AND key = ?", (store, key)).fetchone() is None:
+            n = conn.execute("SELECT count(*) FROM kv WHERE store = ?", (store,)).fetchone()[0]
+            if n >= max_keys:
+                raise KVStoreFullError(f"key-value store {store!r} is full ({max_keys} keys)")
+
+    def kv_set(self, store: str, key: bytes, value: bytes, *, max_keys: int) -> None:
+        key, value = bytes(key), bytes(value)
+
+        def run(conn):
+            self._kv_room(conn, store, key, max_keys)
+            conn.execute("INSERT INTO kv (store, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(store, key) DO UPDATE SET value = excluded.value, "
+                         "updated_at = excluded.updated_at", (store, key, value, time.time()))
+
+        self._kv_txn(run, f"kv_set({store!r})")
+
+    def kv_delete(self, store: str, key: bytes) -> None:
+        self._write([("DELETE FROM kv WHERE store = ? AND key = ?", (store, bytes(key)))], f"kv_delete({store!r})")
+
+    def kv_increment(self, store: str, key: bytes, delta: int, *, max_keys: int) -> int:
+        """Adds ``delta`` to the decimal integer stored at ``key`` (0 when missing),
+        atomically; returns the new value."""
+        key = bytes(key)
+
+        def run(conn):
+            row = conn.execute("SELECT value FROM kv WHERE store = ? AND key = ?", (store, key)).fetchone()
+            if row is None:
+                self._kv_room(conn, store, key, max_keys)
+                current = 0
+            else:
+                try:
+                    current = int(bytes(row[0]).decode("ascii"))
+                except (UnicodeDecodeError, ValueError):
+                    raise KVNotIntegerError(f"the value of this key in {store!r} is not a decimal integer") from None
+            new = current + int(delta)
+            if not -(1 << 63) <= new < (1 << 63):
+                raise KVNotIntegerError(f"incrementing would overflow a 64-bit integer in {store!r}")
+            conn.execute("INSERT INTO kv (store, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(store, key) DO UPDATE SET value = excluded.value, "
+                         "updated_at = excluded.updated_at", (store, key, str(new).encode(), time.time()))
+            return new
+
+        return self._kv_txn(run, f"kv_increment({store!r})")
 
     # -- misc -------------------------------------------------------------------------
 
