@@ -132,6 +132,16 @@ def test_one_section_and_targets_table_per_machine(results_root):
     # row is ready and says it is not measured yet.
     assert "tallow-bf16-cache vs torch_sdpa" in amd and "not measured" in amd
     assert "tallow-bf16-cache" not in xeon
+    # Forced to AVX2 on an AVX-512 machine: the peak target applies, the
+    # AVX2-only-machine peer targets do not.
+    forced = "intel-xeon-processor-avx512_vnni-as-avx2"
+    write(results_root, forced, "int8_linear", [row("linear M=256 768->768", "tallow QuantizedLinear", 1.0,
+                                                    peak_fraction=0.5, peak_kind="int8_maddubs_avx2"),
+                                                row("linear M=256 768->768", "torch fp32 F.linear", 2.0)],
+          tallow_isa="avx2", tallow_best_isa="avx512_vnni")
+    table = run_all.targets_table(results_root / forced)
+    assert "(AVX2 kernels) | int8_linear | `M=256 `" in table and "50%" in table
+    assert "| 11 (AVX2) |" not in table
 
 
 def test_targets_ratio_peak_and_baseline(results_root):
@@ -144,7 +154,7 @@ def test_targets_ratio_peak_and_baseline(results_root):
     case = "gpt2-124m b8 32+50 greedy"
     write(results_root, m, "models", [row(case, "tallow-int8", 10.0)])
     table = run_all.targets_table(results_root / m)
-    assert "| 11 (AVX2) | int8_linear | `M=256 ` (1) | tallow QuantizedLinear: fraction of the int8 peak | ≥ 80% | 85%" in table
+    assert "| 11 (AVX2 kernels) | int8_linear | `M=256 ` (1) | tallow QuantizedLinear: fraction of the int8 peak | ≥ 80% | 85%" in table
     assert "tallow QuantizedLinear vs torch fp32 F.linear | ≥ 1.5× | 2.00×" in table
     assert "tallow QuantizedLinear vs torch quantize_dynamic int8 | ≥ 1.2× | 1.10×" in table
     assert "no baseline stored for this machine" in table
