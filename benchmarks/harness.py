@@ -380,7 +380,9 @@ def peak_figure(family: str, threads: int | None = None) -> tuple[float, str, st
             data = json.loads(path.read_text())
             for r in data["rows"]:
                 if r.get("param_kind") == kind and r.get("param_threads") == threads:
-                    value, source = r["throughput"], f"peak.json ({data['env']['time']})"
+                    # The best run: other load only ever slows a register-only loop.
+                    value = r["throughput"] * r["median_ms"] / r.get("min_ms", r["median_ms"])
+                    source = f"peak.json ({data['env']['time']}, best run)"
         except (ValueError, KeyError):
             value = None
     if value is None:
@@ -429,6 +431,7 @@ def run_suite(suite: str, cases: list[Case], *, min_time: float = 0.6, chart: bo
                 "median_ms": med * 1e3,
                 "p20_ms": percentile(ts, 0.2) * 1e3,
                 "p80_ms": percentile(ts, 0.8) * 1e3,
+                "min_ms": min(ts) * 1e3,
                 "reps": len(ts),
                 "throughput": case.work / med / _scale(case.unit),
                 "unit": case.unit,
