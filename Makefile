@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install tools test test-all bench run info clean check-aarch64 check-kernels functions-examples
+.PHONY: all venv deps install tools test test-all bench bench-avx2 run info clean check-aarch64 check-kernels functions-examples
 
 all: install
 
@@ -158,9 +158,14 @@ test: install tools
 test-all: install tools
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-# Runs every benchmark, writes benchmarks/results/, prints the tables.
+# Runs every benchmark, writes benchmarks/results/<machine>/, prints the tables.
 bench: install
 	$(VPY) benchmarks/run_all.py
+
+# On an AVX-512 machine: the AVX2 kernels against the AVX2 peak (issue 11),
+# into their own folder benchmarks/results/<machine>-as-avx2/.
+bench-avx2: install
+	TALLOW_ISA=avx2 $(VPY) benchmarks/run_all.py --only peak int8_matmul attention
 
 # The main job: the HTTP server on 127.0.0.1:8080 with the embedded defaults
 # in tallow.toml (MiniLM embeddings, HNSW + libSQL under ./data, the demo

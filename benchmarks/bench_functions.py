@@ -40,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from harness import RESULTS_DIR, environment, percentile  # noqa: E402
+from harness import environment, percentile, results_dir  # noqa: E402
 from fastapi import Request  # noqa: E402  (module level: the native route's annotation must resolve)
 
 GUESTS = ROOT / "tests" / "functions" / "guests"
@@ -464,10 +464,11 @@ def main() -> None:
                                                                      "value_too_large", "store_full"]},
         "stateful_leaks": {"value": h["stateful"]["leaks"], "met": h["stateful"]["leaks"] == 0},
     }
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "functions.json").write_text(json.dumps(res, indent=1) + "\n")
+    out = results_dir(res["env"]["machine"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "functions.json").write_text(json.dumps(res, indent=1) + "\n")
     md = markdown(res)
-    (RESULTS_DIR / "functions.md").write_text(md + "\n")
+    (out / "functions.md").write_text(md + "\n")
     print(md)
 
 

@@ -1,6 +1,6 @@
 """GPU benchmarks: tallow's cuda and triton backends vs torch on one GPU.
 
-Suites (results in benchmarks/results/gpu-*.json/.csv/.png), shapes from
+Suites (results in benchmarks/results/<machine>/gpu-*.json/.csv/.png), shapes from
 benchmarks/registry.py:
 
 - gpu-attention: fp16 attention, B·H·L·D = (16384/L)·12·L·64 for L from 512
@@ -19,7 +19,7 @@ benchmarks/registry.py:
 GPU timing: every provider call runs the op `inner` times and then
 synchronises, so the harness's wall-clock timer measures device time
 (inner chosen so a call lasts >= ~1 ms). Targets (the issue's) are checked
-at the end and written to results/gpu-targets.json:
+at the end and written to results/<machine>/gpu-targets.json:
 attention >= 0.9x flash SDPA at L >= 1024; INT8 linear >= 1.5x fp16 cuBLAS
 at M >= 1024; preprocess >= 3x the torch-ops pipeline.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import RESULTS_DIR, Case, run_suite  # noqa: E402
+from harness import Agreement, Case, results_dir, run_suite  # noqa: E402
 from registry import (  # noqa: E402
     BERT_BASE,
     GPT2_124M,
@@ -81,6 +82,16 @@ def timed(fn, inner: int, backend_name: str | None = None):
                 for _ in range(inner):
                     fn()
         torch.cuda.synchronize()
+    return run
+
+
+def output_of(fn, backend_name: str | None = None):
+    """One call's result under a backend, for the agreement check."""
+    def run():
+        if backend_name is None:
+            return fn()
+        with backend(backend_name):
+            return fn()
     return run
 
 
@@ -152,7 +163,9 @@ def attention_case(name, b, h, lq, lk, d, causal, dtype=torch.float16) -> Case:
         providers[pname] = timed(fn, n, bk)
     work = 4 * b * h * d * visible_pairs(lq, lk, causal) * n
     return Case(name, providers, work=work, unit="TFLOP/s",
-                params=gpu_params(B=b, H=h, Lq=lq, Lk=lk, D=d, causal=causal, dtype=str(dtype), inner=n))
+                params=gpu_params(B=b, H=h, Lq=lq, Lk=lk, D=d, causal=causal, dtype=str(dtype), inner=n),
+                agreement=Agreement(tol=1e-2, metric="rel", outputs={p: output_of(*raw[p]) for p in providers},
+                                    why="fp16 attention: fp16 rounding of P and O (~1e-3 relative)"))
 
 
 def attention_cases(quick: bool) -> list[Case]:
@@ -192,7 +205,13 @@ def int8_case(name, m, k, n) -> Case:
     nrep = min(inner.values())
     providers = {p: timed(raw[p][0], nrep, raw[p][1]) for p in inner}
     return Case(name, providers, work=2 * m * n * k * nrep, unit="TOP/s",
-                params=gpu_params(M=m, K=k, N=n, activation="gelu_tanh", inner=nrep))
+                params=gpu_params(M=m, K=k, N=n, activation="gelu_tanh", inner=nrep),
+                agreement=Agreement(
+                    reference="fp16_linear_cublas" if "fp16_linear_cublas" in providers else None,
+                    metric="rel_fro", tol={"tallow_cuda": 0.03, "tallow_triton": 0.03, "torch_int_mm": math.inf},
+                    outputs={p: output_of(*raw[p]) for p in providers},
+                    why="INT8 vs fp16 linear + GELU: the INT8 layers' 1.5 % bound plus fp16 rounding; "
+                        "torch._int_mm is the bare int8 product (a timing peer only, not compared)"))
 
 
 def int8_cases(quick: bool) -> list[Case]:
@@ -241,7 +260,11 @@ def preprocess_cases(quick: bool) -> list[Case]:
     providers = {p: timed(fn, 1, bk) for p, (fn, bk) in raw.items()}
     providers = providers_ok(providers)
     return [Case(f"preprocess {nimg} images mixed sizes -> {crop}", providers, work=nimg, unit="images/s",
-                 params=gpu_params(N=nimg, resize=resize, crop=crop), min_reps=5)]
+                 params=gpu_params(N=nimg, resize=resize, crop=crop), min_reps=5,
+                 agreement=Agreement(metric="cosine", tol={"tallow_triton": 1e-6, "torch_ops": 1e-3},
+                                     outputs={p: output_of(*raw[p]) for p in providers},
+                                     why="triton is bit-exact with cuda; torch's antialiased interpolate "
+                                         "is not PIL's fixed-point resampler"))]
 
 
 # ---------------------------------------------------------------- targets
@@ -272,8 +295,8 @@ def check_targets(rows_by_suite: dict) -> dict:
         mark = "MET " if t["met"] else "MISS"
         r = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}x"
         print(f"{mark} {t['case']}: {t['ours']} vs {t['peer']} = {r} (target {t['target']}x)")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "gpu-targets.json").write_text(json.dumps(results, indent=2))
+    results_dir().mkdir(parents=True, exist_ok=True)
+    (results_dir() / "gpu-targets.json").write_text(json.dumps(results, indent=2))
     return {"met": sum(t["met"] for t in results), "total": len(results)}
 
 

@@ -50,7 +50,7 @@ import tallow  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, Case, run_suite  # noqa: E402
+from harness import Agreement, Case, results_dir, run_suite  # noqa: E402
 
 from tallow.corpus import docstring_sentences  # noqa: E402
 from tallow.index import HnswIndex, LibsqlVectorIndex, QdrantIndex  # noqa: E402
@@ -164,6 +164,13 @@ def split_queries(vecs: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(vecs[keep]), np.ascontiguousarray(vecs[qpos])
 
 
+# Agreement of approximate search with exact top-10 (harness metric "recall":
+# 1 - recall@10). The recall itself is a result (reported per case); this
+# floor only catches a broken graph, metric or id mapping (recall near 0).
+APPROX_MISS = 0.25
+APPROX_WHY = "approximate nearest neighbours: recall@10 >= 0.75 against exact top-10 (reported per case)"
+
+
 def recall(found: list[list], truth: np.ndarray) -> float:
     hits = sum(len(set(int(h) for h in f[:K]) & set(t.tolist())) for f, t in zip(found, truth))
     return hits / truth.size
@@ -251,14 +258,27 @@ def main() -> None:
             raw.set_ef(ef)
             raw.knn_query(queries, k=K)
 
+        def hnsw_ids(ef=ef):
+            hnsw.set_ef(ef)
+            return ids_of(hnsw, queries)
+
+        def raw_ids(ef=ef):
+            raw.set_ef(ef)
+            return raw.knn_query(queries, k=K)[0]
+
+        vs_exact = Agreement(reference="brute-force", metric="recall", tol={"hnsw": APPROX_MISS},
+                             outputs={"hnsw": hnsw_ids, "brute-force": lambda: truth}, why=APPROX_WHY)
+        same_graph = Agreement(reference="hnswlib-raw", metric="recall", tol=0.0,
+                               outputs={"hnsw": hnsw_ids, "hnswlib-raw": raw_ids},
+                               why="the wrapper searches the same hnswlib graph at the same ef")
         cases.append(Case(f"hnsw ef={ef} single", {"hnsw": single, "brute-force": brute_single},
-                          work=len(one), unit="queries/s", params=params))
+                          work=len(one), unit="queries/s", params=params, agreement=vs_exact))
         cases.append(Case(f"hnsw ef={ef} batch", {"hnsw": batch, "brute-force": brute_batch},
-                          work=len(queries), unit="queries/s", params=params))
+                          work=len(queries), unit="queries/s", params=params, agreement=vs_exact))
         wrapper_cases.append(Case(f"wrapper vs hnswlib ef={ef} single", {"hnsw": single, "hnswlib-raw": raw_single},
-                                  work=len(one), unit="queries/s", params=params))
+                                  work=len(one), unit="queries/s", params=params, agreement=same_graph))
         wrapper_cases.append(Case(f"wrapper vs hnswlib ef={ef} batch", {"hnsw": batch, "hnswlib-raw": raw_batch},
-                                  work=len(queries), unit="queries/s", params=params))
+                                  work=len(queries), unit="queries/s", params=params, agreement=same_graph))
     # The wrapper's cost in cases of their own: beside brute force (which streams the
     # whole matrix through the caches between rounds) whichever of the two ran second
     # would find the graph cached by the first.
@@ -282,7 +302,11 @@ def main() -> None:
                 exact_topk(base, q[None, :], K, allowed)
 
         cases.append(Case(f"hnsw filter {name}", {"hnsw": fsingle, "brute-force": fbrute}, work=len(one),
-                          unit="queries/s", params={"ef": 64, "n": args.n, "recall@10": round(r, 4)}))
+                          unit="queries/s", params={"ef": 64, "n": args.n, "recall@10": round(r, 4)},
+                          agreement=Agreement(reference="brute-force", metric="recall", tol={"hnsw": APPROX_MISS},
+                                              outputs={"hnsw": lambda flt=flt: ids_of(hnsw, queries, filter=flt),
+                                                       "brute-force": lambda ftruth=ftruth: ftruth},
+                                              why=APPROX_WHY)))
 
     # qdrant-client local mode (exact) on the same data.
     qd = QdrantIndex(base.shape[1], "cosine", location=":memory:")
@@ -298,7 +322,11 @@ def main() -> None:
         "qdrant-local": lambda: [qd.search(q, K) for q in few],
         "brute-force": lambda: [exact_topk(base, q[None, :], K) for q in few]},
         work=len(few), unit="queries/s", params={"n": args.n, "recall@10": round(r, 4), "build_s": round(qbuild, 2)},
-        warmup=1, min_reps=2))
+        warmup=1, min_reps=2,
+        agreement=Agreement(reference="brute-force", metric="recall", tol={"hnsw ef=64": APPROX_MISS, "qdrant-local": 0.01},
+                            outputs={"hnsw ef=64": lambda: ids_of(hnsw, few), "qdrant-local": lambda: ids_of(qd, few),
+                                     "brute-force": lambda: exact_topk(base, few, K)},
+                            why=APPROX_WHY + "; qdrant's local mode is exact (0.01: ties)")))
 
     # libSQL vectors (DiskANN) on the first libsql_n vectors.
     m = min(args.libsql_n, args.n)
@@ -320,7 +348,12 @@ def main() -> None:
         "libsql-vector": lambda: [ls.search(q, K) for q in few],
         "brute-force": lambda: [exact_topk(sub, q[None, :], K) for q in few]},
         work=len(few), unit="queries/s", params={"n": m, "recall@10": round(r, 4), "hnsw_recall@10": round(hr, 4),
-                                                 "build_s": round(lbuild, 2)}, warmup=1, min_reps=3))
+                                                 "build_s": round(lbuild, 2)}, warmup=1, min_reps=3,
+        agreement=Agreement(reference="brute-force", metric="recall",
+                            tol={"hnsw ef=64": APPROX_MISS, "libsql-vector": APPROX_MISS},
+                            outputs={"hnsw ef=64": lambda: ids_of(hsub, few), "libsql-vector": lambda: ids_of(ls, few),
+                                     "brute-force": lambda: exact_topk(sub, few, K)},
+                            why=APPROX_WHY + " (libSQL's index is DiskANN, approximate too)")))
 
     # Ingestion through the engine: chunk + MiniLM embed + store + HNSW, fresh data dir each call.
     from tallow.engine import Engine
@@ -348,7 +381,7 @@ def main() -> None:
                               f" --single {args.single} --M {args.M} --ef-construction {args.ef_construction}"
                               f" --libsql-n {args.libsql_n} --ingest-docs {args.ingest_docs}")
     print("\n" + table)
-    (RESULTS_DIR / "index_recall.md").write_text(table + "\n")
+    (results_dir() / "index_recall.md").write_text(table + "\n")
     speedup = {r["case"]: r["tallow_speedup"] for r in rows if r["provider"] == "brute-force"}
     for mode in ("single", "batch"):
         best = [r for r in rows if r["case"].startswith("hnsw ef=") and r["case"].endswith(mode)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Case, run_suite  # noqa: E402
+from harness import Agreement, Case, run_suite  # noqa: E402
 from registry import BERT_BASE, GPT2_124M, linear_shapes  # noqa: E402
 
 from tallow.ops import QuantizedLinear, int8_matmul  # noqa: E402
@@ -86,6 +86,13 @@ def linear_cases(shapes, tokens) -> list[Case]:
                 providers={"tallow QuantizedLinear": ours, "torch fp32 F.linear": fp32,
                            "torch quantize_dynamic int8": dyn},
                 work=2.0 * m * k * n, unit="GOP/s", params={"M": m, "K": k, "N": n},
+                agreement=Agreement(
+                    reference="torch fp32 F.linear", metric="rel_fro",
+                    tol={"tallow QuantizedLinear": 0.015, "torch quantize_dynamic int8": 0.03},
+                    why="INT8 vs fp32: QuantizedLinear's tested bound is 1.5 % (tests/ops/test_int8_matmul.py); "
+                        "FBGEMM's per-tensor weight scale costs about twice that"),
+                peak={"tallow QuantizedLinear": "int8", "torch quantize_dynamic int8": "int8",
+                      "torch fp32 F.linear": "fp32"},
             ))
     return cases
 
@@ -115,6 +122,10 @@ def matmul_cases(shapes, tokens) -> list[Case]:
                 providers={"tallow int8_matmul": (lambda a=a, b=b: int8_matmul(a, b)),
                            label: (lambda a=a_pad, b=b_pad: torch._int_mm(a, b))},
                 work=2.0 * m * k * n, unit="GOP/s", params={"M": m, "K": k, "N": n, "int_mm_padding": ", ".join(pads)},
+                # Exact integer GEMMs: equal results (the padding cut off).
+                agreement=Agreement(tol=0.0, outputs={label: lambda a=a_pad, b=b_pad, m=m, n=n: torch._int_mm(a, b)[:m, :n]},
+                                    why="int32 accumulation of int8 products is exact"),
+                peak="int8",
             ))
     return cases
 

@@ -32,7 +32,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness import RESULTS_DIR, environment, percentile  # noqa: E402
+from harness import environment, percentile, results_dir  # noqa: E402
 
 
 def free_port() -> int:
@@ -228,9 +228,11 @@ def main() -> None:
         return {c: on[c]["throughput_rps"] / off[c]["throughput_rps"] for c in on if c in off}
 
     speedup = {p: speedups(p) for p in ("fp32", "int8")}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "server.json").write_text(json.dumps(
-        {"env": environment(), "rows": rows, "batching_speedup": speedup["fp32"],
+    env = environment()
+    out = results_dir(env["machine"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server.json").write_text(json.dumps(
+        {"env": env, "rows": rows, "batching_speedup": speedup["fp32"],
          "batching_speedup_int8": speedup["int8"], "overload": over}, indent=2))
     lines = ["| model | clients | config | throughput (req/s) | p50 ms | p99 ms | errors | batching speedup |",
              "|---|---|---|---|---|---|---|---|"]
@@ -246,7 +248,7 @@ def main() -> None:
                  f"{o['health_probes']} OK (p99 {o['health_p99_ms']:.1f} ms); queue depth ≤ "
                  f"{o['max_queue_depth_seen']:.0f}; server RSS {o['rss_mb_start']:.0f} → max "
                  f"{o['rss_mb_max']:.0f} → {o['rss_mb_end']:.0f} MB.")
-    (RESULTS_DIR / "server.md").write_text("\n".join(lines) + "\n")
+    (out / "server.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

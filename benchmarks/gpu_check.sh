@@ -4,7 +4,7 @@
 # on an H200:
 #   1. build and install tallow with TALLOW_CUDA=ON (fails if no nvcc),
 #   2. run the GPU tests (tests/gpu, and tests/triton compiled for the GPU),
-#   3. run the GPU benchmarks (benchmarks/bench_gpu.py) -> benchmarks/results/gpu-*.json
+#   3. run the GPU benchmarks (benchmarks/bench_gpu.py) -> benchmarks/results/<machine>/gpu-*.json
 #      and check the targets (results/gpu-targets.json).
 #
 # Needs a Python with a CUDA build of torch, triton, pybind11,
@@ -63,6 +63,6 @@ QUICK=""
 [[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && QUICK="--quick"
 timeout 150 "$PY" benchmarks/bench_gpu.py $QUICK
 bench_rc=$?
-stamp "benchmarks exit code ${bench_rc}; results in benchmarks/results/gpu-*.json"
-ls -l benchmarks/results/gpu-* 2>/dev/null
+stamp "benchmarks exit code ${bench_rc}; results in benchmarks/results/<machine>/gpu-*.json"
+ls -l benchmarks/results/*/gpu-* 2>/dev/null
 exit $(( tests_rc != 0 ? 1 : (bench_rc != 0 ? 4 : 0) ))

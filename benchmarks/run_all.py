@@ -1,133 +1,247 @@
 """Runs every benchmark script, one after the other, and prints one summary.
 
-    python benchmarks/run_all.py                 # all suites
+    python benchmarks/run_all.py                 # all suites, on this machine
     python benchmarks/run_all.py --quick         # short smoke run
-    python benchmarks/run_all.py --update-readme # also rewrite the README's table
+    python benchmarks/run_all.py --update-readme # also rewrite the README's tables
+    python benchmarks/run_all.py --no-run --update-readme  # rebuild from saved results
+    python benchmarks/run_all.py --save-baseline models    # freeze this machine's models.json
 
-Each suite writes benchmarks/results/<suite>.{json,csv,png}; the summary is
-built from those files (never typed by hand) and saved as
-benchmarks/results/summary.md.
+Results are kept per machine (DESIGN convention 15): each suite writes
+benchmarks/results/<machine>/<suite>.{json,csv,png}, <machine> being the CPU
+model and its best ISA (harness.machine_tag, e.g. amd-epyc-avx2). A summary
+is built per machine folder, from files that all carry that folder's machine
+tag: a file made on another machine is an error naming both (never mixed
+into one table). benchmarks/results/<machine>/summary.md holds one machine's
+summary; benchmarks/results/summary.md and the README (between its markers)
+hold every machine seen, each with its own "Targets, as measured" table.
+Nothing here is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server", "functions"]  # bench_<name>.py scripts
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
+
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "functions"]  # bench_<name>.py
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
-# The issues' speed targets: (suite, case regex, our provider, peer provider
-# prefix, target ratio). The summary reports the smallest measured ratio over
-# the matching cases, so a target counts as met only where it holds for all.
+RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target from an issue.
+
+    kind "ratio": peer median / ours median over the cases matching `pattern`
+    (the worst one counts); `peer` is a provider name, or a prefix ending in
+    "*". kind "peak": ours' fraction of the register-only peak (rows'
+    peak_fraction). kind "baseline": ours' throughput over the same case and
+    provider in this machine's frozen baseline (results/<machine>/baseline/,
+    written by --save-baseline). `where`: "" every machine; "avx2" AVX2-only
+    machines (best ISA avx2: the peers run AVX2 too); "avx2-kernels" wherever
+    tallow's kernels run AVX2 (also an AVX-512 machine under TALLOW_ISA=avx2);
+    "amx" machines with AMX-INT8.
+    """
+
+    suite: str
+    pattern: str
+    ours: str
+    peer: str
+    target: float
+    issue: str = ""
+    where: str = ""
+    kind: str = "ratio"
+
+
 TARGETS = [
-    ("attention", r"prefill", "tallow", "torch_sdpa", 1.3),
-    ("attention", r"decode", "tallow", "torch_sdpa", 2.0),
-    ("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.5),
-    ("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch quantize_dynamic", 1.2),
-    ("int8_linear", r"M=1 ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.0),
-    ("int8_matmul", r".", "tallow int8_matmul", "torch._int_mm", 1.5),
-    ("preprocess", r"1 thr", "tallow-fast", "pil+numpy", 3.0),
-    ("models", r"bert-base", "tallow-fp32", "transformers-fp32", 1.1),
-    ("models", r"bert-base", "tallow-int8", "transformers-fp32", 2.0),
-    ("models", r"bert-base", "tallow-int8", "onnxruntime-int8", 1.0),
-    ("models", r"gpt2-124m b1 .*greedy", "tallow-fp32", "transformers-fp32", 1.1),
-    ("models", r"gpt2-124m b8 .*greedy", "tallow-fp32", "transformers-fp32", 2.0),
-    ("models", r"gpt2-124m b1 .*greedy", "tallow-int8", "transformers-fp32", 2.5),
-    ("models", r"resnet50 b", "tallow-fp32", "transformers-fp32", 1.0),
-    ("models", r"resnet50 b", "tallow-int8", "transformers-fp32", 1.3),
+    Target("attention", r"prefill", "tallow", "torch_sdpa", 1.3),
+    Target("attention", r"decode", "tallow", "torch_sdpa", 2.0),
+    Target("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.5),
+    Target("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch quantize_dynamic int8", 1.2),
+    Target("int8_linear", r"M=1 ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.0),
+    Target("int8_matmul", r".", "tallow int8_matmul", "torch._int_mm*", 1.5),
+    Target("preprocess", r"1 thr", "tallow-fast", "pil+numpy", 3.0),
+    Target("models", r"bert-base", "tallow-fp32", "transformers-fp32", 1.1),
+    Target("models", r"bert-base", "tallow-int8", "transformers-fp32", 2.0),
+    Target("models", r"bert-base", "tallow-int8", "onnxruntime-int8", 1.0),
+    Target("models", r"gpt2-124m b1 .*greedy", "tallow-fp32", "transformers-fp32", 1.1),
+    Target("models", r"gpt2-124m b8 .*greedy", "tallow-fp32", "transformers-fp32", 2.0),
+    Target("models", r"gpt2-124m b1 .*greedy", "tallow-int8", "transformers-fp32", 2.5),
+    Target("models", r"resnet50 b", "tallow-fp32", "transformers-fp32", 1.0),
+    Target("models", r"resnet50 b", "tallow-int8", "transformers-fp32", 1.3),
+    # Issue 11: fast on every x86 CPU (AVX2 machines first).
+    Target("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch quantize_dynamic int8", 1.2,
+           "11", "avx2"),
+    Target("int8_linear", r"M=(32|256|1024) ", "tallow QuantizedLinear", "torch fp32 F.linear", 1.5, "11", "avx2"),
+    Target("int8_linear", r"M=1 ", "tallow QuantizedLinear", "torch fp32 F.linear", 2.0, "11", "avx2"),
+    Target("int8_linear", r"M=256 ", "tallow QuantizedLinear", "int8 peak", 0.8, "11", "avx2-kernels", "peak"),
+    Target("models", r"bert-base seq\d+ b(1|8)$", "tallow-int8", "onnxruntime-int8", 1.0, "11", "avx2"),
+    Target("models", r"bert-base seq\d+ b(1|8)$", "tallow-int8", "onnxruntime-int8 default-threads", 1.0,
+           "11", "avx2"),
+    Target("models", r"minilm", "tallow-int8", "tallow-fp32", 1.5, "11", "avx2"),
+    Target("models", r"resnet50 b(1|16) from tensors", "tallow-int8", "tallow-fp32", 1.3, "11"),
+    Target("attention", r"gpt2 decode B=8 Lk=1024", "tallow-bf16-cache", "torch_sdpa", 1.8, "11", "avx2"),
+    Target("models", r"gpt2-124m b8 .*greedy", "tallow-int8", "baseline", 1.3, "11", "avx2", "baseline"),
+    Target("int8_matmul", r".", "tallow int8_matmul", "torch._int_mm*", 1.0, "11", "amx"),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
 
-def targets_table() -> str:
-    """One line per target: the measured ratio (worst matching case) and whether it is met."""
-    import re
+# ------------------------------------------------------------ result files
 
-    lines = ["| suite | cases | tallow provider vs peer | target | measured (worst case) | met |",
-             "|---|---|---|---|---|---|"]
-    for suite, pattern, ours, peer, target in TARGETS:
-        path = HERE / "results" / f"{suite}.json"
-        if not path.exists():
-            continue
-        rows = json.loads(path.read_text())["rows"]
-        ratios = []
-        for case in dict.fromkeys(r["case"] for r in rows if re.search(pattern, r["case"])):
-            mine = [r for r in rows if r["case"] == case and r["provider"] == ours]
-            theirs = [r for r in rows if r["case"] == case and r["provider"].startswith(peer)]
-            if mine and theirs:
-                ratios.append((theirs[0]["median_ms"] / mine[0]["median_ms"], case))
-        if not ratios:
-            continue
-        worst, case = min(ratios)
-        shown = pattern.replace("|", "\\|")  # a bare | would split the markdown cell
-        lines.append(f"| {suite} | `{shown}` ({len(ratios)}) | {ours} vs {peer} | ≥ {target}× | "
-                     f"{worst:.2f}× ({case}) | {'yes' if worst >= target else 'no'} |")
-    lines += index_target_lines()
-    server = HERE / "results" / "server.json"
-    if server.exists():  # throughput, not latency: its own line
-        data = json.loads(server.read_text())
-        for label, key in (("fp32", "batching_speedup"), ("int8", "batching_speedup_int8")):
-            speed = data.get(key, {}).get("32")
-            if speed is not None:
-                lines.append(f"| server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
-                             f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
-    lines += functions_target_lines()
-    return "\n".join(lines)
-
-
-def functions_target_lines() -> list[str]:
-    """Issue 13: from results/functions.json as bench_functions.py writes it."""
-    path = HERE / "results" / "functions.json"
-    if not path.exists():
+def machine_dirs(root: Path | None = None) -> list[Path]:
+    """The machine folders under the results root (those holding any result
+    JSON). A result JSON lying directly in the root (the old, unsorted
+    layout) is an error naming the machine it belongs to."""
+    root = root or harness.RESULTS_ROOT
+    if not root.exists():
         return []
+    for stray in sorted(root.glob("*.json")):
+        try:
+            tag = machine_of(json.loads(stray.read_text()).get("env", {}))
+        except (ValueError, MixedMachinesError):
+            tag = "unknown"
+        raise MixedMachinesError(f"{stray} is not in a machine folder: move it to {root / tag}/ "
+                                 f"(its machine tag: {tag})")
+    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.json")))
+
+
+def load(mdir: Path, name: str) -> dict | None:
+    """results/<machine>/<name>.json, checked to come from that machine."""
+    path = mdir / f"{name}.json"
+    if not path.exists():
+        return None
     data = json.loads(path.read_text())
-    t, h = data["targets"], data["http"]
-    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
-    tp = {r["path"]: r for r in h["throughput_8_clients"]}
-    return [
-        f"| functions | cold start from the compiled cache to the first response (in process) | p50 | ≤ 2 ms | "
-        f"{t['cold_start_ms']['value']:.2f} ms | {yes(t['cold_start_ms']['met'])} |",
-        f"| functions | compiled-cache load vs compile (todo.wasm) | speed-up | ≥ 50× | "
-        f"{t['cache_speedup']['value']:.0f}× | {yes(t['cache_speedup']['met'])} |",
-        f"| functions | function route vs native Python route, same HTTP stack | added p50 | ≤ 1 ms | "
-        f"+{t['added_latency_p50_ms']['value']:.2f} ms | {yes(t['added_latency_p50_ms']['met'])} |",
-        f"| functions | 8 clients, function route (native route) | throughput | stated | "
-        f"{tp['/hello/x']['rps']:.0f} ({tp['/native/x']['rps']:.0f}) req/s | — |",
-        f"| functions | infinite loop → 504 | answer after the deadline | ≤ deadline + 50 ms | "
-        f"+{t['deadline_overshoot_ms']['value']:.1f} ms (worst of {h['deadline']['loops']}) | "
-        f"{yes(t['deadline_overshoot_ms']['met'])} |",
-        f"| functions | memory bomb (64 MiB limit) → 500, RSS bounded | RSS growth | bounded | "
-        f"+{t['memory_bomb']['value']:.0f} MB (2 concurrent) | {yes(t['memory_bomb']['met'])} |",
-        f"| functions | /etc/passwd, sockets, environment | denied | all | "
-        f"{'denied' if t['sandbox_denied']['met'] else 'NOT denied'} | {yes(t['sandbox_denied']['met'])} |",
-        f"| functions | every KV limit | named error | all 5 | "
-        f"{', '.join(h['kv_limits'].values())} | {yes(t['kv_named_errors']['met'])} |",
-        f"| functions | 1,000 requests to a stateful guest | leaks | 0 | {t['stateful_leaks']['value']} | "
-        f"{yes(t['stateful_leaks']['met'])} |",
-    ]
+    env = data.get("env") if isinstance(data, dict) else None
+    if not env:
+        raise MixedMachinesError(f"{path} carries no machine tag (env): cannot put it in the summary of "
+                                 f"'{mdir.name}'")
+    tag = machine_of(env)
+    if tag != mdir.name:
+        raise MixedMachinesError(f"{path} was made on machine '{tag}' but is in the results of '{mdir.name}': "
+                                 f"refusing to mix machines in one summary")
+    return data
+
+
+def applies(t: Target, env: dict) -> bool:
+    if t.where == "avx2":
+        return (env.get("tallow_best_isa") or env.get("tallow_isa")) == "avx2"
+    if t.where == "avx2-kernels":
+        return env.get("tallow_isa") == "avx2"
+    if t.where == "amx":
+        return bool(env.get("amx_int8"))
+    return True
+
+
+def _peer_rows(rows: list[dict], case: str, peer: str) -> list[dict]:
+    if peer.endswith("*"):
+        return [r for r in rows if r["case"] == case and r["provider"].startswith(peer[:-1])]
+    return [r for r in rows if r["case"] == case and r["provider"] == peer]
+
+
+def measure_target(t: Target, mdir: Path) -> tuple[str, str, bool | None] | None:
+    """(cases cell, measured cell, met) for one target on one machine; None
+    when the target does not apply there or the suite never ran there."""
+    data = load(mdir, t.suite)
+    if data is None or not applies(t, data["env"]):
+        return None
+    rows = data["rows"]
+    cases = list(dict.fromkeys(r["case"] for r in rows if re.search(t.pattern, r["case"])))
+    found = []  # (value, case)
+    missing = ""
+    base_rows = None
+    if t.kind == "baseline":
+        base = mdir / "baseline" / f"{t.suite}.json"
+        if base.exists():
+            bdata = json.loads(base.read_text())
+            btag = machine_of(bdata.get("env", {}))
+            if btag != mdir.name:
+                raise MixedMachinesError(f"{base} was made on machine '{btag}', not '{mdir.name}': "
+                                         "refusing to compare across machines")
+            base_rows = bdata["rows"]
+        else:
+            missing = (f"no baseline stored for this machine (`run_all.py --save-baseline {t.suite}` "
+                       "on the code before the change)")
+    for case in cases:
+        mine = [r for r in rows if r["case"] == case and r["provider"] == t.ours]
+        if not mine:
+            continue
+        if t.kind == "ratio":
+            theirs = _peer_rows(rows, case, t.peer)
+            if theirs:
+                found.append((theirs[0]["median_ms"] / mine[0]["median_ms"], case))
+        elif t.kind == "peak":
+            if mine[0].get("peak_fraction") is not None:
+                found.append((mine[0]["peak_fraction"], case + f", of {mine[0]['peak_kind']}"))
+        elif t.kind == "baseline" and base_rows is not None:
+            then = [r for r in base_rows if r["case"] == case and r["provider"] == t.ours]
+            if then:
+                found.append((mine[0]["throughput"] / then[0]["throughput"],
+                              case + f", baseline {then[0]['throughput']:.1f} {then[0]['unit']}"))
+    shown = t.pattern.replace("|", "\\|")  # a bare | would split the markdown cell
+    cases_cell = f"`{shown}` ({len(found)})"
+    if not found:
+        if t.kind == "ratio" and not any(r["provider"] == t.ours for r in rows):
+            missing = missing or f"not measured: no provider '{t.ours}' in {t.suite}.json yet"
+        return cases_cell, missing or "not measured", None
+    worst, case = min(found)
+    value = f"{worst:.0%}" if t.kind == "peak" else f"{worst:.2f}×"
+    return cases_cell, f"{value} ({case})", worst >= t.target
+
+
+def targets_table(mdir: Path) -> str:
+    """One line per target that applies to this machine: the measured ratio
+    (worst matching case) and whether it is met."""
+    lines = ["| issue | suite | cases | tallow provider vs peer | target | measured (worst case) | met |",
+             "|---|---|---|---|---|---|---|"]
+    for t in TARGETS:
+        got = measure_target(t, mdir)
+        if got is None:
+            continue
+        cases_cell, measured, met = got
+        vs = {"ratio": f"{t.ours} vs {t.peer}", "peak": f"{t.ours}: fraction of the {t.peer}",
+              "baseline": f"{t.ours} vs this machine's baseline (tokens/s)"}[t.kind]
+        goal = f"≥ {t.target:.0%}" if t.kind == "peak" else f"≥ {t.target}×"
+        where = {"avx2": " (AVX2)", "avx2-kernels": " (AVX2 kernels)", "amx": " (AMX)"}.get(t.where, "")
+        lines.append(f"| {t.issue or '—'}{where} | {t.suite} | {cases_cell} | {vs} | {goal} | {measured} | "
+                     f"{'—' if met is None else ('yes' if met else 'no')} |")
+    lines += index_target_lines(mdir)
+    lines += functions_target_lines(mdir)
+    server = load(mdir, "server")
+    if server is not None:  # throughput, not latency: its own line
+        for label, key in (("fp32", "batching_speedup"), ("int8", "batching_speedup_int8")):
+            speed = server.get(key, {}).get("32")
+            if speed is not None:
+                lines.append(f"| — | server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
+                             f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
+    return "\n".join(lines)
 
 
 HNSW_RECALL, HNSW_SPEEDUP, FILTER_RECALL = 0.95, 20.0, 0.95  # issue 4's targets
 
 
-def index_target_lines() -> list[str]:
+def index_target_lines(mdir: Path) -> list[str]:
     """Issue 4: HNSW recall@10 >= 0.95 at >= 20x the QPS of brute force at the
     largest size run (single-query and batched: the best speed-up among the ef
     values whose recall reaches 0.95), and filtered recall@10 >= 0.95 (worst
-    filter). From results/index.json as bench_index.py writes it."""
-    import re
-
-    path = HERE / "results" / "index.json"
-    if not path.exists():
+    filter). From results/<machine>/index.json as bench_index.py writes it."""
+    data = load(mdir, "index")
+    if data is None:
         return []
-    rows = json.loads(path.read_text())["rows"]
+    rows = data["rows"]
     lines = []
     sweep = [r for r in rows if re.fullmatch(r"hnsw ef=\d+ (single|batch)", r["case"])]
     if sweep:
@@ -149,64 +263,153 @@ def index_target_lines() -> list[str]:
                     speed >= HNSW_SPEEDUP
             else:
                 shown, met = f"no ef reaches recall {HNSW_RECALL} (best {max(f[2] for f in found):.4f})", False
-            lines.append(f"| index | `hnsw ef=* {mode}` ({len(found)}), n={n} | hnsw vs brute-force (QPS) "
+            lines.append(f"| 4 | index | `hnsw ef=* {mode}` ({len(found)}), n={n} | hnsw vs brute-force (QPS) "
                          f"at recall@10 ≥ {HNSW_RECALL} | ≥ {HNSW_SPEEDUP:g}× | {shown} | {'yes' if met else 'no'} |")
     filt = [r for r in rows if r["case"].startswith("hnsw filter") and r["provider"] == "hnsw"]
     if filt:
         worst = min(filt, key=lambda r: r["param_recall@10"])
         recall = worst["param_recall@10"]
-        lines.append(f"| index | `hnsw filter` ({len(filt)}) | filtered recall@10 vs exact | ≥ {FILTER_RECALL} | "
+        lines.append(f"| 4 | index | `hnsw filter` ({len(filt)}) | filtered recall@10 vs exact | ≥ {FILTER_RECALL} | "
                      f"{recall:.4f} ({worst['case']}) | {'yes' if recall >= FILTER_RECALL else 'no'} |")
     return lines
 
 
-def summary(suites: list[str], command: str) -> str:
-    sys.path.insert(0, str(HERE))
-    from harness import markdown_table
+def functions_target_lines(mdir: Path) -> list[str]:
+    """Issue 13: from results/<machine>/functions.json as bench_functions.py writes it."""
+    data = load(mdir, "functions")
+    if data is None:
+        return []
+    t, h = data["targets"], data["http"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    tp = {r["path"]: r for r in h["throughput_8_clients"]}
+    row = "| 13 | functions | {} | {} | {} | {} | {} |".format
+    return [
+        row("cold start from the compiled cache to the first response (in process)", "p50", "≤ 2 ms",
+            f"{t['cold_start_ms']['value']:.2f} ms", yes(t["cold_start_ms"]["met"])),
+        row("compiled-cache load vs compile (todo.wasm)", "speed-up", "≥ 50×",
+            f"{t['cache_speedup']['value']:.0f}×", yes(t["cache_speedup"]["met"])),
+        row("function route vs native Python route, same HTTP stack", "added p50", "≤ 1 ms",
+            f"+{t['added_latency_p50_ms']['value']:.2f} ms", yes(t["added_latency_p50_ms"]["met"])),
+        row("8 clients, function route (native route)", "throughput", "stated",
+            f"{tp['/hello/x']['rps']:.0f} ({tp['/native/x']['rps']:.0f}) req/s", "—"),
+        row("infinite loop → 504", "answer after the deadline", "≤ deadline + 50 ms",
+            f"+{t['deadline_overshoot_ms']['value']:.1f} ms (worst of {h['deadline']['loops']})",
+            yes(t["deadline_overshoot_ms"]["met"])),
+        row("memory bomb (64 MiB limit) → 500, RSS bounded", "RSS growth", "bounded",
+            f"+{t['memory_bomb']['value']:.0f} MB (2 concurrent)", yes(t["memory_bomb"]["met"])),
+        row("/etc/passwd, sockets, environment", "denied", "all",
+            "denied" if t["sandbox_denied"]["met"] else "NOT denied", yes(t["sandbox_denied"]["met"])),
+        row("every KV limit", "named error", "all 5", ", ".join(h["kv_limits"].values()),
+            yes(t["kv_named_errors"]["met"])),
+        row("1,000 requests to a stateful guest", "leaks", "0", t["stateful_leaks"]["value"],
+            yes(t["stateful_leaks"]["met"])),
+    ]
 
+
+def machine_title(mdir: Path) -> str:
+    """'AMD EPYC, best ISA avx2 (`amd-epyc-avx2`)' from any result file there."""
+    for name in RESULTS + ["server", "functions"]:
+        data = load(mdir, name)
+        if data is not None:
+            env = data["env"]
+            isa = env.get("tallow_best_isa") or env.get("tallow_isa", "?")
+            forced = "" if env.get("tallow_isa", isa) == isa else f", kernels forced to {env['tallow_isa']}"
+            amx = " + AMX-INT8" if env.get("amx_int8") else ""
+            return f"{env['cpu']}, best ISA {isa}{amx}{forced} (`benchmarks/results/{mdir.name}/`)"
+    return f"`{mdir.name}`"
+
+
+def suite_tables(mdir: Path, suites: list[str], level: str = "###") -> list[str]:
     parts = []
     for suite in suites:
-        path = HERE / "results" / f"{suite}.json"
-        if not path.exists():
-            parts.append(f"### {suite}\n\n(no results: the suite did not run)\n")
+        data = load(mdir, suite)
+        if data is None:
+            parts.append(f"{level} {suite}\n\n(no results on this machine: the suite did not run)\n")
             continue
-        data = json.loads(path.read_text())
         env = data["env"]
+        quick = " — **smoke run (--quick): not the machine's figures**" if "--quick" in env.get("argv", []) else ""
+        failed = ""
+        if data.get("failed"):
+            failed = "\n\n**Cases not timed, providers disagreed:**\n\n" + "\n".join(f"- {f}" for f in data["failed"])
         parts.append(
-            f"### {suite}\n\n"
+            f"{level} {suite}\n\n"
             f"{env['cpu']}, {env.get('tallow_threads', '?')} threads (tallow ISA {env.get('tallow_isa', '?')}), "
-            f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}\n\n"
-            f"{markdown_table(data['rows'])}\n"
+            f"torch {env['torch']} ({env['torch_threads']} threads), {env['time']}{quick}\n\n"
+            f"{markdown_table(data['rows'])}{failed}\n"
         )
-    rec = HERE / "results" / "index_recall.md"
+    rec = mdir / "index_recall.md"
     if "index" in suites and rec.exists():
-        parts.append("### Vector search recall (index)\n\n" + rec.read_text().strip() + "\n")
-    srv = HERE / "results" / "server.md"
-    if srv.exists():
-        env = json.loads((HERE / "results" / "server.json").read_text())["env"]
-        parts.append(f"### HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
+        parts.append(f"{level} Vector search recall (index)\n\n" + rec.read_text().strip() + "\n")
+    srv = mdir / "server.md"
+    server = load(mdir, "server")
+    if srv.exists() and server is not None:
+        env = server["env"]
+        parts.append(f"{level} HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
                      "`python benchmarks/bench_server.py`\n\n" + srv.read_text().strip() + "\n")
-    fns = HERE / "results" / "functions.md"
-    if fns.exists():
-        env = json.loads((HERE / "results" / "functions.json").read_text())["env"]
-        parts.append(f"### WebAssembly functions (functions)\n\n{env['cpu']}, {env['time']}; "
-                     "`python benchmarks/bench_functions.py` (a shared, noisy 2-core machine: read the "
-                     "interleaved differences and ratios)\n\n" + fns.read_text().strip() + "\n")
-    acc = HERE / "results" / "models_accuracy.json"
-    if "models" in suites and acc.exists():
-        parts.append("### INT8 accuracy (models)\n\n```json\n" + acc.read_text().strip() + "\n```\n")
+    fns = mdir / "functions.md"
+    functions = load(mdir, "functions")
+    if fns.exists() and functions is not None:
+        env = functions["env"]
+        parts.append(f"{level} WebAssembly functions (functions)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_functions.py` (read the interleaved differences and ratios)\n\n"
+                     + fns.read_text().strip() + "\n")
+    acc = load(mdir, "models_accuracy")
+    if "models" in suites and acc is not None:
+        report = {k: v for k, v in acc.items() if k != "env"}
+        parts.append(f"{level} INT8 accuracy (models)\n\n```json\n" + json.dumps(report, indent=2) + "\n```\n")
+    return parts
+
+
+def summary(mdir: Path, command: str, level: str = "###") -> str:
+    """One machine's summary: its targets table, then every suite's table."""
     head = (f"{command}; medians of interleaved runs.\n\n"
-            f"### Targets (from the issues), as measured\n\n{targets_table()}\n\n")
-    return head + "\n".join(parts)
+            f"{level} Targets (from the issues), as measured\n\n{targets_table(mdir)}\n\n")
+    return head + "\n".join(suite_tables(mdir, RESULTS, level))
+
+
+def all_machines(command: str, root: Path | None = None) -> str:
+    """Every machine seen, one section each (README and results/summary.md):
+    its own targets table, then its full tables folded."""
+    parts = [f"{command}; medians of interleaved runs. Results are kept per machine and never mixed: "
+             "one section per machine seen, each with its own targets table (the `issue` column: where "
+             "a target came from, — for the earlier ones; (AVX2): set for AVX2-only machines; (AVX2 kernels): wherever "
+             "the kernels run AVX2, TALLOW_ISA=avx2 included; (AMX): AMX machines)."]
+    for mdir in machine_dirs(root):
+        parts.append(f"### {machine_title(mdir)}\n\n#### Targets, as measured\n\n{targets_table(mdir)}\n\n"
+                     f"<details><summary>All results on this machine</summary>\n\n"
+                     + "\n".join(suite_tables(mdir, RESULTS, "####")) + "\n</details>\n")
+    return "\n\n".join(parts)
+
+
+def save_baseline(suite: str, mdir: Path, force: bool) -> Path:
+    """Freezes this machine's latest <suite>.json as its baseline (the 'today'
+    of targets such as issue 11's GPT-2 INT8 ≥ 1.3× today's tokens/s)."""
+    if load(mdir, suite) is None:
+        raise SystemExit(f"no {suite}.json in {mdir}: run the suite first")
+    dest = mdir / "baseline" / f"{suite}.json"
+    if dest.exists() and not force:
+        raise SystemExit(f"{dest} exists (frozen); pass --force to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mdir / f"{suite}.json", dest)
+    return dest
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short smoke run of every suite")
     ap.add_argument("--only", nargs="*", choices=SUITES, help="run only these suites")
-    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's benchmark table")
-    ap.add_argument("--no-run", action="store_true", help="only rebuild the summary from the saved results")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's benchmark tables")
+    ap.add_argument("--no-run", action="store_true", help="only rebuild the summaries from the saved results")
+    ap.add_argument("--machine", help="with --no-run: the machine folder to summarise (default: this machine)")
+    ap.add_argument("--save-baseline", metavar="SUITE", help="freeze this machine's SUITE.json as its baseline")
+    ap.add_argument("--force", action="store_true", help="with --save-baseline: replace an existing baseline")
     args = ap.parse_args()
+    if args.machine and not args.no_run:
+        ap.error("--machine needs --no-run: suites always run on (and write to) this machine")
+    mdir = harness.RESULTS_ROOT / (args.machine or this_machine()["machine"])
+    if args.save_baseline:
+        print(f"baseline saved: {save_baseline(args.save_baseline, mdir, args.force)}")
+        return 0
     suites = args.only or SUITES
     failed = []
     for suite in [] if args.no_run else suites:
@@ -215,22 +418,27 @@ def main() -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(suite)
     if args.no_run or args.only:
-        command = "Measured with `make bench` (single suites rerun with `python benchmarks/run_all.py --only SUITE`: each suite's time stamp says when it ran)"
+        command = ("Measured with `make bench` (single suites rerun with `python benchmarks/run_all.py --only SUITE`: "
+                   "each suite's time stamp says when it ran)")
     else:
         command = f"Measured with `{'make bench' if not args.quick else 'python benchmarks/run_all.py --quick'}`"
-    # The summary shows every suite's latest results (each with its own time
-    # stamp), so rerunning one suite keeps the others in the table.
-    text = summary(RESULTS, command.strip())
-    (HERE / "results" / "summary.md").write_text(text)
-    print("\n" + text)
+    # Each summary shows every suite's latest results on its machine (each
+    # with its own time stamp), so rerunning one suite keeps the others.
+    if mdir.exists():
+        text = summary(mdir, command.strip())
+        (mdir / "summary.md").write_text(text)
+        print("\n" + text)
+    everything = all_machines(command.strip())
+    harness.RESULTS_ROOT.mkdir(parents=True, exist_ok=True)
+    (harness.RESULTS_ROOT / "summary.md").write_text(everything + "\n")
     if args.update_readme:
         readme = ROOT / "README.md"
         content = readme.read_text()
         if README_START in content and README_END in content:
             head, rest = content.split(README_START, 1)
             _, tail = rest.split(README_END, 1)
-            readme.write_text(f"{head}{README_START}\n{text}\n{README_END}{tail}")
-            print("README.md benchmark table updated")
+            readme.write_text(f"{head}{README_START}\n{everything}\n{README_END}{tail}")
+            print("README.md benchmark tables updated")
         else:
             print(f"README.md has no {README_START} / {README_END} markers; not updated")
     if failed:

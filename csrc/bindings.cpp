@@ -12,6 +12,7 @@ namespace tallow {
 void register_attention(py::module_& m);
 void register_int8_matmul(py::module_& m);
 void register_preprocess(py::module_& m);
+void register_peak(py::module_& m);
 }  // namespace tallow
 
 #ifndef TALLOW_VERSION
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
   tallow::register_attention(m);
   tallow::register_int8_matmul(m);
   tallow::register_preprocess(m);
+  tallow::register_peak(m);
 }

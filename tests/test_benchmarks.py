@@ -1,0 +1,281 @@
+"""The benchmark harness's own logic (benchmarks/harness.py, run_all.py,
+bench_peak.py): machine tags, results kept per machine and never mixed, the
+provider agreement check before timing, the targets table, and the native
+register-only peak loops. Fast: no benchmark is run at its real size."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import run_all  # noqa: E402
+from harness import Agreement, AgreementError, Case, MixedMachinesError  # noqa: E402
+
+
+@pytest.fixture
+def results_root(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    monkeypatch.setattr(harness, "RESULTS_ROOT", root)
+    return root
+
+
+def write(root: Path, folder: str, suite: str, rows: list[dict], **env) -> Path:
+    d = root / folder
+    d.mkdir(parents=True, exist_ok=True)
+    env = {"time": "2026-12-01T00:00:00+00:00", "cpu": "Test CPU", "torch": "x", "torch_threads": 2,
+           "tallow_isa": "avx2", "tallow_best_isa": "avx2", "tallow_threads": 2, "machine": folder, **env}
+    path = d / f"{suite}.json"
+    path.write_text(json.dumps({"env": env, "rows": rows}))
+    return path
+
+
+def row(case: str, provider: str, ms: float, **extra) -> dict:
+    return {"suite": "s", "case": case, "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+            "reps": 5, "throughput": 1e3 / ms, "unit": "x/s", "tallow_speedup": 1.0, **extra}
+
+
+# ------------------------------------------------------------------ machine tags
+
+def test_machine_tag_from_cpu_name_and_isa():
+    assert harness.slugify("Intel(R) Xeon(R) Processor") == "intel-xeon-processor"
+    assert harness.slugify("Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz") == "intel-xeon-platinum-8480"
+    assert harness.machine_tag("AMD EPYC", "avx2") == "amd-epyc-avx2"
+    assert harness.machine_tag("AMD EPYC", "avx2", "avx2") == "amd-epyc-avx2"
+    assert harness.machine_tag("Intel(R) Xeon(R) Processor", "avx512_vnni", amx=True) == \
+        "intel-xeon-processor-avx512_vnni-amx"
+    # Kernels forced lower: never the same folder as the machine's native figures.
+    assert harness.machine_tag("Intel(R) Xeon(R) Processor", "avx512_vnni", "avx2") == \
+        "intel-xeon-processor-avx512_vnni-as-avx2"
+
+
+def test_machine_of_old_and_new_result_files():
+    assert harness.machine_of({"machine": "amd-epyc-avx2", "cpu": "whatever"}) == "amd-epyc-avx2"
+    # Files from before the tag: CPU name + the tallow ISA they ran.
+    assert harness.machine_of({"cpu": "Intel(R) Xeon(R) Processor", "tallow_isa": "avx512_vnni"}) == \
+        "intel-xeon-processor-avx512_vnni"
+    with pytest.raises(MixedMachinesError):
+        harness.machine_of({})
+
+
+def test_this_machine_and_environment_carry_the_tag():
+    mach = harness.this_machine()
+    assert mach["machine"].startswith(harness.slugify(mach["cpu"]))
+    env = harness.environment()
+    assert env["machine"] == mach["machine"] and env["cpu"] == mach["cpu"]
+
+
+def test_committed_results_sit_in_their_machine_folders():
+    """Every committed result JSON is in the folder named by its own tag."""
+    root = BENCH / "results"
+    dirs = run_all.machine_dirs(root)
+    assert dirs, "no machine folders under benchmarks/results"
+    for d in dirs:
+        for name in run_all.RESULTS + ["server", "models_accuracy"]:
+            run_all.load(d, name)  # raises on a foreign file
+
+
+# ------------------------------------------------------------- never mixed
+
+def test_write_results_goes_to_this_machines_folder(results_root):
+    harness.write_results("unit", [row("c", "tallow", 1.0)], chart=False)
+    tag = harness.this_machine()["machine"]
+    data = json.loads((results_root / tag / "unit.json").read_text())
+    assert data["env"]["machine"] == tag
+    assert (results_root / tag / "unit.csv").read_text().count(tag) == 1
+
+
+def test_summary_refuses_a_file_from_another_machine(results_root):
+    write(results_root, "amd-epyc-avx2", "attention", [row("c", "tallow", 1.0)])
+    path = write(results_root, "amd-epyc-avx2", "models", [row("c", "tallow", 1.0)],
+                 machine="intel-xeon-processor-avx512_vnni")
+    with pytest.raises(MixedMachinesError) as exc:
+        run_all.summary(results_root / "amd-epyc-avx2", "test")
+    msg = str(exc.value)
+    assert "intel-xeon-processor-avx512_vnni" in msg and "amd-epyc-avx2" in msg and str(path) in msg
+
+
+def test_summary_refuses_untagged_and_stray_files(results_root):
+    d = results_root / "amd-epyc-avx2"
+    d.mkdir(parents=True)
+    (d / "models.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(MixedMachinesError, match="no machine tag"):
+        run_all.load(d, "models")
+    (results_root / "attention.json").write_text(json.dumps({"env": {"machine": "amd-epyc-avx2"}, "rows": []}))
+    with pytest.raises(MixedMachinesError, match="not in a machine folder"):
+        run_all.machine_dirs(results_root)
+
+
+def test_one_section_and_targets_table_per_machine(results_root):
+    dec = "gpt2 decode B=8 Lk=1024"
+    write(results_root, "amd-epyc-avx2", "attention",
+          [row(dec, "tallow", 1.0), row(dec, "torch_sdpa", 1.5)])
+    write(results_root, "intel-xeon-processor-avx512_vnni", "attention",
+          [row(dec, "tallow", 1.0), row(dec, "torch_sdpa", 3.0)],
+          cpu="Intel(R) Xeon(R) Processor", tallow_isa="avx512_vnni", tallow_best_isa="avx512_vnni")
+    text = run_all.all_machines("Measured with a test")
+    amd, xeon = text.split("### Intel(R) Xeon(R) Processor")
+    assert "### Test CPU, best ISA avx2 (`benchmarks/results/amd-epyc-avx2/`)" in amd
+    assert amd.count("#### Targets, as measured") == 1 and xeon.count("#### Targets, as measured") == 1
+    assert "1.50× (gpt2 decode" in amd and "3.00×" not in amd
+    assert "3.00× (gpt2 decode" in xeon and "1.50×" not in xeon
+    # Issue 11's AVX2-only rows appear on the AVX2 machine only; the bf16-cache
+    # row is ready and says it is not measured yet.
+    assert "tallow-bf16-cache vs torch_sdpa" in amd and "not measured" in amd
+    assert "tallow-bf16-cache" not in xeon
+    # Forced to AVX2 on an AVX-512 machine: the peak target applies, the
+    # AVX2-only-machine peer targets do not.
+    forced = "intel-xeon-processor-avx512_vnni-as-avx2"
+    write(results_root, forced, "int8_linear", [row("linear M=256 768->768", "tallow QuantizedLinear", 1.0,
+                                                    peak_fraction=0.5, peak_kind="int8_maddubs_avx2"),
+                                                row("linear M=256 768->768", "torch fp32 F.linear", 2.0)],
+          tallow_isa="avx2", tallow_best_isa="avx512_vnni")
+    table = run_all.targets_table(results_root / forced)
+    assert "(AVX2 kernels) | int8_linear | `M=256 `" in table and "50%" in table
+    assert "| 11 (AVX2) |" not in table
+
+
+def test_targets_ratio_peak_and_baseline(results_root):
+    m = "amd-epyc-avx2"
+    write(results_root, m, "int8_linear", [
+        row("linear M=256 768->768", "tallow QuantizedLinear", 1.0, peak_fraction=0.85, peak_kind="int8_maddubs_avx2"),
+        row("linear M=256 768->768", "torch fp32 F.linear", 2.0),
+        row("linear M=256 768->768", "torch quantize_dynamic int8", 1.1),
+    ])
+    case = "gpt2-124m b8 32+50 greedy"
+    write(results_root, m, "models", [row(case, "tallow-int8", 10.0)])
+    table = run_all.targets_table(results_root / m)
+    assert "| 11 (AVX2 kernels) | int8_linear | `M=256 ` (1) | tallow QuantizedLinear: fraction of the int8 peak | ≥ 80% | 85%" in table
+    assert "tallow QuantizedLinear vs torch fp32 F.linear | ≥ 1.5× | 2.00×" in table
+    assert "tallow QuantizedLinear vs torch quantize_dynamic int8 | ≥ 1.2× | 1.10×" in table
+    assert "no baseline stored for this machine" in table
+    # A frozen baseline of the same machine: 13 ms then, 10 ms now -> 1.30x.
+    base = results_root / m / "baseline"
+    base.mkdir()
+    (base / "models.json").write_text(json.dumps({"env": {"machine": m}, "rows": [row(case, "tallow-int8", 13.0)]}))
+    table = run_all.targets_table(results_root / m)
+    assert "tallow-int8 vs this machine's baseline (tokens/s) | ≥ 1.3× | 1.30×" in table
+    # ... and a baseline from another machine is refused.
+    (base / "models.json").write_text(json.dumps({"env": {"machine": "other-avx2"}, "rows": []}))
+    with pytest.raises(MixedMachinesError, match="other-avx2"):
+        run_all.targets_table(results_root / m)
+
+
+# ------------------------------------------------------------- agreement
+
+def test_disagreement_metrics():
+    ref = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert harness.disagreement(ref.clone(), ref, "rel") == 0.0
+    assert harness.disagreement(ref + 0.04, ref, "rel") == pytest.approx(0.01)
+    assert harness.disagreement(ref * 2, ref, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert harness.disagreement(ref.numpy(), ref, "rel_fro") == 0.0
+    assert harness.disagreement([[1, 2], [3, 5]], ref, "mismatch") == 0.25
+    assert harness.disagreement(ref[:1], ref, "rel") == math.inf  # shape
+    nan = ref.clone()
+    nan[0, 0] = float("nan")
+    assert harness.disagreement(nan, ref, "rel") == math.inf
+
+
+def test_agreement_passes_within_tolerance_and_names_who_fails():
+    x = np.linspace(-1, 1, 100)
+    ok = Case("c", {"ours": lambda: x + 1e-4, "peer": lambda: x, "int8": lambda: x + 0.01}, work=1, unit="x/s",
+              agreement=Agreement(reference="peer", tol={"ours": 1e-3, "int8": 0.02}))
+    errors = harness.check_agreement(ok)
+    assert errors["peer"] == 0.0 and errors["ours"] == pytest.approx(1e-4) and errors["int8"] == pytest.approx(0.01)
+    bad = Case("bad case", {"ours": lambda: x * 1.1, "peer": lambda: x}, work=1, unit="x/s",
+               agreement=Agreement(reference="peer", tol=0.01, why="fp32"))
+    with pytest.raises(AgreementError, match=r"\[bad case\].*ours: rel error 0.1 > tolerance 0.01"):
+        harness.check_agreement(bad)
+    # Several providers and no stated tolerance: an error, not a silent pass.
+    with pytest.raises(AgreementError, match="no Agreement"):
+        harness.check_agreement(Case("c", {"a": lambda: 1, "b": lambda: 1}, work=1, unit="x/s"))
+    # outputs: compare something else than the timed call's result.
+    padded = Case("p", {"ours": lambda: x, "peer": lambda: np.concatenate([x, [9.0]])}, work=1, unit="x/s",
+                  agreement=Agreement(outputs={"peer": lambda: x}))
+    assert harness.check_agreement(padded) == {"ours": 0.0, "peer": 0.0}
+
+
+def test_run_suite_does_not_time_disagreeing_cases(results_root):
+    calls = {"n": 0}
+
+    def counted():
+        calls["n"] += 1
+        return np.ones(3)
+
+    good = Case("good", {"ours": lambda: np.ones(3), "peer": lambda: np.ones(3)}, work=1, unit="x/s",
+                agreement=Agreement(), min_reps=2, warmup=0)
+    bad = Case("bad", {"ours": counted, "peer": lambda: np.zeros(3) + 2}, work=1, unit="x/s",
+               agreement=Agreement(), min_reps=2, warmup=0)
+    with pytest.raises(AgreementError, match="1 case"):
+        harness.run_suite("unit", [good, bad], min_time=0.0, chart=False)
+    assert calls["n"] == 1  # the agreement check only, no timing
+    data = json.loads((harness.results_dir() / "unit.json").read_text())
+    assert {r["case"] for r in data["rows"]} == {"good"}
+    assert data["rows"][0]["agreement_error"] == 0.0
+    assert "bad" in data["failed"][0]
+
+
+def test_pause_after_is_untimed():
+    import time
+
+    times = harness.time_providers({"a": lambda: None, "spinner": lambda: None}, warmup=0, min_time=0.0,
+                                   min_reps=3, pause_after={"spinner": 0.02})
+    assert len(times["spinner"]) == 3 and max(times["spinner"]) < 0.02
+    t0 = time.perf_counter()
+    harness.time_providers({"spinner": lambda: None}, warmup=0, min_time=0.0, min_reps=2,
+                           pause_after={"spinner": 0.02})
+    assert time.perf_counter() - t0 >= 0.04
+
+
+# ------------------------------------------------------------------ peak
+
+def test_peak_loops_run_and_scale_with_threads():
+    tallow = pytest.importorskip("tallow")
+    if not tallow.native_available():
+        pytest.skip("native module unavailable")
+    mod = tallow.native()
+    kinds = {k["name"]: k for k in mod.peak_kinds()}
+    if mod.arch() == "x86_64":
+        assert {"fp32_fma_avx2", "int8_maddubs_avx2", "int16_maddwd_avx2", "fp32_fma_avx512",
+                "int8_vnni_avx512"} <= set(kinds)
+    supported = [k for k in kinds.values() if k["supported"]]
+    if not supported:
+        pytest.skip("no peak loop for this CPU's ISA")
+    for k in supported:
+        assert mod.peak_run(k["name"], 1000, 1) > 0
+        assert mod.peak_run(k["name"], 1000, 2) > 0
+    with pytest.raises(ValueError, match="unknown kind"):
+        mod.peak_run("nope", 10, 1)
+    with pytest.raises(ValueError, match="iters"):
+        mod.peak_run(supported[0]["name"], 0, 1)
+    import bench_peak
+
+    assert bench_peak.measure(supported[0]["name"], 1, seconds=0.002, reps=1) > 0.1  # G(FL)OP/s
+
+
+def test_peak_fraction_reads_this_machines_peak_json(results_root):
+    tallow = pytest.importorskip("tallow")
+    if not tallow.native_available():
+        pytest.skip("native module unavailable")
+    kind = harness.PEAK_KINDS.get(("int8", tallow.get_isa()))
+    if kind is None:
+        pytest.skip(f"no int8 peak loop for ISA {tallow.get_isa()}")
+    harness._peak_cache.clear()
+    threads = tallow.get_num_threads()
+    write(results_root, harness.this_machine()["machine"], "peak",
+          [row(f"{kind} {threads} thr", "register-only", 1.0, throughput=400.0, param_kind=kind,
+               param_threads=threads)])
+    case = Case("c", {"ours": lambda: None}, work=1, unit="GOP/s", peak="int8")
+    cols = harness._peak_columns(case, "ours", 100.0)
+    harness._peak_cache.clear()
+    assert cols["peak_kind"] == kind and cols["peak_fraction"] == pytest.approx(0.25)
+    assert cols["peak_source"].startswith("peak.json")
