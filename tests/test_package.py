@@ -178,3 +178,25 @@ def test_forced_ref_backend_runs_the_reference(force_backend):
     force_backend("ref")
     q = torch.randn(1, 2, 5, 32)
     torch.testing.assert_close(tallow.ops.attention(q, q, q), tallow.ops.attention_ref(q, q, q), rtol=0, atol=0)
+
+
+def _omp_policy_after_import(env_extra: dict) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TALLOW_SET_OMP_WAIT_POLICY")}
+    env.update(env_extra)
+    code = "import os, tallow; print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+
+
+def test_omp_wait_policy_default_and_opt_out():
+    """import tallow sets OMP_WAIT_POLICY=PASSIVE by default; the user's own value
+    wins; TALLOW_SET_OMP_WAIT_POLICY=0 leaves the process environment alone."""
+    assert _omp_policy_after_import({}) == "PASSIVE"
+    assert _omp_policy_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "0"}) == "<unset>"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "false"}) == "<unset>"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "1"}) == "PASSIVE"
+
