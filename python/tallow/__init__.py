@@ -109,6 +109,7 @@ def info() -> dict:
     has_cuda = torch.cuda.is_available()
     report["backends"]["cuda"] = bool(has_cuda and report["cuda_module"]["devices"] > 0)
     report["backends"]["triton"] = bool(has_cuda and _gpu.triton_available())
+    report["gpu_kernels"] = _gpu.gpu_kernels_status()
     try:
         report["backend_override"] = requested_backend()
     except ValueError as exc:

@@ -33,6 +33,7 @@ def _print_info(as_json: bool) -> int:
         print(f"cuda module   : not built ({cm.get('error')})")
     backends = ", ".join(name for name, ok in report["backends"].items() if ok)
     print(f"backends      : {backends}")
+    print(f"gpu kernels   : {report['gpu_kernels']}")
     if report.get("backend_override"):
         print(f"TALLOW_BACKEND: {report['backend_override']}")
     return 0
