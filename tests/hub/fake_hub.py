@@ -8,13 +8,17 @@ utils._http.hf_raise_for_status):
 - ``GET /api/models/{id}/revision/{rev}``: model info JSON (id, sha, siblings).
 - ``GET /api/models/{id}/tree/{rev}?recursive=...``: the file listing
   (type, path, size, oid, lfs for large files).
-- ``HEAD|GET /{id}/resolve/{rev}/{path}``: the file, with ``X-Repo-Commit``,
-  ``ETag`` (git blob sha1, or the LFS sha256 with ``X-Linked-Etag`` and
-  ``X-Linked-Size``), ``Content-Length``, ``Accept-Ranges`` and Range
-  requests answered 206 with ``Content-Range``.
+- ``HEAD|GET /{id}/resolve/{rev}/{path}``: a small file itself, with
+  ``X-Repo-Commit``, ``ETag`` (its git blob sha1), ``Content-Length``; a
+  large (LFS) file as the Hub does it: a 302 to a CDN on another host
+  (127.0.0.2 here) carrying ``X-Repo-Commit``, ``X-Linked-Etag`` (sha256)
+  and ``X-Linked-Size``; the CDN serves the bytes with ``Accept-Ranges``
+  and answers Range requests 206 with ``Content-Range`` (and never needs
+  the token, which the client must not send off the Hub).
 - Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound``,
-  ``RevisionNotFound`` or ``EntryNotFound``; a gated repo answers 401
-  (no token) or 403 (another token) with ``X-Error-Code: GatedRepo``.
+  ``RevisionNotFound`` or ``EntryNotFound``; a gated repo's metadata is
+  public, its files answer 401 (no token) or 403 (another token) with
+  ``X-Error-Code: GatedRepo``.
 - Fault injection: a ``drop_once`` path gets the given number of bytes of
   its body, then the connection is closed mid-file (once), so the client
   has to resume.
@@ -62,6 +66,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
+        self._blobs: dict[str, tuple[str, bytes]] = {}  # sha256 -> ("repo_id/path", bytes), for the CDN
         # "repo_id/path" -> bytes sent before the connection is cut, on that file's next full GET
         self.drop_once: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -80,9 +85,12 @@ class FakeHub:
                 hub._handle(self, head=False)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.cdn = ThreadingHTTPServer(("127.0.0.2", 0), Handler)  # another host: the Hub's CDN
+        for srv in (self.server, self.cdn):
+            srv.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.cdn_url = f"http://127.0.0.2:{self.cdn.server_address[1]}"
+        self._threads = [threading.Thread(target=srv.serve_forever, daemon=True) for srv in (self.server, self.cdn)]
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -98,12 +106,14 @@ class FakeHub:
         return sha
 
     def start(self) -> "FakeHub":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for srv in (self.server, self.cdn):
+            srv.shutdown()
+            srv.server_close()
 
     def requested(self, method: str | None = None, contains: str = "") -> list[Request]:
         with self._lock:
@@ -122,7 +132,9 @@ class FakeHub:
             self.requests.append(Request("HEAD" if head else "GET", path, h.headers.get("Range"),
                                          h.headers.get("Authorization")))
         try:
-            if path.startswith("/api/models/"):
+            if path.startswith("/cdn/"):
+                self._cdn(h, path[len("/cdn/"):], head)
+            elif path.startswith("/api/models/"):
                 self._api(h, path[len("/api/models/"):], head)
             elif "/resolve/" in path:
                 self._resolve(h, path.lstrip("/"), head)
@@ -131,12 +143,12 @@ class FakeHub:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _repo(self, h, repo_id: str, head: bool) -> Repo | None:
+    def _repo(self, h, repo_id: str, head: bool, *, files: bool = False) -> Repo | None:
         repo = self.repos.get(repo_id)
         if repo is None:
             self._error(h, 404, "RepoNotFound", "Repository not found", head=head)
             return None
-        if repo.gated_token is not None:
+        if files and repo.gated_token is not None:
             auth = h.headers.get("Authorization") or ""
             if not auth:
                 self._error(h, 401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access "
@@ -191,7 +203,7 @@ class FakeHub:
     def _resolve(self, h, rest: str, head: bool) -> None:
         repo_id, _, tail = rest.partition("/resolve/")
         rev, _, file_path = tail.partition("/")
-        repo = self._repo(h, repo_id, head)
+        repo = self._repo(h, repo_id, head, files=True)
         if repo is None:
             return
         sha = self._commit(h, repo, rev, head)
@@ -202,12 +214,32 @@ class FakeHub:
             self._error(h, 404, "EntryNotFound", f"{file_path} does not exist on \"{rev}\"", head=head,
                         extra={"X-Repo-Commit": sha})
             return
-        lfs = file_path.endswith(LFS_SUFFIXES)
-        etag = hashlib.sha256(data).hexdigest() if lfs else _git_oid(data)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
-        if lfs:
-            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+        if file_path.endswith(LFS_SUFFIXES):  # the Hub: a redirect to its CDN, the metadata on the 302
+            sha256 = hashlib.sha256(data).hexdigest()
+            with self._lock:
+                self._blobs[sha256] = (f"{repo_id}/{file_path}", data)
+            h.send_response(302)
+            for k, v in {"X-Repo-Commit": sha, "ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"',
+                         "X-Linked-Size": str(len(data)), "Location": f"{self.cdn_url}/cdn/{sha256}",
+                         "Content-Length": "0"}.items():
+                h.send_header(k, v)
+            h.end_headers()
+            return
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{_git_oid(data)}"'}
+        self._send_bytes(h, f"{repo_id}/{file_path}", data, headers, head)
+
+    def _cdn(self, h, sha256: str, head: bool) -> None:
+        with self._lock:
+            blob = self._blobs.get(sha256)
+        if blob is None:
+            self._error(h, 404, None, "no such blob", head=head)
+            return
+        key, data = blob
+        self._send_bytes(h, key, data, {"ETag": f'"{sha256}"'}, head)
+
+    def _send_bytes(self, h, key: str, data: bytes, headers: dict, head: bool) -> None:
+        """The bytes, with Range requests answered 206 (and the drop_once fault)."""
+        headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         start, status = 0, 200
         rng = h.headers.get("Range")
         if rng and not head:
@@ -225,7 +257,6 @@ class FakeHub:
         h.end_headers()
         if head:
             return
-        key = f"{repo_id}/{file_path}"
         with self._lock:
             drop = self.drop_once.pop(key, None) if status == 200 else None
         if drop is not None:  # part of the body, then the connection goes away mid-file
