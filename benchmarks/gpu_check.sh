@@ -65,4 +65,16 @@ timeout 150 "$PY" benchmarks/bench_gpu.py $QUICK
 bench_rc=$?
 stamp "benchmarks exit code ${bench_rc}; results in benchmarks/results/<machine>/gpu-*.json"
 ls -l benchmarks/results/*/gpu-* 2>/dev/null
+# The record tallow.info()["gpu_kernels"] reads (shipped in the package; commit
+# it): written only when the GPU tests passed on this device.
+if [[ $tests_rc == 0 ]]; then
+  "$PY" - <<'PYEOF'
+import json, time, torch
+p = torch.cuda.get_device_properties(0)
+rec = {"tests_rc": 0, "gpu": f"{p.name} (sm_{p.major}{p.minor})", "torch": torch.__version__,
+       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+open("python/tallow/gpu_check.json", "w").write(json.dumps(rec, indent=2) + "\n")
+print("wrote python/tallow/gpu_check.json:", rec)
+PYEOF
+fi
 exit $(( tests_rc != 0 ? 1 : (bench_rc != 0 ? 4 : 0) ))

@@ -178,3 +178,43 @@ def test_forced_ref_backend_runs_the_reference(force_backend):
     force_backend("ref")
     q = torch.randn(1, 2, 5, 32)
     torch.testing.assert_close(tallow.ops.attention(q, q, q), tallow.ops.attention_ref(q, q, q), rtol=0, atol=0)
+
+
+def _omp_policy_after_import(env_extra: dict) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TALLOW_SET_OMP_WAIT_POLICY")}
+    env.update(env_extra)
+    code = "import os, tallow; print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+
+
+def test_omp_wait_policy_default_and_opt_out():
+    """import tallow sets OMP_WAIT_POLICY=PASSIVE by default; the user's own value
+    wins; TALLOW_SET_OMP_WAIT_POLICY=0 leaves the process environment alone."""
+    assert _omp_policy_after_import({}) == "PASSIVE"
+    assert _omp_policy_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "0"}) == "<unset>"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "false"}) == "<unset>"
+    assert _omp_policy_after_import({"TALLOW_SET_OMP_WAIT_POLICY": "1"}) == "PASSIVE"
+
+
+def test_info_is_honest_about_the_gpu_kernels(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from tallow import _gpu
+
+    record = Path(_gpu.__file__).with_name("gpu_check.json")
+    if not record.exists():
+        assert tallow.info()["gpu_kernels"].startswith("compiled and interpreter-tested only; never run on a GPU")
+    # the record gpu_check.sh writes after passing GPU tests turns it around
+    fake = tmp_path / "_gpu.py"
+    fake.write_text("")
+    monkeypatch.setattr(_gpu, "__file__", str(fake))
+    assert "never run on a GPU" in _gpu.gpu_kernels_status()
+    (tmp_path / "gpu_check.json").write_text('{"tests_rc": 0, "gpu": "NVIDIA H200 (sm_90)", "date": "2026-12-03"}')
+    assert _gpu.gpu_kernels_status().startswith("run on a GPU: benchmarks/gpu_check.sh passed its GPU tests on NVIDIA H200")
+    (tmp_path / "gpu_check.json").write_text('{"tests_rc": 1}')
+    assert "never run on a GPU" in _gpu.gpu_kernels_status()

@@ -15,8 +15,11 @@ from importlib import metadata as _metadata
 # take cores from our thread pool; measured on 2 cores: BERT-base fp32 1.0 s
 # vs 0.29 s per sequence under load. Passive waiting is only honoured if set
 # before libgomp loads, i.e. before torch is imported; an explicit setting of
-# the user's always wins. See README "Run-time choices".
-if "torch" not in _sys.modules:
+# the user's always wins, and a host that does not want tallow to touch its
+# process environment sets TALLOW_SET_OMP_WAIT_POLICY=0. See README "Run-time
+# choices".
+if "torch" not in _sys.modules and _os.environ.get("TALLOW_SET_OMP_WAIT_POLICY", "1").strip().lower() not in (
+        "0", "false", "no", "off"):
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._native import NativeUnavailableError, native, native_available, native_error
@@ -106,6 +109,7 @@ def info() -> dict:
     has_cuda = torch.cuda.is_available()
     report["backends"]["cuda"] = bool(has_cuda and report["cuda_module"]["devices"] > 0)
     report["backends"]["triton"] = bool(has_cuda and _gpu.triton_available())
+    report["gpu_kernels"] = _gpu.gpu_kernels_status()
     try:
         report["backend_override"] = requested_backend()
     except ValueError as exc:

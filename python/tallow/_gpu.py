@@ -92,3 +92,29 @@ def triton_kernels(op: str, t: torch.Tensor) -> ModuleType:
         return importlib.import_module(f"tallow.kernels.{op}")
     except ImportError as exc:
         raise BackendUnavailable(f"triton kernels unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+# What has been verified on a GPU, said plainly in tallow.info() and the
+# README. benchmarks/gpu_check.sh writes tallow/gpu_check.json (shipped in
+# the package) when its GPU tests pass on a real device; until that file
+# exists, the CUDA and Triton kernels have only been compiled (nvcc, Triton's
+# AOT compile) and run under the Triton interpreter on CPU.
+GPU_UNVERIFIED = ("compiled and interpreter-tested only; never run on a GPU "
+                  "(the CUDA kernels were compiled with nvcc, the Triton kernels ran under TRITON_INTERPRET=1 on CPU; "
+                  "benchmarks/gpu_check.sh has not passed on a GPU)")
+
+
+def gpu_kernels_status() -> str:
+    """One honest line on how far the GPU kernels have been tested; never raises."""
+    import json
+    from pathlib import Path
+
+    record = Path(__file__).with_name("gpu_check.json")
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return GPU_UNVERIFIED
+    if not isinstance(data, dict) or data.get("tests_rc") != 0:
+        return GPU_UNVERIFIED
+    return (f"run on a GPU: benchmarks/gpu_check.sh passed its GPU tests on {data.get('gpu', 'a GPU')} "
+            f"({data.get('date', 'date unknown')})")

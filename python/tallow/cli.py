@@ -33,6 +33,7 @@ def _print_info(as_json: bool) -> int:
         print(f"cuda module   : not built ({cm.get('error')})")
     backends = ", ".join(name for name, ok in report["backends"].items() if ok)
     print(f"backends      : {backends}")
+    print(f"gpu kernels   : {report['gpu_kernels']}")
     if report.get("backend_override"):
         print(f"TALLOW_BACKEND: {report['backend_override']}")
     return 0
@@ -181,6 +182,14 @@ def _serve_cmd(args) -> int:
     return 0
 
 
+def _pull_cmd(args) -> int:
+    from .models.hub import pull
+
+    path = pull(args.model_id, args.revision, allow_pickle=args.allow_pickle)
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tallow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,18 +218,29 @@ def main(argv: list[str] | None = None) -> int:
     p_rag.add_argument("--k", type=int, default=4)
     p_rag.add_argument("--max-new-tokens", type=int, default=64)
     p_rag.add_argument("--filter")
-    p_rag.add_argument("--generator", help="GPT-2 model directory (or TALLOW_GENERATOR)")
+    p_rag.add_argument("--generator", help="GPT-2 model directory or Hub id (or TALLOW_GENERATOR)")
     _common(p_rag)
+
+    p_pull = sub.add_parser("pull", help="download a model from the Hugging Face Hub into its cache",
+                            description="Downloads the files tallow reads (config.json, tokenizer.json, safetensors "
+                                        "weights, sentence-transformers pooling) of a Hub model into the Hugging Face "
+                                        "cache (HF_HOME) and prints the snapshot directory. Honours HF_ENDPOINT, "
+                                        "HF_TOKEN and HF_HUB_OFFLINE. Afterwards the id works offline wherever a "
+                                        "model path does.")
+    p_pull.add_argument("model_id", help="e.g. openai-community/gpt2 (or ID@REVISION)")
+    p_pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p_pull.add_argument("--allow-pickle", action="store_true",
+                        help="also fetch pytorch_model.bin (a pickle) when the model has no safetensors weights")
 
     p_serve = sub.add_parser("serve", help="run the HTTP server (FastAPI on uvicorn)")
     p_serve.add_argument("--config", help="tallow.toml (every setting has a default; flags override the file)")
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
     p_serve.add_argument("--data-dir", help="index and libSQL file (default ./data)")
-    p_serve.add_argument("--embedder", help="BERT embedding model directory (default: all-MiniLM-L6-v2)")
-    p_serve.add_argument("--classifier", help="BERT sequence-classification directory")
-    p_serve.add_argument("--generator", help="GPT-2 directory with tokenizer.json")
-    p_serve.add_argument("--image-model", help="ResNet-50 directory or torchvision .pth")
+    p_serve.add_argument("--embedder", help="BERT embedding model directory or Hub id (default: all-MiniLM-L6-v2)")
+    p_serve.add_argument("--classifier", help="BERT sequence-classification directory or Hub id")
+    p_serve.add_argument("--generator", help="GPT-2 directory with tokenizer.json, or Hub id (openai-community/gpt2)")
+    p_serve.add_argument("--image-model", help="ResNet-50 directory, torchvision .pth or Hub id (microsoft/resnet-50)")
     p_serve.add_argument("--int8", action="store_true", default=None, help="INT8 linear layers for every model")
     p_serve.add_argument("--cache-url", help="redis://host:port/db for the feature cache (default: in-process LRU)")
     p_serve.add_argument("--api-key", help="bearer key for write endpoints (or TALLOW_API_KEY)")
@@ -242,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             return _rag_cmd(args)
         if args.command == "fn":
             return fn_cli.run(args)
+        if args.command == "pull":
+            return _pull_cmd(args)
     except (ValueError, RuntimeError) as exc:  # EngineError, FilterError, StoreError, ...
         print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
         return 2

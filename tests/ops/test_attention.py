@@ -424,3 +424,13 @@ def test_mixed_dtypes_other_than_a_bf16_cache_are_refused():
         attention(q, torch.randn(1, 1, 4, 8).half(), torch.randn(1, 1, 4, 8).half())
     with pytest.raises(TypeError, match="must share a dtype"):
         attention(q, torch.randn(1, 1, 4, 8).bfloat16(), torch.randn(1, 1, 4, 8))
+
+
+def test_inputs_that_require_grad_are_detached_as_int8_does():
+    """Forward-only kernels: numpy() refused tensors that require grad (issue 14).
+    Like QuantizedLinear, the cpu backend detaches them; the output has no grad."""
+    q, k, v = (torch.randn(1, 2, 7, 16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, causal=True)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, attention(q.detach(), k.detach(), v.detach(), causal=True), rtol=0, atol=0)
+    torch.testing.assert_close(out, attention_ref(q, k, v, causal=True).detach(), rtol=1e-5, atol=1e-5)

@@ -54,7 +54,7 @@ class Engine:
       ``quantize='int8'`` loads it with INT8 linear layers.
     - ``index``: ``"hnsw"`` (``<data_dir>/index``), ``"qdrant"`` (local mode,
       ``<data_dir>/qdrant``) or ``"libsql"`` (``<data_dir>/vectors.db``).
-    - ``generator_path``: a GPT-2 directory for ``rag()``.
+    - ``generator_path``: a GPT-2 directory (or Hub id) for ``rag()``.
     - ``sync_url``/``auth_token``: the store as an embedded replica of a libSQL primary.
     """
 
@@ -75,7 +75,8 @@ class Engine:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.index_kind = index
         self.quantize = quantize
-        self.generator_path = Path(generator_path) if generator_path is not None else None
+        # kept as given: a str may be a Hugging Face Hub id (tallow.models.load resolves it)
+        self.generator_path = generator_path
         self.save_every = save_every
         self._embedder_spec = embedder
         self._embedder = None if embedder is None or isinstance(embedder, (str, os.PathLike)) else embedder

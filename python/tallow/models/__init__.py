@@ -1,5 +1,7 @@
-"""Models on tallow's kernels. ``load(path)`` picks the architecture from
-config.json; nothing is ever downloaded."""
+"""Models on tallow's kernels. ``load(path_or_id)`` picks the architecture
+from config.json. A local path always wins; a Hugging Face Hub id is read
+from the Hub cache and downloaded only when it is not cached (see
+:mod:`tallow.models.hub` for the rule); nothing else ever downloads."""
 
 from __future__ import annotations
 
@@ -12,13 +14,24 @@ from .generation import SamplingParams
 from .resnet import ResNet50, ResNetConfig, load_resnet
 from .gpt2 import Generation, GPT2Config, GPT2LMHeadModel, StreamEvent, load_gpt2
 from .tokenizer import InputTooLongError, Tokenizer
+from .hub import HubAccessError, HubError, HubNotFoundError, HubOfflineError, pull, resolve
 
 
-def load(path: str | Path, quantize: Optional[str] = None, **kwargs):
-    """Loads the model in ``path`` (Hugging Face layout). ``quantize='int8'``
-    turns every linear layer into W8A8 with dynamic activation quantization."""
+def load(path: str | Path, quantize: Optional[str] = None, *, revision: Optional[str] = None,
+         download: bool = True, allow_pickle: bool = False, **kwargs):
+    """Loads the model in ``path`` (Hugging Face layout), or the Hub model
+    ``path`` names (``"openai-community/gpt2"``, ``"ns/name@revision"``).
+
+    A local path always wins over an id. An id is taken from the Hub cache
+    (no network) when a complete snapshot of that revision is there;
+    otherwise its config, tokenizer and safetensors weights are downloaded,
+    unless ``download=False`` or ``HF_HUB_OFFLINE=1`` (then: an error that
+    says to run ``tallow pull ID``). ``allow_pickle=True`` also fetches
+    pytorch_model.bin. ``quantize='int8'`` turns every linear layer into
+    W8A8 with dynamic activation quantization."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    path = resolve(path, revision=revision, download=download, allow_pickle=allow_pickle)
     if Path(path).is_file():  # a bare state dict: torchvision ResNet (.pth)
         return load_resnet(path, quantize)
     cfg = read_config(path)
@@ -42,5 +55,5 @@ def minilm_path() -> Path:
 
 
 __all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "GPT2Config",
-           "GPT2LMHeadModel", "Generation", "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
-           "load", "minilm_path"]
+           "GPT2LMHeadModel", "Generation", "HubAccessError", "HubError", "HubNotFoundError", "HubOfflineError", "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
+           "load", "minilm_path", "pull", "resolve"]

@@ -1,5 +1,5 @@
 """Reading model directories in Hugging Face layout, with checks that name
-exactly what is wrong. Nothing is ever downloaded."""
+exactly what is wrong. Nothing here downloads (Hub ids: models/hub.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class CheckpointError(ValueError):
 def model_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"model directory {str(p)!r} does not exist (tallow never downloads weights)")
+        raise CheckpointError(f"model directory {str(p)!r} does not exist")
     if not p.is_dir():
         raise CheckpointError(f"model path {str(p)!r} is not a directory")
     return p
@@ -34,17 +34,29 @@ def read_config(path: str | Path) -> dict:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """model.safetensors (preferred) or pytorch_model.bin (weights only)."""
+    """model.safetensors (preferred), sharded safetensors
+    (model.safetensors.index.json + its shards) or pytorch_model.bin (weights only)."""
     d = model_dir(path)
     st, pt = d / "model.safetensors", d / "pytorch_model.bin"
+    index = d / "model.safetensors.index.json"
     if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        return _load_safetensors(st)
+    if index.is_file():
         try:
-            return load_file(str(st))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{str(st)!r} is corrupt or truncated: {exc}") from exc
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{str(index)!r} is not a valid safetensors index: {exc}") from exc
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            shard_path = d / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{str(index)!r} names the shard {shard!r}, which is missing")
+            state.update(_load_safetensors(shard_path))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{str(index)!r} lists tensors no shard holds: {', '.join(missing[:5])}")
+        return state
     if pt.is_file():
         try:
             obj = torch.load(str(pt), map_location="cpu", weights_only=True)
@@ -53,7 +65,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not isinstance(obj, dict):
             raise CheckpointError(f"{str(pt)!r} does not hold a state dict (got {type(obj).__name__})")
         return obj
-    raise CheckpointError(f"no weights in {str(d)!r}: expected model.safetensors or pytorch_model.bin")
+    raise CheckpointError(f"no weights in {str(d)!r}: expected model.safetensors (or sharded safetensors with "
+                          "model.safetensors.index.json) or pytorch_model.bin")
+
+
+def _load_safetensors(st: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(st))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{str(st)!r} is corrupt or truncated: {exc}") from exc
 
 
 def check_state_dict(

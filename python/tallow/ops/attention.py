@@ -17,6 +17,9 @@ fp16/bf16 with D in {64, 80, 128}, a warp kernel with flash-decoding for the
 rest, D <= 256) and ``triton`` (kernels/attention.py: FlashAttention-2 with
 ``tl.dot``, flash-decoding for Lq = 1; fp16/bf16/fp32, D <= 256) for CUDA
 tensors, in that order; both accumulate in fp32 and return q's dtype.
+The kernels are forward only (inference): inputs that require grad are
+detached and the output carries no gradient, as with the int8 ops; for
+gradients use ``attention_ref`` (``TALLOW_BACKEND=ref``) or torch's SDPA.
 
 The cpu kernel (csrc/attention/) is the FlashAttention-2 forward pass (Dao
 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
@@ -106,8 +109,10 @@ def _attention_cpu(q, k, v, causal, key_padding_mask, scale):
     if bf16 and q.shape[2] > 4:  # the kernel reads bf16 on its decode path only
         k, v, bf16 = k.float(), v.float(), False
     # The kernel takes any strides over (B, H, L) but needs D contiguous:
-    # copy only the tensors that are not.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # copy only the tensors that are not. Forward only, as the int8 ops:
+    # inputs that require grad are detached (numpy() refuses them), and the
+    # output carries no gradient.
+    q, k, v = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().numpy()
     # numpy has no bfloat16: the bits travel as uint16 (same strides, in elements)

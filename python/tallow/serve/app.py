@@ -73,6 +73,10 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     app.include_router(text_router)
     app.include_router(data_router)
 
+    from .playground import mount_playground
+
+    mount_playground(app)  # GET /: the playground page (serve/static/)
+
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health():
         return {"status": "ok"}
