@@ -139,7 +139,7 @@ def _rag_cmd(args) -> int:
     if args.json:
         print(json.dumps(ans.to_dict()))
         return 0
-    print(ans.answer)
+    print(ans.answer if ans.mode == "generative" else f"(extractive: no generator set) {ans.answer}")
     print("\nsources:")
     for i, s in enumerate(ans.sources, start=1):
         print(f"[{i}] {s['doc_id']}" + (f" — {s['title']}" if s["title"] else "")
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p_stats = isub.add_parser("stats", help="documents, chunks, index size")
     _common(p_stats)
 
-    p_rag = sub.add_parser("rag", help="answer a question from the indexed documents with GPT-2")
+    p_rag = sub.add_parser("rag", help="answer a question from the indexed documents (GPT-2, or the closest "
+                                       "sentences without a generator)")
     p_rag.add_argument("question")
     p_rag.add_argument("--k", type=int, default=4)
     p_rag.add_argument("--max-new-tokens", type=int, default=64)

@@ -172,7 +172,29 @@ def test_rag_sources_and_prompt_budget(engine_factory, docs, gpt2_small_ctx, sen
 
 def test_rag_without_generator_names_the_setting(engine):
     with pytest.raises(EngineError, match="generator_path"):
-        engine.rag("what is zlib?")
+        engine.rag("what is zlib?", mode="generative")
+    with pytest.raises(EngineError, match="mode must be"):
+        engine.rag("what is zlib?", mode="abstractive")
+
+
+def test_rag_without_generator_answers_with_the_closest_sentences(engine, docs):
+    """No generator: an extractive answer — the retrieved sentences most
+    similar to the question, each traceable to a source chunk."""
+    engine.ingest(docs, progress=False)
+    target = next(s for d in docs for s in _split(d["text"]))
+    ans = engine.rag(target, k=4)
+    assert ans.mode == "extractive" and ans.prompt == "" and ans.finish_reason is None
+    assert target in ans.answer  # the question's own sentence is the closest one
+    assert 1 <= len(ans.sources) <= 4
+    for s in ans.sources:
+        assert s["sentences"] and all(x in s["text"] for x in s["sentences"])
+    assert " ".join(x for s in ans.sources for x in s["sentences"]) == ans.answer
+    assert engine.rag("question", k=2, filter={"category": "no such category"}).answer == ""
+
+
+def _split(text):
+    from tallow.engine.rag import split_sentences
+    return split_sentences(text)
 
 
 def test_bad_inputs_are_rejected_and_nothing_is_lost(engine, docs):

@@ -155,7 +155,8 @@ def test_every_panel_against_a_server_with_every_model(full_server, page, tmp_pa
 
 @pytest.fixture(scope="module")
 def bare_server(tmp_path_factory):
-    """Only the default embedder: the classifier, generator and image panels answer 503."""
+    """Only the default embedder: the classifier, generator and image panels answer 503
+    (RAG answers extractively, from the closest sentences, without a generator)."""
     server = ServerThread(make_config(tmp_path_factory.mktemp("bare"), **{"data.demo_corpus": False})).start()
     yield server
     server.stop()
@@ -164,7 +165,7 @@ def bare_server(tmp_path_factory):
 def test_panels_without_their_model_show_the_servers_503(bare_server, page):
     page.goto(bare_server.url + "/")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
-    expected = {"classify": "models.classifier", "generate": "models.generator", "rag": "models.generator"}
+    expected = {"classify": "models.classifier", "generate": "models.generator"}
     page.fill("#rag-question", "anything")
     page.set_input_files("#images-file", files=[{"name": "q.png", "mimeType": "image/png", "buffer": _png(2)}])
     for panel in ("classify", "generate", "rag", "images"):
@@ -174,10 +175,13 @@ def test_panels_without_their_model_show_the_servers_503(bare_server, page):
         error.wait_for(state="visible")
         text = error.text_content()
         assert text.startswith("503: ") and setting in text, (panel, text)
-        model = {"classify": "classifier", "generate": "generator", "rag": "generator", "images": "image"}[panel]
+        model = {"classify": "classifier", "generate": "generator", "images": "image"}[panel]
         assert page.text_content(f"#panel-{panel} .note").startswith(f"no {model} model is configured")
         # the message is the server's own
         assert text[5:] in _server_message(bare_server.url, panel)
+    # RAG without a generator answers extractively (no documents here: an empty answer, no error)
+    page.wait_for_function("document.getElementById('rag-answer').textContent.startsWith('(extractive')")
+    assert not page.locator("#panel-rag .error").is_visible()
     # the embedder's panels still work
     page.click("#embeddings-form button[type=submit]")
     page.wait_for_selector("#embeddings-matrix td.sim")
@@ -187,7 +191,7 @@ def test_panels_without_their_model_show_the_servers_503(bare_server, page):
 
 def _server_message(url: str, panel: str) -> str:
     route, body = {"classify": ("/v1/classify", {"input": "x"}), "generate": ("/v1/completions", {"prompt": "x"}),
-                   "rag": ("/v1/rag", {"question": "x"}), "images": ("/v1/images/search", None)}[panel]
+                   "images": ("/v1/images/search", None)}[panel]
     if body is None:
         r = httpx.post(url + route, files={"image": ("q.png", _png(2), "image/png")}, timeout=30)
     else:

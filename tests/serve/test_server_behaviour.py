@@ -264,6 +264,12 @@ def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
         assert "models.generator" in c.post("/ai/v1/completions", json={"prompt": "x"}).json()["error"]["message"]
         hits = c.post("/ai/v1/search", json={"query": "lighthouse", "k": 1}).json()["hits"]
         assert hits[0]["doc_id"] == "h1"
+        # no generator: /v1/rag answers with the closest retrieved sentences (issue 14)
+        r = c.post("/ai/v1/rag", json={"question": "lighthouse", "k": 1})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["mode"] == "extractive" and body["sources"][0]["doc_id"] == "h1"
+        assert body["answer"] and body["answer"] in " ".join(body["sources"][0]["sentences"])
         assert inner.state.services.models["embedder"].model is engine.embedder  # one copy, the engine's
     assert engine.stats()["documents"] == 1  # still open: the host owns its engine
     engine.close()

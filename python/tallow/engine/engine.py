@@ -370,13 +370,24 @@ class Engine:
                                  tail_template=self.PROMPT_TAIL)
 
     def rag(self, question: str, k: int = 4, max_new_tokens: int = 64, filter: dict | None = None,
-            hybrid: bool = False, **sampling) -> RagAnswer:
-        """Retrieves k chunks, builds the prompt (see ``build_prompt`` for how
-        chunks are trimmed to the context window), generates with GPT-2
-        (greedy unless ``temperature`` etc. are given) and returns the answer
-        with its sources (document id, title, chunk id, chunk text as used in
-        the prompt, score)."""
+            hybrid: bool = False, mode: str | None = None, **sampling) -> RagAnswer:
+        """Retrieves k chunks and answers with its sources (document id, title,
+        chunk id, chunk text, score).
+
+        ``mode="generative"`` (the default when a generator is set): builds the
+        prompt (see ``build_prompt`` for how chunks are trimmed to the context
+        window) and generates with GPT-2, greedy unless ``temperature`` etc.
+        are given. ``mode="extractive"`` (the default without a generator):
+        the retrieved sentences closest to the question (``extractive_answer``;
+        ``answer.mode`` says which it was)."""
+        if mode is None:
+            mode = "generative" if self.generator_path is not None or self._generator is not None else "extractive"
+        if mode not in ("generative", "extractive"):
+            raise EngineError(f"mode must be 'generative' or 'extractive', got {mode!r}")
         _rag.check_max_new_tokens(max_new_tokens)
+        if mode == "extractive":
+            results = self.search(question, k, filter=filter, hybrid=hybrid)
+            return _rag.extractive_answer(self._embed, question, results)
         gen = self.generator  # fail early, before retrieval, when no generator is set
         _rag.check_max_new_tokens(max_new_tokens, gen)
         results = self.search(question, k, filter=filter, hybrid=hybrid)

@@ -1,12 +1,16 @@
-"""RAG prompts: the template, fitting the retrieved chunks into GPT-2's
-context window (best first, the first that does not fit trimmed at a token
-boundary), and the answer with the sources it used.
+"""RAG answers with their sources: generative (the prompt template, the
+retrieved chunks fitted into GPT-2's context window best first, the first
+that does not fit trimmed at a token boundary) or, without a generator,
+extractive (the retrieved chunks' sentences closest to the question).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from .documents import EngineError
 from .retrieval import SearchResult
@@ -22,6 +26,7 @@ class RagAnswer:
     prompt: str
     prompt_tokens: int
     finish_reason: str | None = None
+    mode: str = "generative"  # or "extractive" (no generator: sentences of the sources)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,3 +109,37 @@ def answer(gen: Any, prompt: str, sources: list[dict], prompt_tokens: int, max_n
     sampling.setdefault("temperature", 0.0)
     out = gen.generate([prompt], max_new_tokens=max_new_tokens, **sampling)[0]
     return RagAnswer(out.text.strip(), sources, prompt, prompt_tokens, out.finish_reason)
+
+
+# -- extractive answers (no generator) ----------------------------------------------------
+
+EXTRACTIVE_SENTENCES = 3
+# A sentence ends at . ! or ? followed by white space, or at a line break.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 1]
+
+
+def extractive_answer(embed: Callable[[list[str]], np.ndarray], question: str,
+                      results: Sequence[SearchResult], max_sentences: int = EXTRACTIVE_SENTENCES) -> RagAnswer:
+    """The answer without a generator: the ``max_sentences`` sentences of the
+    retrieved chunks whose embeddings are closest (cosine) to the question's,
+    in the order they appear in the results (best chunk first, then position
+    in the chunk), joined with spaces. Sources: the chunks that gave a
+    sentence, best first, each with the sentences taken from it."""
+    found = [(rank, pos, s) for rank, r in enumerate(results) for pos, s in enumerate(split_sentences(r.text))]
+    if not found:
+        return RagAnswer("", [], "", 0, None, mode="extractive")
+    vecs = np.asarray(embed([question] + [s for _, _, s in found]), dtype=np.float32)
+    vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    scores = vecs[1:] @ vecs[0]
+    best = sorted(np.argsort(-scores, kind="stable")[:max_sentences].tolist(), key=lambda i: found[i][:2])
+    taken: dict[int, list[str]] = {}
+    for i in best:
+        taken.setdefault(found[i][0], []).append(found[i][2])
+    sources = [{"doc_id": results[rank].doc_id, "title": results[rank].title, "chunk_id": results[rank].chunk_id,
+                "text": results[rank].text, "score": results[rank].score, "trimmed": False,
+                "sentences": taken[rank]} for rank in sorted(taken)]
+    return RagAnswer(" ".join(found[i][2] for i in best), sources, "", 0, None, mode="extractive")

@@ -58,14 +58,22 @@ class RagBody(BaseModel):
 
 @router.post("/v1/rag", tags=["search"], summary="Retrieval-augmented answer with its sources")
 async def rag(body: RagBody, request: Request):
+    """With a generator configured: GPT-2 answers from the retrieved chunks
+    (``"mode": "generative"``). Without one: the retrieved sentences closest
+    to the question (``"mode": "extractive"``), on the search lane."""
     services = get_services(request)
-    require_engine(services)
-    require_model(services, "generator")
+    engine = require_engine(services)
     rules.check_rag(body.max_tokens, services.config.models)
     t0 = time.perf_counter()
-    job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
-                     {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
-    answer = await submit(services, "generate", job, key=rules.unique_key("rag"))
+    if services.models["generator"].status == "absent":
+        answer = await submit(services, "search", lambda: engine.rag(
+            body.question, body.k, max_new_tokens=body.max_tokens, filter=body.filter, hybrid=body.hybrid,
+            mode="extractive"), key=rules.unique_key("rag"))
+    else:
+        require_model(services, "generator")  # loading or failed: 503 saying why
+        job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
+                         {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
+        answer = await submit(services, "generate", job, key=rules.unique_key("rag"))
     out = answer.to_dict()
     if not body.include_prompt:
         out.pop("prompt", None)

@@ -149,7 +149,8 @@ onSubmit("rag-form", async () => {
   const out = await postJSON("v1/rag", {
     question: $("rag-question").value, k: Number($("rag-k").value) || 4, max_tokens: Number($("rag-max-tokens").value) || 32,
   });
-  $("rag-answer").textContent = out.answer;
+  // without a generator the server answers with the closest retrieved sentences
+  $("rag-answer").textContent = (out.mode === "extractive" ? "(extractive, no generator) " : "") + out.answer;
   $("rag-sources").replaceChildren(...out.sources.map((s) => el("li", { class: "hit" },
     el("div", { class: "hit-head" }, el("b", {}, s.title || s.doc_id), " ", el("span", { class: "score" }, fmt(s.score)),
       s.trimmed ? el("span", { class: "tag" }, "trimmed") : ""),
