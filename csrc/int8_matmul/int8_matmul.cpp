@@ -195,6 +195,30 @@ struct ColumnOperands {
   }
 };
 
+// The float-output GEMM over quantized rows a (A format, row stride lda):
+// y[m, n] (row stride N) = act(float(acc - zp[m] colsum[n]) sx[m] sw[n] + bias[n]).
+GemmArgs float_gemm(const void* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
+                    const ColumnOperands& cols, const int32_t* zp, const float* sx, int act, float* y,
+                    bool amx) {
+  GemmArgs g{};
+  g.a = static_cast<const uint8_t*>(a);
+  g.lda = lda;
+  g.bp = packed;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.colsum = cols.cs.get();
+  g.ldc = N;
+  g.c_f32 = y;
+  g.row_zp = zp;
+  g.row_scale = sx;
+  g.col_scale = cols.sw.get();
+  g.bias = cols.bs.get();
+  g.act = act;
+  g.use_amx = amx;
+  return g;
+}
+
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
             float* y) {
@@ -202,9 +226,6 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   const IsaKernels& kr = kernels();
   const int64_t KB = (K + 3) / 4, lda = KB * 4;
   const ColumnOperands cols(colsum, scale_w, bias, N);
-  const Scratch<int32_t>& cs = cols.cs;
-  const Scratch<float>& sw = cols.sw;
-  const Scratch<float>& bs = cols.bs;
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
   Scratch<uint8_t> q(0, Mp * lda * kr.a_bytes);
@@ -212,23 +233,7 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   Scratch<int32_t> zp(6, M);
   kr.quantize_rows_a(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
   if (Mp > M) std::memset(q.get() + M * lda * kr.a_bytes, 0, (Mp - M) * lda * kr.a_bytes);
-  GemmArgs g{};
-  g.a = q.get();
-  g.lda = lda;
-  g.bp = packed;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.colsum = cs.get();
-  g.ldc = N;
-  g.c_f32 = y;
-  g.row_zp = zp.get();
-  g.row_scale = sx.get();
-  g.col_scale = sw.get();
-  g.bias = bs.get();
-  g.act = act;
-  g.use_amx = amx;
-  kr.gemm(g);
+  kr.gemm(float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx));
 }
 
 namespace {
@@ -304,23 +309,8 @@ void conv2d_nhwc(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int
       sx[r] = sx_img[b];
       zp[r] = zp_img[b];
     }
-    GemmArgs g{};
-    g.a = a.get();
-    g.lda = lda;
-    g.bp = packed;
-    g.M = rows;
-    g.N = Cout;
-    g.K = K;
-    g.colsum = cols.cs.get();
-    g.ldc = Cout;
-    g.c_f32 = y + m0 * Cout;
-    g.row_zp = zp.get();
-    g.row_scale = sx.get();
-    g.col_scale = cols.sw.get();
-    g.bias = cols.bs.get();
-    g.act = act;
-    g.use_amx = false;  // rows are not padded to the AMX tiles' 16
-    kr.gemm(g);
+    // rows are not padded to the AMX tiles' 16: the VNNI path
+    kr.gemm(float_gemm(a.get(), lda, packed, rows, Cout, K, cols, zp.get(), sx.get(), act, y + m0 * Cout, false));
   }
 }
 

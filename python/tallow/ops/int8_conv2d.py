@@ -34,7 +34,8 @@ import torch
 
 from .._dispatch import dispatch
 from .._native import native
-from .int8_matmul import _ACT_CODE, _check_activation, _wrap_int32, apply_activation, pack_weight, quantize_rows_ref
+from .int8_matmul import (_ACT_CODE, _check_activation, _wrap_int32, apply_activation, fill_quantized_weights,
+                          quantize_rows_ref)
 
 _ORDER = {"cpu": ("cpu", "ref"), "cuda": ("ref",)}
 
@@ -111,15 +112,7 @@ class QuantizedConv2d(torch.nn.Module):
         if bias is not None and tuple(bias.shape) != (cout,):
             raise ValueError(f"QuantizedConv2d.from_float: bias must have shape ({cout},), got {tuple(bias.shape)}")
         mod = cls(cin, cout, (kh, kw), stride=stride, padding=padding, bias=bias is not None, activation=activation)
-        scale = w.abs().amax(dim=1) / torch.tensor(127.0, dtype=torch.float32)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        wq = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-        with torch.no_grad():
-            mod.packed_weight.copy_(pack_weight(wq))
-            mod.weight_scale.copy_(scale)
-            mod.weight_colsum.copy_(wq.to(torch.int32).sum(dim=1, dtype=torch.int32))
-            if bias is not None:
-                mod.bias.copy_(bias.detach().to("cpu", torch.float32))
+        fill_quantized_weights(mod, w, bias)
         return mod
 
     @property

@@ -192,6 +192,23 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(nb * 16, kb * 4)[:n, :k]
 
 
+def fill_quantized_weights(mod: torch.nn.Module, w: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Quantizes float32 ``w [N, K]`` symmetric per output channel
+    (``scale = max|w| / 127``, 1 for an all-zero row; ``clamp(round(w / scale),
+    -127, 127)``) into ``mod``'s ``packed_weight``, ``weight_scale`` and
+    ``weight_colsum`` buffers, and copies ``bias`` (QuantizedLinear,
+    QuantizedConv2d)."""
+    scale = w.abs().amax(dim=1) / torch.tensor(127.0, dtype=torch.float32)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    wq = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    with torch.no_grad():
+        mod.packed_weight.copy_(pack_weight(wq))
+        mod.weight_scale.copy_(scale)
+        mod.weight_colsum.copy_(wq.to(torch.int32).sum(dim=1, dtype=torch.int32))
+        if bias is not None:
+            mod.bias.copy_(bias.detach().to("cpu", torch.float32))
+
+
 # --------------------------------------------------------------------------- int8_matmul op
 
 
@@ -404,15 +421,7 @@ class QuantizedLinear(torch.nn.Module):
             if tuple(bias.shape) != (n,):
                 raise ValueError(f"QuantizedLinear.from_float: bias must have shape ({n},), got {tuple(bias.shape)}")
         mod = cls(k, n, bias=bias is not None, activation=activation)
-        scale = w.abs().amax(dim=1) / torch.tensor(127.0, dtype=torch.float32)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        wq = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-        with torch.no_grad():
-            mod.packed_weight.copy_(pack_weight(wq))
-            mod.weight_scale.copy_(scale)
-            mod.weight_colsum.copy_(wq.to(torch.int32).sum(dim=1, dtype=torch.int32))
-            if bias is not None:
-                mod.bias.copy_(bias.detach().to("cpu", torch.float32))
+        fill_quantized_weights(mod, w, bias)
         return mod
 
     @property
