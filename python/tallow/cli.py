@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--api-key", help="bearer key for write endpoints (or TALLOW_API_KEY)")
     p_serve.add_argument("--no-demo", action="store_true", default=None, help="do not index the demo corpus")
 
+    from .train.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve_cmd(args)
@@ -230,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             return _index_cmd(args)
         if args.command == "rag":
             return _rag_cmd(args)
+        if args.command == "train":
+            from .train.cli import run as _train_cmd
+
+            return _train_cmd(args)
     except (ValueError, RuntimeError) as exc:  # EngineError, FilterError, StoreError, ...
         print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
         return 2
