@@ -19,9 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server"]  # bench_<name>.py scripts
+SUITES = ["attention", "int8_matmul", "preprocess", "models", "index", "server", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
+RESULTS = ["attention", "int8_linear", "int8_matmul", "preprocess", "models", "index", "train"]
 # The issues' speed targets: (suite, case regex, our provider, peer provider
 # prefix, target ratio). The summary reports the smallest measured ratio over
 # the matching cases, so a target counts as met only where it holds for all.
@@ -41,6 +41,9 @@ TARGETS = [
     ("models", r"gpt2-124m b1 .*greedy", "tallow-int8", "transformers-fp32", 2.5),
     ("models", r"resnet50 b", "tallow-fp32", "transformers-fp32", 1.0),
     ("models", r"resnet50 b", "tallow-int8", "transformers-fp32", 1.3),
+    # issue 12: the Trainer's overhead, samples/s against the fastest plain loop (>= 0.95x)
+    ("train", r"digits convnet", "tallow Trainer", "plain loop (tensor indexing)", 0.95),
+    ("train", r"digits convnet", "tallow Trainer", "plain loop (DataLoader)", 0.95),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"

@@ -28,7 +28,7 @@ import torch
 
 from . import distributed as D
 from .live import make_view
-from .state import load_state, rng_state, save_state, set_rng_state
+from .state import load_state, rng_state, set_rng_state, snapshot, write_snapshot
 
 _CKPT = re.compile(r"^step-(\d+)$")
 
@@ -170,19 +170,34 @@ class TrainLoop:
                 "objects": {k: v.state_dict() for k, v in self.objects.items()}, "rng": rngs}
 
     def save_checkpoint(self, name: Optional[str] = None) -> Optional[Path]:
-        """All processes call it (RNG states are gathered); rank 0 writes
-        checkpoints/step-N (or checkpoints/<name>) and keeps the last N."""
+        """All processes call it (RNG states are gathered); rank 0 copies the
+        state now and writes checkpoints/step-N (or checkpoints/<name>) in a
+        background thread while training goes on (one write at a time), then
+        keeps the last N. ``wait_checkpoints()`` waits for the write."""
         state = self._ckpt_state()
         path = None
         if self.info.is_main:
             d = self.out_dir / "checkpoints"
-            path = save_state(d / (name or f"step-{self.pos['step']:08d}"), state)
-            if name is None:
-                old = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name)))
-                for _, p in old[:-self.keep_last]:
-                    shutil.rmtree(p, ignore_errors=True)
+            path = d / (name or f"step-{self.pos['step']:08d}")
+            skeleton, tensors = snapshot(state)
+            self.wait_checkpoints()
+
+            def write():
+                write_snapshot(path, skeleton, tensors)
+                if name is None:
+                    old = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name)))
+                    for _, p in old[:-self.keep_last]:
+                        shutil.rmtree(p, ignore_errors=True)
+
+            self._writer = _Writer(write)
         D.barrier(self.info)
         return path
+
+    def wait_checkpoints(self) -> None:
+        """Blocks until the last checkpoint is on disk; raises its error, if any."""
+        w, self._writer = getattr(self, "_writer", None), None
+        if w is not None:
+            w.join()
 
     def _restore(self, path: Path) -> None:
         st = load_state(path)
@@ -311,4 +326,29 @@ class TrainLoop:
         finally:
             if self.view:
                 self.view.close()
+            self.wait_checkpoints()
+        D.barrier(self.info)
         return dict(self.pos)
+
+
+class _Writer:
+    """A checkpoint write on a thread of its own; ``join`` re-raises its error."""
+
+    def __init__(self, fn):
+        import threading
+
+        self.error: Optional[BaseException] = None
+
+        def target():
+            try:
+                fn()
+            except BaseException as exc:  # reported by join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, name="tallow-checkpoint", daemon=False)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"writing a checkpoint failed: {self.error}") from self.error

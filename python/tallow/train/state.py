@@ -26,10 +26,12 @@ _DICT = "__dict_items__"  # a dict with non-string keys (optimizer state is keye
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
-    """A JSON-able skeleton of ``obj``; tensors are moved into ``tensors``."""
+    """A JSON-able skeleton of ``obj``; copies of its tensors go into ``tensors``
+    (copies: training may go on while they are written)."""
     if isinstance(obj, torch.Tensor):
         key = f"{prefix}.{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        t = obj.detach()
+        tensors[key] = t.to("cpu", copy=True).contiguous() if t.device.type == "cpu" else t.cpu().contiguous()
         return {_T: key}
     if isinstance(obj, np.ndarray):
         key = f"{prefix}.{len(tensors)}"
@@ -69,9 +71,19 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def snapshot(state: dict) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON skeleton, tensor copies) of ``state``: what ``write_snapshot`` writes."""
+    tensors: dict[str, torch.Tensor] = {}
+    return flatten(state, tensors), tensors
+
+
 def save_state(path: str | Path, state: dict) -> Path:
     """Writes ``state`` (nested dicts of tensors and plain values) to the
     directory ``path`` atomically."""
+    return write_snapshot(path, *snapshot(state))
+
+
+def write_snapshot(path: str | Path, skeleton: Any, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -79,8 +91,6 @@ def save_state(path: str | Path, state: dict) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten(state, tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
     for f in tmp.iterdir():  # durable before the rename makes it visible

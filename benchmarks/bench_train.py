@@ -1,0 +1,102 @@
+"""tallow.train's Trainer against plain PyTorch loops on the same model,
+data, optimizer and batch size (issue 12: >= 0.95x the samples/s).
+
+    python benchmarks/bench_train.py [--quick]
+
+Each call trains the digits ConvNet (tallow.train.vision.DigitsConvNet,
+scikit-learn's 1,797 8x8 digits, 80 % train split) for a few epochs from the
+same initial weights with AdamW: the Trainer with its defaults (metrics as
+counts, a checkpoint at every epoch end, metrics.jsonl, plain progress lines
+to a null stream) against
+
+- "plain loop (tensor indexing)": a hand-written loop that shuffles with
+  torch.randperm and indexes the tensors (the fastest plain loop), and
+- "plain loop (DataLoader)": the textbook loop over
+  DataLoader(TensorDataset, shuffle=True).
+
+Providers run interleaved (harness.py); unit: training samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+from pathlib import Path
+
+import tallow  # noqa: F401  (first: OMP_WAIT_POLICY before torch loads libgomp)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Case, run_suite  # noqa: E402
+
+from tallow.train import Trainer  # noqa: E402
+from tallow.train.vision import DigitsConvNet, digits_split  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    epochs = 1 if args.quick else 2
+    batch = 64
+    (xt, yt), _ = digits_split(0)
+    torch.manual_seed(0)
+    init = DigitsConvNet().state_dict()
+    tmp = tempfile.TemporaryDirectory()
+
+    def fresh():
+        m = DigitsConvNet()
+        m.load_state_dict(init)
+        return m
+
+    def trainer():
+        with contextlib.redirect_stdout(io.StringIO()):
+            Trainer(fresh(), torch.utils.data.TensorDataset(xt, yt), out_dir=tmp.name, num_classes=10, lr=2e-3,
+                    epochs=epochs, batch_size=batch, live=False, plots=False).fit()
+
+    def plain_indexing():
+        m = fresh()
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(len(yt))
+            for i in range(0, len(yt), batch):
+                idx = perm[i:i + batch]
+                loss = F.cross_entropy(m(xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def plain_dataloader():
+        m = fresh()
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=batch, shuffle=True)
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.cross_entropy(m(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    case = Case(f"digits convnet {epochs} epochs b{batch}",
+                {"tallow Trainer": trainer, "plain loop (tensor indexing)": plain_indexing,
+                 "plain loop (DataLoader)": plain_dataloader},
+                work=epochs * len(yt), unit="samples/s", params={"epochs": epochs, "batch_size": batch},
+                warmup=1, min_reps=3 if args.quick else 15)
+    rows = run_suite("train", [case], min_time=0.5 if args.quick else 20.0)
+    ours = next(r for r in rows if r["provider"] == "tallow Trainer")
+    for r in rows:
+        if r is not ours:
+            print(f"Trainer / {r['provider']}: {r['median_ms'] / ours['median_ms']:.3f}x the samples/s")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
