@@ -56,7 +56,8 @@ def main() -> int:
 
     def trainer():
         with contextlib.redirect_stdout(io.StringIO()):
-            Trainer(fresh(), torch.utils.data.TensorDataset(xt, yt), out_dir=tmp.name, num_classes=10, lr=2e-3,
+            Trainer(fresh(), torch.utils.data.TensorDataset(xt, yt), out_dir=tempfile.mkdtemp(dir=tmp.name),
+                    num_classes=10, lr=2e-3,
                     epochs=epochs, batch_size=batch, live=False, plots=False).fit()
 
     def plain_indexing():

@@ -120,3 +120,13 @@ def test_early_stopping(tmp_path):
 def test_trainer_rejects_bad_lr(tmp_path):
     with pytest.raises(ValueError, match="lr"):
         Trainer(torch.nn.Linear(2, 2), _blobs(d=2), out_dir=tmp_path, num_classes=3, lr=float("nan"))
+
+
+def test_fresh_run_forgets_the_previous_one(tmp_path):
+    ds = _blobs()
+    kw = dict(out_dir=tmp_path, num_classes=3, lr=0.05, batch_size=32, live=False, log_every=0, plots=False)
+    Trainer(torch.nn.Linear(6, 3), ds, epochs=3, **kw).fit()
+    Trainer(torch.nn.Linear(6, 3), ds, epochs=1, **kw).fit()  # resume=None: a new run
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == ["step-00000008"]  # not the first run's step-24, which resume='auto' would pick
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

@@ -6,6 +6,7 @@ any subset or re-split of a corpus reuses them."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,7 +66,7 @@ def pooled_features(embedder, texts: Sequence[str], *, pooling: str, normalize: 
         store = torch.cat([store, new])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # torchrun: every rank may write it
             save_file({"keys": store_keys.contiguous(), "features": store.contiguous()}, str(tmp))
             tmp.replace(path)
     return store[torch.tensor([known[k] for k in keys], dtype=torch.long)] if keys else store[:0]

@@ -216,16 +216,23 @@ class TrainLoop:
                 f.truncate(loop["metrics_offset"])
         self.resumed_from = str(path)
 
+    def _fresh_start(self) -> None:
+        """A new run in this directory: the previous run's metrics and
+        checkpoints go (a later resume='auto' must not find them)."""
+        if self.info.is_main:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+        D.barrier(self.info)
+
     def _maybe_resume(self) -> None:
         if self.resume in (None, "", "never"):
-            if self.info.is_main and self.metrics_path.exists():
-                self.metrics_path.unlink()
+            self._fresh_start()
             return
         if self.resume == "auto":
             path = D.broadcast_object(latest_checkpoint(self.out_dir), self.info)
             if path is None:
-                if self.info.is_main and self.metrics_path.exists():
-                    self.metrics_path.unlink()
+                self._fresh_start()
                 return
         else:
             path = Path(self.resume)
