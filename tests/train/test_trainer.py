@@ -130,3 +130,15 @@ def test_fresh_run_forgets_the_previous_one(tmp_path):
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert steps == ["step-00000008"]  # not the first run's step-24, which resume='auto' would pick
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_skips_a_torn_newest_checkpoint(tmp_path):
+    from tallow.train.loop import latest_checkpoint
+
+    ds = _blobs()
+    Trainer(torch.nn.Linear(6, 3), ds, out_dir=tmp_path, num_classes=3, lr=0.05, epochs=2, batch_size=32,
+            keep_last=3, live=False, log_every=0, plots=False).fit()
+    ck = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path) == ck / "step-00000016"
+    (ck / "step-00000016" / "tensors.safetensors").write_bytes(b"")  # as after an OS crash without fsync
+    assert latest_checkpoint(tmp_path) == ck / "step-00000008"

