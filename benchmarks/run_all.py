@@ -35,9 +35,10 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "functions"]  # bench_<name>.py
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "functions",
+          "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index"]
+RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index", "train"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ TARGETS = [
     Target("attention", r"gpt2 decode B=8 Lk=1024", "tallow-bf16-cache", "torch_sdpa", 1.8, "11", "avx2"),
     Target("models", r"gpt2-124m b8 .*greedy", "tallow-int8", "baseline", 1.3, "11", "avx2", "baseline"),
     Target("int8_matmul", r".", "tallow int8_matmul", "torch._int_mm*", 1.0, "11", "amx"),
+    # Issue 12: the Trainer's overhead, samples/s against the plain PyTorch loops.
+    Target("train", r"digits convnet", "tallow Trainer", "plain loop (tensor indexing)", 0.95, "12"),
+    Target("train", r"digits convnet", "tallow Trainer", "plain loop (DataLoader)", 0.95, "12"),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"

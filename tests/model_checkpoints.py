@@ -79,3 +79,43 @@ def resnet_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resnet")
     model.save_pretrained(out)
     return out
+
+
+# -- tallow.train (issue 12): a tiny labelled set and a head trained on the random BERT --------
+
+_POS = ["I love it", "great service", "what a wonderful day", "absolutely fantastic", "this is excellent",
+        "best purchase ever", "so happy with this", "really good work", "lovely and kind", "brilliant idea"]
+_NEG = ["I hate it", "terrible service", "what an awful day", "absolutely horrible", "this is dreadful",
+        "worst purchase ever", "so sad about this", "really bad work", "nasty and rude", "stupid idea"]
+
+
+def write_sentiment_csv(path: Path, repeats: int = 3) -> Path:
+    """A small positive/negative CSV (text,label) with varied phrasing."""
+    import csv
+
+    rows = []
+    for r in range(repeats):
+        suffix = ["", " today", " again"][r % 3]
+        rows += [(t + suffix, "positive") for t in _POS] + [(t + suffix, "negative") for t in _NEG]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    return write_sentiment_csv(tmp_path_factory.mktemp("train-data") / "sentiment.csv")
+
+
+@pytest.fixture(scope="session")
+def trained_head_dir(tmp_path_factory, bert_classifier_dir, sentiment_csv) -> Path:
+    """A mean-pooling head trained by tallow.train on the random BERT (head only, base referenced)."""
+    from tallow.train import train_classifier
+
+    out = tmp_path_factory.mktemp("trained-head")
+    train_classifier(train_path=sentiment_csv, base=str(bert_classifier_dir), out=out, mode="head", pooling="mean",
+                     epochs=5, batch_size=16, lr=0.05, live=False, log_every=0, int8_check=False,
+                     log=lambda *a: None)
+    return out

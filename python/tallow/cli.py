@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
 
     fn_cli.add_parser(sub)
 
+    from .train.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve_cmd(args)
@@ -265,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             return fn_cli.run(args)
         if args.command == "pull":
             return _pull_cmd(args)
+        if args.command == "train":
+            from .train.cli import run as _train_cmd
+
+            return _train_cmd(args)
     except (ValueError, RuntimeError) as exc:  # EngineError, FilterError, StoreError, ...
         print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
         return 2

