@@ -99,14 +99,14 @@ def test_filter_schema_agrees_with_the_server(tmp_path):
 # -- schemathesis against a live server -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def st_server(tmp_path_factory, bert_classifier_dir, gpt2_dir, resnet_dir):
+def st_server(tmp_path_factory, bert_classifier_dir, gpt2_long_dir, resnet_dir):
     """Every model, no demo corpus (the run writes and deletes documents and images), a full
     and a read-only key, a small body limit."""
     cfg = make_config(tmp_path_factory.mktemp("st-data"), **{
         "data.demo_corpus": False, "models.classifier": str(bert_classifier_dir),
-        "models.generator": str(gpt2_dir), "models.image": str(resnet_dir), "server.api_key": FULL,
+        "models.generator": str(gpt2_long_dir), "models.image": str(resnet_dir), "server.api_key": FULL,
         "server.read_only_api_keys": [READ_ONLY], "server.max_body_bytes": 1 << 20,
-        "images.max_megapixels": 2.0, "models.max_completion_tokens": 16, "models.max_completion_rows": 4,
+        "images.max_megapixels": 2.0, "models.max_completion_tokens": 64, "models.max_completion_rows": 4,
         "models.max_n": 2, "models.max_inputs_per_request": 16})
     server = ServerThread(cfg).start()
     yield server
@@ -119,9 +119,9 @@ def test_schemathesis_finds_nothing(st_server, tmp_path):
     a few examples per operation, a fixed seed, a time budget."""
     st = Path(sys.executable).with_name("st")
     report = tmp_path / "st-report.json"
-    cmd = [str(st), "run", st_server.url + "/openapi.json", "--checks", "all",
+    cmd = [str(st), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", st_server.url + "/openapi.json", "--checks", "all",
            "-H", f"Authorization: Bearer {FULL}", "--max-examples", "8", "--seed", "7",
-           "--workers", "2", "--request-timeout", "30", "--max-time", "40", "--no-color",
+           "--workers", "1", "--request-timeout", "30", "--max-time", "40", "--no-color",
            "--report", "ndjson", "--report-ndjson-path", str(report)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,

@@ -104,7 +104,7 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
                 return card
         raise NotFound(f"no loaded model {model!r} (see GET /v1/models)", param="model")
 
-    install_openapi(app, config.server)
+    install_openapi(app, config)
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 401s and
     # 413s included; the key is checked before any body is read.

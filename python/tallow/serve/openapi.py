@@ -18,10 +18,10 @@ from typing import Annotated, Any
 
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
-from pydantic import WithJsonSchema
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from . import auth
-from .config import ServerConfig
+from .config import ServeConfig, ServerConfig
 
 # Statuses each built-in operation answers besides 200 (and those added by rule).
 _MODEL = (422, 429, 503, 504)  # input checks, a lane's queue full, model not ready or lane closing, timeout
@@ -103,6 +103,42 @@ def _link_filters(node: Any) -> Any:
         return [_link_filters(v) for v in node]
     return node
 
+# Request field types whose JSON Schema says what the server accepts. The request
+# models are strict (no "1" for 1, no 0 for false: what JSON Schema refuses, the
+# server refuses); an integer field takes an integral float (JSON Schema's
+# integer includes 1.0).
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def bounded_int(**bounds: int) -> Any:
+    """``Int`` within bounds (in a union, pydantic writes bounds given beside the
+    validator as raw "ge"/"lt" keys that JSON Schema does not read)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# Seeds within +-(2**53 - 1): integers a JSON number holds exactly (clients and
+# validators that read numbers as doubles agree on the bound).
+Seed = bounded_int(ge=-(2**53 - 1), le=2**53 - 1)
+# Text the server reads (a query, an input, a prompt): not empty, not only whitespace.
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})]
+NonEmpty = Annotated[str, Field(min_length=1)]
+DOCUMENT_SCHEMA = {
+    "type": "object", "required": ["text"], "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "description": "default: sha256 of the text"},
+        "text": {"type": "string", "minLength": 1, "pattern": r"\S"},
+        "title": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "category": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "timestamp": {"anyOf": [{"type": "integer"}, {"type": "null"}], "description": "Unix seconds"},
+        "payload": {"anyOf": [{"type": "object", "propertyNames": {"not": {"enum": ["_tallow_hash", "_tallow_id"]}}},
+                              {"type": "null"}]},
+    },
+}
+
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"},
     "api-key": {"type": "apiKey", "in": "header", "name": "api-key"},
@@ -135,11 +171,41 @@ def operation_errors(route, method: str, server: ServerConfig) -> set[int]:
     return statuses
 
 
-def build_schema(app, server: ServerConfig) -> dict:
+def _limits(schemas: dict, config: ServeConfig, dim: int | None) -> None:
+    """The configured limits, where a request schema can say them."""
+    m = config.models
+
+    def prop(model: str, name: str) -> dict:
+        return schemas.get(model, {}).get("properties", {}).get(name, {})
+
+    def list_branch(p: dict) -> dict:
+        return next((b for b in p.get("anyOf", []) if b.get("type") == "array"), {})
+
+    for model in ("CompletionRequest", "GenerateRequest", "RagBody"):
+        if prop(model, "max_tokens"):
+            prop(model, "max_tokens")["maximum"] = m.max_completion_tokens
+    if prop("CompletionRequest", "n"):
+        prop("CompletionRequest", "n")["maximum"] = m.max_n
+        list_branch(prop("CompletionRequest", "prompt")).update(minItems=1, maxItems=m.max_completion_rows)
+    for model in ("EmbeddingsRequest", "ClassifyRequest"):
+        branch = list_branch(prop(model, "input"))
+        if branch:
+            branch.update(minItems=1, maxItems=m.max_inputs_per_request)
+    if prop("DocumentsBody", "documents"):
+        docs = prop("DocumentsBody", "documents")
+        docs["maxItems"] = m.max_inputs_per_request
+        docs["items"]["properties"]["text"]["maxLength"] = config.data.max_document_chars
+    if dim is not None and prop("EmbeddingsRequest", "dimensions"):
+        prop("EmbeddingsRequest", "dimensions")["anyOf"] = [{"const": dim}, {"type": "null"}]
+
+
+def build_schema(app, config: ServeConfig, dim: int | None = None) -> dict:
+    server = config.server
     schema = _link_filters(get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
                                        description=app.description, routes=app.routes))
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
+    _limits(schemas, config, dim)
     schemas["Error"] = ERROR_SCHEMA
     schemas["Filter"] = FILTER_SCHEMA
     schemas.pop("HTTPValidationError", None)
@@ -182,16 +248,22 @@ def _special(route, method: str, responses: dict) -> None:
     elif path == "/v1/completions":
         ok = responses.setdefault("200", {"description": "Successful Response"})
         ok.setdefault("content", {"application/json": {"schema": {}}})
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string"},
-                                              "description": 'with "stream": true: one event per token'}
+        # with "stream": true: server-sent events, one per token, then "data: [DONE]"
+        ok["content"]["text/event-stream"] = {}
 
 
-def install_openapi(app, server: ServerConfig) -> None:
-    """``app.openapi()`` builds (once) the schema described above."""
+def install_openapi(app, config: ServeConfig) -> None:
+    """``app.openapi()`` builds the schema described above (kept once the
+    embedder has loaded: the schema names its dimension)."""
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_schema(app, server)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        slot = app.state.services.models.get("embedder")
+        dim = slot.model.config.hidden_size if slot is not None and slot.status == "ready" else None
+        schema = build_schema(app, config, dim)
+        if dim is not None:
+            app.openapi_schema = schema
+        return schema
 
     app.openapi = openapi

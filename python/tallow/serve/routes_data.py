@@ -6,15 +6,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError, NotFound, Unavailable
 from . import rules
-from .openapi import FilterField
+from .openapi import DOCUMENT_SCHEMA, FilterField, Int, Seed, Text
 from .deps import get_services, require_engine, require_model, submit
 from .services import RagRequest
 
@@ -24,9 +25,9 @@ router = APIRouter()
 # -- search and RAG ----------------------------------------------------------------------------
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1)
-    k: int = Field(10, ge=1, le=1000)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: Text
+    k: Int = Field(10, ge=1, le=1000)
     filter: FilterField = None
     score_threshold: float | None = None
     hybrid: bool = False
@@ -45,15 +46,15 @@ async def search(body: SearchRequest, request: Request):
 
 
 class RagBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str = Field(min_length=1)
-    k: int = Field(4, ge=1, le=50)
-    max_tokens: int = Field(64, ge=1)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: Text
+    k: Int = Field(4, ge=1, le=50)
+    max_tokens: Int = Field(64, ge=1)
     filter: FilterField = None
     hybrid: bool = False
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     include_prompt: bool = False
 
 
@@ -77,8 +78,9 @@ async def rag(body: RagBody, request: Request):
 # -- documents ---------------------------------------------------------------------------------
 
 class DocumentsBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}",
+                                  json_schema_extra={"items": DOCUMENT_SCHEMA})
 
 
 @router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)")
@@ -106,19 +108,28 @@ async def delete_document(id: str, request: Request):
 
 # -- images ------------------------------------------------------------------------------------
 
+# What base64.b64decode(validate=True) takes, not empty
+_BASE64 = {"minLength": 4, "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
+
+
 class ImageBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=256)
-    image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(min_length=1, max_length=256, pattern="^[^\x00-\x1f\x7f]*$", description="no control characters")
+    image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64", json_schema_extra=_BASE64)
     payload: dict = Field(default_factory=dict)
 
 
 class ImageSearchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: str = Field(description="the encoded image as base64")
-    k: int = Field(10, ge=1, le=1000)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: str = Field(description="the encoded image as base64", json_schema_extra=_BASE64)
+    k: Int = Field(10, ge=1, le=1000)
     filter: FilterField = None
     score_threshold: float | None = None
+
+
+# Form fields hold text: numbers as JSON writes them (no "nan", "1_0" or " 5")
+_JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 
 
 async def _image_fields(request: Request) -> dict:
@@ -133,6 +144,8 @@ async def _image_fields(request: Request) -> dict:
         fields: dict[str, Any] = {}
         try:  # uploaded files are spooled to temporary files: close them
             for key, value in form.multi_items():
+                if key in fields:
+                    raise InputError(f"the form gives {key} more than once", param=key)
                 if key == "image":
                     if not hasattr(value, "read"):
                         raise InputError("image must be a file part", param="image")
@@ -143,15 +156,16 @@ async def _image_fields(request: Request) -> dict:
                     except (TypeError, ValueError):
                         raise InputError(f"{key} must be a JSON object", param=key) from None
                 elif key in ("k",):
-                    try:
-                        fields[key] = int(value)
-                    except ValueError:
-                        raise InputError("k must be an integer", param="k") from None
+                    if not isinstance(value, str) or not _JSON_INT.match(value):
+                        raise InputError("k must be an integer", param="k")
+                    fields[key] = int(value)
                 elif key == "score_threshold":
-                    try:
+                    if value == "null":
+                        fields[key] = None
+                    elif isinstance(value, str) and _JSON_NUMBER.match(value):
                         fields[key] = float(value)
-                    except ValueError:
-                        raise InputError("score_threshold must be a number", param=key) from None
+                    else:
+                        raise InputError("score_threshold must be a number", param=key)
                 else:
                     fields[key] = value
         finally:
@@ -210,7 +224,7 @@ def _image_body_doc(model_cls) -> dict:
     to take either JSON with base64 or a multipart upload)."""
     schema = model_cls.model_json_schema()
     form = {**schema, "properties": {**schema["properties"],
-                                     "image": {"type": "string", "format": "binary"}}}
+                                     "image": {"type": "string", "format": "binary", "minLength": 1}}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
                                                           "multipart/form-data": {"schema": form}}}}
 
