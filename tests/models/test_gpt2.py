@@ -128,3 +128,15 @@ def test_int8_logits_close_and_perplexity_change_reported(gpt2_dir, model):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert abs(ppl_int8 - ppl_fp32) / ppl_fp32 < 0.02
     assert "quantization=int8" in repr(int8)
+
+
+def test_a_subnormal_temperature_samples_like_greedy():
+    """logits / 1e-309 overflow to inf (softmax NaN, multinomial raised: a 500
+    found by schemathesis); the limit of a vanishing temperature is argmax."""
+    from tallow.models.generation import SamplingParams, next_tokens
+
+    logits = torch.tensor([[1.0, 3.0, -2.0], [-1.0, -0.5, -3.0]])
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for t in (1e-309, 5e-324, 2.2e-308):
+        out = next_tokens(logits, SamplingParams(max_new_tokens=1, temperature=t), seen, None)
+        assert out.tolist() == [1, 1]

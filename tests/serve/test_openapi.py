@@ -86,7 +86,7 @@ def test_filter_schema_agrees_with_the_server(tmp_path):
             {"tag": {"in": ["a", 1]}}, {"lang": {"ne": "de"}, "tag": {"nin": [True]}},
             {"must": [{"a": 1}], "should": [{"b": {"eq": "x"}}, {}], "must_not": [{"c": {"lte": 0}}]}]
     bad = [{"": 1}, {"a": None}, {"a": [1]}, {"a": {}}, {"a": {"like": "x"}}, {"a": {"gt": "1"}},
-           {"a": {"in": []}}, {"a": {"gt": True}}, {"must": []}, {"must": {"a": 1}}, {"should": [5]}]
+           {"a": {"in": []}}, {"a": {"gt": True}}, {"must": []}, {"must": {"a": 1}}, {"should": [5]}, {"must_not": [None]}]
     for f in good:
         assert validator.is_valid(f), f
         filters.parse(f)
