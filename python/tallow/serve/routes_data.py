@@ -26,7 +26,7 @@ router = APIRouter()
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    query: Text
+    query: Text = Field(min_length=1)
     k: Int = Field(10, ge=1, le=1000)
     filter: FilterField = None
     score_threshold: float | None = None
@@ -47,7 +47,7 @@ async def search(body: SearchRequest, request: Request):
 
 class RagBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    question: Text
+    question: Text = Field(min_length=1)
     k: Int = Field(4, ge=1, le=50)
     max_tokens: Int = Field(64, ge=1)
     filter: FilterField = None
