@@ -42,6 +42,10 @@ EXPECTED: dict[tuple[str, str], tuple[str, int]] = {
     ("POST", "/v1/documents"): ("write", 422),
     ("DELETE", "/v1/documents/{id}"): ("write", 404),
     ("POST", "/v1/images"): ("write", 422),
+    # decided for routes other branches add (the playground, the WebAssembly functions list)
+    ("GET", "/"): ("read", 200),
+    ("GET", "/playground/{name}"): ("read", 404),
+    ("GET", "/v1/functions"): ("read", 200),
 }
 KEYS = {"none": None, "wrong": "not-a-key-of-this-server", "read-only": READ_ONLY_KEY, "full": API_KEY}
 

@@ -124,7 +124,7 @@ def test_schemathesis_finds_nothing(st_server, tmp_path):
            "--workers", "1", "--request-timeout", "30", "--max-time", "40", "--no-color",
            "--report", "ndjson", "--report-ndjson-path", str(report)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its caches go there
                           env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     out = proc.stdout + proc.stderr
     Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)

@@ -114,7 +114,7 @@ _BASE64 = {"minLength": 4, "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}
 
 class ImageBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    id: str = Field(min_length=1, max_length=256, pattern="^[^\x00-\x1f\x7f]*$", description="no control characters")
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$", description="no control characters")
     image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64", json_schema_extra=_BASE64)
     payload: dict = Field(default_factory=dict)
 
