@@ -168,6 +168,9 @@ def _serve_cmd(args) -> int:
                "models.generator": args.generator, "models.image": args.image_model,
                "models.quantize": "int8" if args.int8 else None, "cache.url": args.cache_url,
                "server.api_key": args.api_key or os.environ.get("TALLOW_API_KEY"),
+               "server.read_only_api_keys": (args.read_only_api_keys
+                                             or os.environ.get("TALLOW_READ_ONLY_API_KEYS") or None),
+               "server.insecure_no_auth": True if args.insecure_no_auth else None,
                "data.demo_corpus": False if args.no_demo else None})
     except ConfigError as exc:
         print(f"tallow serve: error: {exc}", file=sys.stderr)
@@ -244,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--image-model", help="ResNet-50 directory, torchvision .pth or Hub id (microsoft/resnet-50)")
     p_serve.add_argument("--int8", action="store_true", default=None, help="INT8 linear layers for every model")
     p_serve.add_argument("--cache-url", help="redis://host:port/db for the feature cache (default: in-process LRU)")
-    p_serve.add_argument("--api-key", help="bearer key for write endpoints (or TALLOW_API_KEY)")
+    p_serve.add_argument("--api-key", help="a full API key: every route then needs a key (or TALLOW_API_KEY; "
+                                           "more in server.api_keys)")
+    p_serve.add_argument("--read-only-api-keys", metavar="KEY[,KEY...]",
+                         help="comma-separated keys for the reading routes only (or TALLOW_READ_ONLY_API_KEYS)")
+    p_serve.add_argument("--insecure-no-auth", action="store_true", default=None,
+                         help="serve without any API key on an address other than loopback, on purpose")
     p_serve.add_argument("--no-demo", action="store_true", default=None, help="do not index the demo corpus")
 
     from .functions import cli as fn_cli

@@ -164,3 +164,15 @@ def test_bf16_kv_cache_decode_logit_error_is_bounded(gpt2_dir, model):
     err = float((out[0] - out[1]).abs().max() / out[0].abs().max())
     print(f"GPT-2 (random) bf16 KV cache, decode-step logits: max |diff| / max |logit| = {err:.2e}")
     assert 0 < err < 5e-3
+
+
+def test_a_subnormal_temperature_samples_like_greedy():
+    """logits / 1e-309 overflow to inf (softmax NaN, multinomial raised: a 500
+    found by schemathesis); the limit of a vanishing temperature is argmax."""
+    from tallow.models.generation import SamplingParams, next_tokens
+
+    logits = torch.tensor([[1.0, 3.0, -2.0], [-1.0, -0.5, -3.0]])
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    for t in (1e-309, 5e-324, 2.2e-308):
+        out = next_tokens(logits, SamplingParams(max_new_tokens=1, temperature=t), seen, None)
+        assert out.tolist() == [1, 1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server_helpers import API_KEY, ServerThread, make_config
+from server_helpers import API_KEY, READ_ONLY_KEY, SECOND_KEY, ServerThread, make_config
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +29,12 @@ def gpt2_long_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def full_server(tmp_path_factory, bert_classifier_dir, gpt2_dir, resnet_dir):
-    """Every model loaded, the demo corpus indexed, an API key on writes,
-    a small body limit (1 MiB) for the 413 tests."""
+    """Every model loaded, the demo corpus indexed, two full API keys and a
+    read-only one, a small body limit (1 MiB) for the 413 tests."""
     data = tmp_path_factory.mktemp("serve-data")
     cfg = make_config(data, **{"models.classifier": str(bert_classifier_dir), "models.generator": str(gpt2_dir),
                                "models.image": str(resnet_dir), "server.api_key": API_KEY,
+                               "server.api_keys": [SECOND_KEY], "server.read_only_api_keys": [READ_ONLY_KEY],
                                "server.max_body_bytes": 1 << 20, "images.max_megapixels": 2.0,
                                "models.max_completion_tokens": 64})
     server = ServerThread(cfg).start()
@@ -43,6 +44,14 @@ def full_server(tmp_path_factory, bert_classifier_dir, gpt2_dir, resnet_dir):
 
 @pytest.fixture
 def client(full_server):
+    """A client of the full server that sends its (full) API key."""
+    with full_server.client(headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def anon(full_server):
+    """A client of the full server without a key."""
     with full_server.client() as c:
         yield c
 

@@ -18,6 +18,8 @@ import uvicorn
 from tallow.serve import create_app, load_config
 
 API_KEY = "test-key-123"
+SECOND_KEY = "test-key-second-456"  # another full key (server.api_keys)
+READ_ONLY_KEY = "test-read-only-789"  # server.read_only_api_keys
 
 
 def free_port() -> int:
@@ -29,12 +31,13 @@ def free_port() -> int:
 class ServerThread:
     """``uvicorn`` serving ``create_app(config=...)`` until ``stop()``."""
 
-    def __init__(self, config, engine=None):
+    def __init__(self, config, engine=None, **uvicorn_options):
         self.port = free_port()
         self.app = create_app(engine=engine, config=config)
         self.services = self.app.state.services
+        options = {"log_level": "warning", **uvicorn_options}
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on"))
+                                                    lifespan="on", **options))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -182,11 +182,11 @@ def test_rag_answers_with_sources(client):
     assert "prompt" not in body
 
 
-def test_documents_ingest_search_delete_with_auth(client, auth):
+def test_documents_ingest_search_delete_with_auth(client, anon, auth):
     doc = {"id": "note-1", "title": "Zebra care", "text": "Zebras need wide pastures, fresh water and company "
            "of other zebras; their stripes confuse biting flies.", "category": "animals",
            "timestamp": 1700000000, "payload": {"lang": "en"}}
-    _error(client.post("/v1/documents", json={"documents": [doc]}), 401)
+    _error(anon.post("/v1/documents", json={"documents": [doc]}), 401)
     err = _error(client.post("/v1/documents", json={"documents": [doc]},
                              headers={"Authorization": "Bearer wrong"}), 403)
     assert "not valid" in err["message"]
@@ -200,7 +200,7 @@ def test_documents_ingest_search_delete_with_auth(client, auth):
     assert hits[0]["doc_id"] == "note-1" and hits[0]["payload"] == {"lang": "en"}
     bad = _error(client.post("/v1/documents", json={"documents": [{"id": "x", "text": ""}]}, headers=auth), 422)
     assert bad["param"] == "documents[0]"
-    _error(client.delete("/v1/documents/note-1"), 401)
+    _error(anon.delete("/v1/documents/note-1"), 401)
     assert client.delete("/v1/documents/note-1", headers=auth).json()["deleted"] is True
     assert _error(client.delete("/v1/documents/note-1", headers=auth), 404)["param"] == "id"
     hits = client.post("/v1/search", json={"query": "zebra stripes", "k": 3,
@@ -237,7 +237,7 @@ def test_images_store_and_search(client, auth):
     assert {h["id"] for h in odd} == {"img-1", "img-3"}
 
 
-def test_images_bad_input(client, auth):
+def test_images_bad_input(client, anon, auth):
     post = lambda body: client.post("/v1/images", headers=auth, json=body)  # noqa: E731
     assert _error(post({"id": "x", "image": "%%%not base64"}), 422)["param"] == "image"
     _error(post({"id": "x", "image": base64.b64encode(b"definitely not an image").decode()}), 415)
@@ -246,7 +246,7 @@ def test_images_bad_input(client, auth):
     err = _error(post({"id": "big", "image": base64.b64encode(buf.getvalue()).decode()}), 422)
     assert "megapixel" in err["message"].lower() or "pixels" in err["message"].lower()
     _error(post({"image": base64.b64encode(_image_bytes(1)).decode()}), 422)  # no id
-    _error(client.post("/v1/images", json={"id": "x", "image": "aGk="}), 401)
+    _error(anon.post("/v1/images", json={"id": "x", "image": "aGk="}), 401)
     r = client.post("/v1/images/search", content=b"raw", headers={"content-type": "image/png"})
     _error(r, 415)
 
@@ -360,7 +360,9 @@ def test_reviewed_edge_cases(client, auth):
 def test_openai_model_retrieve_and_stream_usage(full_server):
     import openai
 
-    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key="x", max_retries=0)
+    from server_helpers import API_KEY
+
+    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key=API_KEY, max_retries=0)
     assert client.models.retrieve("tallow-embed").id == "tallow-embed"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-9")

@@ -21,6 +21,8 @@ from PIL import Image
 
 from server_helpers import API_KEY, ServerThread, free_port, make_config
 
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
 
 def _metric(text: str, name: str, **labels) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -37,7 +39,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(full_server
     before = httpx.get(full_server.url + "/metrics").text
 
     async def run():
-        async with httpx.AsyncClient(base_url=full_server.url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=full_server.url, timeout=60, headers=AUTH) as c:
             rs = await asyncio.gather(*[c.post("/v1/embeddings", json={"input": t}) for t in texts])
         return [np.array(r.json()["data"][0]["embedding"], dtype=np.float32) for r in rs]
 
@@ -130,7 +132,7 @@ def test_client_leaving_mid_stream_stops_its_generation(small_server):
 def test_openai_client_embeddings_and_completions(full_server):
     import openai
 
-    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key="unused-for-reads", max_retries=0)
+    client = openai.OpenAI(base_url=full_server.url + "/v1", api_key=API_KEY, max_retries=0)  # sent as Bearer
     emb = client.embeddings.create(model="tallow-embed", input=["hello world", "goodbye"])
     want = full_server.services.models["embedder"].model.embed(["hello world", "goodbye"]).numpy()
     np.testing.assert_allclose(np.array([d.embedding for d in emb.data]), want, atol=1e-5)
@@ -201,7 +203,7 @@ def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_pat
         result: dict = {}
 
         def slow_request():
-            result["r"] = httpx.post(url + "/v1/completions", timeout=120,
+            result["r"] = httpx.post(url + "/v1/completions", timeout=120, headers=AUTH,
                                      json={"prompt": "in flight", "max_tokens": 400, "temperature": 0})
 
         t = threading.Thread(target=slow_request)
@@ -302,7 +304,7 @@ def test_concurrent_image_searches_share_a_resnet_batch(full_server, auth):
                           json={"id": f"batch-{i}", "image": img}).status_code == 200
 
     async def run():
-        async with httpx.AsyncClient(base_url=full_server.url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=full_server.url, timeout=60, headers=AUTH) as c:
             return await asyncio.gather(*[c.post("/v1/images/search", json={"image": img, "k": 1})
                                           for img in imgs])
 

@@ -95,8 +95,8 @@ def parse(spec: dict | None) -> Node | None:
     must_not: list[Node] = []
     for key, value in spec.items():
         if key in _BOOL_KEYS:
-            if not isinstance(value, (list, tuple)) or not value:
-                raise FilterError(f"filter {key!r} needs a non-empty list of filters, got {value!r}")
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, dict) for v in value):
+                raise FilterError(f"filter {key!r} needs a non-empty list of filters (objects), got {value!r}")
             subs = [parse(v) for v in value]
             {"must": must, "should": should, "must_not": must_not}[key].extend(s for s in subs if s is not None)
         else:

@@ -84,7 +84,11 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled.amax(dim=-1)).all():
+        # A temperature so small (a subnormal) that the logits overflow: its limit is greedy.
+        return torch.argmax(logits, dim=-1)
+    logits = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

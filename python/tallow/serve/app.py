@@ -29,10 +29,12 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..errors import NotFound
+from .auth import AuthGuard
 from .config import ServeConfig, load_config
 from .deps import model_id
 from .errors import install_handlers
 from .middleware import BodyLimit, RequestMetrics
+from .openapi import install_openapi
 from .routes_data import router as data_router
 from .routes_text import router as text_router
 from .services import Services
@@ -115,7 +117,11 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
                         kv_path=Path(getattr(engine, "data_dir", None) or config.data.dir) / "tallow.db",
                         kv_config=config.kv, sync_url=config.data.sync_url, auth_token=config.data.auth_token)
 
-    # Pure ASGI middlewares, outermost last: metrics see every answer, 413s included.
+    install_openapi(app, config)
+
+    # Pure ASGI middlewares, outermost last: metrics see every answer, 401s and
+    # 413s included; the key is checked before any body is read.
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
+    app.add_middleware(AuthGuard, routes_app=app, server=config.server)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app

@@ -51,12 +51,32 @@ def _lanes() -> dict[str, LaneConfig]:
 
 @dataclass
 class ServerConfig:
+    """``api_key`` / ``api_keys``: full keys (every route); ``read_only_api_keys``:
+    keys for the reading routes only (search, RAG, embeddings, ...). With no key
+    at all every route is open, and a bind to an address other than loopback
+    is refused unless ``insecure_no_auth`` (see ``tallow.serve.auth``). The
+    keys are left out of the dataclass repr and of every error message."""
+
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: str = ""  # empty: write endpoints are open (bind to loopback!)
+    api_key: str = field(default="", repr=False)  # one full key (kept beside api_keys: --api-key, TALLOW_API_KEY)
+    api_keys: list[str] = field(default_factory=list, repr=False)  # more full keys (rotation without downtime)
+    read_only_api_keys: list[str] = field(default_factory=list, repr=False)
+    insecure_no_auth: bool = False  # allow a public bind without any key, on purpose
+    public_metrics: bool = True  # /metrics answers without a key
+    public_playground: bool = False  # the playground page (/) answers without a key (its API calls still need one)
+    key_rps: float = 0.0  # per key: requests per second (token bucket); 0: no limit
+    key_burst: int = 0  # per key: bucket size; 0: max(1, key_rps)
+    key_max_concurrent: int = 0  # per key: requests in flight at once; 0: no limit
     max_body_bytes: int = 16 << 20
     request_timeout_s: float = 120.0
     log_level: str = "info"
+
+    def full_keys(self) -> list[str]:
+        return ([self.api_key] if self.api_key else []) + list(self.api_keys)
+
+    def any_key(self) -> bool:
+        return bool(self.full_keys() or self.read_only_api_keys)
 
 
 @dataclass
@@ -113,6 +133,10 @@ class ServeConfig:
         _check(1 <= s.port <= 65535, "server.port", s.port, "in 1..65535")
         _check(s.max_body_bytes >= 1024, "server.max_body_bytes", s.max_body_bytes, ">= 1024")
         _check(s.request_timeout_s > 0, "server.request_timeout_s", s.request_timeout_s, "> 0")
+        _check(s.key_rps >= 0, "server.key_rps", s.key_rps, ">= 0 (0: no limit)")
+        _check(s.key_burst >= 0, "server.key_burst", s.key_burst, ">= 0 (0: max(1, key_rps))")
+        _check(s.key_max_concurrent >= 0, "server.key_max_concurrent", s.key_max_concurrent, ">= 0 (0: no limit)")
+        _check_keys(s)
         _check(self.data.index in ("hnsw", "qdrant", "libsql"), "data.index", self.data.index,
                "one of hnsw, qdrant, libsql")
         _check(self.data.max_document_chars >= 1, "data.max_document_chars", self.data.max_document_chars, ">= 1")
@@ -137,6 +161,48 @@ class ServeConfig:
 
     def lane(self, name: str) -> LaneConfig:
         return self.batching.get(name) or _lanes()[name]
+
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    h = host.strip().strip("[]").lower()
+    if h in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False  # a host name or 0.0.0.0 / ::: reachable from elsewhere
+
+
+def protected_mode_message(host: str) -> str:
+    return (f"refusing to listen on {host!r} without an API key: anyone who can reach that address could read "
+            "the indexed data and use the models. Set a key with --api-key KEY (or TALLOW_API_KEY, or "
+            "server.api_key / server.api_keys in tallow.toml; clients send 'Authorization: Bearer KEY'), bind "
+            "to 127.0.0.1, or pass --insecure-no-auth (server.insecure_no_auth = true) to serve without "
+            "authentication on purpose")
+
+
+def _check_keys(s: ServerConfig) -> None:
+    """Keys are printable ASCII without spaces (what a header can carry), none
+    both full and read-only; a public bind needs one (protected mode). The
+    messages name the setting and the position, never the key."""
+    lists = {"server.api_keys": s.api_keys, "server.read_only_api_keys": s.read_only_api_keys}
+    for name, keys in [("server.api_key", [s.api_key] if s.api_key else []), *lists.items()]:
+        for i, key in enumerate(keys):
+            where = name if name == "server.api_key" else f"{name}[{i}]"
+            if not key or not all(33 <= ord(c) <= 126 for c in key):
+                raise ConfigError(f"{where} must be a non-empty string of printable ASCII without spaces "
+                                  "(the value is not shown)")
+    if set(s.full_keys()) & set(s.read_only_api_keys):
+        raise ConfigError("a key is listed both as a full key (server.api_key / server.api_keys) and in "
+                          "server.read_only_api_keys: give each key one role (the value is not shown)")
+    if not s.any_key() and not s.insecure_no_auth and not is_loopback(s.host):
+        raise ConfigError(protected_mode_message(s.host))
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -169,7 +235,17 @@ def _fill(obj: Any, values: dict, where: str) -> None:
             setattr(obj, key, _coerce(value, type(current), path))
 
 
+SECRET_SETTINGS = ("server.api_key", "server.api_keys", "server.read_only_api_keys")
+
+
 def _coerce(value: Any, kind: type, path: str) -> Any:
+    shown = "(the value is not shown)" if path in SECRET_SETTINGS else repr(value)
+    if kind is list:
+        if isinstance(value, str):  # "a,b" (as TALLOW_READ_ONLY_API_KEYS carries them)
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{path} must be a list of strings, got {shown}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -182,7 +258,7 @@ def _coerce(value: Any, kind: type, path: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{path} must be {kind.__name__}, got {shown}")
 
 
 def _functions(cfg: ServeConfig, entries: Any, kv: Any, base_dir: Path) -> None:

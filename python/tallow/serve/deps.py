@@ -1,5 +1,5 @@
 """What every router shares: the ``Services`` of the app, the model and engine
-guards (503 while loading / absent / failed), the write-key check, running a
+guards (503 while loading / absent / failed), running a
 payload on a lane (submit / enqueue / wait, with admission and timeout
 failures as HTTP errors), the numpy-aware JSON response and public model ids.
 
@@ -9,7 +9,6 @@ from ``app``: ``app`` imports the routers, so the dependency runs one way.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -67,20 +66,6 @@ def require_engine(services: Services):
     if services.engine_status == "loading":
         raise Unavailable("the search engine is still starting (see /ready)", retry_after_s=5)
     raise Unavailable(f"the search engine failed to open {services.config.data.dir}: {services.engine_error}")
-
-
-def check_write_key(request: Request) -> None:
-    """Bearer API key for write endpoints (when ``server.api_key`` is set)."""
-    expected = request.app.state.services.config.server.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header or scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "this endpoint needs an API key: send 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise APIError(403, "the API key is not valid for this server")
 
 
 async def submit(services: Services, lane_name: str, payload: Any, *, size: int = 1, tokens: int = 0,

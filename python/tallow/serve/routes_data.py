@@ -6,15 +6,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError, NotFound, Unavailable
 from . import rules
-from .deps import check_write_key, get_services, require_engine, require_model, submit
+from .openapi import DOCUMENT_SCHEMA, FilterField, Int, Seed, Text
+from .deps import get_services, require_engine, require_model, submit
 from .services import RagRequest
 
 router = APIRouter()
@@ -23,10 +25,10 @@ router = APIRouter()
 # -- search and RAG ----------------------------------------------------------------------------
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1)
-    k: int = Field(10, ge=1, le=1000)
-    filter: dict | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: Text = Field(min_length=1)
+    k: Int = Field(10, ge=1, le=1000)
+    filter: FilterField = None
     score_threshold: float | None = None
     hybrid: bool = False
 
@@ -44,15 +46,15 @@ async def search(body: SearchRequest, request: Request):
 
 
 class RagBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str = Field(min_length=1)
-    k: int = Field(4, ge=1, le=50)
-    max_tokens: int = Field(64, ge=1)
-    filter: dict | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: Text = Field(min_length=1)
+    k: Int = Field(4, ge=1, le=50)
+    max_tokens: Int = Field(64, ge=1)
+    filter: FilterField = None
     hybrid: bool = False
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     include_prompt: bool = False
 
 
@@ -84,12 +86,12 @@ async def rag(body: RagBody, request: Request):
 # -- documents ---------------------------------------------------------------------------------
 
 class DocumentsBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    documents: list[dict] = Field(min_length=1, description="{id, text, title?, category?, timestamp?, payload?}",
+                                  json_schema_extra={"items": DOCUMENT_SCHEMA})
 
 
-@router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)",
-             dependencies=[Depends(check_write_key)])
+@router.post("/v1/documents", tags=["documents"], summary="Ingest documents (chunk, embed, index)")
 async def ingest(body: DocumentsBody, request: Request):
     services = get_services(request)
     engine = require_engine(services)
@@ -102,8 +104,7 @@ async def ingest(body: DocumentsBody, request: Request):
     return {"object": "ingest", **summary.to_dict()}
 
 
-@router.delete("/v1/documents/{id:path}", tags=["documents"], summary="Delete a document and its chunks",
-               dependencies=[Depends(check_write_key)])
+@router.delete("/v1/documents/{id:path}", tags=["documents"], summary="Delete a document and its chunks")
 async def delete_document(id: str, request: Request):
     services = get_services(request)
     engine = require_engine(services)
@@ -115,19 +116,28 @@ async def delete_document(id: str, request: Request):
 
 # -- images ------------------------------------------------------------------------------------
 
+# What base64.b64decode(validate=True) takes, not empty
+_BASE64 = {"minLength": 4, "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
+
+
 class ImageBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=256)
-    image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$", description="no control characters")
+    image: str = Field(description="the encoded image (JPEG, PNG, ...) as base64", json_schema_extra=_BASE64)
     payload: dict = Field(default_factory=dict)
 
 
 class ImageSearchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: str = Field(description="the encoded image as base64")
-    k: int = Field(10, ge=1, le=1000)
-    filter: dict | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: str = Field(description="the encoded image as base64", json_schema_extra=_BASE64)
+    k: Int = Field(10, ge=1, le=1000)
+    filter: FilterField = None
     score_threshold: float | None = None
+
+
+# Form fields hold text: numbers as JSON writes them (no "nan", "1_0" or " 5")
+_JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
 
 
 async def _image_fields(request: Request) -> dict:
@@ -142,6 +152,8 @@ async def _image_fields(request: Request) -> dict:
         fields: dict[str, Any] = {}
         try:  # uploaded files are spooled to temporary files: close them
             for key, value in form.multi_items():
+                if key in fields:
+                    raise InputError(f"the form gives {key} more than once", param=key)
                 if key == "image":
                     if not hasattr(value, "read"):
                         raise InputError("image must be a file part", param="image")
@@ -152,15 +164,16 @@ async def _image_fields(request: Request) -> dict:
                     except (TypeError, ValueError):
                         raise InputError(f"{key} must be a JSON object", param=key) from None
                 elif key in ("k",):
-                    try:
-                        fields[key] = int(value)
-                    except ValueError:
-                        raise InputError("k must be an integer", param="k") from None
+                    if not isinstance(value, str) or not _JSON_INT.match(value):
+                        raise InputError("k must be an integer", param="k")
+                    fields[key] = int(value)
                 elif key == "score_threshold":
-                    try:
+                    if value == "null":
+                        fields[key] = None
+                    elif isinstance(value, str) and _JSON_NUMBER.match(value):
                         fields[key] = float(value)
-                    except ValueError:
-                        raise InputError("score_threshold must be a number", param=key) from None
+                    else:
+                        raise InputError("score_threshold must be a number", param=key)
                 else:
                     fields[key] = value
         finally:
@@ -219,13 +232,13 @@ def _image_body_doc(model_cls) -> dict:
     to take either JSON with base64 or a multipart upload)."""
     schema = model_cls.model_json_schema()
     form = {**schema, "properties": {**schema["properties"],
-                                     "image": {"type": "string", "format": "binary"}}}
+                                     "image": {"type": "string", "format": "binary", "minLength": 1}}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
                                                           "multipart/form-data": {"schema": form}}}}
 
 
 @router.post("/v1/images", tags=["images"], summary="Store an image with metadata (features indexed)",
-             dependencies=[Depends(check_write_key)], openapi_extra=_image_body_doc(ImageBody))
+             openapi_extra=_image_body_doc(ImageBody))
 async def add_image(request: Request):
     services = get_services(request)
     images = _require_images(services)

@@ -7,16 +7,17 @@ import base64
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
 from . import rules
+from .openapi import Int, NonEmpty, Seed, Text, bounded_int
 from .deps import NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
 from .services import Services
 
@@ -46,11 +47,11 @@ def _no_token_arrays(value, what: str):
 # -- /v1/embeddings -------------------------------------------------------------------------
 
 class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user)
-    input: str | list[str] = Field(description="A string or a list of strings")
+    model_config = ConfigDict(extra="ignore", strict=True)  # OpenAI clients send fields we do not use (user)
+    input: Text | list[Text] = Field(description="A string or a list of strings")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Int | None = Field(None, description="the model's dimension (384 for MiniLM) or null")
     truncate: bool = Field(False, description="tallow: cut inputs over the token limit instead of a 422")
 
     @field_validator("input", mode="before")
@@ -83,8 +84,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
 # -- /v1/classify ---------------------------------------------------------------------------
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: str | list[str]
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input: Text | list[Text]
     model: str | None = None
     truncate: bool = False
 
@@ -104,23 +105,29 @@ async def classify(body: ClassifyRequest, request: Request):
 
 # -- /v1/completions and /generate ----------------------------------------------------------
 
+def _bool_only(v):
+    if not isinstance(v, bool):  # Literal[False] alone takes 0 (0 == False)
+        raise ValueError("must be a boolean")
+    return v
+
+
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    prompt: str | list[str]
+    model_config = ConfigDict(extra="ignore", strict=True)
+    prompt: Text | list[Text]
     model: str | None = None
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: Int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="tallow: keep the k most likely tokens (0: off)")
+    top_k: Int = Field(0, ge=0, description="tallow: keep the k most likely tokens (0: off)")
     repetition_penalty: float = Field(1.0, gt=0.0, description="tallow: CTRL-style penalty (1: off)")
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict | None = Field(None, description='{"include_usage": true}: a last chunk with usage')
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = Field(None, description="up to 4 strings")
+    seed: Seed | None = None
+    echo: Annotated[Literal[False], BeforeValidator(_bool_only)] = Field(False, description="not supported: false")
+    logprobs: None = Field(None, description="not supported: null")
+    best_of: bounded_int(ge=1, le=1) | None = Field(None, description="not supported: 1 or null")
     truncate: bool = Field(False, description="tallow: keep the end of an over-long prompt instead of a 422")
 
     @field_validator("prompt", mode="before")
@@ -203,13 +210,13 @@ async def _sse(services: Services, job, cid: str, created: int, name: str, usage
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    max_tokens: int = Field(32, ge=0)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: Text
+    max_tokens: Int = Field(32, ge=0)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    top_k: Int = Field(0, ge=0)
+    seed: Seed | None = None
 
 
 @router.post("/generate", tags=["models"], summary="The seed's text generation: {prompt, max_tokens}")

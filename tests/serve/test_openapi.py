@@ -1,0 +1,132 @@
+"""The OpenAPI schema says what the server answers (issue 14, part 4): every
+status of every operation with the error model, the security scheme, the
+filter syntax — and schemathesis, driving a live server with keys from that
+schema with all its checks, finds nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from server_helpers import ServerThread, make_config
+from tallow.serve import auth, create_app, load_config, openapi
+
+FULL, READ_ONLY = "st-full-key-0123", "st-read-only-key-4567"
+
+
+def _app(tmp_path, **overrides):
+    return create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False, **overrides}))
+
+
+def test_every_operation_has_its_statuses_decided(tmp_path):
+    app = _app(tmp_path, **{"server.api_key": FULL})
+    undecided = [f"{m} {auth.route_path(r)}" for r in auth.app_routes(app)
+                 if getattr(r, "include_in_schema", False) and isinstance(r.original_route, auth.APIRoute)
+                 for m in sorted(r.methods) if (m, auth.route_path(r)) not in openapi.ROUTE_ERRORS]
+    assert not undecided, f"add these operations to tallow.serve.openapi.ROUTE_ERRORS: {undecided}"
+
+
+def test_schema_documents_statuses_security_and_filters(tmp_path):
+    app = _app(tmp_path, **{"server.api_key": FULL, "server.read_only_api_keys": [READ_ONLY],
+                            "server.key_rps": 5.0})
+    spec = TestClient(app).get("/openapi.json").json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "api-key", "x-api-key"}
+    assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer",
+                                                               "description": "`Authorization: Bearer <key>`"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    for (method, path), op in ops.items():
+        codes = set(op["responses"])
+        guarded = op["x-tallow-access"] != "open"
+        assert ("security" in op) == guarded, (method, path)
+        if guarded:
+            assert {"401", "403", "429"} <= codes, (method, path, codes)
+        if method == "POST":
+            assert {"413", "422"} <= codes, (method, path, codes)
+        for code in codes - {"200"}:
+            if path != "/ready":
+                assert op["responses"][code]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/Error"}, (method, path, code)
+    assert ops[("GET", "/health")]["x-tallow-access"] == "open" and "security" not in ops[("GET", "/health")]
+    assert ops[("POST", "/v1/documents")]["x-tallow-access"] == "write"
+    assert ops[("POST", "/v1/search")]["x-tallow-access"] == "read"
+    assert set(ops[("GET", "/metrics")]["responses"]["200"]["content"]) == {"text/plain"}
+    assert {"404"} <= set(ops[("GET", "/v1/models/{model}")]["responses"])
+    assert {"415", "503", "504"} <= set(ops[("POST", "/v1/images/search")]["responses"])
+    assert "text/event-stream" in ops[("POST", "/v1/completions")]["responses"]["200"]["content"]
+    search = spec["components"]["schemas"]["SearchRequest"]["properties"]["filter"]
+    assert {"$ref": "#/components/schemas/Filter"} in search["anyOf"]
+    image_form = ops[("POST", "/v1/images/search")]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"$ref": "#/components/schemas/Filter"} in image_form["properties"]["filter"]["anyOf"]
+
+    # Without keys: nothing declares security, and no 401/403 is promised.
+    open_spec = TestClient(_app(tmp_path / "open")).get("/openapi.json").json()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert all("401" not in op["responses"] and "security" not in op
+               for item in open_spec["paths"].values() for op in item.values())
+
+
+def test_filter_schema_agrees_with_the_server(tmp_path):
+    """Filters the schema allows, the server accepts; ones it forbids, the server refuses."""
+    import jsonschema_rs
+
+    from tallow.index import filters
+
+    spec = TestClient(_app(tmp_path)).get("/openapi.json").json()
+    schema = {**openapi.FILTER_SCHEMA, "components": {"schemas": {"Filter": openapi.FILTER_SCHEMA}}}
+    validator = jsonschema_rs.validator_for(schema)
+    assert spec["components"]["schemas"]["Filter"] == openapi.FILTER_SCHEMA
+    good = [{}, {"category": "news"}, {"n": 3}, {"ok": True}, {"t": {"gte": 1, "lt": 2.5}},
+            {"tag": {"in": ["a", 1]}}, {"lang": {"ne": "de"}, "tag": {"nin": [True]}},
+            {"must": [{"a": 1}], "should": [{"b": {"eq": "x"}}, {}], "must_not": [{"c": {"lte": 0}}]}]
+    bad = [{"": 1}, {"a": None}, {"a": [1]}, {"a": {}}, {"a": {"like": "x"}}, {"a": {"gt": "1"}},
+           {"a": {"in": []}}, {"a": {"gt": True}}, {"must": []}, {"must": {"a": 1}}, {"should": [5]}, {"must_not": [None]}]
+    for f in good:
+        assert validator.is_valid(f), f
+        filters.parse(f)
+    for f in bad:
+        assert not validator.is_valid(f), f
+        with pytest.raises(filters.FilterError):
+            filters.parse(f)
+
+
+# -- schemathesis against a live server -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def st_server(tmp_path_factory, bert_classifier_dir, gpt2_long_dir, resnet_dir):
+    """Every model, no demo corpus (the run writes and deletes documents and images), a full
+    and a read-only key, a small body limit."""
+    cfg = make_config(tmp_path_factory.mktemp("st-data"), **{
+        "data.demo_corpus": False, "models.classifier": str(bert_classifier_dir),
+        "models.generator": str(gpt2_long_dir), "models.image": str(resnet_dir), "server.api_key": FULL,
+        "server.read_only_api_keys": [READ_ONLY], "server.max_body_bytes": 1 << 20,
+        "images.max_megapixels": 2.0, "models.max_completion_tokens": 64, "models.max_completion_rows": 4,
+        "models.max_n": 2, "models.max_inputs_per_request": 16})
+    server = ServerThread(cfg).start()
+    yield server
+    server.stop()
+
+
+def test_schemathesis_finds_nothing(st_server, tmp_path):
+    """`st run --checks all` with the full key (schemathesis also sends requests
+    without it, and checks that the schema's security is enforced). Bounded:
+    a few examples per operation, a fixed seed, a time budget."""
+    st = Path(sys.executable).with_name("st")
+    report = tmp_path / "st-report.json"
+    cmd = [str(st), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", st_server.url + "/openapi.json", "--checks", "all",
+           "-H", f"Authorization: Bearer {FULL}", "--max-examples", "8", "--seed", "7",
+           "--workers", "1", "--request-timeout", "30", "--max-time", "40", "--no-color",
+           "--report", "ndjson", "--report-ndjson-path", str(report)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its caches go there
+                          env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+    out = proc.stdout + proc.stderr
+    Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)
+    assert proc.returncode == 0, out[-12000:]
+    assert time.monotonic() - t0 < 90, out[-2000:]
