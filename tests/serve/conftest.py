@@ -30,13 +30,15 @@ def gpt2_long_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def full_server(tmp_path_factory, bert_classifier_dir, gpt2_dir, resnet_dir):
     """Every model loaded, the demo corpus indexed, two full API keys and a
-    read-only one, a small body limit (1 MiB) for the 413 tests."""
+    read-only one, a small body limit (1 MiB) for the 413 tests; the
+    playground page itself public (a browser cannot send a key to load it),
+    its API calls keyed."""
     data = tmp_path_factory.mktemp("serve-data")
     cfg = make_config(data, **{"models.classifier": str(bert_classifier_dir), "models.generator": str(gpt2_dir),
                                "models.image": str(resnet_dir), "server.api_key": API_KEY,
                                "server.api_keys": [SECOND_KEY], "server.read_only_api_keys": [READ_ONLY_KEY],
                                "server.max_body_bytes": 1 << 20, "images.max_megapixels": 2.0,
-                               "models.max_completion_tokens": 64})
+                               "models.max_completion_tokens": 64, "server.public_playground": True})
     server = ServerThread(cfg).start()
     yield server
     server.stop()

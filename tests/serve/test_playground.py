@@ -79,13 +79,21 @@ def test_every_panel_against_a_server_with_every_model(full_server, page, tmp_pa
     page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
     assert page.title() == "tallow playground"
 
-    # search: a category filter and the hybrid switch
+    # search: a category filter and the hybrid switch. Every API route needs the
+    # key (issue 17): the first call is answered 401, the page asks for the key,
+    # then retries with it.
     page.fill("#search-query", "compress data with zlib")
     page.fill("#search-k", "4")
     page.fill("#search-category", "module")
     page.check("#search-hybrid")
     page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#key-dialog[open]")
+    assert "401" in page.text_content("#key-reason")
+    page.screenshot(path=str(ARTIFACTS / "api-key-dialog.png"))
+    page.fill("#key-input", API_KEY)
+    page.click("#key-ok")
     page.wait_for_selector("#search-results li")
+    assert page.text_content("#key-state") == "API key set"
     assert page.locator("#search-results li").count() == 4
     assert "(hybrid)" in page.text_content("#search-meta")
 
@@ -118,19 +126,13 @@ def test_every_panel_against_a_server_with_every_model(full_server, page, tmp_pa
     sims = page.locator("#embeddings-matrix td.sim").all_text_contents()
     assert len(sims) == 9 and sims[0] == sims[4] == sims[8] == "1.000"
 
-    # images: storing one needs the API key -> the page asks for it (401), then retries
+    # images: storing one (a write: the full key given above)
     img = tmp_path / "query.png"
     img.write_bytes(_png(1))
     page.set_input_files("#images-file", str(img))
     page.fill("#images-id", "playground-1")
     page.click("#images-add")
-    page.wait_for_selector("#key-dialog[open]")
-    assert "401" in page.text_content("#key-reason")
-    page.screenshot(path=str(ARTIFACTS / "api-key-dialog.png"))
-    page.fill("#key-input", API_KEY)
-    page.click("#key-ok")
     page.wait_for_function("document.getElementById('images-meta').textContent.startsWith('stored playground-1')")
-    assert page.text_content("#key-state") == "API key set"
     # ... and similar images, with scores and the timing breakdown
     page.click("#images-form button[type=submit]")
     page.wait_for_selector("#images-results li")
@@ -146,8 +148,8 @@ def test_every_panel_against_a_server_with_every_model(full_server, page, tmp_pa
     for panel in ("search", "rag", "classify", "generate", "embeddings", "images", "metrics"):
         page.locator(f"#panel-{panel}").screenshot(path=str(ARTIFACTS / f"panel-{panel}.png"))
 
-    # once given, the key goes with every request (issue 17 will guard every route)
-    first = next(i for i, (url, auth) in enumerate(requests) if url.endswith("/v1/images") and auth)
+    # once given, the key goes with every request
+    first = next(i for i, (url, auth) in enumerate(requests) if url.endswith("/v1/search") and auth)
     after_key = [(url, auth) for url, auth in requests[first:] if url.startswith(full_server.url)]
     assert len(after_key) >= 3 and all(auth == f"Bearer {API_KEY}" for _, auth in after_key), after_key
     assert not page.errors, page.errors
