@@ -42,7 +42,7 @@ def _lanes() -> dict[str, LaneConfig]:
     return {
         "embeddings": LaneConfig(),
         "classify": LaneConfig(),
-        "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),
+        "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),  # completions: only max_queue applies ([generation] batches)
         "images": LaneConfig(max_batch_size=8, max_wait_ms=5.0, max_queue=64),
         "search": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=256),
         "write": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
@@ -117,12 +117,46 @@ class ImagesConfig:
 
 
 @dataclass
+class WorkersConfig:
+    """Where the models run (``tallow.serve.workers``). ``mode = "process"``:
+    each model in worker processes of its own — ``embedder``, ``classifier``,
+    ``generator``, ``image`` say how many per model —, the server process
+    only parses, tokenizes and batches; ``"inline"``: every model inside the
+    server's process (no start-up cost per worker; forward passes then share
+    the event loop's GIL). ``threads``: torch threads per worker (0: one per
+    core)."""
+
+    mode: str = "process"
+    embedder: int = 1
+    classifier: int = 1
+    generator: int = 1
+    image: int = 1
+    threads: int = 0
+    start_timeout_s: float = 600.0
+
+
+@dataclass
+class GenerationConfig:
+    """Continuous batching for the generator (``tallow.models.scheduler``):
+    at most ``max_rows`` rows decode together; their KV caches live in a
+    pool of ``kv_cache_mb`` (0: the scheduler's default, enough for
+    ``max_rows`` full-context rows). A request that does not fit waits; one
+    that can never fit is refused with 422. How many completions may wait or
+    run at once is ``batching.generate.max_queue``."""
+
+    max_rows: int = 32
+    kv_cache_mb: int = 0
+
+
+@dataclass
 class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     batching: dict[str, LaneConfig] = field(default_factory=_lanes)
     # tallow.functions (issue 13): [[functions]] entries and the [kv] stores they may use
     functions: list = field(default_factory=list)  # of tallow.functions.FunctionSpec
@@ -150,6 +184,15 @@ class ServeConfig:
         _check(self.cache.ttl_s > 0, "cache.ttl_s", self.cache.ttl_s, "> 0")
         _check(self.cache.max_entries >= 1, "cache.max_entries", self.cache.max_entries, ">= 1")
         _check(self.images.max_megapixels > 0, "images.max_megapixels", self.images.max_megapixels, "> 0")
+        w = self.workers
+        _check(w.mode in ("process", "inline"), "workers.mode", w.mode, '"process" or "inline"')
+        for slot in ("embedder", "classifier", "generator", "image"):
+            _check(1 <= getattr(w, slot) <= 64, f"workers.{slot}", getattr(w, slot), "in 1..64 (processes)")
+        _check(w.threads >= 0, "workers.threads", w.threads, ">= 0 (0: one per core)")
+        _check(w.start_timeout_s > 0, "workers.start_timeout_s", w.start_timeout_s, "> 0")
+        g = self.generation
+        _check(1 <= g.max_rows <= 1024, "generation.max_rows", g.max_rows, "in 1..1024")
+        _check(g.kv_cache_mb >= 0, "generation.kv_cache_mb", g.kv_cache_mb, ">= 0 (0: the default)")
         for name, lane in self.batching.items():
             _check(name in _lanes(), f"batching.{name}", name, f"one of {', '.join(_lanes())}")
             _check(lane.max_batch_size >= 1, f"batching.{name}.max_batch_size", lane.max_batch_size, ">= 1")
