@@ -1,6 +1,6 @@
 """A model host: one loaded model and the calls the server makes on it —
 run either inside the server's process or as a worker process of its own
-(``python -m tallow.worker FD``, started by ``tallow.serve.workers``).
+(``tallow.worker.main([FD])``, started by ``tallow.serve.workers``).
 
 The worker process talks to the server over one socket pair with
 ``multiprocessing.connection`` framing: each message is a pickle (protocol
@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -363,6 +362,3 @@ def main(argv: list[str]) -> int:
     serve(conn, spec, arenas)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -63,7 +63,6 @@ def small_server(tmp_path_factory, gpt2_long_dir):
         "models.generator": str(gpt2_long_dir), "data.demo_corpus": False,
         "models.max_completion_tokens": 1000, "server.request_timeout_s": 20.0})
     cfg.batching["generate"].max_queue = 2
-    cfg.batching["generate"].max_batch_size = 1
     server = ServerThread(cfg).start()
     yield server
     server.stop()

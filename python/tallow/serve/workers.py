@@ -38,6 +38,7 @@ from ..worker import Arena, ModelHost, WorkerSpec, from_wire, load_model, to_wir
 log = logging.getLogger("tallow.serve")
 
 _arena_ids = itertools.count()
+_WORKER_MAIN = "import sys; from tallow.worker import main; sys.exit(main(sys.argv[1:]))"
 
 # A sink receives one request's events (a list of RowEvent) or, when the
 # worker died, the exception to fail the request with.
@@ -141,7 +142,8 @@ class ProcessWorker:
         env = dict(os.environ)
         if self.spec.threads:  # before torch loads in the worker: OpenMP reads it once
             env["OMP_NUM_THREADS"] = str(self.spec.threads)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tallow.worker", str(theirs.fileno())],
+        # Not "-m tallow.worker": its classes would pickle as __main__.X, which the server cannot load.
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self.pid = self.proc.pid
