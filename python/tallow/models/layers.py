@@ -3,6 +3,8 @@ that run fp32 or INT8."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -26,6 +28,22 @@ _ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
 # result by ~1e-6. The INT8 path needs none of this: per-row activation
 # scales and exact int32 accumulation make it batch-invariant as it is.
 _GEMM_ROW_TILE = 4
+_tiled = threading.local()
+
+
+@contextlib.contextmanager
+def tiled_gemm():
+    """Within it (this thread only), a one-row fp32 Dense call also takes the
+    padded 4-row GEMM instead of the GEMV, so a row's result is the same
+    whatever the batch size, 1 included (a batch-1 decode step then costs
+    ~3x in its linears on the AMD EPYC: opt-in, see GenerationScheduler's
+    ``batch_invariant``)."""
+    before = getattr(_tiled, "on", False)
+    _tiled.on = True
+    try:
+        yield
+    finally:
+        _tiled.on = before
 
 
 class Dense(torch.nn.Module):
@@ -65,7 +83,7 @@ class Dense(torch.nn.Module):
         k = x.shape[-1]
         m = x.numel() // k if k else 0
         pad = -m % _GEMM_ROW_TILE
-        if m > 1 and pad:
+        if pad and (m > 1 or (m == 1 and getattr(_tiled, "on", False))):
             rows = torch.cat([x.reshape(m, k), x.new_zeros(pad, k)])
             y = F.linear(rows, self.weight, self.bias)[:m].reshape(*x.shape[:-1], -1)
         else:

@@ -34,6 +34,7 @@ penalty).
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
 from collections import deque
@@ -44,6 +45,7 @@ import torch
 
 from .generation import SamplingParams, find_stop, holdback, next_tokens
 from .gpt2 import GPT2LMHeadModel
+from .layers import tiled_gemm
 
 _DEFAULT_BUDGET_CAP = 2 << 30  # 2 GiB: GPT-2-124M's 32 rows x 1024 tokens in bf16 (fp32: 29 rows at full context)
 _LEN_ROUND = 64
@@ -92,7 +94,12 @@ class GenerationScheduler:
     :class:`GenerationLoop` for a thread driving one)."""
 
     def __init__(self, model: GPT2LMHeadModel, *, max_rows: int = 32, kv_budget_bytes: Optional[int] = None,
-                 prefill_tokens_per_step: int = 2048):
+                 prefill_tokens_per_step: int = 2048, batch_invariant: bool = False):
+        """``batch_invariant``: also run one-row forwards (a lone row's decode,
+        a lone prompt's LM head) through the tiled fp32 GEMM, so that an fp32
+        model's rows are bit-identical alone and in any batch (without it they
+        differ by ~1e-6 relative when a row runs alone; INT8 models are
+        invariant either way). Costs ~3x in the linears of a batch-1 step."""
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
         if not isinstance(prefill_tokens_per_step, int) or prefill_tokens_per_step < 1:
@@ -100,6 +107,7 @@ class GenerationScheduler:
         self.model = model
         self.max_rows = max_rows
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.batch_invariant = bool(batch_invariant)
         self._bpt = model.kv_bytes_per_token()
         if kv_budget_bytes is None:
             kv_budget_bytes = min(max_rows * model.config.n_positions * self._bpt, _DEFAULT_BUDGET_CAP)
@@ -224,6 +232,10 @@ class GenerationScheduler:
     def step(self) -> list[RowEvent]:
         """Admits what fits (prefill), decodes every row that was running, samples
         one token per row, returns this step's events; finished rows leave."""
+        with tiled_gemm() if self.batch_invariant else contextlib.nullcontext():
+            return self._step()
+
+    def _step(self) -> list[RowEvent]:
         events, self._finished = self._finished, []
         old = len(self._rows)
         admitted = self._admit()  # their rows take slots old..
