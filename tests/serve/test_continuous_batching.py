@@ -105,7 +105,7 @@ def test_a_request_the_kv_pool_can_never_hold_is_refused(tmp_path, gpt2_long_dir
     try:
         with server.client() as c:
             ok = c.post("/v1/completions", json={"prompt": "small", "max_tokens": 8})
-            huge = c.post("/v1/completions", json={"prompt": "big " * 200, "max_tokens": 800, "n": 8})
+            huge = c.post("/v1/completions", json={"prompt": "big " * 50, "max_tokens": 800, "n": 8})
             after = c.post("/v1/completions", json={"prompt": "small", "max_tokens": 8})
     finally:
         server.stop()

@@ -271,7 +271,8 @@ def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
         body = r.json()
         assert body["mode"] == "extractive" and body["sources"][0]["doc_id"] == "h1"
         assert body["answer"] and body["answer"] in " ".join(body["sources"][0]["sentences"])
-        assert inner.state.services.models["embedder"].model is engine.embedder  # one copy, the engine's
+        group = inner.state.services.models["embedder"].group
+        assert group.mode == "inline" and group.workers[0].host.model is engine.embedder  # one copy, the engine's
     assert engine.stats()["documents"] == 1  # still open: the host owns its engine
     engine.close()
 

@@ -75,7 +75,7 @@ async def rag(body: RagBody, request: Request):
     else:
         require_model(services, "generator")  # loading or failed: 503 saying why
         # Retrieval in a thread; the answer's rows join the generator's running batch.
-        admit(services.generation_slots, services)
+        admit(services, services.generation_slots)
         try:
             answer = await run_in_threadpool(
                 engine.rag, body.question, body.k, max_new_tokens=body.max_tokens, filter=body.filter,
