@@ -124,7 +124,7 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     # 413s included; the key is checked before any body is read, and so is
     # whether the request's queue has room (ShedLoad).
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
-    app.add_middleware(ShedLoad, services=services)
+    app.add_middleware(ShedLoad, services=services, hold_ms=config.server.shed_hold_ms)
     app.add_middleware(AuthGuard, routes_app=app, server=config.server)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app

@@ -70,6 +70,7 @@ class ServerConfig:
     key_max_concurrent: int = 0  # per key: requests in flight at once; 0: no limit
     max_body_bytes: int = 16 << 20
     request_timeout_s: float = 120.0
+    shed_hold_ms: float = 250.0  # a refused (429) request's answer is held this long: see serve.shedding
     log_level: str = "info"
 
     def full_keys(self) -> list[str]:
@@ -167,6 +168,7 @@ class ServeConfig:
         _check(1 <= s.port <= 65535, "server.port", s.port, "in 1..65535")
         _check(s.max_body_bytes >= 1024, "server.max_body_bytes", s.max_body_bytes, ">= 1024")
         _check(s.request_timeout_s > 0, "server.request_timeout_s", s.request_timeout_s, "> 0")
+        _check(0 <= s.shed_hold_ms <= 10_000, "server.shed_hold_ms", s.shed_hold_ms, "in 0..10000")
         _check(s.key_rps >= 0, "server.key_rps", s.key_rps, ">= 0 (0: no limit)")
         _check(s.key_burst >= 0, "server.key_burst", s.key_burst, ">= 0 (0: max(1, key_rps))")
         _check(s.key_max_concurrent >= 0, "server.key_max_concurrent", s.key_max_concurrent, ">= 0 (0: no limit)")
