@@ -123,6 +123,27 @@ def test_a_killed_generator_ends_streams_with_a_503_event(process_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
+def test_with_two_workers_the_other_keeps_serving_while_one_restarts(tmp_path):
+    cfg = make_config(tmp_path, **{"workers.mode": "process", "workers.embedder": 2, "workers.threads": 1,
+                                   "data.demo_corpus": False})
+    server = ServerThread(cfg).start()
+    try:
+        pids = _ready_models(server)["embedder"]["workers"]["pids"]
+        assert len(set(pids)) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.3)  # the server has noticed
+        with server.client() as c:
+            assert c.post("/v1/embeddings", json={"input": "still here"}).status_code == 200
+            assert c.get("/ready").status_code == 200
+        deadline = time.monotonic() + 120
+        while _ready_models(server)["embedder"]["workers"]["restarts"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(set(_ready_models(server)["embedder"]["workers"]["pids"]) - {pids[0]}) == 2
+    finally:
+        server.stop()
+
+
 # -- load shedding -------------------------------------------------------------------------
 
 @pytest.fixture

@@ -310,9 +310,10 @@ def _by_request(events: list) -> dict:
 class WorkerGroup:
     """The workers of one model slot; restarts the ones that die.
 
-    ``on_state(slot, status, error)`` reports "restarting" when a worker died
-    and "ready" when every worker of the group runs again (or "failed" when a
-    restart could not load the model)."""
+    ``on_state(slot, status, error)`` reports "restarting" when the last live
+    worker died (with another alive, the slot keeps serving), "ready" when
+    every worker of the group runs again, "failed" when a restart could not
+    load the model."""
 
     RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 15.0)
 
@@ -375,7 +376,10 @@ class WorkerGroup:
         if self._closed:
             return
         log.error("the %s worker (pid %s) died: %s; restarting it", self.spec.slot, worker.pid, reason)
-        self._on_state(self.spec.slot, "restarting", f"a worker died ({reason}); restarting")
+        with self._lock:
+            others = any(not getattr(w, "_dead", False) for w in self.workers if w is not worker)
+        if not others:  # with another worker alive the slot keeps serving (and stays ready)
+            self._on_state(self.spec.slot, "restarting", f"a worker died ({reason}); restarting")
         threading.Thread(target=self._restart, args=(worker,), name=f"tallow-restart-{self.spec.slot}",
                          daemon=True).start()
 
