@@ -143,9 +143,14 @@ class ProcessWorker:
         if self.spec.threads:  # before torch loads in the worker: OpenMP reads it once
             env["OMP_NUM_THREADS"] = str(self.spec.threads)
         # Not "-m tallow.worker": its classes would pickle as __main__.X, which the server cannot load.
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        theirs.close()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError:
+            self._drop_arenas()
+            raise
+        finally:
+            theirs.close()
         self.pid = self.proc.pid
         self._conn = Connection(ours.detach())
         self._send(pickle.dumps((self.spec, {side: a.path for side, a in self._arenas.items()}), protocol=5))
@@ -163,6 +168,11 @@ class ProcessWorker:
 
     # -- requests (any thread) --------------------------------------------------------------
 
+    # A call that takes longer than this is a hung worker (a forward pass of the
+    # largest batch the limits allow takes seconds): it is killed and restarted,
+    # so a lane thread never waits forever.
+    CALL_TIMEOUT_S = 600.0
+
     def call(self, method: str, *args, **kwargs) -> Any:
         """Runs ``model.method(*args, **kwargs)`` in the worker; blocks this thread."""
         future: Future = Future()
@@ -175,7 +185,13 @@ class ProcessWorker:
         if in_arena:
             self._arena_call = call_id  # the arena is ours again when this call's answer comes
         self._send_message(("call", call_id, method, payload, in_arena, self._answers_read))
-        return future.result()
+        try:
+            return future.result(self.CALL_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the %s worker (pid %s) did not answer %s within %g s: killing it", self.spec.slot,
+                      self.pid, method, self.CALL_TIMEOUT_S)
+            self.kill()  # the reader fails every call in flight and the group restarts it
+            return future.result(30)
 
     def generate(self, request_id: Any, prompt_ids: list, params: list, sink: Sink) -> None:
         with self._state_lock:
@@ -291,13 +307,12 @@ class ProcessWorker:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._drop_arenas()
 
     def kill(self) -> None:
+        """SIGKILL; the reader thread then sees the socket close and cleans up."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self._drop_arenas()
 
 
 def _by_request(events: list) -> dict:
