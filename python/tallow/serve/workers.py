@@ -250,6 +250,10 @@ class ProcessWorker:
                         else:
                             future.set_exception(value)
                 elif kind == "ready":
+                    # Both sides have mapped the arenas: their files can go now, so
+                    # nothing is left in /dev/shm however either process ends.
+                    for arena in self._arenas.values():
+                        arena.unlink()
                     self._ready.set_result(message[1])
                 elif kind == "load_failed":
                     self._ready.set_exception(WorkerStartError(message[1]))
