@@ -100,6 +100,8 @@ def test_a_killed_worker_fails_its_requests_with_503_and_comes_back(process_serv
     assert httpx.post(url + "/v1/embeddings", json={"input": "after"}, timeout=60).status_code == 200
     hits = httpx.post(url + "/v1/search", json={"query": "fox in snow", "k": 1}, timeout=60).json()["hits"]
     assert hits[0]["doc_id"] == "kept"  # the store lives in the server process: nothing lost
+    if os.path.isdir("/dev/shm"):  # shared-memory arenas are unlinked once mapped: none left behind
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"tallow-{os.getpid()}-")]
 
 
 def test_a_killed_generator_ends_streams_with_a_503_event(process_server):
