@@ -552,7 +552,7 @@ async def overload(server: Server, texts: list[str], seconds: float, clients: in
     storm = asyncio.create_task(load(server.url, clients, 10**9, texts, per_request=8, max_seconds=seconds))
     await asyncio.sleep(min(0.5, seconds / 4))  # let the queue fill
     prober = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE_HEALTH, str(server.port), "0.075",
-                                                  str(max(0.5, seconds - 1.0)), stdout=asyncio.subprocess.PIPE)
+                                                  str(max(0.5, seconds - 0.75)), stdout=asyncio.subprocess.PIPE)
     out, _ = await prober.communicate()
     result = await storm
     done.set()
@@ -584,12 +584,13 @@ def run_overload(sides: list[Side], work: Path, texts: list[str], quick: bool) -
                                    max_seconds=5 if quick else 20))
             ref.pop("retry_after")
             over = asyncio.run(overload(server, texts, seconds))
+        over["storm_s"] = seconds
         over["reference_32_clients"] = ref
         over["goodput_pct_of_32_clients"] = 100 * over["goodput_rps"] / ref["throughput_rps"]
         out[side.name] = over
         print(f"  {side.name:8s} overload: goodput {over['goodput_rps']:.1f}/s "
               f"({over['goodput_pct_of_32_clients']:.0f}% of {ref['throughput_rps']:.1f}/s at 32 clients), "
-              f"429 {over['refused_rps']:.1f}/s, /health p99 {over['health_p99_ms']} ms "
+              f"429 {over['refused_rps']:.1f}/s, /health p99 {fmt(over['health_p99_ms'])} ms "
               f"({over['health_ok']}/{over['health_probes']}), Retry-After {over['retry_after_s']}, "
               f"RSS max {over['rss_mb_max']:.0f} MB, errors {over['errors']}", flush=True)
     return out
@@ -656,43 +657,45 @@ def request_mix(model_dir: Path, texts: list[str], n: int, quick: bool) -> list[
     return out
 
 
-async def generation_load(url: str, specs: list[dict], clients: int, cap_s: float) -> dict:
-    """``clients`` streaming closed loops share ``specs``; stops issuing at
-    ``cap_s`` and cuts the streams still open then."""
+async def generation_load(url: str, specs: list[dict], clients: int, cap_s: float, drain_s: float = 60.0) -> dict:
+    """``clients`` streaming closed loops share ``specs``. The measuring window
+    ends at ``cap_s`` or when the budget runs out (the first client left
+    without a request), whichever comes first: tokens/s counts the token
+    events inside it, ITL the gaps that end inside it. Requests started in the
+    window then finish (``drain_s`` at most, then they are cut), so that TTFT
+    is known for every request started; one cut before its first token counts
+    with the time it had waited (a lower bound, reported as censored)."""
     recs: list[dict] = []
     order = iter(range(len(specs)))
     t_start = time.perf_counter()
     stop_at = t_start + cap_s
+    exhausted = [None]
 
     async def client():
         conn = RawClient(url)
         try:
-            for i in order:
-                if time.perf_counter() >= stop_at:
+            while time.perf_counter() < stop_at:
+                i = next(order, None)
+                if i is None:
+                    exhausted[0] = exhausted[0] or time.perf_counter()
                     break
-                rec = {"i": i, "kind": specs[i]["kind"], "status": None, "events": 0, "text": 0, "usage": None,
-                       "ttft": None, "gaps": [], "done": False, "error": None, "finish": None}
+                rec = {"i": i, "kind": specs[i]["kind"], "status": None, "times": [], "text": 0, "usage": None,
+                       "done": False, "error": None, "finish": None, "cut_after": None}
                 recs.append(rec)
-                t0 = time.perf_counter()
-                last = [None]
+                t0 = rec["t0"] = time.perf_counter()
 
-                def on_event(data: bytes, t: float, rec=rec, t0=t0, last=last):
+                def on_event(data: bytes, t: float, rec=rec):
                     if data == b"[DONE]":
                         rec["done"] = True
                         return
                     obj = json.loads(data)
                     if "error" in obj:
-                        rec["error"] = obj["error"].get("message", "error")[:200]
+                        rec["error"] = str(obj["error"].get("message", "error"))[:200]
                         return
                     if obj.get("choices"):
-                        rec["events"] += 1
+                        rec["times"].append(t)
                         rec["text"] += len(obj["choices"][0].get("text") or "")
                         rec["finish"] = obj["choices"][0].get("finish_reason") or rec["finish"]
-                        if rec["ttft"] is None:
-                            rec["ttft"] = t - t0
-                        else:
-                            rec["gaps"].append(t - last[0])
-                        last[0] = t
                     if obj.get("usage"):
                         rec["usage"] = obj["usage"]
 
@@ -700,43 +703,53 @@ async def generation_load(url: str, specs: list[dict], clients: int, cap_s: floa
                     status, _, body = await conn.stream("/v1/completions", specs[i]["payload"], on_event)
                     rec["status"] = status
                     if status != 200:
-                        rec["error"] = body[:200].decode("utf-8", "replace")
+                        rec["error"] = f"{status} {body[:200].decode('utf-8', 'replace')}"
                 except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
                     await conn.close()
+                except asyncio.CancelledError:
+                    if not rec["times"]:
+                        rec["cut_after"] = time.perf_counter() - t0
+                    raise
         finally:
             await conn.close()
 
     tasks = [asyncio.create_task(client()) for _ in range(clients)]
-    _, pending = await asyncio.wait(tasks, timeout=cap_s)
+    _, pending = await asyncio.wait(tasks, timeout=cap_s + drain_s)
     for t in pending:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     wall = time.perf_counter() - t_start
+    end = min(stop_at, exhausted[0] or stop_at, t_start + wall)
+    window = end - t_start
     done = [r for r in recs if r["done"] and not r["error"]]
-    cut = [r for r in recs if not r["done"] and not r["error"]]
     errors = [r for r in recs if r["error"]]
-    tokens = sum((r["usage"] or {}).get("completion_tokens", r["events"]) for r in done) + sum(r["events"] for r in cut)
-    mismatch = sum(1 for r in done if r["usage"] is None or r["usage"].get("completion_tokens") != r["events"])
-    ttft = [r["ttft"] for r in recs if r["ttft"] is not None]
-    gaps = [g for r in recs for g in r["gaps"]]
+    in_window = sum(1 for r in recs for t in r["times"] if t <= end)
+    mismatch = sum(1 for r in done if r["usage"] is None or r["usage"].get("completion_tokens") != len(r["times"]))
+    ttft = [r["times"][0] - r["t0"] if r["times"] else r["cut_after"] for r in recs
+            if r["times"] or r["cut_after"] is not None]
+    gaps = [b - a for r in recs for a, b in zip(r["times"], r["times"][1:]) if b <= end]
     ms = lambda xs, q: round(percentile(xs, q) * 1000, 1) if xs else None  # noqa: E731
-    by_kind = {}
+    by_kind: dict = {}
     for r in done:
         k = by_kind.setdefault(r["kind"], {"requests": 0, "tokens": 0, "finish_stop": 0})
         k["requests"] += 1
-        k["tokens"] += r["events"]
+        k["tokens"] += len(r["times"])
         k["finish_stop"] += r["finish"] == "stop"
-    return {"clients": clients, "seconds": wall, "requests_started": len(recs), "requests_done": len(done),
-            "requests_cut_at_cap": len(cut), "errors": len(errors),
-            "error_samples": sorted({r["error"] for r in errors})[:5],
-            "tokens": tokens, "sse_token_events": sum(r["events"] for r in recs), "tokens_per_s": tokens / wall,
+    return {"clients": clients, "window_s": window, "seconds": wall, "budget_ran_out": exhausted[0] is not None,
+            "requests_started": len(recs), "requests_done": len(done),
+            "requests_cut": sum(1 for r in recs if not r["done"] and not r["error"]), "errors": len(errors),
+            "error_samples": sorted({r["error"] for r in errors})[:5], "tokens_in_window": in_window,
+            "tokens_per_s": in_window / window if window > 0 else 0.0,
+            "tokens_total": sum(len(r["times"]) for r in recs),
+            "usage_tokens_done": sum((r["usage"] or {}).get("completion_tokens", 0) for r in done),
             "usage_mismatches": mismatch, "ttft_p50_ms": ms(ttft, 0.5), "ttft_p99_ms": ms(ttft, 0.99),
+            "ttft_censored": sum(1 for r in recs if not r["times"] and r["cut_after"] is not None),
             "itl_p50_ms": ms(gaps, 0.5), "itl_p99_ms": ms(gaps, 0.99), "by_kind": by_kind}
 
 
 def run_generation(runs: list[tuple[str, Side, dict]], work: Path, texts: list[str], quick: bool,
-                   clients: int, budget: int, cap_s: float) -> dict:
+                   clients: int, budget: int, cap_s: float, drain_s: float) -> dict:
     model_dir = work / "gpt2-124m-random"
     t0 = time.perf_counter()
     save_generator(model_dir)
@@ -749,24 +762,34 @@ def run_generation(runs: list[tuple[str, Side, dict]], work: Path, texts: list[s
         base = {"models": {"generator": str(model_dir), "max_completion_tokens": 256},
                 "batching": {"generate": lane}}
         with serving(side, work, f"gen-{label}", base) as server:
-            w = asyncio.run(generation_load(server.url, warm, 3, 120))
+            w = asyncio.run(generation_load(server.url, warm, 3, 120, 0))
             if w["errors"]:
                 print(f"  warm-up errors: {w['error_samples']}", flush=True)
-            r = asyncio.run(generation_load(server.url, specs, clients, cap_s))
+            r = asyncio.run(generation_load(server.url, specs, clients, cap_s, drain_s))
         r["server"], r["lane"] = side.name, lane
         out[label] = r
         print(f"  {label:14s} {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']} p99 {r['ttft_p99_ms']} ms  "
-              f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  done {r['requests_done']} "
-              f"cut {r['requests_cut_at_cap']} errors {r['errors']} usage mismatches {r['usage_mismatches']} "
+              f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  window {r['window_s']:.0f} s  "
+              f"done {r['requests_done']} cut {r['requests_cut']} errors {r['errors']} usage mismatches {r['usage_mismatches']} "
               f"{r['error_samples'] or ''}", flush=True)
     return out
 
 
 # -------------------------------------------------------------------- report
 
-def target(name: str, scenario: str, measured, goal: float, op: str = ">=") -> dict:
+def target(name: str, scenario: str, measured, goal: float, unit: str, op: str = ">=") -> dict:
     met = None if measured is None else (measured >= goal if op == ">=" else measured <= goal)
-    return {"scenario": scenario, "name": name, "measured": measured, "target": goal, "op": op, "met": met}
+    return {"scenario": scenario, "name": name, "measured": measured, "target": goal, "unit": unit, "op": op,
+            "met": met}
+
+
+def format_target(t: dict) -> tuple[str, str]:
+    """(goal, measured) cells: '≥ 3×', '3.41×'; '≤ 50 ms', '12.3 ms'; '≥ 70%', '81%'."""
+    unit = t.get("unit", "×")
+    spec = {"×": ".2f", "%": ".0f"}.get(unit, ".1f")
+    sep = " " if unit == "ms" else ""
+    goal = f"{'≥' if t['op'] == '>=' else '≤'} {t['target']:g}{sep}{unit}"
+    return goal, ("not measured" if t["measured"] is None else f"{t['measured']:{spec}}{sep}{unit}")
 
 
 def fmt(x, spec: str = ".1f", unit: str = "") -> str:
@@ -783,24 +806,24 @@ def build_targets(emb: dict | None, over: dict | None, gen: dict | None) -> list
         for side, per in emb["batching_gain"].items():
             for p, gains in per.items():
                 ts.append(target(f"embeddings {p}, 32 clients: batching on / off ({side})", "embeddings",
-                                 gains.get(32), TARGETS["batching_gain"]))
+                                 gains.get(32), TARGETS["batching_gain"], "×"))
         for p, r in emb["current_vs_baseline_32"].items():
             ts.append(target(f"embeddings {p}, 32 clients, batching on: current / baseline", "embeddings", r,
-                             TARGETS["current_vs_baseline_embeddings"]))
+                             TARGETS["current_vs_baseline_embeddings"], "×"))
     if over:
         for side, o in over.items():
             ts.append(target(f"overload goodput, % of 32-client throughput ({side})", "overload",
-                             o["goodput_pct_of_32_clients"], TARGETS["overload_goodput_pct"]))
-            ts.append(target(f"overload /health p99 ms ({side})", "overload", o["health_p99_ms"],
-                             TARGETS["health_p99_ms"], "<="))
+                             o["goodput_pct_of_32_clients"], TARGETS["overload_goodput_pct"], "%"))
+            ts.append(target(f"overload /health p99 ({side})", "overload", o["health_p99_ms"],
+                             TARGETS["health_p99_ms"], "ms", "<="))
     if gen and "current" in gen and "baseline" in gen:
         c, b = gen["current"], gen["baseline"]
         ts.append(target("generation tokens/s: current / baseline", "generation",
                          c["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None,
-                         TARGETS["gen_tokens_ratio"]))
+                         TARGETS["gen_tokens_ratio"], "×"))
         ts.append(target("generation TTFT p99: current / baseline", "generation",
                          c["ttft_p99_ms"] / b["ttft_p99_ms"] if c["ttft_p99_ms"] and b["ttft_p99_ms"] else None,
-                         TARGETS["gen_ttft_p99_ratio"], "<="))
+                         TARGETS["gen_ttft_p99_ratio"], "×", "<="))
     return ts
 
 
@@ -836,7 +859,7 @@ def markdown(result: dict) -> str:
     if over:
         o0 = next(iter(over.values()))
         L.append(f"**Overload** (fp32, max_queue 32, 128 clients without back-off × 8 sentences, "
-                 f"{o0['seconds']:.0f} s; /health probed every 75 ms from another process)")
+                 f"{o0.get('storm_s', o0['seconds']):.0f} s; /health probed every 75 ms from another process)")
         L.append("")
         L.append("| server | goodput (200/s) | refused (429/s) | 32 clients, same requests (req/s) | goodput % "
                  "| /health p99 ms (OK/probes) | 429 p50 ms | Retry-After min/median/max s | RSS MB start → max → end "
@@ -858,15 +881,18 @@ def markdown(result: dict) -> str:
         L.append(f"**Generation** (GPT-2-124M shape, random weights, fp32; {g0['clients']} streaming clients, "
                  f"closed loops; prompts 8–200 tokens, mixed max_tokens and sampling: greedy, top_p, top_k, "
                  f"repetition penalty, seed, stop; {result['generation_settings']['budget']} requests or "
-                 f"{result['generation_settings']['cap_s']:.0f} s)")
+                 f"{result['generation_settings']['cap_s']:.0f} s, then the started requests finish "
+                 f"(≤ {result['generation_settings']['drain_s']:.0f} s); tokens/s and ITL inside the window, TTFT "
+                 "of every request started)")
         L.append("")
-        L.append("| run | server | generate lane | tokens/s | requests done (cut at cap) | TTFT p50 / p99 ms "
+        L.append("| run | server | generate lane | tokens/s | requests done (cut) | TTFT p50 / p99 ms "
                  "| ITL p50 / p99 ms | errors | usage ≠ events |")
         L.append("|---|---|---|---|---|---|---|---|---|")
         for label, g in gen.items():
             lane = ", ".join(f"{k} {v}" for k, v in g["lane"].items()) or "defaults"
             L.append(f"| {label} | {g['server']} | {lane} | {g['tokens_per_s']:.1f} | {g['requests_done']} "
-                     f"({g['requests_cut_at_cap']}) | {fmt(g['ttft_p50_ms'], '.0f')} / {fmt(g['ttft_p99_ms'], '.0f')} "
+                     f"({g['requests_cut']}) | {fmt(g['ttft_p50_ms'], '.0f')} / {fmt(g['ttft_p99_ms'], '.0f')}"
+                     f"{f' ({c} cut before a token: ≥)' if (c := g.get('ttft_censored')) else ''} "
                      f"| {fmt(g['itl_p50_ms'])} / {fmt(g['itl_p99_ms'])} | {g['errors']} | {g['usage_mismatches']} |")
         L.append("")
     if result["targets"]:
@@ -875,11 +901,8 @@ def markdown(result: dict) -> str:
         L.append("| scenario | measure | target | measured | met |")
         L.append("|---|---|---|---|---|")
         for t in result["targets"]:
-            unit = "×" if ("/" in t["name"] and "ms" not in t["name"]) or "TTFT" in t["name"] else ""
-            unit = "%" if "%" in t["name"] else unit
-            spec = ".0f" if unit == "%" else (".1f" if unit == "" else ".2f")
-            L.append(f"| {t['scenario']} | {t['name']} | {t['op'].replace('>=', '≥').replace('<=', '≤')} "
-                     f"{t['target']:g}{unit} | {fmt(t['measured'], spec, unit)} | {yes_no(t['met'])} |")
+            goal, measured = format_target(t)
+            L.append(f"| {t['scenario']} | {t['name']} | {goal} | {measured} | {yes_no(t['met'])} |")
         L.append("")
     L.append("**Design comparison.** _To be written by the main engineer: what changed between the baseline and "
              "the current serving (models in worker processes, continuous batching with per-row sampling, "
@@ -905,7 +928,10 @@ def main() -> None:
     ap.add_argument("--precisions", default=None, help="embeddings: fp32,int8 (quick: fp32)")
     ap.add_argument("--gen-clients", type=int, default=32)
     ap.add_argument("--gen-requests", type=int, default=None, help="request budget per server (default 256; quick 48)")
-    ap.add_argument("--gen-seconds", type=float, default=None, help="time cap per server (default 120; quick 25)")
+    ap.add_argument("--gen-seconds", type=float, default=None,
+                    help="measuring window cap per server (default 120; quick 20)")
+    ap.add_argument("--gen-drain", type=float, default=None,
+                    help="at most this long for the started requests to finish (default 60; quick 10)")
     ap.add_argument("--no-gen-b32", action="store_true",
                     help="skip the baseline run with [batching.generate] max_batch_size = 32")
     ap.add_argument("--out", type=Path, default=None, help="result folder (default: this machine's results dir)")
@@ -913,7 +939,8 @@ def main() -> None:
     scenarios = [s for s in args.scenarios.split(",") if s]
     precisions = (args.precisions or ("fp32" if args.quick else "fp32,int8")).split(",")
     budget = args.gen_requests or (48 if args.quick else 256)
-    cap_s = args.gen_seconds or (25.0 if args.quick else 120.0)
+    cap_s = args.gen_seconds or (20.0 if args.quick else 120.0)
+    drain_s = args.gen_drain if args.gen_drain is not None else (10.0 if args.quick else 60.0)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below removes the worktrees
     from tallow.corpus import docstring_sentences
@@ -966,9 +993,10 @@ def main() -> None:
                     if not args.no_gen_b32:
                         runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}))
                 runs.append(("current", by["current"], {}))
-                gen = run_generation(runs, work, texts, args.quick, args.gen_clients, budget, cap_s)
+                gen = run_generation(runs, work, texts, args.quick, args.gen_clients, budget, cap_s, drain_s)
                 result["generation"] = gen
-                result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s}
+                result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s,
+                                                 "drain_s": drain_s}
             result["targets"] = build_targets(emb, over, gen)
         finally:
             for t in trees:
