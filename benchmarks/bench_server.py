@@ -33,8 +33,10 @@ Scenarios:
    BPE tokenizer trained on the stdlib docstrings, padded to 50257 ids),
    32 closed-loop streaming clients (SSE) with a deterministic mix of prompt
    lengths, max_tokens and sampling settings; TTFT, inter-token latency and
-   generated tokens/s. The baseline runs with its default generate lane and
-   with ``[batching.generate] max_batch_size = 32``.
+   generated tokens/s. A request budget and a window cap (then the started
+   requests finish, bounded too). The baseline runs with its default
+   generate lane and with ``[batching.generate] max_batch_size = 32``;
+   ``--gen-int8`` adds INT8 runs of both.
 
 Client and server share this machine's cores, the same way for both servers,
 so the ratios are what to read. The load generator is a minimal keep-alive
@@ -136,7 +138,12 @@ class CodeTree:
                 dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
                 self.describe = f"installed package (repo HEAD {self.commit}{', dirty' if dirty else ''})"
         else:
-            self.commit = git("rev-parse", "--short", f"{rev}^{{commit}}")
+            try:
+                self.commit = git("rev-parse", "--short", f"{rev}^{{commit}}")
+            except subprocess.CalledProcessError as exc:
+                raise SystemExit(f"bench_server: cannot resolve {label} revision {rev!r} in {REPO} "
+                                 f"({exc.stderr.strip()}); fetch it, pass another --{label}-rev, or run with "
+                                 "--no-baseline (current server only)") from None
             self.path = tmp / f"tree-{label}"
             git("worktree", "add", "--detach", str(self.path), self.commit)
             self.describe = f"git worktree of {self.commit} ({git('log', '-1', '--format=%s', self.commit)[:70]})"
@@ -159,8 +166,8 @@ class CodeTree:
             shutil.copytree(kernels, dst / "kernels")
         changed = git("diff", "--name-only", self.commit, "HEAD", "--", "csrc", "CMakeLists.txt")
         if changed:
-            print(f"warning: {self.label} ({self.commit}): native sources differ from HEAD ({len(changed.splitlines())} "
-                  "files); it runs with the installed native module", flush=True)
+            print(f"warning: {self.label} ({self.commit}): native sources differ from HEAD "
+                  f"({len(changed.splitlines())} files); it runs with the installed native module", flush=True)
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -210,7 +217,7 @@ def _toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
@@ -234,7 +241,10 @@ def parse_extra(texts: list[str]) -> dict:
     """--*-extra-toml values: TOML text, or @path of a TOML file; merged in order."""
     out: dict = {}
     for t in texts:
-        out = deep_merge(out, tomllib.loads(Path(t[1:]).read_text() if t.startswith("@") else t.replace("\\n", "\n")))
+        text = Path(t[1:]).read_text() if t.startswith("@") else t
+        if "\n" not in text:  # one shell line: '[workers]\nmode = "inline"'
+            text = text.replace("\\n", "\n")
+        out = deep_merge(out, tomllib.loads(text))
     return out
 
 
@@ -758,19 +768,22 @@ def run_generation(runs: list[tuple[str, Side, dict]], work: Path, texts: list[s
     warm = [{"kind": "warmup", "payload": {**s["payload"], "prompt": s["payload"]["prompt"][:80], "max_tokens": 4}}
             for s in specs[:6]]
     out = {}
-    for label, side, lane in runs:
-        base = {"models": {"generator": str(model_dir), "max_completion_tokens": 256},
+    for label, side, lane, quantize in runs:
+        base = {"models": {"generator": str(model_dir), "max_completion_tokens": 256,
+                           "quantize": "int8" if quantize else ""},
                 "batching": {"generate": lane}}
         with serving(side, work, f"gen-{label}", base) as server:
             w = asyncio.run(generation_load(server.url, warm, 3, 120, 0))
             if w["errors"]:
                 print(f"  warm-up errors: {w['error_samples']}", flush=True)
             r = asyncio.run(generation_load(server.url, specs, clients, cap_s, drain_s))
-        r["server"], r["lane"] = side.name, lane
+            r["rss_mb_end"] = tree_rss_mb(server.proc.pid)  # the server and its workers, KV caches included
+        r["server"], r["lane"], r["precision"] = side.name, lane, "int8" if quantize else "fp32"
         out[label] = r
         print(f"  {label:14s} {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']} p99 {r['ttft_p99_ms']} ms  "
               f"ITL p50 {r['itl_p50_ms']} p99 {r['itl_p99_ms']} ms  window {r['window_s']:.0f} s  "
-              f"done {r['requests_done']} cut {r['requests_cut']} errors {r['errors']} usage mismatches {r['usage_mismatches']} "
+              f"done {r['requests_done']} cut {r['requests_cut']} errors {r['errors']} "
+              f"usage mismatches {r['usage_mismatches']} "
               f"{r['error_samples'] or ''}", flush=True)
     return out
 
@@ -862,7 +875,8 @@ def markdown(result: dict) -> str:
                  f"{o0.get('storm_s', o0['seconds']):.0f} s; /health probed every 75 ms from another process)")
         L.append("")
         L.append("| server | goodput (200/s) | refused (429/s) | 32 clients, same requests (req/s) | goodput % "
-                 "| /health p99 ms (OK/probes) | 429 p50 ms | Retry-After min/median/max s | RSS MB start → max → end "
+                 "| /health p99 ms (OK/probes) | 429 p50 ms | Retry-After min/median/max s "
+                 "| RSS MB start → max → end "
                  "| other errors |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for sd, o in over.items():
@@ -878,7 +892,8 @@ def markdown(result: dict) -> str:
     gen = result.get("generation")
     if gen:
         g0 = next(iter(gen.values()))
-        L.append(f"**Generation** (GPT-2-124M shape, random weights, fp32; {g0['clients']} streaming clients, "
+        L.append(f"**Generation** (GPT-2-124M shape, random weights, fp32 (`-int8` runs: INT8); "
+                 f"{g0['clients']} streaming clients, "
                  f"closed loops; prompts 8–200 tokens, mixed max_tokens and sampling: greedy, top_p, top_k, "
                  f"repetition penalty, seed, stop; {result['generation_settings']['budget']} requests or "
                  f"{result['generation_settings']['cap_s']:.0f} s, then the started requests finish "
@@ -886,14 +901,15 @@ def markdown(result: dict) -> str:
                  "of every request started)")
         L.append("")
         L.append("| run | server | generate lane | tokens/s | requests done (cut) | TTFT p50 / p99 ms "
-                 "| ITL p50 / p99 ms | errors | usage ≠ events |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+                 "| ITL p50 / p99 ms | errors | usage ≠ events | RSS MB after |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
         for label, g in gen.items():
             lane = ", ".join(f"{k} {v}" for k, v in g["lane"].items()) or "defaults"
             L.append(f"| {label} | {g['server']} | {lane} | {g['tokens_per_s']:.1f} | {g['requests_done']} "
                      f"({g['requests_cut']}) | {fmt(g['ttft_p50_ms'], '.0f')} / {fmt(g['ttft_p99_ms'], '.0f')}"
                      f"{f' ({c} cut before a token: ≥)' if (c := g.get('ttft_censored')) else ''} "
-                     f"| {fmt(g['itl_p50_ms'])} / {fmt(g['itl_p99_ms'])} | {g['errors']} | {g['usage_mismatches']} |")
+                     f"| {fmt(g['itl_p50_ms'])} / {fmt(g['itl_p99_ms'])} | {g['errors']} | {g['usage_mismatches']} "
+                     f"| {fmt(g.get('rss_mb_end'), '.0f')} |")
         L.append("")
     if result["targets"]:
         L.append("**Targets**")
@@ -934,6 +950,7 @@ def main() -> None:
                     help="at most this long for the started requests to finish (default 60; quick 10)")
     ap.add_argument("--no-gen-b32", action="store_true",
                     help="skip the baseline run with [batching.generate] max_batch_size = 32")
+    ap.add_argument("--gen-int8", action="store_true", help="generation: INT8 runs of both servers too")
     ap.add_argument("--out", type=Path, default=None, help="result folder (default: this machine's results dir)")
     args = ap.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -988,11 +1005,13 @@ def main() -> None:
                 print("generation", flush=True)
                 runs = []
                 by = {sd.name: sd for sd in sides}
-                if "baseline" in by:
-                    runs.append(("baseline", by["baseline"], {}))
-                    if not args.no_gen_b32:
-                        runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}))
-                runs.append(("current", by["current"], {}))
+                for q in ([False, True] if args.gen_int8 else [False]):
+                    sfx = "-int8" if q else ""
+                    if "baseline" in by:
+                        runs.append((f"baseline{sfx}", by["baseline"], {}, q))
+                        if not args.no_gen_b32 and not q:
+                            runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}, q))
+                    runs.append((f"current{sfx}", by["current"], {}, q))
                 gen = run_generation(runs, work, texts, args.quick, args.gen_clients, budget, cap_s, drain_s)
                 result["generation"] = gen
                 result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s,
