@@ -238,12 +238,16 @@ def targets_table(mdir: Path) -> str:
 
 def server_target_lines(server: dict) -> list[str]:
     """bench_server's targets (issue 15: current serving vs the baseline
-    revision, and the batching gain), one line each, as server.json lists them."""
-    base = server.get("servers", {}).get("baseline", {}).get("commit")
-    lines = []
+    revision, and the batching gain), one line each, as server.json lists them;
+    the baseline's own figures (its batching gain, its overload) stay in the
+    server section: context, not targets."""
     from bench_server import format_target
 
+    base = server.get("servers", {}).get("baseline", {}).get("commit")
+    lines = []
     for t in server["targets"]:
+        if t["name"].endswith("(baseline)"):
+            continue
         goal, measured = format_target(t)
         vs = f"current vs baseline {base}" if base and "current / baseline" in t["name"] else "—"
         lines.append(f"| 15 | server | {t['name']} | {vs} | {goal} | {measured} | "
