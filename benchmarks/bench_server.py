@@ -478,9 +478,11 @@ def embed_base(quantize: bool, lane: dict) -> dict:
 def run_embeddings(sides: list[Side], work: Path, texts: list[str], quick: bool, precisions: list[str]) -> list[dict]:
     plan = [(1, 40 if quick else 150), (8, 80 if quick else 400), (32, 160 if quick else 800)]
     rows = []
+    k = 0
     for precision in precisions:
         for batching, lane in EMBED_CONFIGS.items():
-            for side in sides:  # alternate: baseline, current for each configuration
+            k += 1
+            for side in (sides if k % 2 else sides[::-1]):  # one after the other, the order alternating
                 tag = f"emb-{precision}-{batching}"
                 with serving(side, work, tag, embed_base(precision == "int8", lane)) as server:
                     asyncio.run(load(server.url, 4, 40, texts))  # warm the connection path
@@ -920,6 +922,10 @@ def markdown(result: dict) -> str:
             goal, measured = format_target(t)
             L.append(f"| {t['scenario']} | {t['name']} | {goal} | {measured} | {yes_no(t['met'])} |")
         L.append("")
+    for name, err in (result.get("failed") or {}).items():
+        shown = " / ".join(err.splitlines()[:2])[:400].replace("`", "'")
+        L.append(f"**{name} failed**: `{shown}` (see the run's log)")
+        L.append("")
     L.append("**Design comparison.** _To be written by the main engineer: what changed between the baseline and "
              "the current serving (models in worker processes, continuous batching with per-row sampling, "
              "shedding before the body is read) and which of the numbers above each change explains._")
@@ -987,9 +993,24 @@ def main() -> None:
             result: dict = {"servers": {sd.name: {**sd.tree.summary(), "extra_config": sd.extra} for sd in sides},
                             "quick": args.quick}
             emb = over = gen = None
-            if "embeddings" in scenarios:
-                print("embeddings", flush=True)
-                rows = run_embeddings(sides, work, texts, args.quick, precisions)
+            failed: dict[str, str] = {}
+
+            def attempt(name: str, fn):
+                """One scenario; a failure is recorded and the others still run."""
+                if name not in scenarios:
+                    return None
+                print(name, flush=True)
+                try:
+                    return fn()
+                except Exception as exc:  # keep what the other scenarios measured
+                    import traceback
+
+                    traceback.print_exc()
+                    failed[name] = f"{type(exc).__name__}: {exc}"[-3000:]
+                    return None
+
+            rows = attempt("embeddings", lambda: run_embeddings(sides, work, texts, args.quick, precisions))
+            if rows:
                 emb = embedding_summary(rows, names, precisions)
                 result["embeddings_rows"] = rows
                 result["embeddings"] = emb
@@ -997,26 +1018,26 @@ def main() -> None:
                 cg = emb["batching_gain"]["current"]
                 result["batching_speedup"] = {str(c): g for c, g in cg.get("fp32", {}).items()}
                 result["batching_speedup_int8"] = {str(c): g for c, g in cg.get("int8", {}).items()}
-            if "overload" in scenarios:
-                print("overload", flush=True)
-                over = run_overload(sides, work, texts, args.quick)
+            over = attempt("overload", lambda: run_overload(sides, work, texts, args.quick))
+            if over:
                 result["overload"] = over
-            if "generation" in scenarios:
-                print("generation", flush=True)
-                runs = []
-                by = {sd.name: sd for sd in sides}
-                for q in ([False, True] if args.gen_int8 else [False]):
-                    sfx = "-int8" if q else ""
-                    if "baseline" in by:
-                        runs.append((f"baseline{sfx}", by["baseline"], {}, q))
-                        if not args.no_gen_b32 and not q:
-                            runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}, q))
-                    runs.append((f"current{sfx}", by["current"], {}, q))
-                gen = run_generation(runs, work, texts, args.quick, args.gen_clients, budget, cap_s, drain_s)
+            runs = []
+            by = {sd.name: sd for sd in sides}
+            for q in ([False, True] if args.gen_int8 else [False]):
+                sfx = "-int8" if q else ""
+                if "baseline" in by:
+                    runs.append((f"baseline{sfx}", by["baseline"], {}, q))
+                    if not args.no_gen_b32 and not q:
+                        runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}, q))
+                runs.append((f"current{sfx}", by["current"], {}, q))
+            gen = attempt("generation", lambda: run_generation(runs, work, texts, args.quick, args.gen_clients,
+                                                               budget, cap_s, drain_s))
+            if gen:
                 result["generation"] = gen
                 result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s,
                                                  "drain_s": drain_s}
             result["targets"] = build_targets(emb, over, gen)
+            result["failed"] = failed
         finally:
             for t in trees:
                 t.close()
@@ -1029,6 +1050,8 @@ def main() -> None:
     (out / "server.md").write_text(md)
     print(md)
     print(f"wrote {out / 'server.json'} and server.md in {result['wall_s']:.0f} s", flush=True)
+    if result["failed"]:
+        sys.exit(f"bench_server: failed scenarios: {', '.join(result['failed'])}")
 
 
 if __name__ == "__main__":
