@@ -118,7 +118,13 @@ def git(*args: str, cwd: Path = REPO) -> str:
 PROBE_CODE = """
 import dataclasses, json, sys, tallow
 from tallow.serve.config import ServeConfig
+native, err = True, None
+try:
+    tallow.get_isa()
+except Exception as exc:
+    native, err = False, repr(exc)
 print(json.dumps({"file": tallow.__file__, "version": getattr(tallow, "__version__", None),
+                  "native": native, "native_error": err,
                   "sections": [f.name for f in dataclasses.fields(ServeConfig)]}))
 """
 
@@ -147,10 +153,19 @@ class CodeTree:
             self.path = tmp / f"tree-{label}"
             git("worktree", "add", "--detach", str(self.path), self.commit)
             self.describe = f"git worktree of {self.commit} ({git('log', '-1', '--format=%s', self.commit)[:70]})"
-            self._graft_native()
-        self.info = self.probe()
-        if self.path is not None and not Path(self.info["file"]).resolve().is_relative_to(self.path.resolve()):
-            raise RuntimeError(f"{label}: tallow imports from {self.info['file']}, not from the worktree {self.path}")
+        try:
+            if self.path is not None:
+                self._graft_native()
+            self.info = self.probe()
+            if self.path is not None and not Path(self.info["file"]).resolve().is_relative_to(self.path.resolve()):
+                raise RuntimeError(f"{label}: tallow imports from {self.info['file']}, "
+                                   f"not from the worktree {self.path}")
+            if not self.info.get("native", True):
+                raise RuntimeError(f"{label}: the native module does not load with this code: "
+                                   f"{self.info.get('native_error')}")
+        except BaseException:
+            self.close()
+            raise
         if self.path is None and self.info["file"] != installed_tallow_dir().joinpath("__init__.py").as_posix():
             print(f"warning: {label} imports tallow from {self.info['file']}", flush=True)
 
@@ -166,7 +181,7 @@ class CodeTree:
             shutil.copytree(kernels, dst / "kernels")
         changed = git("diff", "--name-only", self.commit, "HEAD", "--", "csrc", "CMakeLists.txt")
         if changed:
-            print(f"warning: {self.label} ({self.commit}): native sources differ from HEAD "
+            print(f"warning: {self.label} ({self.commit}): native sources differ from the checkout's HEAD "
                   f"({len(changed.splitlines())} files); it runs with the installed native module", flush=True)
 
     def env(self) -> dict:
@@ -839,6 +854,9 @@ def build_targets(emb: dict | None, over: dict | None, gen: dict | None) -> list
         ts.append(target("generation TTFT p99: current / baseline", "generation",
                          c["ttft_p99_ms"] / b["ttft_p99_ms"] if c["ttft_p99_ms"] and b["ttft_p99_ms"] else None,
                          TARGETS["gen_ttft_p99_ratio"], "×", "<="))
+        if c["ttft_censored"] or b["ttft_censored"]:
+            ts[-1]["note"] = (f"TTFT of streams cut before their first token is a lower bound (baseline "
+                              f"{b['ttft_censored']}, current {c['ttft_censored']} of them)")
     return ts
 
 
@@ -920,7 +938,8 @@ def markdown(result: dict) -> str:
         L.append("|---|---|---|---|---|")
         for t in result["targets"]:
             goal, measured = format_target(t)
-            L.append(f"| {t['scenario']} | {t['name']} | {goal} | {measured} | {yes_no(t['met'])} |")
+            note = f" ({t['note']})" if t.get("note") else ""
+            L.append(f"| {t['scenario']} | {t['name']} | {goal} | {measured}{note} | {yes_no(t['met'])} |")
         L.append("")
     for name, err in (result.get("failed") or {}).items():
         shown = " / ".join(err.splitlines()[:2])[:400].replace("`", "'")
@@ -951,9 +970,9 @@ def main() -> None:
     ap.add_argument("--gen-clients", type=int, default=32)
     ap.add_argument("--gen-requests", type=int, default=None, help="request budget per server (default 256; quick 48)")
     ap.add_argument("--gen-seconds", type=float, default=None,
-                    help="measuring window cap per server (default 120; quick 20)")
+                    help="measuring window cap per server (default 120; quick 15)")
     ap.add_argument("--gen-drain", type=float, default=None,
-                    help="at most this long for the started requests to finish (default 60; quick 10)")
+                    help="at most this long for the started requests to finish (default 60; quick 8)")
     ap.add_argument("--no-gen-b32", action="store_true",
                     help="skip the baseline run with [batching.generate] max_batch_size = 32")
     ap.add_argument("--gen-int8", action="store_true", help="generation: INT8 runs of both servers too")
@@ -962,8 +981,8 @@ def main() -> None:
     scenarios = [s for s in args.scenarios.split(",") if s]
     precisions = (args.precisions or ("fp32" if args.quick else "fp32,int8")).split(",")
     budget = args.gen_requests or (48 if args.quick else 256)
-    cap_s = args.gen_seconds or (20.0 if args.quick else 120.0)
-    drain_s = args.gen_drain if args.gen_drain is not None else (10.0 if args.quick else 60.0)
+    cap_s = args.gen_seconds or (15.0 if args.quick else 120.0)
+    drain_s = args.gen_drain if args.gen_drain is not None else (8.0 if args.quick else 60.0)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below removes the worktrees
     from tallow.corpus import docstring_sentences
