@@ -4,6 +4,15 @@ caps; it stops by itself).
 
     python benchmarks/bench_server.py [--quick] [--baseline-rev REV] [--current-extra-toml TOML]
 
+    # the full run (~15 min on a quiet 2-core machine): installed package vs 48259c5
+    python benchmarks/bench_server.py
+    # a revision as "current" without installing it (same worktree trick)
+    python benchmarks/bench_server.py --quick --current-rev serve15
+    # more settings for one side (TOML text, '\n' allowed on one line, or @file)
+    python benchmarks/bench_server.py --current-extra-toml '[generation]\nkv_cache_mb = 1024'
+    # one scenario, current server only
+    python benchmarks/bench_server.py --quick --no-baseline --scenarios generation
+
 Two servers, started the same way (``python -m tallow serve --config X.toml``
 subprocesses on a free loopback port, one at a time, alternating per
 scenario, so every ratio comes from one run):
@@ -490,7 +499,8 @@ def embed_base(quantize: bool, lane: dict) -> dict:
     return {"models": {"quantize": "int8" if quantize else ""}, "batching": {"embeddings": dict(lane)}}
 
 
-def run_embeddings(sides: list[Side], work: Path, texts: list[str], quick: bool, precisions: list[str]) -> list[dict]:
+def run_embeddings(sides: list[Side], work: Path, texts: list[str], quick: bool,
+                   precisions: list[str]) -> list[dict]:
     plan = [(1, 40 if quick else 150), (8, 80 if quick else 400), (32, 160 if quick else 800)]
     rows = []
     k = 0
@@ -775,8 +785,8 @@ async def generation_load(url: str, specs: list[dict], clients: int, cap_s: floa
             "itl_p50_ms": ms(gaps, 0.5), "itl_p99_ms": ms(gaps, 0.99), "by_kind": by_kind}
 
 
-def run_generation(runs: list[tuple[str, Side, dict]], work: Path, texts: list[str], quick: bool,
-                   clients: int, budget: int, cap_s: float, drain_s: float) -> dict:
+def run_generation(runs: list[tuple[str, Side, dict, bool]], work: Path, texts: list[str], quick: bool,
+                   clients: int, budget: int, cap_s: float, drain_s: float, failed: dict) -> dict:
     model_dir = work / "gpt2-124m-random"
     t0 = time.perf_counter()
     save_generator(model_dir)
@@ -789,12 +799,19 @@ def run_generation(runs: list[tuple[str, Side, dict]], work: Path, texts: list[s
         base = {"models": {"generator": str(model_dir), "max_completion_tokens": 256,
                            "quantize": "int8" if quantize else ""},
                 "batching": {"generate": lane}}
-        with serving(side, work, f"gen-{label}", base) as server:
-            w = asyncio.run(generation_load(server.url, warm, 3, 120, 0))
-            if w["errors"]:
-                print(f"  warm-up errors: {w['error_samples']}", flush=True)
-            r = asyncio.run(generation_load(server.url, specs, clients, cap_s, drain_s))
-            r["rss_mb_end"] = tree_rss_mb(server.proc.pid)  # the server and its workers, KV caches included
+        try:
+            with serving(side, work, f"gen-{label}", base) as server:
+                w = asyncio.run(generation_load(server.url, warm, 3, 120, 0))
+                if w["errors"]:
+                    print(f"  warm-up errors: {w['error_samples']}", flush=True)
+                r = asyncio.run(generation_load(server.url, specs, clients, cap_s, drain_s))
+                r["rss_mb_end"] = tree_rss_mb(server.proc.pid)  # the server and its workers, KV caches included
+        except Exception as exc:  # the other runs still count
+            import traceback
+
+            traceback.print_exc()
+            failed[f"generation {label}"] = f"{type(exc).__name__}: {exc}"[-3000:]
+            continue
         r["server"], r["lane"], r["precision"] = side.name, lane, "int8" if quantize else "fp32"
         out[label] = r
         print(f"  {label:14s} {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']} p99 {r['ttft_p99_ms']} ms  "
@@ -1050,7 +1067,7 @@ def main() -> None:
                         runs.append(("baseline-b32", by["baseline"], {"max_batch_size": 32}, q))
                 runs.append((f"current{sfx}", by["current"], {}, q))
             gen = attempt("generation", lambda: run_generation(runs, work, texts, args.quick, args.gen_clients,
-                                                               budget, cap_s, drain_s))
+                                                               budget, cap_s, drain_s, failed))
             if gen:
                 result["generation"] = gen
                 result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s,
