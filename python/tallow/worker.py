@@ -37,7 +37,7 @@ import contextlib
 import os
 import pickle
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 # Methods the server may call on a model: nothing else crosses the pipe.
@@ -56,7 +56,7 @@ class WorkerSpec:
     threads: int = 0           # torch intra-op threads in a worker process; 0: torch's default
     max_rows: int = 32         # generation: rows decoded together
     kv_cache_mb: int = 0       # generation: KV pool budget; 0: the scheduler's default
-    generation: dict = field(default_factory=dict)
+    prefill_tokens_per_step: int = 512  # generation: prompt tokens prefilled per step
 
 
 def load_model(spec: WorkerSpec) -> Any:
@@ -252,7 +252,8 @@ class ModelHost:
             from .models.scheduler import GenerationLoop, GenerationScheduler
 
             budget = spec.kv_cache_mb << 20 if spec.kv_cache_mb else None
-            scheduler = GenerationScheduler(model, max_rows=spec.max_rows, kv_budget_bytes=budget)
+            scheduler = GenerationScheduler(model, max_rows=spec.max_rows, kv_budget_bytes=budget,
+                                            prefill_tokens_per_step=spec.prefill_tokens_per_step)
             self._loop = GenerationLoop(scheduler, emit)
 
     def info(self) -> dict:

@@ -147,6 +147,10 @@ class GenerationConfig:
 
     max_rows: int = 32
     kv_cache_mb: int = 0
+    # Prompt tokens prefilled per step beside the running rows' decode: a
+    # bigger step admits new requests sooner (time to first token), a smaller
+    # one stalls the running streams less (inter-token latency).
+    prefill_tokens_per_step: int = 512
 
 
 @dataclass
@@ -195,6 +199,8 @@ class ServeConfig:
         g = self.generation
         _check(1 <= g.max_rows <= 1024, "generation.max_rows", g.max_rows, "in 1..1024")
         _check(g.kv_cache_mb >= 0, "generation.kv_cache_mb", g.kv_cache_mb, ">= 0 (0: the default)")
+        _check(g.prefill_tokens_per_step >= 1, "generation.prefill_tokens_per_step", g.prefill_tokens_per_step,
+               ">= 1")
         for name, lane in self.batching.items():
             _check(name in _lanes(), f"batching.{name}", name, f"one of {', '.join(_lanes())}")
             _check(lane.max_batch_size >= 1, f"batching.{name}.max_batch_size", lane.max_batch_size, ">= 1")

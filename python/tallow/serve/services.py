@@ -129,7 +129,8 @@ class Services:
         self._load_slot("classifier", WorkerSpec("classifier", cfg.models.classifier, quantize, task="classify"))
         self._load_slot("generator", WorkerSpec("generator", cfg.models.generator, quantize,
                                                 max_rows=cfg.generation.max_rows,
-                                                kv_cache_mb=cfg.generation.kv_cache_mb))
+                                                kv_cache_mb=cfg.generation.kv_cache_mb,
+                                                prefill_tokens_per_step=cfg.generation.prefill_tokens_per_step))
         if self.engine is not None and self.models["generator"].status == "ready":
             self.engine.set_generator(self.models["generator"].model)
         resnet = self._load_slot("image", WorkerSpec("image", cfg.models.image, quantize))
