@@ -5,8 +5,11 @@ GPT-2-124M-shaped model with random weights, single-threaded, CPU time
 Prints, per dtype (fp32, int8):
 - the model's decode step for 32 rows at mixed positions (decode_rows alone);
 - next_tokens on [32, 50257] logits: all greedy, all sampled (temperature,
-  top-k 50, top-p 0.9, repetition penalty, 32 generators), and mixed (half
-  greedy, two top-k/top-p groups);
+  top-k 50, top-p 0.9, repetition penalty, 32 generators), top-p 0.95 alone,
+  and mixed (half greedy, two top-k/top-p groups), on Zipf-like logits
+  (log-probability -1.1 log rank, the shape of a trained LM's next-token
+  distribution) and on flat ones (randn: a random-weight model's; the
+  nucleus then holds most of the vocabulary and needs the full sort);
 - a whole GenerationScheduler.step() with 32 running rows (decode + sampling
   + text + bookkeeping) against its decode_rows share.
 
@@ -59,17 +62,23 @@ def main() -> int:
     rows, vocab = 32, GPT2_124M["vocab"]
     print(f"GPT-2-124M shape, random weights, 1 thread, CPU time (median of {args.reps}); {tallow.get_isa()}")
 
-    logits = torch.randn(rows, vocab) * 3
+    zipf = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    peaked = torch.stack([zipf[torch.randperm(vocab)] for _ in range(rows)]) * 1.25  # / temperature 0.8
+    flat = torch.randn(rows, vocab)
     seen = torch.rand(rows, vocab) < 0.001
     sampled = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
     mixed = [SamplingParams(temperature=0) if i % 2 else
              (sampled if i % 4 == 0 else SamplingParams(temperature=1.0, top_p=0.95)) for i in range(rows)]
     gens = [torch.Generator().manual_seed(i) for i in range(rows)]
-    sampling = {
-        "greedy": lambda: next_tokens(logits, [SamplingParams(temperature=0)] * rows, seen, [None] * rows),
-        "sampled": lambda: next_tokens(logits, [sampled] * rows, seen, gens),
-        "mixed": lambda: next_tokens(logits, mixed, seen, gens),
-    }
+    top_p = SamplingParams(temperature=1.0, top_p=0.95)
+    sampling = {}
+    for kind, logits in (("zipf", peaked), ("flat", flat)):
+        sampling.update({
+            f"greedy   {kind}": lambda x=logits: next_tokens(x, [SamplingParams(temperature=0)] * rows, seen, [None] * rows),
+            f"sampled  {kind}": lambda x=logits: next_tokens(x, [sampled] * rows, seen, gens),
+            f"top-p    {kind}": lambda x=logits: next_tokens(x, [top_p] * rows, seen, gens),
+            f"mixed    {kind}": lambda x=logits: next_tokens(x, mixed, seen, gens),
+        })
     sample_ms = {k: cpu_time(f, args.reps) * 1e3 for k, f in sampling.items()}
 
     for name, m in models.items():
@@ -94,7 +103,7 @@ def main() -> int:
         print(f"{name}: decode_rows 32 rows {decode_ms:.1f} ms; whole step() {step_ms:.1f} ms "
               f"(overhead beyond the forward {step_ms - decode_ms:+.1f} ms = {(step_ms / decode_ms - 1) * 100:+.1f} %)")
         for k, v in sample_ms.items():
-            print(f"  next_tokens {k:8s} {v:6.2f} ms = {v / decode_ms * 100:4.1f} % of the {name} decode step")
+            print(f"  next_tokens {k:13s} {v:6.2f} ms = {v / decode_ms * 100:4.1f} % of the {name} decode step")
     return 0
 
 
