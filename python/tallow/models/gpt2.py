@@ -1,8 +1,12 @@
 """GPT-2 (Radford et al. 2019) language model on tallow's kernels.
 
-A preallocated KV cache ``[layers, B, heads, max_len, head_dim]`` per
-generation; a prefill over the (left-padded) prompts, then one-token decode
-steps whose attention reads the cache through strided views (no copies).
+``forward()`` runs (left-padded) prompts through a KV cache of its own.
+Generation runs on ``tallow.models.scheduler.GenerationScheduler``
+(iteration-level batching; ``generate_ids`` drives a private one): a KV
+pool of slots ``[slots, heads, len, head_dim]`` per layer, ``prefill_rows``
+writing right-padded prompts into their slots, ``decode_rows`` feeding one
+token per row at that row's own position, attention reading the pool
+through strided views with each row's unused positions masked.
 Linears run fp32 or INT8 (``quantize="int8"``; the LM head too — at batch 1
 it is a third of the bytes read per token).
 
