@@ -270,6 +270,47 @@ def test_sampler_rows_are_independent():
     assert (tk1 == logits[0].argmax()).all()
 
 
+def _hf_top_k_top_p(logits, top_k, top_p):
+    """The test's oracle: Hugging Face's TopK then TopP warpers, written out
+    (top-p's probabilities in float64: the definition, without float32's
+    rounding of the running mass)."""
+    if top_k:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[..., -1:], float("-inf"))
+    if top_p < 1:
+        srt, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(srt.double(), -1)
+        drop = (torch.cumsum(probs, -1) - probs) >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def test_top_k_top_p_candidates_keep_hugging_faces_sets():
+    from tallow.models.generation import filter_top_k_top_p
+
+    torch.manual_seed(0)
+    # peaked rows (nucleus in the top 64), wider ones (top 1024), flat ones (full sort)
+    logits = torch.cat([torch.randn(3, 5000) * 8, torch.randn(3, 5000) * 2.5, torch.randn(3, 5000) * 0.1])
+    for top_k, top_p in [(0, 0.9), (0, 0.5), (0, 0.999), (50, 1.0), (40, 0.8), (1, 0.3), (0, 1.0)]:
+        ours = filter_top_k_top_p(logits, top_k, top_p)
+        ref = _hf_top_k_top_p(logits, top_k, top_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p)
+
+
+def test_inverse_cdf_draw_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -9.0]]).expand(40000, -1)
+    probs = torch.softmax(logits[0] / 0.7, -1)
+    toks = next_tokens(logits, SamplingParams(temperature=0.7), torch.zeros(40000, 5, dtype=torch.bool),
+                       torch.Generator().manual_seed(0))
+    freq = torch.bincount(toks, minlength=5).double() / 40000
+    assert (freq - probs.double()).abs().max() < 0.01
+    # p = (0.644, 0.237, 0.087, ...): top_p=0.8 keeps tokens 0 and 1 (mass before token 2 is 0.88)
+    nucleus = next_tokens(logits[:4000], SamplingParams(temperature=1.0, top_p=0.8),
+                          torch.zeros(4000, 5, dtype=torch.bool), torch.Generator().manual_seed(1))
+    assert set(nucleus.tolist()) == {0, 1}
+    assert abs(float((nucleus == 0).double().mean()) - 0.644 / (0.644 + 0.237)) < 0.03
+
+
 def test_unseeded_rows_follow_torch_manual_seed(model, ids):
     p = replace(SAMPLED, seed=None)
     torch.manual_seed(42)

@@ -1,8 +1,12 @@
 """GPT-2 (Radford et al. 2019) language model on tallow's kernels.
 
-A preallocated KV cache ``[layers, B, heads, max_len, head_dim]`` per
-generation; a prefill over the (left-padded) prompts, then one-token decode
-steps whose attention reads the cache through strided views (no copies).
+``forward()`` runs (left-padded) prompts through a KV cache of its own.
+Generation runs on ``tallow.models.scheduler.GenerationScheduler``
+(iteration-level batching; ``generate_ids`` drives a private one): a KV
+pool of slots ``[slots, heads, len, head_dim]`` per layer, ``prefill_rows``
+writing right-padded prompts into their slots, ``decode_rows`` feeding one
+token per row at that row's own position, attention reading the pool
+through strided views with each row's unused positions masked.
 Linears run fp32 or INT8 (``quantize="int8"``; the LM head too — at batch 1
 it is a third of the bytes read per token).
 
@@ -140,17 +144,22 @@ class GPT2Block(torch.nn.Module):
         x = x + self.c_proj(ctx.transpose(1, 2).reshape(b, t, e))
         return x + self.mlp_proj(self.c_fc(self.ln_2(x)))
 
-    def forward_rows(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
-                     keys: int, padding: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_rows(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write, keys: int,
+                     padding: Optional[torch.Tensor]) -> torch.Tensor:
         """One decode step for rows at different positions (iteration-level
-        batching): x [B, 1, E]; row b's new key/value go to cache[b, :, positions[b]];
-        attention reads cache[:, :, :keys] (a view), ``padding`` [B, keys]
-        (True = not this row's) hiding each row's unused positions."""
+        batching): x [B, 1, E]; row b's new key/value go to cache[b, :, pos_b],
+        ``write`` = pos (an int: every row at the same position) or the index
+        pair (arange(B), positions [B]); attention reads cache[:, :, :keys] (a
+        view), ``padding`` [B, keys] (True = not this row's) hiding each
+        row's unused positions."""
         b, t, e = x.shape
         qkv = self.c_attn(self.ln_1(x)).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        rows = torch.arange(b)
-        cache_k[rows, :, positions] = qkv[1][:, :, 0].to(cache_k.dtype)  # [B, heads, d]
-        cache_v[rows, :, positions] = qkv[2][:, :, 0].to(cache_v.dtype)
+        if isinstance(write, int):
+            cache_k[:, :, write] = qkv[1][:, :, 0]
+            cache_v[:, :, write] = qkv[2][:, :, 0]
+        else:
+            cache_k[write[0], :, write[1]] = qkv[1][:, :, 0].to(cache_k.dtype)  # [B, heads, d]
+            cache_v[write[0], :, write[1]] = qkv[2][:, :, 0].to(cache_v.dtype)
         ctx = attention(qkv[0], cache_k[:, :, :keys], cache_v[:, :, :keys], causal=True, key_padding_mask=padding)
         x = x + self.c_proj(ctx.transpose(1, 2).reshape(b, t, e))
         return x + self.mlp_proj(self.c_fc(self.ln_2(x)))
@@ -250,13 +259,14 @@ class GPT2LMHeadModel(torch.nn.Module):
         prefill_rows, [B, heads, len, d] per layer. Attention reads the keys up
         to the longest row, each row's unused positions masked. Returns the
         float32 logits [B, vocab]."""
-        keys = int(positions.max()) + 1
-        padding = None
-        if int(positions.min()) + 1 < keys:
+        lo, hi = int(positions.min()), int(positions.max())
+        keys, padding, write = hi + 1, None, hi
+        if lo < hi:
             padding = torch.arange(keys)[None, :] > positions[:, None]  # [B, keys]
+            write = (torch.arange(len(positions)), positions)
         x = self.wte(tokens[:, None]) + self.wpe(positions[:, None])
         for i, block in enumerate(self.h):
-            x = block.forward_rows(x, cache[0][i], cache[1][i], positions, keys, padding)
+            x = block.forward_rows(x, cache[0][i], cache[1][i], write, keys, padding)
         return self.lm_head(self.ln_f(x))[:, 0].float()
 
     @torch.inference_mode()

@@ -3,10 +3,21 @@ vLLM's scheduler without paging).
 
 A :class:`GenerationScheduler` owns a KV pool and the rows running in it.
 Every :meth:`~GenerationScheduler.step` is one iteration: waiting requests
-whose rows fit join (their prompts prefilled together, right-padded, straight
-into their slots), every row already running decodes one token at its own
-position, and rows that finish leave at once. Each row samples with its own
-:class:`SamplingParams` and its own ``torch.Generator``.
+whose rows fit join (their prompts prefilled together, at most
+``prefill_tokens_per_step`` padded tokens unless a single request is larger,
+their first token sampled from the prefill), every row already running
+decodes one token at its own position, and rows that finish leave at once.
+Each row samples with its own :class:`SamplingParams` and its own
+``torch.Generator`` (seeded with ``seed``, or else from torch's default
+generator when the row is admitted).
+
+The prefill is right-padded, not left-padded as the static batch was: row
+b's tokens are then at positions 0..P_b-1 both in the prefill batch and in
+its slot, so the prefill writes the keys and values straight into the pool
+(no temporary cache, no copy), causal attention alone keeps the padding out
+of every real token's context, and a row's prefill numerics do not depend
+on the other prompts' lengths. Positions a row has not written are zeros
+(finite: attention reads them masked).
 
 KV pool. Per layer a key and a value tensor ``[slots, heads, len, head_dim]``
 of the model's ``kv_cache_dtype``; running row b lives in slot b (rows are
@@ -47,7 +58,10 @@ from .generation import SamplingParams, find_stop, holdback, next_tokens
 from .gpt2 import GPT2LMHeadModel
 from .layers import tiled_gemm
 
-_DEFAULT_BUDGET_CAP = 2 << 30  # 2 GiB: GPT-2-124M's 32 rows x 1024 tokens in bf16 (fp32: 29 rows at full context)
+# The default budget: max_rows rows at the model's full context, capped at 2 GiB
+# (GPT-2-124M: 32 rows x 1024 tokens need 1.2 GB in bf16; in fp32, 2.4 GB, so
+# the cap allows 28 rows at full context, or 32 rows of up to 910 tokens).
+_DEFAULT_BUDGET_CAP = 2 << 30
 _LEN_ROUND = 64
 
 
