@@ -962,10 +962,33 @@ def markdown(result: dict) -> str:
         shown = " / ".join(err.splitlines()[:2])[:400].replace("`", "'")
         L.append(f"**{name} failed**: `{shown}` (see the run's log)")
         L.append("")
-    L.append("**Design comparison.** _To be written by the main engineer: what changed between the baseline and "
-             "the current serving (models in worker processes, continuous batching with per-row sampling, "
-             "shedding before the body is read) and which of the numbers above each change explains._")
+    L.append(DESIGN)
     return "\n".join(L) + "\n"
+
+
+DESIGN = """**Design comparison.** The baseline runs the event loop and the models in one process: a forward
+pass holds the GIL the event loop needs, completions batch only requests that arrive together with
+identical settings and run to the batch's end (a seeded request runs alone), and a refused request is
+parsed, validated and tokenized before the queue check refuses it. The current server changes three
+things, each behind one part of the tables: (1) the models run in worker processes (`[workers]`): the
+event loop no longer waits for the GIL behind a forward pass — the embeddings throughput line;
+(2) completions are scheduled per decode step (Orca's iteration-level scheduling, as vLLM and TGI do):
+a request joins the running batch at the next step with its prompt prefilled beside the decode (a
+token budget per step, `generation.prefill_tokens_per_step`), a row leaves when it finishes, and every
+row samples with its own settings and generator — the tokens/s and time-to-first-token lines; (3) a
+full queue is refused before the body is read, and the refusal is held 250 ms so clients that ignore
+Retry-After cannot turn refusals into a busy loop that starves the workers — the overload line.
+Against vLLM's design: vLLM also splits the API server from the engine core (two processes over
+ZeroMQ; here a socket pair with pickled messages and a shared-memory arena for large arrays) and also
+mixes prefill into decode steps under a token budget (chunked prefill; here a prompt is prefilled whole,
+prompts together up to the budget). Its KV cache is paged (PagedAttention: fixed-size blocks allocated
+as a row grows, shareable between requests with a common prefix, rows preempted and recomputed or
+swapped when blocks run out); tallow's pool is one rectangle per layer, slots x the longest
+reservation, reserved at admission for prompt + max_tokens — no preemption is ever needed and a row's
+decode reads a plain strided view, but memory is held for tokens a row may never produce and one long
+request widens every slot. TGI puts a Rust router with the same kind of token budget in front of
+Python model shards; Triton Inference Server schedules per model instance, as `workers.<model> = N`
+does here (a call goes to the instance with the fewest in flight)."""
 
 
 # ---------------------------------------------------------------------- main

@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "functions",
-          "train"]  # bench_<name>.py scripts
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "transport",
+          "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index", "train"]
 
@@ -372,6 +372,13 @@ def suite_tables(mdir: Path, suites: list[str], level: str = "###") -> list[str]
         quick = " (`--quick`: smoke-test sizes, not results)" if server.get("quick") else ""
         parts.append(f"{level} HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
                      f"`python benchmarks/bench_server.py`{quick}\n\n" + srv.read_text().strip() + "\n")
+    trn = mdir / "transport.md"
+    transport = load(mdir, "transport")
+    if trn.exists() and transport is not None:
+        env = transport["env"]
+        parts.append(f"{level} Server ↔ worker transport (transport)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_transport.py` (round trips server → worker → server, p50)\n\n"
+                     + trn.read_text().strip() + "\n")
     fns = mdir / "functions.md"
     functions = load(mdir, "functions")
     if fns.exists() and functions is not None:

@@ -89,9 +89,9 @@ def warm_up(slot: str, model: Any) -> None:
 
 SHM_DIR = "/dev/shm"  # POSIX shared memory on Linux (tmpfs); without it arrays ride in the pickle
 # Smaller arrays ride in the pickle. Measured round trips (bench_transport.py,
-# AMD EPYC): 32x384 float32 (48 KiB) 121 µs in the pickle vs 189 µs through
-# the arena (the bookkeeping costs more than the socket copy it saves); one
-# 224x224 image (588 KiB) 374 vs 314 µs; eight 9.8 ms vs 2.4 ms.
+# AMD EPYC, quiet): 32x384 float32 (48 KiB) 224 µs in the pickle vs 285 µs
+# through the arena (the bookkeeping costs more than the socket copy it
+# saves); one 224x224 image (588 KiB) 555 vs 528 µs; eight 13.0 vs 3.6 ms.
 SHM_MIN_BYTES = 256 << 10
 ARENA_BYTES = 16 << 20   # per direction per worker; pages are only used when touched
 
