@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "functions",
-          "train"]  # bench_<name>.py scripts
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "transport",
+          "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index", "train"]
 
@@ -225,13 +225,34 @@ def targets_table(mdir: Path) -> str:
     lines += index_target_lines(mdir)
     lines += functions_target_lines(mdir)
     server = load(mdir, "server")
-    if server is not None:  # throughput, not latency: its own line
+    if server is not None and "targets" in server:  # bench_server with a baseline: its own targets list
+        lines += server_target_lines(server)
+    elif server is not None:  # an older server.json: the batching gains only
         for label, key in (("fp32", "batching_speedup"), ("int8", "batching_speedup_int8")):
             speed = server.get(key, {}).get("32")
             if speed is not None:
                 lines.append(f"| — | server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
                              f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
     return "\n".join(lines)
+
+
+def server_target_lines(server: dict) -> list[str]:
+    """bench_server's targets (issue 15: current serving vs the baseline
+    revision, and the batching gain), one line each, as server.json lists them;
+    the baseline's own figures (its batching gain, its overload) stay in the
+    server section: context, not targets."""
+    from bench_server import format_target
+
+    base = server.get("servers", {}).get("baseline", {}).get("commit")
+    lines = []
+    for t in server["targets"]:
+        if t["name"].endswith("(baseline)"):
+            continue
+        goal, measured = format_target(t)
+        vs = f"current vs baseline {base}" if base and "current / baseline" in t["name"] else "—"
+        lines.append(f"| 15 | server | {t['name']} | {vs} | {goal} | {measured} | "
+                     f"{'—' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+    return lines
 
 
 HNSW_RECALL, HNSW_SPEEDUP, FILTER_RECALL = 0.95, 20.0, 0.95  # issue 4's targets
@@ -348,8 +369,16 @@ def suite_tables(mdir: Path, suites: list[str], level: str = "###") -> list[str]
     server = load(mdir, "server")
     if srv.exists() and server is not None:
         env = server["env"]
+        quick = " (`--quick`: smoke-test sizes, not results)" if server.get("quick") else ""
         parts.append(f"{level} HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
-                     "`python benchmarks/bench_server.py`\n\n" + srv.read_text().strip() + "\n")
+                     f"`python benchmarks/bench_server.py`{quick}\n\n" + srv.read_text().strip() + "\n")
+    trn = mdir / "transport.md"
+    transport = load(mdir, "transport")
+    if trn.exists() and transport is not None:
+        env = transport["env"]
+        parts.append(f"{level} Server ↔ worker transport (transport)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_transport.py` (round trips server → worker → server, p50)\n\n"
+                     + trn.read_text().strip() + "\n")
     fns = mdir / "functions.md"
     functions = load(mdir, "functions")
     if fns.exists() and functions is not None:

@@ -279,3 +279,90 @@ def test_peak_fraction_reads_this_machines_peak_json(results_root):
     harness._peak_cache.clear()
     assert cols["peak_kind"] == kind and cols["peak_fraction"] == pytest.approx(0.25)
     assert cols["peak_source"].startswith("peak.json")
+
+
+# ------------------------------------------------------------------ bench_server
+
+def test_server_config_merges_and_writes_toml():
+    import tomllib
+
+    import bench_server
+
+    base = {"models": {"quantize": ""}, "batching": {"embeddings": {"max_batch_size": 32, "max_wait_ms": 5.0}}}
+    extra = bench_server.parse_extra(['[workers]\nmode = "inline"', "[batching.embeddings]\nmax_queue = 32"])
+    side = bench_server.Side("current", tree=None, extra=bench_server.deep_merge({"workers": {"mode": "process"},
+                                                                                 "generation": {"max_rows": 32}},
+                                                                                extra))
+    cfg = side.config(base)
+    assert tomllib.loads(bench_server.to_toml(cfg)) == {
+        "models": {"quantize": ""}, "workers": {"mode": "inline"}, "generation": {"max_rows": 32},
+        "batching": {"embeddings": {"max_batch_size": 32, "max_wait_ms": 5.0, "max_queue": 32}}}
+
+
+def test_raw_client_reads_chunked_sse_and_refusals():
+    """The load generator's client: SSE events split across chunk boundaries,
+    the chunked terminator consumed (the connection is reused), a 429 with
+    Retry-After and Connection: close."""
+    import asyncio
+
+    import bench_server
+
+    events = [b'data: {"choices": [{"text": "a"}]}\n\n', b'data: {"choices": [{"text": "b"}]}\n\n',
+              b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n', b"data: [DONE]\n\n"]
+    stream = b"".join(events)
+    pieces = [stream[:7], stream[7:50], stream[50:]]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(n)
+            if b"refuse" in body:
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\ncontent-length: 2\r\n"
+                             b"connection: close\r\n\r\n{}")
+                await writer.drain()
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n" + chunked)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = bench_server.RawClient(f"http://127.0.0.1:{port}")
+        got = []
+        for _ in range(2):  # the same keep-alive connection twice
+            status, _, _ = await client.stream("/v1/completions", {"p": 1}, lambda d, t: got.append(d))
+            assert status == 200
+        writer = client.writer
+        status, headers, body = await client.request("POST", "/x", {"refuse": 1})
+        assert (status, headers["retry-after"], body) == (429, "3", b"{}") and client.writer is None
+        assert writer is not None
+        await client.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    got = asyncio.run(main())
+    assert got == [e[6:-2] for e in events] * 2
+
+
+def test_server_targets_reach_the_targets_table(results_root):
+    write(results_root, "amd-epyc-avx2", "server", [])
+    path = results_root / "amd-epyc-avx2" / "server.json"
+    data = json.loads(path.read_text())
+    data.update({"servers": {"baseline": {"commit": "48259c5"}, "current": {"commit": "abc"}},
+                 "targets": [{"scenario": "generation", "name": "generation tokens/s: current / baseline",
+                              "measured": 2.5, "target": 2.0, "unit": "×", "op": ">=", "met": True},
+                             {"scenario": "overload", "name": "overload /health p99 (current)",
+                              "measured": 80.0, "target": 50.0, "unit": "ms", "op": "<=", "met": False}]})
+    path.write_text(json.dumps(data))
+    table = run_all.targets_table(results_root / "amd-epyc-avx2")
+    assert ("| 15 | server | generation tokens/s: current / baseline | current vs baseline 48259c5 | ≥ 2× | 2.50× "
+            "| yes |") in table
+    assert "| 15 | server | overload /health p99 (current) | — | ≤ 50 ms | 80.0 ms | no |" in table

@@ -171,7 +171,7 @@ def _serve_cmd(args) -> int:
                "server.read_only_api_keys": (args.read_only_api_keys
                                              or os.environ.get("TALLOW_READ_ONLY_API_KEYS") or None),
                "server.insecure_no_auth": True if args.insecure_no_auth else None,
-               "data.demo_corpus": False if args.no_demo else None})
+               "data.demo_corpus": False if args.no_demo else None, "workers.mode": args.workers})
     except ConfigError as exc:
         print(f"tallow serve: error: {exc}", file=sys.stderr)
         return 2
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--insecure-no-auth", action="store_true", default=None,
                          help="serve without any API key on an address other than loopback, on purpose")
     p_serve.add_argument("--no-demo", action="store_true", default=None, help="do not index the demo corpus")
+    p_serve.add_argument("--workers", choices=["process", "inline"],
+                         help="models in worker processes of their own (default) or inside the server process")
 
     from .functions import cli as fn_cli
 

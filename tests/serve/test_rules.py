@@ -58,15 +58,20 @@ def test_completion_job_limits_truncation_and_batching_key(tok):
     with pytest.raises(InputError, match="truncate") as e:
         rules.completion_job(cfg, model, [long], _completion())
     assert e.value.param == "prompt"
-    req, key, n = rules.completion_job(cfg, model, [long, "hi"], _completion(truncate=True, n=2))
+    req, n = rules.completion_job(cfg, model, [long, "hi"], _completion(truncate=True, n=2))
     assert len(req.prompt_ids) == 4 and len(req.prompt_ids[0]) == 32 - 4 and req.prompt_ids[0] == req.prompt_ids[1]
     assert n == sum(len(s) for s in req.prompt_ids[::2])
-    _, same, _ = rules.completion_job(cfg, model, ["other"], _completion())
-    _, again, _ = rules.completion_job(cfg, model, ["more"], _completion())
-    assert same == again  # identical settings: may share a batch
-    _, s1, _ = rules.completion_job(cfg, model, ["hi"], _completion(seed=1))
-    _, s2, _ = rules.completion_job(cfg, model, ["hi"], _completion(seed=1))
-    assert s1 != s2 and s1 != same  # seeded requests run alone
+
+
+def test_row_params_give_each_row_of_a_seeded_request_its_own_seed():
+    from tallow.models.generation import SamplingParams
+    from tallow.serve.generation import row_params
+
+    unseeded = SamplingParams(max_new_tokens=4)
+    assert row_params(unseeded, 3) == [unseeded] * 3
+    seeded = row_params(SamplingParams(max_new_tokens=4, seed=2**64 - 1), 3)
+    assert [p.seed for p in seeded] == [2**64 - 1, 0, 1]  # wraps in torch.Generator's range
+    assert all(p.max_new_tokens == 4 for p in seeded)
 
 
 def test_check_documents_names_the_document():

@@ -63,7 +63,6 @@ def small_server(tmp_path_factory, gpt2_long_dir):
         "models.generator": str(gpt2_long_dir), "data.demo_corpus": False,
         "models.max_completion_tokens": 1000, "server.request_timeout_s": 20.0})
     cfg.batching["generate"].max_queue = 2
-    cfg.batching["generate"].max_batch_size = 1
     server = ServerThread(cfg).start()
     yield server
     server.stop()
@@ -272,7 +271,8 @@ def test_create_app_mounts_inside_a_host_app(tmp_path, bert_classifier_dir):
         body = r.json()
         assert body["mode"] == "extractive" and body["sources"][0]["doc_id"] == "h1"
         assert body["answer"] and body["answer"] in " ".join(body["sources"][0]["sentences"])
-        assert inner.state.services.models["embedder"].model is engine.embedder  # one copy, the engine's
+        group = inner.state.services.models["embedder"].group
+        assert group.mode == "inline" and group.workers[0].host.model is engine.embedder  # one copy, the engine's
     assert engine.stats()["documents"] == 1  # still open: the host owns its engine
     engine.close()
 

@@ -47,6 +47,9 @@ def model_identity(model: Any) -> str:
     ``embedder_identity``) differ, so re-ingesting an unchanged document
     re-embeds it once (counted as "updated"); search and reconcile are not
     affected (they compare the store's own hashes)."""
+    precomputed = getattr(model, "precomputed_identity", None)
+    if isinstance(precomputed, str) and precomputed:  # a served model: computed where its weights are
+        return precomputed
     explicit = getattr(model, "identity", None)
     if isinstance(explicit, str) and explicit:
         return "explicit:" + explicit

@@ -1,8 +1,12 @@
 """GPT-2 (Radford et al. 2019) language model on tallow's kernels.
 
-A preallocated KV cache ``[layers, B, heads, max_len, head_dim]`` per
-generation; a prefill over the (left-padded) prompts, then one-token decode
-steps whose attention reads the cache through strided views (no copies).
+``forward()`` runs (left-padded) prompts through a KV cache of its own.
+Generation runs on ``tallow.models.scheduler.GenerationScheduler``
+(iteration-level batching; ``generate_ids`` drives a private one): a KV
+pool of slots ``[slots, heads, len, head_dim]`` per layer, ``prefill_rows``
+writing right-padded prompts into their slots, ``decode_rows`` feeding one
+token per row at that row's own position, attention reading the pool
+through strided views with each row's unused positions masked.
 Linears run fp32 or INT8 (``quantize="int8"``; the LM head too — at batch 1
 it is a third of the bytes read per token).
 
@@ -20,7 +24,7 @@ Checkpoints: a Hugging Face ``GPT2LMHeadModel`` directory. GPT-2's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
-from .generation import SamplingParams, find_stop, next_tokens
+from .generation import SamplingParams
 from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer
 
@@ -140,6 +144,26 @@ class GPT2Block(torch.nn.Module):
         x = x + self.c_proj(ctx.transpose(1, 2).reshape(b, t, e))
         return x + self.mlp_proj(self.c_fc(self.ln_2(x)))
 
+    def forward_rows(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write, keys: int,
+                     padding: Optional[torch.Tensor]) -> torch.Tensor:
+        """One decode step for rows at different positions (iteration-level
+        batching): x [B, 1, E]; row b's new key/value go to cache[b, :, pos_b],
+        ``write`` = pos (an int: every row at the same position) or the index
+        pair (arange(B), positions [B]); attention reads cache[:, :, :keys] (a
+        view), ``padding`` [B, keys] (True = not this row's) hiding each
+        row's unused positions."""
+        b, t, e = x.shape
+        qkv = self.c_attn(self.ln_1(x)).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if isinstance(write, int):
+            cache_k[:, :, write] = qkv[1][:, :, 0]
+            cache_v[:, :, write] = qkv[2][:, :, 0]
+        else:
+            cache_k[write[0], :, write[1]] = qkv[1][:, :, 0].to(cache_k.dtype)  # [B, heads, d]
+            cache_v[write[0], :, write[1]] = qkv[2][:, :, 0].to(cache_v.dtype)
+        ctx = attention(qkv[0], cache_k[:, :, :keys], cache_v[:, :, :keys], causal=True, key_padding_mask=padding)
+        x = x + self.c_proj(ctx.transpose(1, 2).reshape(b, t, e))
+        return x + self.mlp_proj(self.c_fc(self.ln_2(x)))
+
 
 @dataclass
 class Generation:
@@ -193,14 +217,57 @@ class GPT2LMHeadModel(torch.nn.Module):
         dtype = _KV_DTYPES[self.kv_cache_dtype]
         return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
-    def _run(self, ids: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int,
-             positions: torch.Tensor, padding: Optional[torch.Tensor], last_only: bool) -> torch.Tensor:
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one row takes (keys and values, every layer)."""
+        c = self.config
+        return 2 * c.n_layer * c.n_embd * _KV_DTYPES[self.kv_cache_dtype].itemsize
+
+    def _run(self, ids: torch.Tensor, cache, start: int, positions: torch.Tensor, padding: Optional[torch.Tensor],
+             last_only: bool, take: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cache: (keys, values), each indexable by layer → [B, heads, len, d].
+        ``take`` [B]: logits only at position take[b] of row b → [B, 1, vocab]."""
         x = self.wte(ids) + self.wpe(positions)
         for i, block in enumerate(self.h):
             x = block(x, cache[0][i], cache[1][i], start, padding)
-        if last_only:
+        if take is not None:
+            x = x[torch.arange(x.shape[0]), take][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))
+
+    @torch.inference_mode()
+    def prefill_rows(self, prompts: Sequence[Sequence[int]], cache) -> torch.Tensor:
+        """Prefills new rows into KV slots: ``cache`` = (keys, values), each a
+        sequence over layers of [n, heads, len, d] views (len >= the longest
+        prompt). The prompts are right-padded, so row b's tokens sit at
+        positions 0..P_b-1 both in the batch and in its slot: the keys are
+        written in place, no copy, and causal attention alone keeps the
+        padding out of every real token's context (no key mask). Returns the
+        float32 logits [n, vocab] after each prompt's last token."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, longest), self.config.eos_token_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+        positions = torch.arange(longest).expand(n, longest)
+        return self._run(ids, cache, 0, positions, None, False, take=last)[:, 0].float()
+
+    @torch.inference_mode()
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step for B rows at their own positions: token b is fed at
+        ``positions[b]`` (= the tokens already in row b's slot); ``cache`` as in
+        prefill_rows, [B, heads, len, d] per layer. Attention reads the keys up
+        to the longest row, each row's unused positions masked. Returns the
+        float32 logits [B, vocab]."""
+        lo, hi = int(positions.min()), int(positions.max())
+        keys, padding, write = hi + 1, None, hi
+        if lo < hi:
+            padding = torch.arange(keys)[None, :] > positions[:, None]  # [B, keys]
+            write = (torch.arange(len(positions)), positions)
+        x = self.wte(tokens[:, None]) + self.wpe(positions[:, None])
+        for i, block in enumerate(self.h):
+            x = block.forward_rows(x, cache[0][i], cache[1][i], write, keys, padding)
+        return self.lm_head(self.ln_f(x))[:, 0].float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -233,76 +300,32 @@ class GPT2LMHeadModel(torch.nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[StreamEvent]:
-        """Streams tokens for a batch of tokenized prompts of different lengths:
-        left-padded prefill, then one decode step per token for all unfinished rows."""
+        """Streams tokens for a batch of tokenized prompts of different lengths,
+        on a :class:`~tallow.models.scheduler.GenerationScheduler` of its own:
+        one prefill, then one decode step per token for the unfinished rows
+        (a finished row leaves the batch). Every row samples with ``params``
+        and its own generator: with ``params.seed`` = s, row i's is seeded with
+        s + i (so a seeded batch is reproducible, and row 0 draws as a lone
+        request with seed s would); unseeded, from torch's default generator."""
+        from .scheduler import GenerationScheduler
+
         params.validate()
         b = len(prompt_ids)
         if b == 0:
             return
-        lengths = [len(p) for p in prompt_ids]
-        if min(lengths) == 0:
-            raise ValueError(f"prompt {lengths.index(0)} is empty")
-        longest = max(lengths)
-        total = longest + params.max_new_tokens
-        self._check_length(total)
-        vocab = self.config.vocab_size
-        for i, p in enumerate(prompt_ids):
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-
-        ids = torch.full((b, longest), self.config.eos_token_id, dtype=torch.long)
-        mask = torch.zeros((b, total), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, longest - len(p):] = 1  # generated positions are real tokens too
-        padding = None if min(lengths) == longest else mask == 0
-        positions = (mask[:, :longest].cumsum(-1) - 1).clamp_min(0)
-        seen = torch.zeros((b, vocab), dtype=torch.bool)  # for the repetition penalty
-        for i, p in enumerate(prompt_ids):
-            seen[i, torch.tensor(p, dtype=torch.long)] = True
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(int(params.seed))
-
-        cache = self.new_cache(b, total)
-        finished = [False] * b
-        emitted = [""] * b  # text already streamed per prompt
-        out_ids: list[list[int]] = [[] for _ in range(b)]
-        if params.max_new_tokens == 0:
-            return
-        logits = self._run(ids, cache, 0, positions, padding, last_only=True)[:, -1]
-        next_pos = positions[:, -1] + 1
-        for step in range(params.max_new_tokens):
-            tok = next_tokens(logits.float(), params, seen, generator)
-            for i in range(b):
-                if finished[i]:
-                    continue
-                t = int(tok[i])
-                out_ids[i].append(t)
-                seen[i, t] = True
-                reason = None
-                if params.stop_at_eos and t == self.config.eos_token_id:
-                    reason = "eos"
-                    text = self._decode(out_ids[i][:-1])
-                else:
-                    text = self._decode(out_ids[i])
-                    cut = find_stop(text, params.stop) if params.stop else -1
-                    if cut >= 0:
-                        reason, text = "stop", text[:cut]
-                    elif step == params.max_new_tokens - 1:
-                        reason = "length"
-                    else:
-                        text = text[: len(text) - _holdback(text, params.stop)]
-                delta = text[len(emitted[i]):] if text.startswith(emitted[i]) else ""
-                emitted[i] += delta
-                if reason is not None:
-                    finished[i] = True
-                yield StreamEvent(i, t, delta, reason)
-            if all(finished):
-                return
-            start = longest + step
-            logits = self._run(tok[:, None], cache, start, next_pos[:, None], padding, last_only=True)[:, -1]
-            next_pos = next_pos + 1
+        rows = [params] * b
+        if params.seed is not None and not params.greedy:
+            rows = [replace(params, seed=(int(params.seed) + i + 2**63) % 2**64 - 2**63) for i in range(b)]
+        reserve = max(len(p) for p in prompt_ids) + params.max_new_tokens
+        sched = GenerationScheduler(self, max_rows=b, kv_budget_bytes=max(1, b * reserve * self.kv_bytes_per_token()),
+                                    prefill_tokens_per_step=max(1, b * reserve))
+        sched.add(0, prompt_ids, rows)
+        while not sched.idle:
+            for ev in sched.step():
+                if ev.finish_reason == "error":
+                    raise RuntimeError(f"generation failed for prompt {ev.row}: {ev.error}")
+                if ev.token_id >= 0:
+                    yield StreamEvent(ev.row, ev.token_id, ev.text, ev.finish_reason)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -342,18 +365,6 @@ class GPT2LMHeadModel(torch.nn.Module):
         return (f"GPT2LMHeadModel(architecture=gpt2, layers={c.n_layer}, hidden={c.n_embd}, heads={c.n_head}, "
                 f"context={c.n_positions}, dtype=float32, quantization={self.quantization or 'none'}, "
                 f"kv_cache={self.kv_cache_dtype}, parameters={self.num_parameters():,})")
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of ``text`` not to stream yet: an incomplete UTF-8
-    sequence (decoded as U+FFFD) or the start of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
 
 
 def load_gpt2(path: str | Path, quantize: Optional[str] = None,

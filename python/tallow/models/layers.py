@@ -3,6 +3,8 @@ that run fp32 or INT8."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -11,6 +13,37 @@ import torch.nn.functional as F
 from ..ops.int8_matmul import apply_activation
 
 _ACTIVATIONS = (None, "relu", "gelu_erf", "gelu_tanh")
+
+# Batch invariance of the fp32 path. torch's CPU sgemm (MKL) computes a row
+# of x @ W^T with one of three reduction orders, chosen by where the row sits
+# in the M dimension: M == 1 (a GEMV), a row inside a full 4-row tile, or a
+# row in the partial tile at the end (M % 4 rows). The results differ in the
+# last bits (measured on AMD EPYC Zen 3, MKL AVX2: up to ~2e-6 absolute on
+# GPT-2's linears), so a generated row's logits depended on how many other
+# rows shared its batch. Padding M > 1 up to a multiple of the tile puts
+# every row in a full tile: then a row's output is the same for every M >= 2
+# and every position in the batch (checked bit for bit for M = 2..70 on
+# GPT-2-124M's shapes). M == 1 keeps the GEMV: it is ~3x faster than a
+# 4-row GEMM here (the batch-1 decode step) and differs from the tiled
+# result by ~1e-6. The INT8 path needs none of this: per-row activation
+# scales and exact int32 accumulation make it batch-invariant as it is.
+_GEMM_ROW_TILE = 4
+_tiled = threading.local()
+
+
+@contextlib.contextmanager
+def tiled_gemm():
+    """Within it (this thread only), a one-row fp32 Dense call also takes the
+    padded 4-row GEMM instead of the GEMV, so a row's result is the same
+    whatever the batch size, 1 included (a batch-1 decode step then costs
+    ~3x in its linears on the AMD EPYC: opt-in, see GenerationScheduler's
+    ``batch_invariant``)."""
+    before = getattr(_tiled, "on", False)
+    _tiled.on = True
+    try:
+        yield
+    finally:
+        _tiled.on = before
 
 
 class Dense(torch.nn.Module):
@@ -47,7 +80,15 @@ class Dense(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized(x)
-        return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        pad = -m % _GEMM_ROW_TILE
+        if pad and (m > 1 or (m == 1 and getattr(_tiled, "on", False))):
+            rows = torch.cat([x.reshape(m, k), x.new_zeros(pad, k)])
+            y = F.linear(rows, self.weight, self.bias)[:m].reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return apply_activation(y, self.activation)
 
     def extra_repr(self) -> str:
         kind = "int8" if self.quantized is not None else "fp32"

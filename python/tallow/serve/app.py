@@ -38,6 +38,7 @@ from .openapi import install_openapi
 from .routes_data import router as data_router
 from .routes_text import router as text_router
 from .services import Services
+from .shedding import ShedLoad
 
 log = logging.getLogger("tallow.serve")
 
@@ -120,8 +121,10 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     install_openapi(app, config)
 
     # Pure ASGI middlewares, outermost last: metrics see every answer, 401s and
-    # 413s included; the key is checked before any body is read.
+    # 413s included; the key is checked before any body is read, and so is
+    # whether the request's queue has room (ShedLoad).
     app.add_middleware(BodyLimit, max_body_bytes=config.server.max_body_bytes)
+    app.add_middleware(ShedLoad, services=services, hold_ms=config.server.shed_hold_ms)
     app.add_middleware(AuthGuard, routes_app=app, server=config.server)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app

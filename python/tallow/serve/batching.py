@@ -11,13 +11,17 @@ idle lane whose previous request came more than ``max_wait_ms`` earlier
 starts at once: waiting for company that is not coming only adds latency.
 
 Admission is bounded: at most ``max_queue`` jobs wait or run. Job
-``max_queue + 1`` gets ``Overloaded`` (HTTP 429 with Retry-After) at once —
-never an unbounded backlog. A job whose request timed out or went away is
+``max_queue + 1`` gets ``Overloaded`` (HTTP 429 with Retry-After: the queue's
+depth over its measured drain rate) at once — never an unbounded backlog;
+the shedding middleware (``serve.shedding``) asks ``refuse()`` before the
+request's body is even read. A job whose request timed out or went away is
 marked cancelled: if it has not started it is dropped, if it is running the
 batch function may stop early (generation checks between tokens).
 
-Only jobs with the same ``key`` share a batch (generation batches only
-requests with identical sampling settings).
+Only jobs with the same ``key`` share a batch (an image add never shares
+one with searches). Completions do not batch here: the generator's
+scheduler batches them step by step (``serve.generation``); ``Gate`` bounds
+how many wait or run.
 """
 
 from __future__ import annotations
@@ -32,6 +36,40 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 
+class DrainRate:
+    """How fast a queue empties: completions per second over the last
+    ``window_s`` seconds. ``retry_after(depth)`` is the wait a refused client
+    is told (Retry-After): the time the work ahead of it takes to drain at
+    that rate, 1 s at least and ``max_s`` at most."""
+
+    def __init__(self, window_s: float = 10.0, max_s: int = 60):
+        self.window_s = window_s
+        self.max_s = max_s
+        self._done: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def record(self, n: int = 1) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._done.append((now, n))
+            while self._done and now - self._done[0][0] > self.window_s:
+                self._done.popleft()
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            recent = [(t, n) for t, n in self._done if now - t <= self.window_s]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(1.0, now - recent[0][0])
+
+    def retry_after(self, depth: int) -> int:
+        rate = self.per_second()
+        if rate <= 0:  # nothing finished lately: a long job holds the queue
+            return min(self.max_s, 5)
+        return max(1, min(self.max_s, math.ceil(depth / rate)))
+
+
 class Overloaded(Exception):
     """The lane's queue is full."""
 
@@ -39,6 +77,33 @@ class Overloaded(Exception):
         super().__init__(f"the {lane} queue is full ({limit} requests waiting or running); retry later")
         self.lane = lane
         self.retry_after_s = retry_after_s
+
+
+class Gate:
+    """Admission without batching: at most ``max_queue`` requests wait or
+    run; ``enter()`` raises ``Overloaded`` past that, ``leave()`` when done."""
+
+    def __init__(self, name: str, max_queue: int, observe_depth: Callable[[str, int], None] | None = None):
+        self.name = name
+        self.max_queue = max_queue
+        self.depth = 0
+        self.drain = DrainRate()
+        self._observe_depth = observe_depth or (lambda lane, depth: None)
+
+    def refuse(self) -> int | None:
+        return self.drain.retry_after(self.depth) if self.depth >= self.max_queue else None
+
+    def enter(self) -> None:
+        retry_after = self.refuse()
+        if retry_after is not None:
+            raise Overloaded(self.name, self.max_queue, retry_after)
+        self.depth += 1
+        self._observe_depth(self.name, self.depth)
+
+    def leave(self) -> None:
+        self.depth -= 1
+        self.drain.record(1)
+        self._observe_depth(self.name, self.depth)
 
 
 class LaneTimeout(Exception):
@@ -101,7 +166,7 @@ class Lane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
-        self._batch_seconds = 0.05  # moving average, for Retry-After
+        self.drain = DrainRate()  # for Retry-After
         self._last_arrival = self._previous_arrival = float("-inf")
 
     # -- admission -------------------------------------------------------------------
@@ -109,6 +174,13 @@ class Lane:
     @property
     def depth(self) -> int:
         return self._admitted
+
+    def refuse(self) -> int | None:
+        """Retry-After seconds when the queue is full (the next job would be
+        refused), else None: the shedding middleware asks before reading a body."""
+        if self._admitted < self.config.max_queue:
+            return None
+        return self.drain.retry_after(self._admitted)
 
     def _start(self) -> None:
         """Starts the dispatcher on the running loop — again if the app now runs
@@ -132,9 +204,9 @@ class Lane:
         if self._closed:
             raise LaneClosed(f"the server is shutting down; the {self.name} lane takes no new requests")
         self._start()
-        if self._admitted >= self.config.max_queue:
-            waves = math.ceil(self._admitted / max(1, self.config.max_batch_size * self.config.max_concurrency))
-            raise Overloaded(self.name, self.config.max_queue, max(1, math.ceil(waves * self._batch_seconds)))
+        retry_after = self.refuse()
+        if retry_after is not None:
+            raise Overloaded(self.name, self.config.max_queue, retry_after)
         loop = asyncio.get_running_loop()
         job = Job(payload, size, tokens, key, loop.create_future(), loop,
                   events=asyncio.Queue() if stream else None)
@@ -247,7 +319,6 @@ class Lane:
 
     async def _run(self, batch: list[Job]) -> None:
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
         try:
             self._observe_batch(self.name, sum(j.size for j in batch))
             results = await loop.run_in_executor(self._executor, self._run_batch, batch)
@@ -268,7 +339,7 @@ class Lane:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
+            self.drain.record(len(batch))
             self._slots.release()
             self._release(len(batch))
             for job in batch:

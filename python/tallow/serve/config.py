@@ -42,7 +42,7 @@ def _lanes() -> dict[str, LaneConfig]:
     return {
         "embeddings": LaneConfig(),
         "classify": LaneConfig(),
-        "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),
+        "generate": LaneConfig(max_batch_size=8, max_wait_ms=10.0, max_queue=64),  # completions: only max_queue applies ([generation] batches)
         "images": LaneConfig(max_batch_size=8, max_wait_ms=5.0, max_queue=64),
         "search": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=256),
         "write": LaneConfig(max_batch_size=1, max_wait_ms=0.0, max_queue=64),
@@ -70,6 +70,7 @@ class ServerConfig:
     key_max_concurrent: int = 0  # per key: requests in flight at once; 0: no limit
     max_body_bytes: int = 16 << 20
     request_timeout_s: float = 120.0
+    shed_hold_ms: float = 250.0  # a refused (429) request's answer is held this long: see serve.shedding
     log_level: str = "info"
 
     def full_keys(self) -> list[str]:
@@ -117,12 +118,50 @@ class ImagesConfig:
 
 
 @dataclass
+class WorkersConfig:
+    """Where the models run (``tallow.serve.workers``). ``mode = "process"``:
+    each model in worker processes of its own — ``embedder``, ``classifier``,
+    ``generator``, ``image`` say how many per model —, the server process
+    only parses, tokenizes and batches; ``"inline"``: every model inside the
+    server's process (no start-up cost per worker; forward passes then share
+    the event loop's GIL). ``threads``: torch threads per worker (0: one per
+    core)."""
+
+    mode: str = "process"
+    embedder: int = 1
+    classifier: int = 1
+    generator: int = 1
+    image: int = 1
+    threads: int = 0
+    start_timeout_s: float = 600.0
+
+
+@dataclass
+class GenerationConfig:
+    """Continuous batching for the generator (``tallow.models.scheduler``):
+    at most ``max_rows`` rows decode together; their KV caches live in a
+    pool of ``kv_cache_mb`` (0: the scheduler's default, enough for
+    ``max_rows`` full-context rows). A request that does not fit waits; one
+    that can never fit is refused with 422. How many completions may wait or
+    run at once is ``batching.generate.max_queue``."""
+
+    max_rows: int = 32
+    kv_cache_mb: int = 0
+    # Prompt tokens prefilled per step beside the running rows' decode: a
+    # bigger step admits new requests sooner (time to first token), a smaller
+    # one stalls the running streams less (inter-token latency).
+    prefill_tokens_per_step: int = 512
+
+
+@dataclass
 class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     batching: dict[str, LaneConfig] = field(default_factory=_lanes)
     # tallow.functions (issue 13): [[functions]] entries and the [kv] stores they may use
     functions: list = field(default_factory=list)  # of tallow.functions.FunctionSpec
@@ -133,6 +172,7 @@ class ServeConfig:
         _check(1 <= s.port <= 65535, "server.port", s.port, "in 1..65535")
         _check(s.max_body_bytes >= 1024, "server.max_body_bytes", s.max_body_bytes, ">= 1024")
         _check(s.request_timeout_s > 0, "server.request_timeout_s", s.request_timeout_s, "> 0")
+        _check(0 <= s.shed_hold_ms <= 10_000, "server.shed_hold_ms", s.shed_hold_ms, "in 0..10000")
         _check(s.key_rps >= 0, "server.key_rps", s.key_rps, ">= 0 (0: no limit)")
         _check(s.key_burst >= 0, "server.key_burst", s.key_burst, ">= 0 (0: max(1, key_rps))")
         _check(s.key_max_concurrent >= 0, "server.key_max_concurrent", s.key_max_concurrent, ">= 0 (0: no limit)")
@@ -150,6 +190,17 @@ class ServeConfig:
         _check(self.cache.ttl_s > 0, "cache.ttl_s", self.cache.ttl_s, "> 0")
         _check(self.cache.max_entries >= 1, "cache.max_entries", self.cache.max_entries, ">= 1")
         _check(self.images.max_megapixels > 0, "images.max_megapixels", self.images.max_megapixels, "> 0")
+        w = self.workers
+        _check(w.mode in ("process", "inline"), "workers.mode", w.mode, '"process" or "inline"')
+        for slot in ("embedder", "classifier", "generator", "image"):
+            _check(1 <= getattr(w, slot) <= 64, f"workers.{slot}", getattr(w, slot), "in 1..64 (processes)")
+        _check(w.threads >= 0, "workers.threads", w.threads, ">= 0 (0: one per core)")
+        _check(w.start_timeout_s > 0, "workers.start_timeout_s", w.start_timeout_s, "> 0")
+        g = self.generation
+        _check(1 <= g.max_rows <= 1024, "generation.max_rows", g.max_rows, "in 1..1024")
+        _check(g.kv_cache_mb >= 0, "generation.kv_cache_mb", g.kv_cache_mb, ">= 0 (0: the default)")
+        _check(g.prefill_tokens_per_step >= 1, "generation.prefill_tokens_per_step", g.prefill_tokens_per_step,
+               ">= 1")
         for name, lane in self.batching.items():
             _check(name in _lanes(), f"batching.{name}", name, f"one of {', '.join(_lanes())}")
             _check(lane.max_batch_size >= 1, f"batching.{name}.max_batch_size", lane.max_batch_size, ">= 1")

@@ -56,6 +56,8 @@ def require_model(services: Services, name: str):
                           f"(or {flag} PATH) and restart")
     if slot.status == "loading":
         raise Unavailable(f"the {name} model is still loading (see /ready)", retry_after_s=5)
+    if slot.status == "restarting":
+        raise Unavailable(f"the {name} worker is restarting: {slot.error} (see /ready)", retry_after_s=5)
     raise Unavailable(f"the {name} model failed to load from {slot.path}: {slot.error}")
 
 
@@ -84,10 +86,23 @@ def enqueue(services: Services, lane_name: str, payload: Any, *, size: int = 1, 
     try:
         return lane.enqueue(payload, size=size, tokens=tokens, key=key, stream=stream)
     except Overloaded as exc:
-        services.metrics.rejected.labels(lane_name).inc()
-        raise APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        raise _too_busy(services, exc) from None
     except LaneClosed as exc:
         raise APIError(503, str(exc)) from None
+
+
+def admit(services: Services, gate) -> None:
+    """Enters an admission gate (``batching.Gate``): 429 when it is full.
+    The caller calls ``gate.leave()`` when the request is done."""
+    try:
+        gate.enter()
+    except Overloaded as exc:
+        raise _too_busy(services, exc) from None
+
+
+def _too_busy(services: Services, exc: Overloaded) -> APIError:
+    services.metrics.rejected.labels(exc.lane).inc()
+    return APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def wait(services: Services, lane_name: str, job) -> Any:

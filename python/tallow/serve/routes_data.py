@@ -12,12 +12,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError, NotFound, Unavailable
 from . import rules
 from .openapi import DOCUMENT_SCHEMA, FilterField, Int, Seed, Text
-from .deps import get_services, require_engine, require_model, submit
-from .services import RagRequest
+
+from .deps import admit, get_services, require_engine, require_model, submit
 
 router = APIRouter()
 
@@ -73,9 +74,14 @@ async def rag(body: RagBody, request: Request):
             mode="extractive"), key=rules.unique_key("rag"))
     else:
         require_model(services, "generator")  # loading or failed: 503 saying why
-        job = RagRequest(body.question, body.k, body.max_tokens, body.filter, body.hybrid,
-                         {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed})
-        answer = await submit(services, "generate", job, key=rules.unique_key("rag"))
+        # Retrieval in a thread; the answer's rows join the generator's running batch.
+        admit(services, services.generation_slots)
+        try:
+            answer = await run_in_threadpool(
+                engine.rag, body.question, body.k, max_new_tokens=body.max_tokens, filter=body.filter,
+                hybrid=body.hybrid, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        finally:
+            services.generation_slots.leave()
     out = answer.to_dict()
     if not body.include_prompt:
         out.pop("prompt", None)

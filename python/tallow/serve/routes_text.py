@@ -15,10 +15,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InputError
+from ..errors import InputError, Unavailable
 from . import rules
 from .openapi import Int, NonEmpty, Seed, Text, bounded_int
-from .deps import NumpyJSONResponse, enqueue, get_services, model_id, require_model, submit
+from .deps import NumpyJSONResponse, admit, get_services, model_id, require_model, submit
+from .errors import APIError
+from .generation import GenerationStream
 from .services import Services
 
 router = APIRouter()
@@ -146,67 +148,107 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
         raise InputError("prompt must be a string or a non-empty list of strings", param="prompt")
-    req, key, prompt_tokens = await run_in_threadpool(rules.completion_job, services.config.models, model, prompts,
-                                                      body)
+    req, prompt_tokens = await run_in_threadpool(rules.completion_job, services.config.models, model, prompts, body)
     cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id(services, "generator")
     if not body.stream:
-        rows = await submit(services, "generate", req, size=len(req.prompt_ids), key=key)
+        rows = await complete(services, model, req)
         completion_tokens = sum(r["completion_tokens"] for r in rows)
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"text": r["text"], "index": i, "logprobs": None,
                              "finish_reason": _FINISH[r["finish_reason"]]} for i, r in enumerate(rows)],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
-    job = enqueue(services, "generate", req, size=len(req.prompt_ids), key=key, stream=True)
+    stream = admit_generation(services, model, req)  # 429 / 422 / 503 before the stream starts
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return StreamingResponse(_sse(services, job, cid, created, name, prompt_tokens if include_usage else None),
+    return StreamingResponse(_sse(services, stream, cid, created, name, prompt_tokens if include_usage else None),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(services: Services, job, cid: str, created: int, name: str, usage_prompt_tokens: int | None):
-    """Server-sent events, one per token; a client that goes away cancels the job
-    (Starlette cancels this generator), and generation stops when no client of
-    the batch is left."""
-    import asyncio
+def admit_generation(services: Services, model, req) -> GenerationStream | None:
+    """Admits a completion (429 when ``batching.generate.max_queue`` are in
+    flight) and starts its rows in the scheduler; None for max_tokens=0
+    (nothing to generate)."""
+    admit(services, services.generation_slots)
+    if req.params.max_new_tokens == 0:
+        services.generation_slots.leave()
+        return None
+    try:
+        return GenerationStream(model, req.prompt_ids, req.params)
+    except BaseException:
+        services.generation_slots.leave()
+        raise
 
-    lane = services.lanes["generate"]
-    deadline = time.monotonic() + services.config.server.request_timeout_s
-    finished = False
+
+async def _events(services: Services, stream: GenerationStream | None, admitted: float):
+    """The stream's events, with the request timeout, time-to-first-token and
+    token metrics; leaves the admission gate however it ends."""
+    if stream is None:
+        return
+    metrics = services.metrics
+    first = True
+    try:
+        async for event in stream.events(time.monotonic() + services.config.server.request_timeout_s):
+            if first:
+                first = False
+                metrics.time_to_first_token.observe(time.monotonic() - admitted)
+            metrics.tokens_generated.inc()
+            yield event
+    finally:
+        stream.close()  # a client that left, a timeout: its rows stop at the next step
+        if not stream.finished:
+            metrics.generations_cancelled.inc()
+        services.generation_slots.leave()
+
+
+async def complete(services: Services, model, req) -> list[dict]:
+    """Runs a completion to its end: one dict per row."""
+    stream = admit_generation(services, model, req)
+    n = len(req.prompt_ids)
+    texts, counts = [""] * n, [0] * n
+    reasons: list[str] = ["length"] * n
+    try:
+        async for e in _events(services, stream, req.admitted):
+            texts[e.row] += e.text
+            counts[e.row] += 1
+            if e.finish_reason:
+                reasons[e.row] = e.finish_reason
+    except TimeoutError:
+        raise APIError(504, "the completion did not finish within server.request_timeout_s") from None
+    return [{"text": texts[i], "completion_tokens": counts[i], "finish_reason": reasons[i],
+             "prompt_tokens": len(req.prompt_ids[i])} for i in range(n)]
+
+
+async def _sse(services: Services, stream, cid: str, created: int, name: str, usage_prompt_tokens: int | None):
+    """Server-sent events, one per token. A client that goes away: Starlette
+    cancels this generator, the stream's rows stop at the next step."""
     tokens = 0
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
-            except (asyncio.TimeoutError, TimeoutError):
-                err = {"error": {"message": "the completion did not finish within server.request_timeout_s",
-                                 "type": "timeout_error", "param": None, "code": 504}}
-                yield f"data: {json.dumps(err)}\n\n"
-                yield "data: [DONE]\n\n"
-                return  # not finished: the finally cancels the job, generation stops
-            if event is None:
-                break
-            row, text, reason = event
+        async for event in _events(services, stream, time.monotonic()):
             tokens += 1
+            reason = event.finish_reason
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": name,
-                     "choices": [{"text": text, "index": row, "logprobs": None,
+                     "choices": [{"text": event.text, "index": event.row, "logprobs": None,
                                   "finish_reason": _FINISH.get(reason) if reason else None}]}
             yield f"data: {json.dumps(chunk)}\n\n"
-        if job.future.done() and not job.future.cancelled() and job.future.exception() is not None:
-            exc = job.future.exception()
-            err = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                             "code": 500}}
-            yield f"data: {json.dumps(err)}\n\n"
-        else:
-            finished = True
-        if usage_prompt_tokens is not None:  # OpenAI's stream_options.include_usage: usage, no choices
-            usage = {"prompt_tokens": usage_prompt_tokens, "completion_tokens": tokens,
-                     "total_tokens": usage_prompt_tokens + tokens}
-            yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': [], 'usage': usage})}\n\n"
+    except TimeoutError:
+        err = {"error": {"message": "the completion did not finish within server.request_timeout_s",
+                         "type": "timeout_error", "param": None, "code": 504}}
+        yield f"data: {json.dumps(err)}\n\n"
         yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            lane.cancel(job)
+        return
+    except Exception as exc:  # the worker died (503), the scheduler failed (500)
+        status = getattr(exc, "status", None) or (503 if isinstance(exc, Unavailable) else 500)
+        err = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                         "code": status}}
+        yield f"data: {json.dumps(err)}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    if usage_prompt_tokens is not None:  # OpenAI's stream_options.include_usage: usage, no choices
+        usage = {"prompt_tokens": usage_prompt_tokens, "completion_tokens": tokens,
+                 "total_tokens": usage_prompt_tokens + tokens}
+        yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 class GenerateRequest(BaseModel):
@@ -227,8 +269,8 @@ async def generate(body: GenerateRequest, request: Request):
     as_completion = CompletionRequest(prompt=body.prompt, max_tokens=body.max_tokens,
                                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       seed=body.seed)
-    req, key, _ = await run_in_threadpool(rules.completion_job, services.config.models, model, [body.prompt],
-                                          as_completion)
-    rows = await submit(services, "generate", req, size=1, key=key)
+    req, _ = await run_in_threadpool(rules.completion_job, services.config.models, model, [body.prompt],
+                                     as_completion)
+    rows = await complete(services, model, req)
     return {"generated_text": rows[0]["text"], "finish_reason": _FINISH[rows[0]["finish_reason"]],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}

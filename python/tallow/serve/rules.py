@@ -70,11 +70,11 @@ def tokenize_inputs(model, texts: list[str], truncate: bool, cfg: ModelsConfig) 
 
 # -- /v1/completions and /generate ---------------------------------------------------------
 
-def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> tuple[GenerationRequest, Any, int]:
+def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> tuple[GenerationRequest, int]:
     """Checks a completion request against the limits, tokenizes its prompts
     (keeping only the end of an over-long one when ``body.truncate``) and
-    returns (the lane's job, its batching key, prompt tokens). ``body`` has
-    the fields of ``routes_text.CompletionRequest``."""
+    returns (the request's rows and sampling settings, prompt tokens).
+    ``body`` has the fields of ``routes_text.CompletionRequest``."""
     from ..models.generation import SamplingParams
 
     if body.max_tokens > cfg.max_completion_tokens:
@@ -129,15 +129,7 @@ def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> t
     except ValueError as exc:
         raise InputError(str(exc)) from None
     rows = [seq for seq in ids for _ in range(body.n)]  # choice index = prompt * n + j
-    return GenerationRequest(rows, params), completion_key(body, stop), sum(len(s) for s in ids)
-
-
-def completion_key(body: Any, stop: list[str]) -> tuple:
-    """Requests share a batch only with identical settings; a seeded one runs
-    alone so its output does not depend on what else was running."""
-    if body.seed is not None:
-        return unique_key("seeded")
-    return ("gen", body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty, tuple(stop))
+    return GenerationRequest(rows, params), sum(len(s) for s in ids)
 
 
 # -- /v1/rag and /v1/documents -------------------------------------------------------------

@@ -1,6 +1,11 @@
 """What the server serves: the models, the search engine, the image index and
 the feature cache, loaded once in the background at start-up, and the batch
-functions the lanes run in their worker threads.
+functions the lanes run in their threads.
+
+Each model slot holds a ``ServedModel``: its forward passes run in the
+slot's worker processes (``workers.mode = "process"``) or in this process
+(``"inline"``) — see ``serve.workers``. A worker that dies turns its slot
+"restarting" (and ``/ready`` 503) until its replacement has loaded.
 
 Readiness: ``/ready`` turns 200 only when every *configured* model has loaded
 and run one warm-up batch and the engine is open (with the demo corpus
@@ -20,9 +25,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from .batching import Job, Lane
+from .batching import Gate, Job, Lane
 from .config import ServeConfig
+from ..worker import WorkerSpec
 from .metrics import Metrics
+from .workers import ServedModel, WorkerGroup
 
 log = logging.getLogger("tallow.serve")
 
@@ -39,14 +46,18 @@ MODEL_SETTINGS = {
 class ModelSlot:
     name: str
     path: str
-    status: str = "absent"  # absent | loading | ready | failed
+    status: str = "absent"  # absent | loading | ready | restarting | failed
     error: str = ""
-    model: Any = None
+    model: Any = None  # a serve.workers.ServedModel
     load_s: float = 0.0
+    group: Any = None  # its serve.workers.WorkerGroup
 
     def describe(self) -> dict:
-        return {"status": self.status, "path": self.path or None, "error": self.error or None,
-                "load_s": round(self.load_s, 3)}
+        out = {"status": self.status, "path": self.path or None, "error": self.error or None,
+               "load_s": round(self.load_s, 3)}
+        if self.group is not None:
+            out["workers"] = {"mode": self.group.mode, "pids": self.group.pids, "restarts": self.group.restarts}
+        return out
 
 
 @dataclass
@@ -56,16 +67,6 @@ class GenerationRequest:
     prompt_ids: list[list[int]]  # already repeated n times, in choice order
     params: Any  # tallow.models.generation.SamplingParams
     admitted: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class RagRequest:
-    question: str
-    k: int
-    max_tokens: int
-    filter: dict | None
-    hybrid: bool
-    sampling: dict
 
 
 class Services:
@@ -88,12 +89,21 @@ class Services:
         self.cache = None
         self.metrics = metrics or Metrics(self.cache_stats)
         self.ready = threading.Event()
+        self._state_lock = threading.Lock()
         self.lanes: dict[str, Lane] = {}
         for name, fn in (("embeddings", self._run_embeddings), ("classify", self._run_classify),
-                         ("generate", self._run_generate), ("images", self._run_images),
-                         ("search", self._run_calls), ("write", self._run_calls)):
+                         ("images", self._run_images), ("search", self._run_calls), ("write", self._run_calls)):
             self.lanes[name] = Lane(name, fn, config.lane(name), observe_batch=self.metrics.observe_batch,
                                     observe_depth=self.metrics.observe_depth)
+        # Completions: admission only; the generator's scheduler batches them.
+        self.generation_slots = Gate("generate", config.lane("generate").max_queue,
+                                     observe_depth=self.metrics.observe_depth)
+
+    def refuse(self, lane: str) -> int | None:
+        """Retry-After seconds when ``lane``'s queue is full, else None."""
+        if lane == "generate":
+            return self.generation_slots.refuse()
+        return self.lanes[lane].refuse()
 
     def cache_stats(self) -> dict | None:
         return self.cache.stats() if self.cache is not None else None
@@ -110,17 +120,20 @@ class Services:
         except Exception as exc:  # a bad URL is a config error: say so, serve without a cache
             log.error("feature cache disabled: %s", exc)
         quantize = cfg.models.quantize or None
-        emb = self._load_slot("embedder", lambda: self._load_embedder(quantize))
+        emb = self._load_embedder(quantize)
         if emb is not None:
             self._open_engine(emb)
         else:
             self.engine_status = "failed"
             self.engine_error = f"the embedder did not load: {self.models['embedder'].error}"
-        self._load_slot("classifier", lambda: self._load_model(cfg.models.classifier, quantize, task="classify"))
-        self._load_slot("generator", lambda: self._load_model(cfg.models.generator, quantize))
+        self._load_slot("classifier", WorkerSpec("classifier", cfg.models.classifier, quantize, task="classify"))
+        self._load_slot("generator", WorkerSpec("generator", cfg.models.generator, quantize,
+                                                max_rows=cfg.generation.max_rows,
+                                                kv_cache_mb=cfg.generation.kv_cache_mb,
+                                                prefill_tokens_per_step=cfg.generation.prefill_tokens_per_step))
         if self.engine is not None and self.models["generator"].status == "ready":
             self.engine.set_generator(self.models["generator"].model)
-        resnet = self._load_slot("image", lambda: self._load_model(cfg.models.image, quantize))
+        resnet = self._load_slot("image", WorkerSpec("image", cfg.models.image, quantize))
         if resnet is not None and self.engine is not None:
             try:
                 from ..engine.images import ImageSearch
@@ -131,7 +144,7 @@ class Services:
                 slot = self.models["image"]
                 slot.status, slot.error = "failed", f"cannot open the image index: {exc}"
                 log.error("image search unavailable: %s", exc)
-        if all(s.status in ("ready", "absent") for s in self.models.values()) and self.engine_status == "ready":
+        if self._all_ready():
             self.ready.set()
             log.info("tallow is ready: %s", ", ".join(f"{n}={s.status}" for n, s in self.models.items()))
         else:
@@ -141,44 +154,45 @@ class Services:
         from ..models import minilm_path
 
         if self.engine is not None:  # the caller's engine: serve with ITS embedder (same vectors, one copy)
-            return self.engine.embedder
-        return self._load_model(self.config.models.embedder or minilm_path(), quantize, task="embed")
+            spec = WorkerSpec("embedder", "(the engine's embedder)")
+            return self._load_slot("embedder", spec, model=self.engine.embedder)
+        path = self.config.models.embedder or str(minilm_path())
+        return self._load_slot("embedder", WorkerSpec("embedder", path, quantize, task="embed"))
 
-    @staticmethod
-    def _load_model(path, quantize, **kw):
-        from ..models import load
-
-        return load(path, quantize, **kw)
-
-    def _load_slot(self, name: str, loader) -> Any:
+    def _load_slot(self, name: str, spec: WorkerSpec, model: Any = None) -> Any:
+        """Starts the slot's workers (or its in-process host); the slot's
+        ``ServedModel``, or None when it is absent or failed."""
         slot = self.models[name]
         if slot.status == "absent":
             return None
+        w = self.config.workers
+        spec.warmup = self.config.models.warmup
+        spec.threads = w.threads
         t0 = time.perf_counter()
+        group = WorkerGroup(spec, getattr(w, name), w.mode, self._worker_state, model=model)
         try:
-            slot.model = loader()
-            if self.config.models.warmup:
-                self._warm_up(name, slot.model)
-            slot.status = "ready"
+            group.start(timeout=w.start_timeout_s)
+            slot.group, slot.model, slot.status = group, ServedModel(group), "ready"
         except Exception as exc:
             slot.status, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cannot load the %s from %s: %s", name, slot.path, exc)
         slot.load_s = time.perf_counter() - t0
         return slot.model if slot.status == "ready" else None
 
-    @staticmethod
-    def _warm_up(name: str, model) -> None:
-        """One small batch, so the first request does not pay for lazy set-up."""
-        import torch
+    def _worker_state(self, name: str, status: str, error: str) -> None:
+        """A worker group's report: a worker died (restarting), is back (ready),
+        or could not be restarted (failed). /ready follows."""
+        with self._state_lock:
+            slot = self.models[name]
+            slot.status, slot.error = status, error
+            if status == "ready" and self._all_ready():
+                self.ready.set()
+            elif status != "ready":
+                self.ready.clear()
 
-        if name == "embedder":
-            model.embed(["warm up"], truncation=True)
-        elif name == "classifier":
-            model.classify(["warm up"], truncation=True)
-        elif name == "generator":
-            list(model.generate_ids([[0]], _sampling(max_new_tokens=2, temperature=0.0)))
-        elif name == "image":
-            model.features(torch.zeros(1, 3, 64, 64))
+    def _all_ready(self) -> bool:
+        return (all(s.status in ("ready", "absent") for s in self.models.values())
+                and self.engine_status == "ready")
 
     def _open_engine(self, embedder) -> None:
         from ..engine import Engine
@@ -218,6 +232,12 @@ class Services:
         await asyncio.gather(*[lane.close(timeout=self.config.server.request_timeout_s)
                                for lane in self.lanes.values()])
         await asyncio.to_thread(self._flush)
+        await asyncio.to_thread(self._stop_workers)
+
+    def _stop_workers(self) -> None:
+        for slot in self.models.values():
+            if slot.group is not None:
+                slot.group.stop()
 
     def _flush(self) -> None:
         # A write that outlived its lane's deadline finishes first: close() and
@@ -266,48 +286,6 @@ class Services:
             return self.images.search_many([job.payload for job in jobs])
         return self._run_calls(jobs)
 
-    def _run_generate(self, jobs: Sequence[Job]) -> list:
-        if isinstance(jobs[0].payload, RagRequest):  # RAG jobs have a key of their own: alone
-            r = jobs[0].payload
-            try:
-                return [self.engine.rag(r.question, r.k, max_new_tokens=r.max_tokens, filter=r.filter,
-                                        hybrid=r.hybrid, **r.sampling)]
-            except Exception as exc:
-                return [exc]
-        model = self.models["generator"].model
-        rows: list[list[int]] = []
-        owner: list[tuple[int, int]] = []  # row -> (job, row within the job)
-        for j, job in enumerate(jobs):
-            for r, ids in enumerate(job.payload.prompt_ids):
-                rows.append(ids)
-                owner.append((j, r))
-        texts = [""] * len(rows)
-        counts = [0] * len(rows)
-        reasons: list[str | None] = [None] * len(rows)
-        first_seen = [False] * len(jobs)
-        params = jobs[0].payload.params
-        metrics = self.metrics
-        for event in model.generate_ids(rows, params):
-            j, r = owner[event.index]
-            job = jobs[j]
-            texts[event.index] += event.text
-            counts[event.index] += 1
-            metrics.tokens_generated.inc()
-            if event.finish_reason:
-                reasons[event.index] = event.finish_reason
-            if not first_seen[j]:
-                first_seen[j] = True
-                metrics.time_to_first_token.observe(time.monotonic() - job.payload.admitted)
-            job.emit((r, event.text, event.finish_reason))
-            if all(jb.cancelled.is_set() for jb in jobs):
-                metrics.generations_cancelled.inc()
-                break
-        results: list[list[dict]] = [[] for _ in jobs]
-        for i, (j, _row) in enumerate(owner):
-            results[j].append({"text": texts[i], "completion_tokens": counts[i],
-                               "finish_reason": reasons[i] or "length", "prompt_tokens": len(rows[i])})
-        return results
-
 
 def _split(items, sizes: list[int]) -> list:
     out, start = [], 0
@@ -316,8 +294,3 @@ def _split(items, sizes: list[int]) -> list:
         start += n
     return out
 
-
-def _sampling(**kw):
-    from ..models.generation import SamplingParams
-
-    return SamplingParams(**kw)

@@ -1,0 +1,146 @@
+"""Completions over continuous batching: the server's side of it.
+
+The scheduler (``tallow.models.scheduler``, in the generator's worker)
+decodes every running row one token per step; a request joins the running
+batch at the next step and each row leaves when it finishes. Here:
+
+- ``row_params``: one ``SamplingParams`` per row. A seeded request's row r
+  draws from its own generator seeded ``seed + r``, so what it produces does
+  not depend on what else runs beside it.
+- ``GenerationStream``: one request's events, read on the event loop; the
+  worker's thread hands them over with ``call_soon_threadsafe``.
+- ``generate_blocking``: ``GPT2LMHeadModel.generate``'s contract for a
+  thread (the engine's RAG answers), through the same scheduler.
+
+Admission (how many completions may wait or run) is the ``generate`` lane's
+``max_queue``: ``Services.generation_slots``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import queue
+import time
+from typing import Any, AsyncIterator
+
+from ..errors import InputError
+
+_request_ids = itertools.count()
+
+
+def row_params(params: Any, rows: int) -> list:
+    """``rows`` copies of ``params``; row r of a seeded request gets seed + r."""
+    if params.seed is None:
+        return [params] * rows
+    return [dataclasses.replace(params, seed=(int(params.seed) + r) % 2**64) for r in range(rows)]
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """A request the scheduler refused is the caller's input (422) unless it is
+    already one of tallow's errors (a worker that died stays a 503)."""
+    if isinstance(exc, ValueError) and not isinstance(exc, InputError):
+        return InputError(str(exc))
+    return exc
+
+
+class GenerationStream:
+    """The events of one request (``RowEvent``s), in order; ``cancel()`` stops
+    its rows at the next step."""
+
+    def __init__(self, model: Any, prompt_ids: list[list[int]], params: Any):
+        self.loop = asyncio.get_running_loop()
+        self.rows = len(prompt_ids)
+        self.request_id = f"g{next(_request_ids)}"
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False  # every row finished
+        self._closed = False
+        try:
+            self._worker = model.start_generation(self.request_id, prompt_ids, row_params(params, self.rows),
+                                                  self._sink)
+        except Exception as exc:
+            raise _failure(exc) from None
+
+    def _sink(self, item: Any) -> None:  # a worker's thread
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def events(self, deadline: float) -> AsyncIterator[Any]:
+        """Yields events until every row has finished; raises the worker's
+        failure (``WorkerDied``: 503) or ``TimeoutError`` past ``deadline``
+        (``time.monotonic()``)."""
+        unfinished = self.rows
+        try:
+            while unfinished:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except (asyncio.TimeoutError, TimeoutError):
+                    raise TimeoutError from None
+                if isinstance(item, BaseException):
+                    raise _failure(item)
+                for event in item:
+                    if event.finish_reason == "error":
+                        raise RuntimeError(f"generation failed: {event.error}")
+                    if event.finish_reason is not None:
+                        unfinished -= 1
+                    yield event
+            self.finished = True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Forgets the request; rows that have not finished (a client that
+        left, a timeout) stop at the scheduler's next step. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.finished:
+            self._worker.finished(self.request_id)
+        else:
+            self._worker.cancel(self.request_id)
+
+
+def generate_blocking(model: Any, prompts: list[str], kwargs: dict) -> list:
+    """Completes ``prompts`` like ``GPT2LMHeadModel.generate`` (kwargs:
+    ``SamplingParams`` fields), blocking this thread."""
+    from ..models.generation import SamplingParams
+    from ..models.gpt2 import Generation
+
+    t0 = time.perf_counter()
+    params = SamplingParams(**kwargs)
+    params.validate()
+    prompt_ids = model.tokenizer.encode_ids(list(prompts))
+    inbox: queue.Queue = queue.Queue()
+    request_id = f"b{next(_request_ids)}"
+    worker = model.start_generation(request_id, prompt_ids, row_params(params, len(prompt_ids)), inbox.put)
+    texts = [""] * len(prompt_ids)
+    ids: list[list[int]] = [[] for _ in prompt_ids]
+    reasons = ["length"] * len(prompt_ids)
+    first: list[float | None] = [None] * len(prompt_ids)
+    unfinished = len(prompt_ids)
+    try:
+        while unfinished:
+            item = inbox.get()
+            if isinstance(item, BaseException):
+                raise _failure(item)
+            for e in item:
+                if e.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {e.error}")
+                ids[e.row].append(e.token_id)
+                texts[e.row] += e.text
+                if first[e.row] is None:
+                    first[e.row] = time.perf_counter() - t0
+                if e.finish_reason is not None:
+                    reasons[e.row] = e.finish_reason
+                    unfinished -= 1
+    finally:
+        if unfinished:
+            worker.cancel(request_id)
+        else:
+            worker.finished(request_id)
+    total = time.perf_counter() - t0
+    return [Generation(texts[i], toks, reasons[i], len(prompt_ids[i]),
+                       first[i] if first[i] is not None else total, total) for i, toks in enumerate(ids)]

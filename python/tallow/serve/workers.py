@@ -1,0 +1,488 @@
+"""Where the models run: in worker processes of their own (``workers.mode =
+"process"``, the default) or inside the server's process (``"inline"``).
+
+The server process parses, validates, tokenizes and batches; a worker owns
+a model's weights and runs its forward passes (``tallow.worker``), so the
+event loop never waits for the GIL behind a forward pass. Every model slot
+has a ``WorkerGroup`` of ``workers.<slot>`` processes (a request goes to the
+one with the fewest calls in flight), and the routes see a ``ServedModel``:
+the same methods as the model (``embed_ids``, ``classify_ids``,
+``features``, ``generate``...), its tokenizer and config, whichever mode.
+
+Faults: a worker that dies (killed, out of memory, a crash in native code)
+is noticed at once — its socket closes —, every call and generation it had
+in flight fails with ``WorkerDied`` (HTTP 503, never a hang), the slot is
+"restarting" (``/ready`` says 503) and a new process is started; the slot is
+ready again when it has loaded. State that matters (documents, the index,
+the store) lives in the server process, so a worker's death loses none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from ..errors import Unavailable
+from ..worker import Arena, ModelHost, WorkerSpec, from_wire, load_model, to_wire
+
+log = logging.getLogger("tallow.serve")
+
+_arena_ids = itertools.count()
+_WORKER_MAIN = "import sys; from tallow.worker import main; sys.exit(main(sys.argv[1:]))"
+
+# A sink receives one request's events (a list of RowEvent) or, when the
+# worker died, the exception to fail the request with.
+Sink = Callable[[Any], None]
+
+
+class WorkerDied(Unavailable):
+    """The worker process running this request exited; it is being restarted."""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process could not load its model."""
+
+
+class InlineWorker:
+    """The model in this process (``workers.mode = "inline"``, or a caller's
+    own model such as a host engine's embedder)."""
+
+    def __init__(self, spec: WorkerSpec, model: Any = None):
+        self.spec = spec
+        self._model = model
+        self.host: ModelHost | None = None
+        self._sinks: dict[Any, Sink] = {}
+        self._lock = threading.Lock()
+        self.pid = os.getpid()
+
+    def start(self, timeout: float | None = None) -> dict:
+        model = self._model if self._model is not None else load_model(self.spec)
+        self.host = ModelHost(self.spec, model, self._dispatch)
+        return self.host.info()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._sinks)
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        return self.host.call(method, args, kwargs)
+
+    def generate(self, request_id: Any, prompt_ids: list, params: list, sink: Sink) -> None:
+        with self._lock:
+            self._sinks[request_id] = sink
+        try:
+            self.host.generate(request_id, prompt_ids, params)
+        except Exception:
+            self._forget(request_id)
+            raise
+
+    def cancel(self, request_id: Any) -> None:
+        self._forget(request_id)
+        self.host.cancel(request_id)
+
+    def _forget(self, request_id: Any) -> None:
+        with self._lock:
+            self._sinks.pop(request_id, None)
+
+    def _dispatch(self, events: list) -> None:
+        for request_id, evs in _by_request(events).items():
+            with self._lock:
+                sink = self._sinks.get(request_id)
+            if sink is not None:
+                sink(evs)
+
+    def finished(self, request_id: Any) -> None:
+        self._forget(request_id)
+
+    def stop(self) -> None:
+        if self.host is not None:
+            self.host.close()
+
+
+class ProcessWorker:
+    """One worker process and the thread that reads its answers."""
+
+    def __init__(self, spec: WorkerSpec, on_exit: Callable[["ProcessWorker", str], None]):
+        self.spec = spec
+        self._on_exit = on_exit
+        self._conn = None
+        self.proc: subprocess.Popen | None = None
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._calls: dict[int, Future] = {}
+        self._sinks: dict[Any, Sink] = {}
+        self._ids = itertools.count()
+        self._ready = Future()
+        self._dead = False
+        self.pid: int | None = None
+        # Shared memory for arrays: ours carries calls' inputs, the worker's its answers.
+        self._arenas: dict[str, Arena] = {}
+        self._arena_call: int | None = None  # the call whose inputs are in our arena
+        self._answers_read = 0  # answers copied out of the worker's arena
+
+    def start(self, timeout: float = 600.0) -> dict:
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        tag = f"tallow-{os.getpid()}-{next(_arena_ids)}"
+        for side in ("server", "worker"):
+            arena = Arena.create(f"{tag}-{side}")
+            if arena is not None:
+                self._arenas[side] = arena
+        env = dict(os.environ)
+        if self.spec.threads:  # before torch loads in the worker: OpenMP reads it once
+            env["OMP_NUM_THREADS"] = str(self.spec.threads)
+        # Not "-m tallow.worker": its classes would pickle as __main__.X, which the server cannot load.
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError:
+            self._drop_arenas()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self.proc.pid
+        self._conn = Connection(ours.detach())
+        self._send(pickle.dumps((self.spec, {side: a.path for side, a in self._arenas.items()}), protocol=5))
+        threading.Thread(target=self._read, name=f"tallow-worker-{self.spec.slot}-{self.pid}", daemon=True).start()
+        try:
+            return self._ready.result(timeout)
+        except TimeoutError:
+            self.kill()
+            raise WorkerStartError(f"the {self.spec.slot} worker did not load {self.spec.path} within "
+                                   f"{timeout:g} s") from None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._calls) + len(self._sinks)
+
+    # -- requests (any thread) --------------------------------------------------------------
+
+    # A call that takes longer than this is a hung worker (a forward pass of the
+    # largest batch the limits allow takes seconds): it is killed and restarted,
+    # so a lane thread never waits forever.
+    CALL_TIMEOUT_S = 600.0
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        """Runs ``model.method(*args, **kwargs)`` in the worker; blocks this thread."""
+        future: Future = Future()
+        call_id = next(self._ids)
+        with self._state_lock:
+            if self._dead:
+                raise WorkerDied(self._died_message(), retry_after_s=5)
+            self._calls[call_id] = future
+        payload, in_arena = to_wire((args, kwargs), self._arenas.get("server"))
+        if in_arena:
+            self._arena_call = call_id  # the arena is ours again when this call's answer comes
+        self._send_message(("call", call_id, method, payload, in_arena, self._answers_read))
+        try:
+            return future.result(self.CALL_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the %s worker (pid %s) did not answer %s within %g s: killing it", self.spec.slot,
+                      self.pid, method, self.CALL_TIMEOUT_S)
+            self.kill()  # the reader fails every call in flight and the group restarts it
+            return future.result(30)
+
+    def generate(self, request_id: Any, prompt_ids: list, params: list, sink: Sink) -> None:
+        with self._state_lock:
+            if self._dead:
+                raise WorkerDied(self._died_message(), retry_after_s=5)
+            self._sinks[request_id] = sink
+        self._send_message(("generate", request_id, prompt_ids, params))
+
+    def cancel(self, request_id: Any) -> None:
+        with self._state_lock:
+            known = self._sinks.pop(request_id, None) is not None
+        if known:
+            self._send_message(("cancel", request_id))
+
+    def finished(self, request_id: Any) -> None:
+        with self._state_lock:
+            self._sinks.pop(request_id, None)
+
+    def _send_message(self, message: tuple) -> None:
+        self._send(pickle.dumps(message, protocol=5))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(data)
+        except OSError:  # the worker is gone; the reader fails what was in flight
+            pass
+
+    # -- answers (the reader thread) ----------------------------------------------------------
+
+    def _read(self) -> None:
+        reason = "its connection closed"
+        try:
+            while True:
+                message = pickle.loads(self._conn.recv_bytes())
+                kind = message[0]
+                if kind == "events":
+                    for request_id, evs in _by_request(message[1]).items():
+                        sink = self._sinks.get(request_id)
+                        if sink is not None:
+                            sink(evs)
+                elif kind in ("result", "error"):
+                    with self._state_lock:
+                        future = self._calls.pop(message[1], None)
+                    if message[1] == self._arena_call:  # the worker has copied its inputs out
+                        self._arena_call = None
+                        self._arenas["server"].release()
+                    if kind == "result":
+                        value = from_wire(message[2], self._arenas.get("worker"))
+                        self._answers_read += message[3]  # copied out: told with the next call
+                    else:
+                        value = message[2]
+                    if future is not None:
+                        if kind == "result":
+                            future.set_result(value)
+                        else:
+                            future.set_exception(value)
+                elif kind == "ready":
+                    # Both sides have mapped the arenas: their files can go now, so
+                    # nothing is left in /dev/shm however either process ends.
+                    for arena in self._arenas.values():
+                        arena.unlink()
+                    self._ready.set_result(message[1])
+                elif kind == "load_failed":
+                    self._ready.set_exception(WorkerStartError(message[1]))
+        except (EOFError, OSError) as exc:
+            reason = f"its connection closed ({type(exc).__name__})"
+        except Exception as exc:  # a frame we cannot read: treat the worker as broken
+            reason = f"an unreadable message ({type(exc).__name__}: {exc})"
+        self._fail_all(reason)
+
+    def _died_message(self) -> str:
+        code = self.proc.poll() if self.proc is not None else None
+        how = f"exited with {code}" if code is not None and code >= 0 else (
+            f"was killed by signal {-code}" if code is not None else "stopped answering")
+        return f"the {self.spec.slot} worker (pid {self.pid}) {how}; it is being restarted"
+
+    def _fail_all(self, reason: str) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._drop_arenas()
+        with self._state_lock:
+            self._dead = True
+            calls, self._calls = self._calls, {}
+            sinks, self._sinks = self._sinks, {}
+        error = WorkerDied(self._died_message(), retry_after_s=5)
+        if not self._ready.done():
+            self._ready.set_exception(WorkerStartError(f"the {self.spec.slot} worker exited while loading "
+                                                       f"{self.spec.path} ({reason})"))
+            return
+        for future in calls.values():
+            future.set_exception(error)
+        for sink in sinks.values():
+            sink(error)
+        self._on_exit(self, reason)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def _drop_arenas(self) -> None:
+        arenas, self._arenas = self._arenas, {}
+        for arena in arenas.values():
+            with contextlib.suppress(BufferError, ValueError):
+                arena.close()
+            arena.unlink()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._on_exit = lambda worker, reason: None  # an exit we asked for is no fault
+        if self._conn is None:
+            return
+        self._send_message(("stop",))
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL; the reader thread then sees the socket close and cleans up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _by_request(events: list) -> dict:
+    out: dict[Any, list] = {}
+    for e in events:
+        out.setdefault(e.request, []).append(e)
+    return out
+
+
+class WorkerGroup:
+    """The workers of one model slot; restarts the ones that die.
+
+    ``on_state(slot, status, error)`` reports "restarting" when the last live
+    worker died (with another alive, the slot keeps serving), "ready" when
+    every worker of the group runs again, "failed" when a restart could not
+    load the model."""
+
+    RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 15.0)
+
+    def __init__(self, spec: WorkerSpec, count: int, mode: str, on_state: Callable[[str, str, str], None],
+                 model: Any = None):
+        self.spec = spec
+        self.count = count if mode == "process" and model is None else 1
+        self.mode = "inline" if model is not None else mode
+        self._model = model
+        self._on_state = on_state
+        self.workers: list = []
+        self.info: dict = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._restarts = 0
+
+    def _new(self):
+        if self.mode == "process":
+            return ProcessWorker(self.spec, self._exited)
+        return InlineWorker(self.spec, self._model)
+
+    def start(self, timeout: float = 600.0) -> dict:
+        """Starts every worker (in parallel, blocking); returns the model's info."""
+        workers = [self._new() for _ in range(self.count)]
+        results: list = [None] * len(workers)
+
+        def start_one(i: int) -> None:
+            try:
+                results[i] = workers[i].start(timeout)
+            except BaseException as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=start_one, args=(i,), daemon=True) for i in range(len(workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for w in workers:
+                w.stop()
+            raise errors[0]
+        self.workers = workers
+        self.info = results[0]
+        return self.info
+
+    def pick(self):
+        """The worker with the fewest requests in flight."""
+        with self._lock:
+            live = [w for w in self.workers if not getattr(w, "_dead", False)]
+        if not live:
+            raise WorkerDied(f"every {self.spec.slot} worker is restarting", retry_after_s=5)
+        return min(live, key=lambda w: w.inflight)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def _exited(self, worker: ProcessWorker, reason: str) -> None:
+        if self._closed:
+            return
+        log.error("the %s worker (pid %s) died: %s; restarting it", self.spec.slot, worker.pid, reason)
+        with self._lock:
+            others = any(not getattr(w, "_dead", False) for w in self.workers if w is not worker)
+        if not others:  # with another worker alive the slot keeps serving (and stays ready)
+            self._on_state(self.spec.slot, "restarting", f"a worker died ({reason}); restarting")
+        threading.Thread(target=self._restart, args=(worker,), name=f"tallow-restart-{self.spec.slot}",
+                         daemon=True).start()
+
+    def _restart(self, dead: ProcessWorker) -> None:
+        for attempt, delay in enumerate(self.RESTART_BACKOFF_S):
+            time.sleep(delay)
+            if self._closed:
+                return
+            fresh = ProcessWorker(self.spec, self._exited)
+            try:
+                fresh.start()
+            except Exception as exc:
+                log.error("restarting the %s worker failed (attempt %d): %s", self.spec.slot, attempt + 1, exc)
+                continue
+            with self._lock:
+                self.workers = [fresh if w is dead else w for w in self.workers]
+                self._restarts += 1
+                all_live = not any(getattr(w, "_dead", False) for w in self.workers)
+            log.info("the %s worker is back (pid %s)", self.spec.slot, fresh.pid)
+            if all_live:
+                self._on_state(self.spec.slot, "ready", "")
+            return
+        self._on_state(self.spec.slot, "failed", f"the worker died and could not be restarted "
+                                                 f"({len(self.RESTART_BACKOFF_S)} attempts)")
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    def stop(self) -> None:
+        self._closed = True
+        for w in self.workers:
+            w.stop()
+
+
+class ServedModel:
+    """What the routes and the engine hold for a model slot: the model's
+    interface, its forward passes run by the slot's workers."""
+
+    def __init__(self, group: WorkerGroup):
+        self.group = group
+        info = group.info
+        self.config = info["config"]
+        self.tokenizer = info["tokenizer"]
+        # model_identity() of the real model, computed where the weights are:
+        # content hashes and image tags are the same in both modes.
+        self.precomputed_identity = info["identity"]
+        for name, value in info["attrs"].items():
+            setattr(self, name, value)
+        self._repr = info["repr"]
+
+    def __repr__(self) -> str:
+        return self._repr
+
+    def _call(self, method: str, *args, **kwargs) -> Any:
+        return self.group.pick().call(method, *args, **kwargs)
+
+    # BERT embedder / classifier, ResNet: what the lanes and the engine call.
+    def embed(self, texts, **kwargs):
+        return self._call("embed", list(texts), **kwargs)
+
+    def embed_ids(self, ids, **kwargs):
+        return self._call("embed_ids", ids, **kwargs)
+
+    def classify(self, texts, **kwargs):
+        return self._call("classify", list(texts), **kwargs)
+
+    def classify_ids(self, ids, **kwargs):
+        return self._call("classify_ids", ids, **kwargs)
+
+    def features(self, x):
+        return self._call("features", x)
+
+    # GPT-2: continuous batching in the worker.
+    def start_generation(self, request_id: Any, prompt_ids: list, params: list, sink: Sink):
+        """Starts a request on the least busy worker; returns that worker
+        (for ``cancel`` / ``finished``). ``sink`` gets its events."""
+        worker = self.group.pick()
+        worker.generate(request_id, prompt_ids, params, sink)
+        return worker
+
+    def generate(self, prompts, **kwargs):
+        """``GPT2LMHeadModel.generate``'s contract, through the scheduler
+        (RAG's answers join the running batch like any completion)."""
+        from .generation import generate_blocking
+
+        return generate_blocking(self, prompts, kwargs)

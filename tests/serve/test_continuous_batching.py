@@ -1,0 +1,115 @@
+"""Completions over continuous batching, through HTTP: a seeded request's
+text does not depend on what runs beside it, a request that arrives while
+a long one runs is answered before that one ends, each row keeps its own
+settings, and a request the KV pool can never hold is refused, not run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from server_helpers import ServerThread, make_config
+
+
+@pytest.fixture(scope="module")
+def gen_server(tmp_path_factory, gpt2_long_dir):
+    cfg = make_config(tmp_path_factory.mktemp("cb-data"), **{
+        "models.generator": str(gpt2_long_dir), "data.demo_corpus": False, "workers.mode": "inline",
+        "models.max_completion_tokens": 600})
+    server = ServerThread(cfg).start()
+    yield server
+    server.stop()
+
+
+SEEDED = {"prompt": "The lighthouse keeper", "max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "seed": 1234}
+NEIGHBOURS = [
+    {"prompt": "a", "max_tokens": 40, "temperature": 0.0},
+    {"prompt": "Once upon a time in a land far away there lived", "max_tokens": 8, "temperature": 1.3, "top_k": 5},
+    {"prompt": "x y z", "max_tokens": 30, "temperature": 0.7, "repetition_penalty": 1.3, "n": 2},
+    {"prompt": "Numbers: 1 2 3", "max_tokens": 12, "temperature": 1.0, "seed": 99, "stop": ["e"]},
+    {"prompt": ["two", "prompts here"], "max_tokens": 16, "temperature": 0.5},
+]
+
+
+def test_a_seeded_request_gives_the_same_text_alone_and_in_a_mixed_batch(gen_server):
+    with gen_server.client() as c:
+        alone = c.post("/v1/completions", json=SEEDED).json()["choices"][0]["text"]
+
+    async def mixed():
+        async with httpx.AsyncClient(base_url=gen_server.url, timeout=120) as c:
+            others = [asyncio.create_task(c.post("/v1/completions", json=body)) for body in NEIGHBOURS]
+            await asyncio.sleep(0.05)  # they are running: the seeded request joins mid-batch
+            seeded = await c.post("/v1/completions", json=SEEDED)
+            streamed = await c.post("/v1/completions", json={**SEEDED, "stream": True})
+            return seeded, streamed, await asyncio.gather(*others)
+
+    seeded, streamed, others = asyncio.run(mixed())
+    assert all(r.status_code == 200 for r in others), [r.text for r in others]
+    assert seeded.json()["choices"][0]["text"] == alone
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == alone
+
+
+def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server):
+    async def run():
+        async with httpx.AsyncClient(base_url=gen_server.url, timeout=120) as c:
+            long_done: list[float] = []
+
+            async def long():
+                body = {"prompt": "Tell me everything", "max_tokens": 500, "temperature": 0.0, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+                long_done.append(time.monotonic())
+
+            task = asyncio.create_task(long())
+            await asyncio.sleep(0.5)  # the long request is decoding
+            t0 = time.monotonic()
+            short = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0.0})
+            short_done = time.monotonic()
+            assert not long_done, "the long request ended first: make it longer"
+            await task
+            return short, short_done - t0, long_done[0] - short_done
+
+    short, short_s, long_after = asyncio.run(run())
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+    assert long_after > 0  # answered while the long one still ran: it did not wait for the batch
+
+
+def test_choices_of_a_seeded_request_differ_and_repeat(gen_server):
+    body = {"prompt": "Roses are", "max_tokens": 10, "temperature": 1.0, "seed": 5, "n": 3}
+    with gen_server.client() as c:
+        a = [ch["text"] for ch in c.post("/v1/completions", json=body).json()["choices"]]
+        b = [ch["text"] for ch in c.post("/v1/completions", json=body).json()["choices"]]
+    assert a == b
+    assert len(set(a)) > 1  # each row draws from its own generator
+
+
+def test_max_tokens_zero_answers_at_once(gen_server):
+    with gen_server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "anything", "max_tokens": 0})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "" and r.json()["usage"]["completion_tokens"] == 0
+
+
+def test_a_request_the_kv_pool_can_never_hold_is_refused(tmp_path, gpt2_long_dir):
+    cfg = make_config(tmp_path, **{"models.generator": str(gpt2_long_dir), "data.demo_corpus": False,
+                                   "workers.mode": "inline", "generation.kv_cache_mb": 1,
+                                   "models.max_completion_tokens": 1000})
+    server = ServerThread(cfg).start()
+    try:
+        with server.client() as c:
+            ok = c.post("/v1/completions", json={"prompt": "small", "max_tokens": 8})
+            huge = c.post("/v1/completions", json={"prompt": "big " * 50, "max_tokens": 800, "n": 8})
+            after = c.post("/v1/completions", json={"prompt": "small", "max_tokens": 8})
+    finally:
+        server.stop()
+    assert ok.status_code == 200, ok.text
+    assert huge.status_code == 422, huge.text
+    assert "kv" in huge.json()["error"]["message"].lower()
+    assert after.status_code == 200
