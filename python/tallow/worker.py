@@ -302,10 +302,15 @@ def serve(conn, spec: WorkerSpec, arenas: dict) -> None:
     ours, theirs = arenas.get("worker"), arenas.get("server")  # we write ours, read theirs
     answers_written = 0  # answers that went through our arena
     try:
-        host = ModelHost(spec, load_model(spec), lambda events: send(("events", events)))
-        send(("ready", host.info()))
-    except Exception as exc:
-        send(("load_failed", f"{type(exc).__name__}: {exc}"))
+        try:
+            host = ModelHost(spec, load_model(spec), lambda events: send(("events", events)))
+            send(("ready", host.info()))
+        except OSError:
+            raise
+        except Exception as exc:
+            send(("load_failed", f"{type(exc).__name__}: {exc}"))
+            return
+    except OSError:  # the server went away while we loaded: nobody to tell
         return
     while True:
         try:

@@ -74,11 +74,18 @@ def _kill_during(server, slot: str, send) -> tuple[httpx.Response, float, int]:
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(0.8)  # the request is in the worker by now
+    worker = server.services.models[slot].group.workers[0]
+    deadline = time.monotonic() + 30
+    while worker.inflight == 0:  # wait until the request is in the worker, not on its way there
+        assert time.monotonic() < deadline and t.is_alive(), "the request never reached the worker"
+        time.sleep(0.01)
+    time.sleep(0.2)
     assert t.is_alive(), "the request finished before the kill: make it longer"
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    ready_status = httpx.get(server.url + "/ready", timeout=10).status_code
+    ready_status = 200
+    while ready_status == 200 and time.monotonic() < killed + 1.0:  # noticed within a second
+        ready_status = httpx.get(server.url + "/ready", timeout=10).status_code
     t.join(30)
     return out["response"], out["answered"] - killed, ready_status
 
@@ -90,7 +97,8 @@ def test_a_killed_worker_fails_its_requests_with_503_and_comes_back(process_serv
     assert r.status_code == 200
     long_batch = [f"sentence number {i} about foxes, snow and the long winter" for i in range(2000)]
     response, seconds, ready_status = _kill_during(
-        process_server, "embedder", lambda: httpx.post(url + "/v1/embeddings", json={"input": long_batch}, timeout=60))
+        process_server, "embedder", lambda: httpx.post(url + "/v1/embeddings", json={"input": long_batch, "encoding_format": "base64"},
+                           timeout=60))
     assert response.status_code == 503, response.text
     assert "worker" in response.json()["error"]["message"]
     assert seconds < 1.0
