@@ -302,15 +302,15 @@ def serve(conn, spec: WorkerSpec, arenas: dict) -> None:
     ours, theirs = arenas.get("worker"), arenas.get("server")  # we write ours, read theirs
     answers_written = 0  # answers that went through our arena
     try:
-        try:
-            host = ModelHost(spec, load_model(spec), lambda events: send(("events", events)))
-            send(("ready", host.info()))
-        except OSError:
-            raise
-        except Exception as exc:
-            send(("load_failed", f"{type(exc).__name__}: {exc}"))
-            return
+        host = ModelHost(spec, load_model(spec), lambda events: send(("events", events)))
+        reply = ("ready", host.info())
+    except Exception as exc:
+        host, reply = None, ("load_failed", f"{type(exc).__name__}: {exc}")
+    try:
+        send(reply)
     except OSError:  # the server went away while we loaded: nobody to tell
+        return
+    if host is None:
         return
     while True:
         try:
