@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
