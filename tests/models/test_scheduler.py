@@ -330,9 +330,21 @@ def test_generate_ids_seeded_batch_is_reproducible_per_row(model, ids):
     assert rows[1] == alone(model, [ids[1]], [replace(params, seed=8)])[0][0]  # row 1: seed 8
 
 
+class CountingScheduler(GenerationScheduler):
+    """Counts how often the loop asks whether there is work: a loop that
+    sleeps on its condition while idle asks once, a busy-waiting one keeps asking."""
+
+    idle_checks = 0
+
+    @property
+    def idle(self) -> bool:
+        self.idle_checks += 1
+        return super().idle
+
+
 def test_generation_loop_emits_isolates_errors_and_closes(model, ids):
     ref = alone(model, [ids[2]], [GREEDY])[0][0]
-    sched = GenerationScheduler(model)
+    sched = CountingScheduler(model)
     original = sched._row_token
 
     def faulty(row, token):  # fault injection: request "bad" fails at its third token
@@ -354,10 +366,13 @@ def test_generation_loop_emits_isolates_errors_and_closes(model, ids):
 
     loop = GenerationLoop(sched, emit)
     try:
-        time.sleep(0.2)
-        t0 = time.process_time()
+        deadline = time.monotonic() + 30  # a guard against a hang, not a speed bound
+        while sched.idle_checks == 0:  # the loop thread has started and found nothing to do
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        checks = sched.idle_checks
         time.sleep(0.3)
-        assert time.process_time() - t0 < 0.1, "the idle loop busy-waits"
+        assert sched.idle_checks == checks, "the idle loop busy-waits"
         with pytest.raises(ValueError, match="prompt 0 is empty"):
             loop.submit("x", [[]], [GREEDY])  # raised in the caller's thread
         loop.submit("good", [ids[2]], [GREEDY])

@@ -12,9 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import httpx
 import uvicorn
 
+from tallow.models.scheduler import GenerationLoop, GenerationScheduler
 from tallow.serve import create_app, load_config
 
 API_KEY = "test-key-123"
@@ -66,3 +69,94 @@ class ServerThread:
 
 def make_config(data_dir: Path, **overrides):
     return load_config(**{"data.dir": str(data_dir), **overrides})
+
+
+class GenerationGate:
+    """Holds the generation loop of an inline-mode server (``workers.mode =
+    "inline"``: the loop runs in this process) at the start of a step for as
+    long as ``hold(gate)`` is true, so a test decides by steps and events, not
+    by how fast this CPU decodes. It records what each step produced.
+
+    ``hold`` is re-evaluated whenever something changes: a step, a request
+    submitted or cancelled, ``release()``. Usage::
+
+        gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)
+    """
+
+    HOLD_S = 60.0  # a guard against a hung test; never reached when the server works
+
+    def __init__(self, monkeypatch, hold: Callable[["GenerationGate"], bool]):
+        self.hold = hold
+        self.submitted: list = []          # request ids, in submission order
+        self.cancelled: list = []
+        self.dropped_at: dict = {}         # request id -> index of the first step after the scheduler dropped it
+        self.released = False
+        self.tokens: dict = {}             # request id -> tokens produced so far
+        self.ended_at: dict = {}           # request id -> index of the step its last row ended in
+        self.history: list[dict] = []      # per step: request id -> tokens produced in it
+        self.waiting = threading.Event()   # set while the loop waits at the gate
+        self._rows_left: dict = {}
+        self._cond = threading.Condition()
+        gate = self
+        submit, cancel, step = GenerationLoop.submit, GenerationLoop.cancel, GenerationScheduler.step
+        drop = GenerationScheduler.cancel
+
+        def gated_submit(loop, request, prompt_ids, params):
+            with gate._cond:
+                gate.submitted.append(request)  # before the loop can step it
+                gate._rows_left[request] = len(prompt_ids)
+                gate._cond.notify_all()
+            try:
+                submit(loop, request, prompt_ids, params)
+            except BaseException:
+                with gate._cond:
+                    gate.submitted.remove(request)
+                raise
+
+        def gated_cancel(loop, request):
+            cancel(loop, request)
+            with gate._cond:
+                gate.cancelled.append(request)
+                gate._cond.notify_all()
+
+        def recorded_drop(sched, request):  # the loop's thread, between two steps
+            drop(sched, request)
+            with gate._cond:
+                gate.dropped_at.setdefault(request, len(gate.history))
+                gate._cond.notify_all()
+
+        def gated_step(sched):
+            with gate._cond:
+                if gate.hold(gate):
+                    gate.waiting.set()
+                    gate._cond.wait_for(lambda: not gate.hold(gate), gate.HOLD_S)
+                    gate.waiting.clear()
+            events = step(sched)
+            with gate._cond:
+                produced: dict = {}
+                for e in events:
+                    if e.token_id >= 0:
+                        produced[e.request] = produced.get(e.request, 0) + 1
+                        gate.tokens[e.request] = gate.tokens.get(e.request, 0) + 1
+                    if e.finish_reason is not None and e.request in gate._rows_left:
+                        gate._rows_left[e.request] -= 1
+                        if gate._rows_left[e.request] == 0:
+                            gate.ended_at[e.request] = len(gate.history)
+                gate.history.append(produced)
+                gate._cond.notify_all()
+            return events
+
+        monkeypatch.setattr(GenerationLoop, "submit", gated_submit)
+        monkeypatch.setattr(GenerationLoop, "cancel", gated_cancel)
+        monkeypatch.setattr(GenerationScheduler, "step", gated_step)
+        monkeypatch.setattr(GenerationScheduler, "cancel", recorded_drop)
+
+    def release(self) -> None:
+        with self._cond:
+            self.released = True
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[["GenerationGate"], bool], timeout: float = HOLD_S) -> bool:
+        """Blocks until ``predicate(gate)`` holds (checked at every change)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)

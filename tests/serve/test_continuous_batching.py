@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import httpx
 import pytest
 
-from server_helpers import ServerThread, make_config
-from tallow.models.scheduler import GenerationLoop, GenerationScheduler
+from server_helpers import GenerationGate, ServerThread, make_config
 
 
 @pytest.fixture(scope="module")
@@ -56,80 +54,22 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_mixed_batch(gen_ser
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == alone
 
 
-class StepGate:
-    """Holds the server's generation loop (inline mode: it runs in this
-    process) at two points the test controls, so the test decides by steps
-    and events, not by how fast this CPU decodes:
-
-    1. once the first request (the long one) has a token, the loop waits
-       until a second request has been submitted (it then joins at the next
-       step, as continuous batching promises);
-    2. once that second request's rows have all finished, the loop waits
-       until the test says its client has the answer.
-
-    It records, per step, which requests produced tokens and which ended."""
-
-    HOLD_S = 60.0  # a guard against a hung test, never reached when the server works
-
-    def __init__(self):
-        self.submitted: list = []
-        self.first_has_token = threading.Event()
-        self.second_submitted = threading.Event()
-        self.release_after_second = threading.Event()
-        self.tokens: dict = {}      # request id -> tokens produced so far
-        self.ended_at: dict = {}    # request id -> step index of its last row's end
-        self.first_tokens_at_end: dict = {}  # request id -> the first request's tokens at that step
-        self.second_tokens_with_first: int = 0  # steps where both produced a token
-        self.steps = 0
-        self._rows_left: dict = {}
-
-    def install(self, monkeypatch):
-        gate = self
-        submit, step = GenerationLoop.submit, GenerationScheduler.step
-
-        def gated_submit(loop, request, prompt_ids, params):
-            gate._rows_left[request] = len(prompt_ids)
-            gate.submitted.append(request)  # before the loop can step it
-            try:
-                submit(loop, request, prompt_ids, params)
-            except BaseException:
-                gate.submitted.remove(request)
-                raise
-            if len(gate.submitted) == 2:
-                gate.second_submitted.set()
-
-        def gated_step(sched):
-            first = gate.submitted[0] if gate.submitted else None
-            second = gate.submitted[1] if len(gate.submitted) > 1 else None
-            if gate.tokens.get(first) and second is None:
-                gate.second_submitted.wait(gate.HOLD_S)
-            if second is not None and second in gate.ended_at:
-                gate.release_after_second.wait(gate.HOLD_S)
-            events = step(sched)
-            produced = set()
-            for e in events:
-                if e.token_id >= 0:
-                    gate.tokens[e.request] = gate.tokens.get(e.request, 0) + 1
-                    produced.add(e.request)
-                if e.finish_reason is not None and e.request in gate._rows_left:
-                    gate._rows_left[e.request] -= 1
-                    if gate._rows_left[e.request] == 0:
-                        gate.ended_at[e.request] = gate.steps
-                        gate.first_tokens_at_end[e.request] = gate.tokens.get(first, 0)
-            if first is not None and gate.tokens.get(first):
-                gate.first_has_token.set()
-            if first in produced and gate.submitted[1:2] and gate.submitted[1] in produced:
-                gate.second_tokens_with_first += 1
-            gate.steps += 1
-            return events
-
-        monkeypatch.setattr(GenerationLoop, "submit", gated_submit)
-        monkeypatch.setattr(GenerationScheduler, "step", gated_step)
-        return self
-
-
 def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, monkeypatch):
-    gate = StepGate().install(monkeypatch)
+    """Decided by steps: the gate holds the long request after its first token
+    until the short one is submitted (it joins at the next step), and holds
+    the loop again once the short one has ended, until its client has the
+    answer; whatever this CPU's speed, the long one cannot end first unless
+    the short one waited for it."""
+
+    def hold(g):
+        if not g.submitted:
+            return False
+        long_id = g.submitted[0]
+        if g.tokens.get(long_id) and len(g.submitted) < 2:
+            return True
+        return len(g.submitted) > 1 and g.submitted[1] in g.ended_at and not g.released
+
+    gate = GenerationGate(monkeypatch, hold)
     long_body = {"prompt": "Tell me everything", "max_tokens": 500, "temperature": 0.0, "stream": True}
 
     async def run():
@@ -144,10 +84,10 @@ def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, mon
 
             task = asyncio.create_task(long())
             # the long request is decoding (and held there until the short one is submitted)
-            assert await asyncio.to_thread(gate.first_has_token.wait, gate.HOLD_S)
+            assert await asyncio.to_thread(gate.wait_for, lambda g: g.submitted and g.tokens.get(g.submitted[0]))
             short = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0.0})
             chunks_when_short_answered = len(long_chunks)
-            gate.release_after_second.set()
+            gate.release()
             await asyncio.wait_for(task, 120)
             return short, chunks_when_short_answered, len(long_chunks)
 
@@ -157,8 +97,9 @@ def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, mon
     # The short request joined the running batch and ended while the long one still
     # decoded: it did not wait for the batch to finish.
     assert gate.ended_at[short_id] < gate.ended_at[long_id]
-    assert gate.first_tokens_at_end[short_id] < gate.tokens[long_id]
-    assert gate.second_tokens_with_first >= 2  # decoded side by side
+    long_tokens_then = sum(step.get(long_id, 0) for step in gate.history[:gate.ended_at[short_id] + 1])
+    assert long_tokens_then < gate.tokens[long_id]
+    assert sum(1 for step in gate.history if long_id in step and short_id in step) >= 2  # side by side
     assert chunks_then < chunks_total, "the long stream had ended before the short request was answered"
 
 

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_helpers import API_KEY, ServerThread, free_port, make_config
+from server_helpers import API_KEY, GenerationGate, ServerThread, free_port, make_config
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -30,6 +31,14 @@ def _metric(text: str, name: str, **labels) -> float:
         if line.startswith(name) and (not labels or "{" + want + "}" in line or want in line):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _wait_until(condition, guard_s: float = 30.0) -> None:
+    """Polls until ``condition()`` holds; the guard only keeps a broken server from hanging the test."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
 
 
 # -- dynamic batching --------------------------------------------------------------------------
@@ -58,9 +67,11 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(full_server
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory, gpt2_long_dir):
-    """GPT-2 only (no demo corpus), a generation queue of 2, a short timeout."""
+    """GPT-2 only (no demo corpus), a generation queue of 2, a short timeout.
+    Inline: its generation loop runs in this process, where a GenerationGate
+    can hold it (tests/serve/test_workers.py covers worker processes)."""
     cfg = make_config(tmp_path_factory.mktemp("serve-small"), **{
-        "models.generator": str(gpt2_long_dir), "data.demo_corpus": False,
+        "models.generator": str(gpt2_long_dir), "data.demo_corpus": False, "workers.mode": "inline",
         "models.max_completion_tokens": 1000, "server.request_timeout_s": 20.0})
     cfg.batching["generate"].max_queue = 2
     server = ServerThread(cfg).start()
@@ -68,16 +79,27 @@ def small_server(tmp_path_factory, gpt2_long_dir):
     server.stop()
 
 
-def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_server):
+def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_server, monkeypatch):
+    # The loop is held until the refusals are in: the two admitted requests cannot
+    # finish (and free the queue) first, however fast this CPU decodes.
+    gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)
     long = {"prompt": "Tell me a long story", "max_tokens": 600, "temperature": 0}
 
     async def run():
         async with httpx.AsyncClient(base_url=small_server.url, timeout=60) as c:
-            return await asyncio.gather(*[c.post("/v1/completions", json=long) for _ in range(6)])
+            tasks = [asyncio.create_task(c.post("/v1/completions", json=long)) for _ in range(6)]
+            refused = []
+            for next_done in asyncio.as_completed(tasks):
+                refused.append(await next_done)
+                if len(refused) == 4:
+                    break
+            gate.release()
+            return refused, await asyncio.gather(*tasks)
 
-    rs = asyncio.run(run())
+    refused_first, rs = asyncio.run(run())
+    assert [r.status_code for r in refused_first] == [429] * 4  # answered while the queue was full
     codes = sorted(r.status_code for r in rs)
-    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    assert codes == [200, 200, 429, 429, 429, 429], codes
     refused = next(r for r in rs if r.status_code == 429)
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error" and "queue is full" in refused.json()["error"]["message"]
@@ -87,26 +109,34 @@ def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_serve
     assert _metric(text, "tallow_queue_depth", lane="generate") == 0  # nothing left behind
 
 
-def test_request_timeout_is_504(small_server):
+def test_request_timeout_is_504(small_server, monkeypatch):
+    gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)  # the request cannot finish in time
     lane = small_server.services.config.server
     old = lane.request_timeout_s
-    lane.request_timeout_s = 0.05
+    lane.request_timeout_s = 0.2
     try:
         r = httpx.post(small_server.url + "/v1/completions", timeout=60,
                        json={"prompt": "slow", "max_tokens": 900, "temperature": 0})
     finally:
         lane.request_timeout_s = old
+        gate.release()
     assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+    # the timed-out request was cancelled in the loop: it stops producing tokens
+    assert gate.wait_for(lambda g: g.submitted and g.submitted[-1] in g.cancelled)
 
 
-def test_client_leaving_mid_stream_stops_its_generation(small_server):
-    def tokens() -> float:
-        return _metric(httpx.get(small_server.url + "/metrics").text, "tallow_tokens_generated_total")
+def test_client_leaving_mid_stream_stops_its_generation(small_server, monkeypatch):
+    # After its third token the request is held until its cancellation reaches the
+    # loop: it cannot run to max_tokens before the server notices the client left.
+    def hold(g):
+        return bool(g.submitted) and g.tokens.get(g.submitted[-1], 0) >= 3 and g.submitted[-1] not in g.cancelled
+
+    gate = GenerationGate(monkeypatch, hold)
 
     def cancelled() -> float:
         return _metric(httpx.get(small_server.url + "/metrics").text, "tallow_generations_cancelled_total")
 
-    t0, c0 = tokens(), cancelled()
+    c0 = cancelled()
     with httpx.Client(base_url=small_server.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": "Stream forever", "max_tokens": 1000,
                                                        "temperature": 0, "stream": True}) as r:
@@ -117,13 +147,15 @@ def test_client_leaving_mid_stream_stops_its_generation(small_server):
                     seen += 1
                     if seen == 3:
                         break  # leave: the response is closed here
-    deadline = time.monotonic() + 10
-    while cancelled() == c0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cancelled() == c0 + 1
-    time.sleep(0.3)
-    generated = tokens() - t0
-    assert generated < 1000 and tokens() - t0 == generated  # stopped, and stays stopped
+    request = gate.submitted[-1]
+    assert gate.wait_for(lambda g: request in g.cancelled), "the server never cancelled the generation"
+    # The scheduler drops the request between two steps; the loop always runs a step
+    # after that: from that step on, the request makes no token.
+    assert gate.wait_for(lambda g: request in g.dropped_at and len(g.history) > g.dropped_at[request])
+    k = gate.dropped_at[request]
+    assert gate.tokens[request] < 1000
+    assert not any(request in step for step in gate.history[k:])  # stopped, and stays stopped
+    _wait_until(lambda: cancelled() == c0 + 1)
 
 
 # -- the official OpenAI client -----------------------------------------------------------------
@@ -199,19 +231,40 @@ def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_pat
         r = httpx.post(url + "/v1/documents", json={"documents": [doc]}, timeout=60,
                        headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200, r.text
-        result: dict = {}
+        # A streamed request in flight when SIGTERM comes, by construction: its worker is
+        # frozen (SIGSTOP) after the first token until the server has begun shutting down.
+        worker_pid = httpx.get(url + "/ready", timeout=10).json()["models"]["generator"]["workers"]["pids"][0]
+        output: list[str] = []
+        shutting_down = threading.Event()
 
-        def slow_request():
-            result["r"] = httpx.post(url + "/v1/completions", timeout=120, headers=AUTH,
-                                     json={"prompt": "in flight", "max_tokens": 400, "temperature": 0})
+        def read_output():
+            for line in proc.stdout:
+                output.append(line)
+                if "Shutting down" in line:
+                    shutting_down.set()
 
-        t = threading.Thread(target=slow_request)
-        t.start()
-        time.sleep(0.5)  # the request is running
-        proc.send_signal(signal.SIGTERM)
-        t.join(120)
-        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] >= 1
-        out, _ = proc.communicate(timeout=120)
+        reader = threading.Thread(target=read_output, daemon=True)
+        reader.start()
+        body = {"prompt": "in flight", "max_tokens": 1000, "temperature": 0, "stream": True}
+        chunks: list[str] = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunks.append(line)
+                    break
+            os.kill(worker_pid, signal.SIGSTOP)
+            try:
+                proc.send_signal(signal.SIGTERM)
+                assert shutting_down.wait(60), "".join(output)
+            finally:
+                os.kill(worker_pid, signal.SIGCONT)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest), rest[-3:]
+        assert proc.wait(120) is not None
+        reader.join(30)
+        out = "".join(output)
         # uvicorn re-raises the captured SIGTERM once it has shut down cleanly
         assert proc.returncode in (0, -signal.SIGTERM), out
         assert "index and metadata flushed" in out and "Application shutdown complete" in out
@@ -219,6 +272,7 @@ def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     # The HNSW snapshot was written at shutdown: it holds the document's chunk.
     from tallow.index import HnswIndex
 
@@ -314,7 +368,14 @@ def test_concurrent_image_searches_share_a_resnet_batch(full_server, auth):
     assert max(r.json()["timing_ms"].get("batch_size", 1) for r in rs) > 1
 
 
-def test_a_stream_that_times_out_stops_its_generation(small_server):
+def test_a_stream_that_times_out_stops_its_generation(small_server, monkeypatch):
+    # After its first token the request is held until it is cancelled: it times out
+    # mid-stream on any CPU, and its rows must then stop.
+    def hold(g):
+        return bool(g.submitted) and g.tokens.get(g.submitted[-1], 0) >= 1 and g.submitted[-1] not in g.cancelled
+
+    gate = GenerationGate(monkeypatch, hold)
+
     def metric(name: str) -> float:
         return _metric(httpx.get(small_server.url + "/metrics").text, name)
 
@@ -329,7 +390,7 @@ def test_a_stream_that_times_out_stops_its_generation(small_server):
     finally:
         cfg.request_timeout_s = old
     assert lines[-1] == "data: [DONE]" and "timeout_error" in lines[-2]
-    deadline = time.monotonic() + 10
-    while metric("tallow_generations_cancelled_total") == c0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric("tallow_generations_cancelled_total") == c0 + 1
+    request = gate.submitted[-1]
+    assert gate.wait_for(lambda g: request in g.dropped_at and len(g.history) > g.dropped_at[request])
+    assert not any(request in step for step in gate.history[gate.dropped_at[request]:])
+    _wait_until(lambda: metric("tallow_generations_cancelled_total") == c0 + 1)
