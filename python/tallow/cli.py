@@ -39,20 +39,46 @@ def _print_info(as_json: bool) -> int:
     return 0
 
 
+class InputError(ValueError):
+    """A document file the command refused before anything was written; the
+    message names the file and line."""
+
+
 def read_documents(paths: list[str]) -> list[dict]:
     """txt / md files: one document each (id = the path as given, title = the
     file name). jsonl: one document per line {id?, title?, text, category?,
-    timestamp?, payload?}; a missing id becomes "<path>:<line number>"."""
+    timestamp?, payload?}; a missing id becomes "<path>:<line number>".
+    Every document is checked here, where its file and line are known, with
+    the engine's own rules (``normalize_document``), and an id used twice is
+    refused naming both places: the engine would refuse the whole call anyway,
+    without saying which line."""
     from pathlib import Path
 
+    from .engine.documents import normalize_document
+
     docs: list[dict] = []
+    where: dict[str, str] = {}  # document id -> "file:line" (or file) that gave it
+
+    def take(doc: dict, place: str) -> None:
+        try:
+            normalize_document(doc)
+        except ValueError as exc:
+            # the engine numbers documents within a call ("document 0: ..."): the place says more
+            message = str(exc).removeprefix("document 0: ").removeprefix("document 0 ")
+            raise InputError(f"{place}: {message}") from None
+        doc_id = doc.get("id")
+        if doc_id in where:
+            raise InputError(f"{place}: id {doc_id!r} was already used at {where[doc_id]}")
+        where[doc_id] = place
+        docs.append(doc)
+
     for p in paths:
         path = Path(p)
         if not path.is_file():
-            raise ValueError(f"{p}: no such file")
+            raise InputError(f"{p}: no such file")
         suffix = path.suffix.lower()
         if suffix in (".txt", ".md", ".markdown"):
-            docs.append({"id": str(p), "title": path.name, "text": path.read_text(encoding="utf-8")})
+            take({"id": str(p), "title": path.name, "text": path.read_text(encoding="utf-8")}, str(p))
         elif suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, start=1):
@@ -61,13 +87,13 @@ def read_documents(paths: list[str]) -> list[dict]:
                     try:
                         doc = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{p}:{n}: not valid JSON ({exc})") from exc
+                        raise InputError(f"{p}:{n}: not valid JSON ({exc})") from None
                     if not isinstance(doc, dict):
-                        raise ValueError(f"{p}:{n}: a line must be a JSON object, got {type(doc).__name__}")
+                        raise InputError(f"{p}:{n}: a line must be a JSON object, got {type(doc).__name__}")
                     doc.setdefault("id", f"{p}:{n}")
-                    docs.append(doc)
+                    take(doc, f"{p}:{n}")
         else:
-            raise ValueError(f"{p}: unsupported file type {suffix or '(none)'} (txt, md, jsonl)")
+            raise InputError(f"{p}: unsupported file type {suffix or '(none)'} (txt, md, jsonl)")
     return docs
 
 
@@ -92,9 +118,31 @@ def _parse_filter(text: str | None):
     return spec
 
 
+def _existing_data(args) -> None:
+    """search / stats / rag read an index: a data directory that does not exist
+    is a mistake to report (a typo in --data-dir), not one to create empty."""
+    from pathlib import Path
+
+    if not Path(args.data_dir).is_dir():
+        raise ValueError(f"no data directory {args.data_dir!r}: add documents first "
+                         f"(tallow index add FILE... --data-dir {args.data_dir}), or pass the --data-dir "
+                         "that holds them")
+
+
+def _empty_index_message(eng, data_dir: str) -> str | None:
+    if eng.store.document_count() == 0:
+        return (f"the index in {data_dir!r} holds no documents: add some with "
+                f"tallow index add FILE... --data-dir {data_dir}")
+    return None
+
+
 def _index_cmd(args) -> int:
     if args.index_command == "add":
-        docs = read_documents(args.files)
+        try:
+            docs = read_documents(args.files)
+        except InputError as exc:
+            raise InputError(f"{exc} (nothing was ingested: every document is checked before any is written)") \
+                from None
         with _engine(args) as eng:
             summary = eng.ingest(docs, batch_size=args.batch_size, progress=not args.no_progress)
         s = summary.to_dict()
@@ -105,7 +153,12 @@ def _index_cmd(args) -> int:
                   f"{s['unchanged']} unchanged; {s['chunks']} chunks in {s['seconds']:.1f} s")
         return 0
     if args.index_command == "search":
+        _existing_data(args)
         with _engine(args) as eng:
+            empty = _empty_index_message(eng, args.data_dir)
+            if empty is not None:
+                print(f"tallow index: {empty}", file=sys.stderr)
+                return 1
             results = eng.search(args.query, k=args.k, filter=_parse_filter(args.filter),
                                  score_threshold=args.threshold, hybrid=args.hybrid)
         if args.json:
@@ -119,6 +172,7 @@ def _index_cmd(args) -> int:
                       + f"  [{r.start}:{r.end}]\n    {text[:200]}{'…' if len(text) > 200 else ''}")
         return 0
     if args.index_command == "stats":
+        _existing_data(args)
         with _engine(args) as eng:
             st = eng.stats()
         if args.json:
@@ -133,7 +187,12 @@ def _index_cmd(args) -> int:
 
 
 def _rag_cmd(args) -> int:
+    _existing_data(args)
     with _engine(args) as eng:
+        empty = _empty_index_message(eng, args.data_dir)
+        if empty is not None:
+            print(f"tallow rag: {empty}", file=sys.stderr)
+            return 1
         ans = eng.rag(args.question, k=args.k, max_new_tokens=args.max_new_tokens,
                       filter=_parse_filter(args.filter))
     if args.json:

@@ -66,3 +66,38 @@ def test_cli_rag(tmp_path, docs, gpt2_small_ctx, capsys, monkeypatch):
                  "--json"]) == 0
     ans = json.loads(capsys.readouterr().out)
     assert ans["sources"] and ans["prompt"].endswith("Answer:") and ans["prompt_tokens"] <= 96 - 8
+
+
+def test_a_bad_jsonl_line_names_its_file_and_line_and_nothing_is_ingested(tmp_path, docs, capsys):
+    good = json.dumps({"id": "fine", "text": docs[0]["text"]})
+    cases = {
+        "no-text.jsonl": (f'{good}\n{{"id": "b"}}\n', "no-text.jsonl:2: text must be a str, got NoneType"),
+        "broken.jsonl": (f'{good}\n\n{{"id": "c", text}}\n', "broken.jsonl:3: not valid JSON"),
+        "extra.jsonl": (f'{good}\n{{"text": "x", "colour": 1}}\n', "extra.jsonl:2: has unknown fields ['colour']"),
+        "twice.jsonl": (f'{good}\n{good}\n', "twice.jsonl:2: id 'fine' was already used at"),
+    }
+    data = tmp_path / "data"
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_text(content)
+        assert main(["index", "add", str(tmp_path / name), "--data-dir", str(data), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "nothing was ingested" in err, err
+    assert not data.exists()  # refused before the engine opened anything
+
+
+def test_search_and_rag_on_an_empty_or_missing_data_directory_say_so(tmp_path, docs, capsys):
+    missing = tmp_path / "typo"
+    for argv in (["index", "search", "anything"], ["rag", "anything?"], ["index", "stats"]):
+        assert main([*argv, "--data-dir", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert "no data directory" in err and "tallow index add" in err, err
+    assert not missing.exists()  # not created by a read
+    empty = tmp_path / "empty"
+    assert main(["index", "add", str(tmp_path / "none.txt"), "--data-dir", str(empty)]) == 2  # no such file
+    capsys.readouterr()
+    empty.mkdir(exist_ok=True)
+    for argv in (["index", "search", "anything"], ["rag", "anything?"]):
+        assert main([*argv, "--data-dir", str(empty)]) == 1
+        captured = capsys.readouterr()
+        assert "holds no documents" in captured.err and "tallow index add" in captured.err
+        assert captured.out == ""
