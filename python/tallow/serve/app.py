@@ -66,7 +66,8 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
 
     app = FastAPI(title="tallow", version=__version__, lifespan=lifespan,
                   description="CPU-first inference: embeddings, classification, GPT-2 completions, "
-                              "semantic search, RAG and image similarity.")
+                              "semantic search, RAG and image similarity.",
+                  docs_url=None, redoc_url=None)  # /docs from serve/apidocs.py (no CDN)
     app.state.services = services
     app.state.start_loading = start_loading
     install_handlers(app)
@@ -79,6 +80,9 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     from .playground import mount_playground
 
     mount_playground(app)  # GET /: the playground page (serve/static/)
+    from .apidocs import mount_docs
+
+    mount_docs(app)  # GET /docs: Swagger UI, its assets served from here
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health():
