@@ -217,11 +217,13 @@ def _common(p) -> None:
 def _serve_cmd(args) -> int:
     import os
 
-    from .serve import ConfigError, load_config, serve
+    from .serve import ConfigError, PortInUse, load_config, serve
+    from .serve.config import find_config_file
 
+    path, reason = find_config_file(args.config, no_config=args.no_config)
     try:
         config = load_config(
-            args.config,
+            path,
             **{"server.host": args.host, "server.port": args.port, "data.dir": args.data_dir,
                "models.embedder": args.embedder, "models.classifier": args.classifier,
                "models.generator": args.generator, "models.image": args.image_model,
@@ -237,9 +239,12 @@ def _serve_cmd(args) -> int:
     from .functions import FunctionConfigError
 
     try:
-        serve(config)
+        serve(config, config_reason=reason)
     except FunctionConfigError as exc:  # a [[functions]] module or route refused at start
         print(f"tallow serve: error: {exc}", file=sys.stderr)
+        return 2
+    except PortInUse as exc:
+        print(f"tallow serve: error: {exc.strerror}", file=sys.stderr)
         return 2
     return 0
 
@@ -296,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also fetch pytorch_model.bin (a pickle) when the model has no safetensors weights")
 
     p_serve = sub.add_parser("serve", help="run the HTTP server (FastAPI on uvicorn)")
-    p_serve.add_argument("--config", help="tallow.toml (every setting has a default; flags override the file)")
+    p_serve.add_argument("--config", help="the settings file (default: $TALLOW_CONFIG, else ./tallow.toml if there "
+                                          "is one, else the embedded defaults; flags override the file)")
+    p_serve.add_argument("--no-config", action="store_true",
+                         help="ignore ./tallow.toml and TALLOW_CONFIG: the embedded defaults and the flags only")
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
     p_serve.add_argument("--data-dir", help="index and libSQL file (default ./data)")

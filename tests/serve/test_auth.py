@@ -209,10 +209,10 @@ def test_cli_protected_mode_and_key_flags(monkeypatch, capsys, tmp_path):
     from tallow import cli
 
     started = []
-    monkeypatch.setattr(tallow.serve, "serve", started.append)
+    monkeypatch.setattr(tallow.serve, "serve", lambda config, **kw: started.append(config))
     monkeypatch.delenv("TALLOW_API_KEY", raising=False)
     monkeypatch.delenv("TALLOW_READ_ONLY_API_KEYS", raising=False)
-    base = ["serve", "--data-dir", str(tmp_path), "--no-demo", "--port", "9"]
+    base = ["serve", "--no-config", "--data-dir", str(tmp_path), "--no-demo", "--port", "9"]
     assert cli.main(base + ["--host", "0.0.0.0"]) == 2 and not started
     err = capsys.readouterr().err
     assert "refusing to listen on '0.0.0.0'" in err and "--insecure-no-auth" in err and "--api-key" in err
@@ -318,7 +318,11 @@ def test_keys_never_appear_in_logs_or_answers(limited_server):
                 r = c.request(method, path, **kw)
                 for key in (LOGGED, LOGGED_RO, wrong):
                     assert key not in r.text and key not in str(r.headers)
-    time.sleep(0.2)
+    # uvicorn writes an access line once its response is sent: wait for the last request's
+    deadline = time.monotonic() + 30  # a guard against a hang, not a speed bound
+    while sum("/nowhere" in line for line in limited_server.log.lines if line.startswith("uvicorn.access")) < 4:
+        assert time.monotonic() < deadline, "the access log never showed the last requests"
+        time.sleep(0.02)
     logged = "\n".join(limited_server.log.lines)
     assert "uvicorn.access" in logged and "/v1/search" in logged  # the access log was captured
     for key in (LOGGED, LOGGED_RO, wrong, GREEDY, PATIENT):

@@ -394,3 +394,30 @@ def test_a_stream_that_times_out_stops_its_generation(small_server, monkeypatch)
     assert gate.wait_for(lambda g: request in g.dropped_at and len(g.history) > g.dropped_at[request])
     assert not any(request in step for step in gate.history[gate.dropped_at[request]:])
     _wait_until(lambda: metric("tallow_generations_cancelled_total") == c0 + 1)
+
+
+def test_serve_reads_tallow_toml_from_the_working_directory_and_a_busy_port_fails_before_loading(tmp_path):
+    """`tallow serve` with no --config reads ./tallow.toml (as `make run` does in
+    the checkout) and logs which file it read; a port that is taken is reported
+    at once, with the flag to change it, before any model loads."""
+    import socket
+
+    from tallow.serve.config import find_config_file
+
+    (tmp_path / "tallow.toml").write_text(f'[data]\ndir = "{tmp_path / "data"}"\ndemo_corpus = false\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "TALLOW_CONFIG"}
+        r = subprocess.run([sys.executable, "-m", "tallow", "serve", "--port", str(port)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"configuration: {tmp_path / 'tallow.toml'} (found in the working directory)" in r.stderr
+    assert f"127.0.0.1:{port} is already in use" in r.stderr and "--port" in r.stderr
+    assert "tallow is ready" not in r.stderr and "Application startup" not in r.stderr  # nothing was loaded
+    assert not (tmp_path / "data").exists()
+
+    assert find_config_file("x.toml", cwd=tmp_path) == ("x.toml", "--config")
+    assert find_config_file(None, no_config=True, cwd=tmp_path)[0] is None
+    assert find_config_file(None, cwd=tmp_path / "data")[0] is None  # no file there: the embedded defaults

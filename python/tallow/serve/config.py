@@ -166,6 +166,9 @@ class ServeConfig:
     # tallow.functions (issue 13): [[functions]] entries and the [kv] stores they may use
     functions: list = field(default_factory=list)  # of tallow.functions.FunctionSpec
     kv: Any = None  # tallow.functions.KVConfig (None: the defaults)
+    # Where these settings came from (logged at start): the file read, or "" for the
+    # embedded defaults. Not a setting: a TOML key of this name is refused.
+    source: str = field(default="", metadata={"setting": False})
 
     def validate(self) -> "ServeConfig":
         s = self.server
@@ -263,7 +266,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 def _fill(obj: Any, values: dict, where: str) -> None:
     """Sets dataclass fields from a TOML table, checking names and types."""
-    known = {f.name: f for f in dataclasses.fields(obj)}
+    known = {f.name: f for f in dataclasses.fields(obj) if f.metadata.get("setting", True)}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in known:
@@ -329,6 +332,25 @@ def _functions(cfg: ServeConfig, entries: Any, kv: Any, base_dir: Path) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def find_config_file(explicit: str | os.PathLike | None = None, *, no_config: bool = False,
+                     cwd: str | os.PathLike | None = None) -> tuple[str | None, str]:
+    """The configuration file ``tallow serve`` reads, and why: ``--config``,
+    else ``TALLOW_CONFIG``, else ``tallow.toml`` in the working directory (so
+    ``tallow serve`` in a checkout runs what ``make run`` runs), else none (the
+    embedded defaults). ``no_config`` skips the search."""
+    if explicit:
+        return str(explicit), "--config"
+    if no_config:
+        return None, "--no-config: the embedded defaults"
+    env = os.environ.get("TALLOW_CONFIG")
+    if env:
+        return env, "TALLOW_CONFIG"
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if (here / "tallow.toml").is_file():
+        return str(here / "tallow.toml"), "found in the working directory"
+    return None, f"no tallow.toml in {str(here)!r}: the embedded defaults (--config FILE to read one)"
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
     """Defaults ← the TOML file (if given) ← ``overrides`` ("section.key": value,
     None values ignored, so unset CLI flags change nothing)."""
@@ -345,6 +367,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
             raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from exc
         _functions(cfg, values.pop("functions", None), values.pop("kv", None), p.parent)
         _fill(cfg, values, "")
+        cfg.source = str(p.resolve())
     for dotted, value in overrides.items():
         if value is None:
             continue
