@@ -218,3 +218,95 @@ def test_the_page_is_self_contained(bare_server):
         assert "/" not in {p for p in c.get("/openapi.json").json()["paths"]}  # not part of the API
     refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert refs and all(not r.startswith(("http:", "https:", "//")) for r in refs), refs
+
+
+# -- issue 21, item 7: the docs page offline; the RAG panel, the metrics table and a narrow screen --------
+
+def _offline_context(browser, **options):
+    """A browser context that reaches nothing but the loopback server: every
+    other request is aborted (and recorded), as on a machine with no network."""
+    from urllib.parse import urlsplit
+
+    context = browser.new_context(**options)
+    refused: list[str] = []
+
+    def route(r):
+        if urlsplit(r.request.url).hostname in ("127.0.0.1", "localhost"):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort("internetdisconnected")
+
+    context.route("**/*", route)
+    context.refused = refused
+    return context
+
+
+def test_api_docs_render_offline(bare_server, browser):
+    """/docs draws every operation of the schema with no network: Swagger UI's
+    files come from the server, nothing is fetched from a CDN."""
+    spec = httpx.get(bare_server.url + "/openapi.json", timeout=30).json()
+    operations = sum(1 for item in spec["paths"].values() for m in item if m in ("get", "post", "put", "delete"))
+    context = _offline_context(browser, viewport={"width": 1400, "height": 1000})
+    try:
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.goto(bare_server.url + "/docs")
+        # "never hang" guard: a page whose script never loads has no operations at all
+        pg.wait_for_function(f"document.querySelectorAll('#swagger-ui .opblock').length === {operations}",
+                             timeout=30_000)
+        assert "/v1/search" in pg.text_content("#swagger-ui")
+        pg.screenshot(path=str(ARTIFACTS / "docs-offline.png"))
+        assert not context.refused, context.refused
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_rag_panel_answers_extractively_without_a_generator(bare_server, page):
+    """Without a generator /v1/rag answers with the closest sentences: the
+    panel says so (not "not configured") and shows the answer and its sources."""
+    r = httpx.post(bare_server.url + "/v1/documents", timeout=120, json={"documents": [
+        {"id": "csv", "title": "csv", "text": "The csv module reads and writes CSV files. Use csv.reader."}]})
+    assert r.status_code == 200, r.text
+    page.goto(bare_server.url + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
+    panel = page.locator("#panel-rag")
+    assert "absent" not in (panel.get_attribute("class") or "")
+    note = page.text_content("#panel-rag .note")
+    assert "extractive" in note and "503" not in note, note
+    page.fill("#rag-question", "How do I read CSV files?")
+    page.click("#rag-form button[type=submit]")
+    page.wait_for_selector("#rag-sources li")
+    assert page.text_content("#rag-answer").startswith("(extractive")
+    assert "csv" in page.text_content("#rag-sources")
+    assert not page.locator("#panel-rag .error").is_visible()
+    assert not page.errors, page.errors
+
+
+def test_metrics_table_shows_routes_with_path_parameters(bare_server, page):
+    """A route label holding {...} (DELETE /v1/documents/{id}) is a row of its own."""
+    assert httpx.delete(bare_server.url + "/v1/documents/no-such-doc", timeout=30).status_code == 404
+    page.goto(bare_server.url + "/")
+    page.wait_for_function("document.getElementById('metrics-table').textContent.includes('/v1/documents/{id}')",
+                           timeout=20_000)
+    assert not page.errors, page.errors
+
+
+def test_page_fits_a_400px_wide_screen(bare_server, browser):
+    context = browser.new_context(viewport={"width": 400, "height": 800})
+    try:
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(bare_server.url + "/")
+        pg.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
+        # the tables filled too: the similarity matrix and the metrics
+        pg.click("#embeddings-form button[type=submit]")
+        pg.wait_for_selector("#embeddings-matrix td.sim")
+        pg.wait_for_selector("#metrics-table tr.row")
+        pg.screenshot(path=str(ARTIFACTS / "narrow-400px.png"), full_page=True)
+        width = pg.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, f"the page is {width} px wide in a 400 px viewport"
+    finally:
+        context.close()

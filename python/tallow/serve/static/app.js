@@ -306,7 +306,8 @@ function parsePrometheus(text) {
   const out = {};
   for (const line of text.split("\n")) {
     if (!line || line.startsWith("#")) continue;
-    const m = line.match(/^([a-zA-Z_:][\w:]*)(\{([^}]*)\})?\s+(\S+)/);
+    // label values are quoted and may hold "}" (route="/v1/documents/{id}")
+    const m = line.match(/^([a-zA-Z_:][\w:]*)(\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?\s+(\S+)/);
     if (!m) continue;
     const labels = {};
     (m[3] || "").replace(/(\w+)="((?:[^"\\]|\\.)*)"/g, (_, k, v) => { labels[k] = v; });
@@ -357,6 +358,28 @@ $("metrics-live").addEventListener("change", scheduleMetrics);
 
 // -- readiness: which panels have their model ----------------------------------------------
 
+const slotState = (name, slot) => `${name}: ${slot.status}${slot.error ? " — " + slot.error : ""}`;
+
+// The note under a panel's title: its model's state when not ready. RAG needs
+// only the embedder: without a generator /v1/rag answers extractively (as
+// serve/routes_data.py decides, from the generator's status), with one it
+// needs the generator ready.
+function panelNote(panel, models) {
+  const name = panel.dataset.model, slot = models[name];
+  if (slot && slot.status !== "ready") {
+    return slot.status === "absent" ? `no ${name} model is configured on this server (its requests answer 503)`
+      : slotState(name, slot);
+  }
+  if (panel.id === "panel-rag") {
+    const gen = models.generator;
+    if (!gen || gen.status === "absent") {
+      return "extractive: no generator is configured, so the answer is the retrieved sentences closest to the question";
+    }
+    if (gen.status !== "ready") return slotState("generator", gen) + " (generative answers wait for it)";
+  }
+  return null;
+}
+
 async function refreshStatus() {
   try {
     const resp = await fetch(BASE + "ready", { headers: apiKey ? { Authorization: "Bearer " + apiKey } : {} });
@@ -368,12 +391,11 @@ async function refreshStatus() {
     for (const panel of document.querySelectorAll(".panel[data-model]")) {
       const slot = models[panel.dataset.model];
       panel.classList.toggle("absent", !!slot && slot.status === "absent");
+      const text = panelNote(panel, models);
       let note = panel.querySelector(".note");
-      if (slot && slot.status !== "ready") {
+      if (text) {
         if (!note) { note = el("div", { class: "note" }); panel.querySelector("h2").after(note); }
-        note.textContent = slot.status === "absent"
-          ? `no ${panel.dataset.model} model is configured on this server (its requests answer 503)`
-          : `${panel.dataset.model}: ${slot.status}${slot.error ? " — " + slot.error : ""}`;
+        note.textContent = text;
       } else if (note) {
         note.remove();
       }
