@@ -3,7 +3,9 @@ of ``tallow serve`` (issue 13; the seed's Spin / WasmEdge part).
 
 - ``manifest``: ``[[functions]]`` entries of tallow.toml -> ``FunctionSpec``;
 - ``abi``: the ``tallow:v1`` guest ABI (docs/functions-abi.md);
-- ``runtime``: wasmtime engine, compiled-module cache, ``Runtime.call``;
+- ``runtime``: ``Runtime.call``, built from ``engine`` (wasmtime engine, epoch ticker),
+  ``cache`` (compiled modules), ``modules``, ``context`` (deadline, fuel), ``memory`` (the one
+  guest-to-host copy), ``hostcalls``, ``wasi`` (shims), ``guestlog``, ``traps``;
 - ``kv``: Spin-style key-value stores in the libSQL metadata store;
 - ``limits``: per-function limits and their defaults;
 - ``routes``: ``mount_functions(app, specs, ...)``, called by tallow.serve.

@@ -28,7 +28,7 @@ E_STORE_FULL = -6       # kv_set / kv_increment of a new key: the store holds ma
 E_KEY_TOO_LARGE = -7    # key longer than kv.max_key_bytes
 E_VALUE_TOO_LARGE = -8  # value longer than kv.max_value_bytes
 E_UNAVAILABLE = -9      # host function not granted, or its model not loaded
-E_LIMIT = -10           # a per-request limit: response body size, headers count
+E_LIMIT = -10           # a size limit: response body / header bytes / header count, log bytes, an argument
 E_IO = -11              # the store failed (disk, replica primary unreachable)
 E_NOT_INTEGER = -12     # kv_increment of a value that is not a decimal i64
 
@@ -80,7 +80,18 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # for the calls that run a model or an op (roughly their CPU time in
 # instruction-equivalents on a 2-core machine).
 FUEL_BASE = 1_000
+FUEL_PER_BYTE = 1
 FUEL_KV = 50_000
 FUEL_MODEL = 20_000_000
+
+# Sizes of what a guest can hand the host in one call: each is checked
+# before anything is charged or copied (docs/functions-abi.md, "Limits").
+# The per-function ones (response body and headers, log) are in limits.Limits.
+MAX_NAME_BYTES = 1024             # req_header's name, kv_open's store name
+MAX_TEXT_BYTES = 1 << 20          # embed_text / classify_text (the models cut far sooner, at their token limit)
+MAX_IMAGE_BYTES = 32 << 20        # preprocess_image's encoded image
+MAX_FD_WRITE_BYTES = 64 << 10     # WASI fd_write: taken per call (a longer write is a short write)
+MAX_IOVECS = 1024                 # WASI fd_write: iovecs per call (IOV_MAX)
+MAX_POLL_SUBSCRIPTIONS = 1024     # WASI poll_oneoff: subscriptions per call
 
 REQUIRED_EXPORTS = ("memory", "handle")

@@ -5,10 +5,17 @@
 error code (``KVError.code``): no such store, access denied, store full, key
 too large, value too large. Writes are committed when the call returns.
 The store is opened lazily, on the first KV call of any function.
+
+``KV.within(timeout_s, op, ...)`` runs an operation on the KV's own threads
+and waits at most ``timeout_s`` for it: a guest's call returns at its
+deadline even while the store is busy (held by an ingest, a slow disk, an
+unreachable replica primary). An operation that has not started by then is
+cancelled; one already running completes on its own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ class KV:
         self._store = store
         self._sync = (sync_url, auth_token)
         self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def store(self):
@@ -92,7 +100,25 @@ class KV:
     def increment(self, store: str, key: bytes, delta: int) -> int:
         return self._call(self.store.kv_increment, store, self._key(key), delta, max_keys=self.config.max_keys)
 
+    def within(self, timeout_s: float, op: str, *args):
+        """``self.<op>(*args)``, or TimeoutError when it has not finished within ``timeout_s``."""
+        with self._lock:
+            if self._pool is None:
+                # The store serialises its calls on one lock: more threads would only wait there.
+                self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tallow-kv")
+            pool = self._pool
+        fut = pool.submit(getattr(self, op), *args)
+        try:
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"key-value {op} did not finish within {timeout_s:.3f} s") from None
+
     def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._store is not None and self.path is not None:
             self._store.close()
             self._store = None

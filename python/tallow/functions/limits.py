@@ -4,8 +4,10 @@ A function's limits are checked on every request: ``fuel`` is deterministic
 CPU (WebAssembly instructions, plus a price per host call); ``deadline_ms`` is
 wall clock (an epoch ticker interrupts the guest; host calls check it too);
 ``memory_mib``, ``table_elements``, ``instances``, ``tables`` and
-``memories`` are wasmtime store limits; ``max_body_bytes`` and
-``max_response_bytes`` bound what crosses the boundary.
+``memories`` are wasmtime store limits; ``max_body_bytes``,
+``max_response_bytes``, ``max_response_headers``,
+``max_response_header_bytes`` and ``max_log_bytes`` bound what crosses the
+boundary (the fixed per-call sizes are in abi.py).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ class Limits:
     tables: int = 4
     memories: int = 1
     max_body_bytes: int = 1 << 20      # request body; 413 above it
-    max_response_bytes: int = 4 << 20  # resp_write fails with E_LIMIT beyond it
+    max_response_bytes: int = 4 << 20  # body + header bytes; resp_write / resp_header fail with E_LIMIT beyond it
     max_response_headers: int = 64
+    # name + value + 4 per header, as sent; 16 KiB is what common HTTP clients (h11, Node) accept in all
+    max_response_header_bytes: int = 16 << 10
+    max_log_bytes: int = 64 << 10      # per request: log() + stdout + stderr + notes on its calls; then dropped
 
     def check(self, where: str) -> "Limits":
         for f in dataclasses.fields(self):
