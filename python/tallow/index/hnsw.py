@@ -177,6 +177,15 @@ class HnswIndex(VectorIndex):
         self._filter_cache[key] = entry
         return entry
 
+    def _live(self) -> dict:
+        """Every live item, as a ``_matching`` entry (cached the same way)."""
+        entry = self._filter_cache.get("")  # no filter's JSON is empty
+        if entry is None or entry["version"] != self._version:
+            labels = np.fromiter(sorted(self._id_of), dtype=np.int64, count=len(self._id_of))
+            entry = {"version": self._version, "mask": None, "labels": labels, "vectors": None}
+            self._filter_cache[""] = entry
+        return entry
+
     def _exact(self, queries: np.ndarray, entry: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over a filter's matching items: (labels [q, k'], scores [q, k'])."""
         labels = entry["labels"]
@@ -208,8 +217,14 @@ class HnswIndex(VectorIndex):
                 return [[] for _ in range(len(queries))]
             if node is None:
                 kk = min(k, live)  # hnswlib searches with max(ef, k)
-                labels, dist = self._index.knn_query(queries, k=kk)
-                scores = self._scores(dist)
+                try:
+                    labels, dist = self._index.knn_query(queries, k=kk)
+                    scores = self._scores(dist)
+                except RuntimeError:
+                    # hnswlib reached fewer than kk items: after in-place updates and
+                    # deletions (duplicate vectors above all) parts of its graph can be
+                    # unreachable, and a k near the live count asks for all of them.
+                    labels, scores = self._exact(queries, self._live(), kk)
             else:
                 entry = self._matching(node, json.dumps(filter, sort_keys=True))
                 mask, n_allowed = entry["mask"], len(entry["labels"])
