@@ -386,3 +386,35 @@ def test_an_embedder_that_fails_to_load_fails_the_engine_not_hangs_it(tmp_path):
         assert state.status_code == 503 and state.json()["engine"]["status"] == "failed"
         err = _error(c.post("/v1/search", json={"query": "x"}), 503)
         assert "embedder did not load" in err["message"] and str(tmp_path / "none") in err["message"]
+
+
+def test_an_unknown_model_is_404_model_not_found_as_openai_answers(full_server, client, gpt2_dir):
+    import openai
+
+    from server_helpers import API_KEY
+
+    for path, body in (("/v1/embeddings", {"input": "x"}), ("/v1/classify", {"input": "x"}),
+                       ("/v1/completions", {"prompt": "x", "max_tokens": 1})):
+        r = client.post(path, json={**body, "model": "gpt-4o"})
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert err["code"] == "model_not_found" and err["param"] == "model" and "'gpt-4o'" in err["message"]
+    # the listed id, the configured path, or no model at all are served
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "model": "tallow-gpt2"}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "model": str(gpt2_dir)}).status_code == 200
+    assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+    oa = openai.OpenAI(base_url=full_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        oa.embeddings.create(model="text-embedding-3-small", input="x")
+    assert e.value.code == "model_not_found"
+
+
+def test_a_body_that_is_not_declared_json_gets_a_hint_about_content_type(client):
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = client.post("/v1/embeddings", content=b'{"input": "hello"}', headers=headers)
+        assert r.status_code == 415, (headers, r.text)
+        message = r.json()["error"]["message"]
+        assert "Content-Type: application/json" in message and "valid dictionary" not in message
+    ok = client.post("/v1/embeddings", content=b'{"input": "hello"}',
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200

@@ -39,6 +39,23 @@ def model_id(services: Services, name: str) -> str:
     return MODEL_IDS[name]
 
 
+def check_model_name(services: Services, slot: str, requested: str | None) -> None:
+    """The ``model`` field of an OpenAI-style request: omitted (null), the id
+    GET /v1/models lists for this slot, or the model's configured path or Hub
+    id. Anything else is refused as the OpenAI API refuses it (404,
+    ``model_not_found``): a client that names a model must not silently get
+    another one."""
+    if requested is None:
+        return
+    configured = services.models[slot].path
+    if requested == model_id(services, slot) or (configured and requested == configured):
+        return
+    known = ", ".join(repr(n) for n in (model_id(services, slot), configured) if n)
+    raise APIError(404, f"the model {requested!r} does not exist here: this route serves {known} "
+                        f"(or omit 'model'; GET /v1/models lists them)", param="model",
+                   type="invalid_request_error", code="model_not_found")
+
+
 def get_services(request: Request) -> Services:
     """The app's services; starts loading them when the host did not run the lifespan."""
     request.app.state.start_loading()

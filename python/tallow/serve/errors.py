@@ -35,23 +35,30 @@ class APIError(Exception):
     """An error answered to the client as the JSON body above."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.type = type or _TYPES.get(status, "error")
         self.headers = headers or {}
+        self.code = code  # a string code where the OpenAI API has one (model_not_found); else the status
 
 
-def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, type: str | None = None,
+               code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type or _TYPES.get(status, "error"), "param": param,
-                      "code": status}}
+                      "code": code or status}}
 
 
 def error_response(status: int, message: str, *, param: str | None = None, type: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, type), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, type, code), status_code=status, headers=headers)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 # pydantic names the member of a union that failed ("input", "list[str]", 0):
@@ -78,7 +85,8 @@ def input_status(exc: InputError) -> int:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, param=exc.param, type=exc.type, headers=exc.headers)
+        return error_response(exc.status, exc.message, param=exc.param, type=exc.type, headers=exc.headers,
+                              code=exc.code)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
@@ -96,6 +104,13 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        content_type = request.headers.get("content-type", "")
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors) and not _is_json(content_type):
+            # FastAPI reads a JSON body only when the request says it is JSON; otherwise
+            # pydantic sees bytes and says "Input should be a valid dictionary".
+            got = f"'{content_type}'" if content_type else "none"
+            return error_response(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
+                                       f"(Content-Type was {got})", param="body")
         if errors and errors[0].get("type") == "json_invalid":
             return error_response(422, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
                                   .rstrip(": "), param="body")

@@ -25,15 +25,16 @@ from .config import ServeConfig, ServerConfig
 
 # Statuses each built-in operation answers besides 200 (and those added by rule).
 _MODEL = (422, 429, 503, 504)  # input checks, a lane's queue full, model not ready or lane closing, timeout
+_OPENAI = (404,) + _MODEL  # and a `model` this server does not serve: 404 model_not_found (deps.check_model_name)
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/health"): (),
     ("GET", "/ready"): (503,),
     ("GET", "/metrics"): (),
     ("GET", "/v1/models"): (),
     ("GET", "/v1/models/{model}"): (404,),
-    ("POST", "/v1/embeddings"): _MODEL,
-    ("POST", "/v1/classify"): _MODEL,
-    ("POST", "/v1/completions"): _MODEL,
+    ("POST", "/v1/embeddings"): _OPENAI,
+    ("POST", "/v1/classify"): _OPENAI,
+    ("POST", "/v1/completions"): _OPENAI,
     ("POST", "/generate"): _MODEL,
     ("POST", "/v1/search"): _MODEL,
     ("POST", "/v1/rag"): _MODEL,
@@ -47,7 +48,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 _DESCRIPTIONS = {
     401: "No API key: send `Authorization: Bearer <key>` (or an `api-key` / `x-api-key` header)",
     403: "The API key is not valid, or is read-only and the operation writes",
-    404: "Not found",
+    404: "Not found (an unknown `model`: code `model_not_found`, as the OpenAI API answers)",
     413: "The body is larger than server.max_body_bytes",
     415: "The data is not of a media type this server reads",
     422: "The input is invalid (the error names the field in `param`)",
@@ -65,7 +66,9 @@ ERROR_SCHEMA = {
         "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                       "code": {"type": "integer"}}}},
+                       "code": {"anyOf": [{"type": "integer"}, {"type": "string"}],
+                                "description": "the HTTP status, or a string code where the OpenAI API has "
+                                               "one (model_not_found)"}}}},
 }
 
 # tallow's filter syntax (tallow.index.filters), as the server checks it.
@@ -190,6 +193,8 @@ def _limits(schemas: dict, config: ServeConfig, dim: int | None) -> None:
     for model in ("EmbeddingsRequest", "ClassifyRequest"):
         branch = list_branch(prop(model, "input"))
         if branch:
+    if route.body_field is not None:
+        statuses |= {415}  # a body not declared as JSON (errors.py), or of a media type not read
             branch.update(minItems=1, maxItems=m.max_inputs_per_request)
     if prop("DocumentsBody", "documents"):
         docs = prop("DocumentsBody", "documents")

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import InputError, Unavailable
 from . import rules
 from .openapi import Int, NonEmpty, Seed, Text, bounded_int
-from .deps import NumpyJSONResponse, admit, get_services, model_id, require_model, submit
+from .deps import NumpyJSONResponse, admit, check_model_name, get_services, model_id, require_model, submit
 from .errors import APIError
 from .generation import GenerationStream
 from .services import Services
@@ -65,6 +65,7 @@ class EmbeddingsRequest(BaseModel):
 @router.post("/v1/embeddings", tags=["models"], summary="Sentence embeddings (OpenAI compatible)")
 async def embeddings(body: EmbeddingsRequest, request: Request):
     services = get_services(request)
+    check_model_name(services, "embedder", body.model)
     model = require_model(services, "embedder")
     dim = model.config.hidden_size
     if body.dimensions is not None and body.dimensions != dim:
@@ -95,6 +96,7 @@ class ClassifyRequest(BaseModel):
 @router.post("/v1/classify", tags=["models"], summary="Sequence classification (e.g. sentiment)")
 async def classify(body: ClassifyRequest, request: Request):
     services = get_services(request)
+    check_model_name(services, "classifier", body.model)
     model = require_model(services, "classifier")
     texts = rules.text_inputs(body.input, services.config.models)
     ids = await _tokenize(model, texts, body.truncate, services)
@@ -144,6 +146,7 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 @router.post("/v1/completions", tags=["models"], summary="GPT-2 text completion (OpenAI compatible)")
 async def completions(body: CompletionRequest, request: Request):
     services = get_services(request)
+    check_model_name(services, "generator", body.model)
     model = require_model(services, "generator")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
