@@ -4,28 +4,20 @@ run either inside the server's process or as a worker process of its own
 
 The worker process talks to the server over one socket pair with
 ``multiprocessing.connection`` framing: each message is a pickle (protocol
-5) of a tuple. Tensors cross through shared memory: an array of 256 KiB or
-more (images) is written into a pre-allocated shared-memory ``Arena`` and
-only its offset, shape and dtype travel (``to_wire`` / ``from_wire``);
-smaller ones (a batch of embeddings) ride in the pickle as raw bytes, which
-measured cheaper at that size. No JSON, no per-element encoding;
-``benchmarks/bench_transport.py`` measures the choices.
+5) of one of the named tuples below. Tensors cross through shared memory: an
+array of 256 KiB or more (images) is written into a pre-allocated
+shared-memory ``Arena`` and only its offset, shape and dtype travel
+(``to_wire`` / ``from_wire``); smaller ones (a batch of embeddings) ride in
+the pickle as raw bytes, which measured cheaper at that size. No JSON, no
+per-element encoding; ``benchmarks/bench_transport.py`` measures the choices.
 
-Server → worker (the spec first, then)::
+Server → worker: ``Start`` first, then ``Call`` (a model method: embed_ids,
+classify_ids, features...), ``Generate`` (continuous batching, GPT-2: one
+row per prompt), ``Cancel``, ``Stop``.
 
-    ("call", call_id, method, (args, kwargs), in_arena, answers_read)   a model method
-                               (embed_ids, classify_ids, features, ...); answers_read: how many of
-                               our arena answers the server has copied out (see ``Arena``)
-    ("generate", request_id, prompt_ids, params)   continuous batching (GPT-2): one row per prompt
-    ("cancel", request_id)
-    ("stop",)
-
-Worker → server::
-
-    ("ready", info)            the model loaded and warmed up (info: see ``ModelHost.info``)
-    ("load_failed", message)
-    ("result", call_id, value, in_arena) / ("error", call_id, exception)
-    ("events", [RowEvent, ...])   one decode step's tokens, every request of the batch
+Worker → server: ``Ready`` (loaded and warmed up) or ``LoadFailed``, then
+``Result`` / ``Error`` (one per ``Call``) and ``Events`` (one decode step's
+tokens, every request of the batch).
 
 Only this module imports in the worker (torch and the model code, not the
 web framework), so a worker starts in the time it takes to load its model.
@@ -38,7 +30,7 @@ import os
 import pickle
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 # Methods the server may call on a model: nothing else crosses the pipe.
 CALLABLE = ("embed", "embed_ids", "classify", "classify_ids", "features")
@@ -57,6 +49,61 @@ class WorkerSpec:
     max_rows: int = 32         # generation: rows decoded together
     kv_cache_mb: int = 0       # generation: KV pool budget; 0: the scheduler's default
     prefill_tokens_per_step: int = 512  # generation: prompt tokens prefilled per step
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+class Start(NamedTuple):
+    """Server → worker, first: what to load, and the arenas' files to map."""
+    spec: "WorkerSpec"
+    arena_paths: dict          # "server" / "worker" -> a file in /dev/shm (absent: no arena)
+
+
+class Call(NamedTuple):
+    """Server → worker: ``model.method(*args, **kwargs)``, answered by ``Result`` or ``Error``."""
+    call_id: int
+    method: str
+    payload: Any               # (args, kwargs) through ``to_wire``
+    answers_read: int          # how many of the worker's arena answers the server has copied out
+
+
+class Generate(NamedTuple):
+    """Server → worker: start a request's rows in the continuous-batching loop."""
+    request_id: Any
+    prompt_ids: list
+    params: list               # one SamplingParams per row
+
+
+class Cancel(NamedTuple):
+    request_id: Any
+
+
+class Stop(NamedTuple):
+    pass
+
+
+class Ready(NamedTuple):
+    """Worker → server: the model loaded and warmed up (info: see ``ModelHost.info``)."""
+    info: dict
+
+
+class LoadFailed(NamedTuple):
+    message: str
+
+
+class Result(NamedTuple):
+    call_id: int
+    value: Any                 # through ``to_wire``
+    in_arena: int              # 1 when part of value is in the worker's arena
+
+
+class Error(NamedTuple):
+    call_id: int
+    exception: BaseException
+
+
+class Events(NamedTuple):
+    events: list               # RowEvent, every request of one decode step
 
 
 def load_model(spec: WorkerSpec) -> Any:
@@ -257,11 +304,13 @@ class ModelHost:
             self._loop = GenerationLoop(scheduler, emit)
 
     def info(self) -> dict:
-        """What the server needs without the weights: tokenizer, config, identity."""
+        """What the server needs without the weights: tokenizer, config,
+        identity; and the threads this process computes with."""
         from .engine.derived_index import model_identity
 
         m = self.model
         return {"slot": self.spec.slot, "class": type(m).__name__, "repr": repr(m), "pid": os.getpid(),
+                "threads": compute_threads(),
                 "config": getattr(m, "config", None), "tokenizer": getattr(m, "tokenizer", None),
                 "identity": model_identity(m),
                 "attrs": {a: getattr(m, a) for a in ("pooling", "normalize", "kv_cache_dtype", "quantization",
@@ -288,6 +337,17 @@ class ModelHost:
 
 # -- the worker process ---------------------------------------------------------------------
 
+def compute_threads() -> dict:
+    """The threads this process's forward passes use: tallow's kernels
+    (None when its native library did not load) and torch's."""
+    import torch
+
+    import tallow
+
+    ours = tallow.get_num_threads() if tallow.native_available() else None
+    return {"tallow": ours, "torch": torch.get_num_threads()}
+
+
 def serve(conn, spec: WorkerSpec, arenas: dict) -> None:
     """The worker's main loop: calls run one at a time in this thread;
     generation steps run in the host's loop thread and are sent from there
@@ -302,10 +362,10 @@ def serve(conn, spec: WorkerSpec, arenas: dict) -> None:
     ours, theirs = arenas.get("worker"), arenas.get("server")  # we write ours, read theirs
     answers_written = 0  # answers that went through our arena
     try:
-        host = ModelHost(spec, load_model(spec), lambda events: send(("events", events)))
-        reply = ("ready", host.info())
+        host = ModelHost(spec, load_model(spec), lambda events: send(Events(events)))
+        reply = Ready(host.info())
     except Exception as exc:
-        host, reply = None, ("load_failed", f"{type(exc).__name__}: {exc}")
+        host, reply = None, LoadFailed(f"{type(exc).__name__}: {exc}")
     try:
         send(reply)
     except OSError:  # the server went away while we loaded: nobody to tell
@@ -317,31 +377,28 @@ def serve(conn, spec: WorkerSpec, arenas: dict) -> None:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):  # the server went away: nothing left to serve
             break
-        kind = message[0]
-        if kind == "call":
-            _, call_id, method, payload, in_arena, answers_read = message
-            if ours is not None and answers_read >= answers_written:
+        if isinstance(message, Call):
+            if ours is not None and message.answers_read >= answers_written:
                 ours.release()  # the server has copied out every answer we parked
             try:
-                args, kwargs = from_wire(payload, theirs)
-                value, used = to_wire(host.call(method, args, kwargs), ours)
+                args, kwargs = from_wire(message.payload, theirs)
+                value, used = to_wire(host.call(message.method, args, kwargs), ours)
                 answers_written += used
-                reply = ("result", call_id, value, used)
+                reply = Result(message.call_id, value, int(used))
             except Exception as exc:
-                reply = ("error", call_id, _picklable(exc))
+                reply = Error(message.call_id, _picklable(exc))
             send(reply)
-        elif kind == "generate":
-            _, request_id, prompt_ids, params = message
+        elif isinstance(message, Generate):
             try:
-                host.generate(request_id, prompt_ids, params)
+                host.generate(message.request_id, message.prompt_ids, message.params)
             except Exception as exc:  # validation: the request fails, the worker goes on
                 from .models.scheduler import RowEvent
 
-                send(("events", [RowEvent(request_id, row, -1, "", "error", f"{type(exc).__name__}: {exc}")
-                                 for row in range(len(prompt_ids))]))
-        elif kind == "cancel":
-            host.cancel(message[1])
-        elif kind == "stop":
+                send(Events([RowEvent(message.request_id, row, -1, "", "error", f"{type(exc).__name__}: {exc}")
+                             for row in range(len(message.prompt_ids))]))
+        elif isinstance(message, Cancel):
+            host.cancel(message.request_id)
+        elif isinstance(message, Stop):
             break
     host.close()
 
@@ -354,17 +411,27 @@ def _picklable(exc: Exception) -> Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+def set_threads(n: int) -> None:
+    """Sizes this process's compute threads — tallow's kernels and torch's —
+    to ``n`` before the model loads: with several workers on a machine, each
+    sized to every core would oversubscribe it."""
+    import torch
+
+    import tallow
+
+    torch.set_num_threads(n)
+    if tallow.native_available():  # without it the error comes at the first kernel call, not here
+        tallow.set_num_threads(n)
+
+
 def main(argv: list[str]) -> int:
     from multiprocessing.connection import Connection
 
     conn = Connection(int(argv[0]))
-    spec, arena_paths = pickle.loads(conn.recv_bytes())
+    start = pickle.loads(conn.recv_bytes())
     # The server made the arenas (and unlinks them); we map them.
-    arenas = {side: Arena(path, ARENA_BYTES, create=False) for side, path in arena_paths.items()}
-    if spec.threads:
-        import torch
-
-        torch.set_num_threads(spec.threads)
-    serve(conn, spec, arenas)
+    arenas = {side: Arena(path, ARENA_BYTES, create=False) for side, path in start.arena_paths.items()}
+    if start.spec.threads:
+        set_threads(start.spec.threads)
+    serve(conn, start.spec, arenas)
     return 0
-

@@ -124,8 +124,8 @@ class WorkersConfig:
     ``generator``, ``image`` say how many per model —, the server process
     only parses, tokenizes and batches; ``"inline"``: every model inside the
     server's process (no start-up cost per worker; forward passes then share
-    the event loop's GIL). ``threads``: torch threads per worker (0: one per
-    core)."""
+    the event loop's GIL). ``threads``: compute threads per worker process,
+    torch's and tallow's kernels' (0: one per core)."""
 
     mode: str = "process"
     embedder: int = 1

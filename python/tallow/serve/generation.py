@@ -10,7 +10,9 @@ batch at the next step and each row leaves when it finishes. Here:
 - ``GenerationStream``: one request's events, read on the event loop; the
   worker's thread hands them over with ``call_soon_threadsafe``.
 - ``generate_blocking``: ``GPT2LMHeadModel.generate``'s contract for a
-  thread (the engine's RAG answers), through the same scheduler.
+  thread (the engine's RAG answers), through the same scheduler; it waits
+  at most ``timeout_s`` (the server passes ``server.request_timeout_s``),
+  then cancels its rows in the worker and raises ``GenerationTimeout``.
 
 Admission (how many completions may wait or run) is the ``generate`` lane's
 ``max_queue``: ``Services.generation_slots``.
@@ -23,7 +25,7 @@ import dataclasses
 import itertools
 import queue
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import InputError
 
@@ -45,17 +47,24 @@ def _failure(exc: BaseException) -> BaseException:
     return exc
 
 
-class GenerationStream:
-    """The events of one request (``RowEvent``s), in order; ``cancel()`` stops
-    its rows at the next step."""
+class GenerationTimeout(TimeoutError):
+    """A generation did not finish within its time limit; its rows were cancelled."""
 
-    def __init__(self, model: Any, prompt_ids: list[list[int]], params: Any):
+
+class GenerationStream:
+    """The events of one request (``RowEvent``s), in order; ``close()`` stops
+    its rows at the next step and calls ``on_close(stream)`` once (the
+    caller's admission slot goes back there, however the request ended)."""
+
+    def __init__(self, model: Any, prompt_ids: list[list[int]], params: Any,
+                 on_close: Callable[["GenerationStream"], None] | None = None):
         self.loop = asyncio.get_running_loop()
         self.rows = len(prompt_ids)
         self.request_id = f"g{next(_request_ids)}"
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False  # every row finished
         self._closed = False
+        self._on_close = on_close
         try:
             self._worker = model.start_generation(self.request_id, prompt_ids, row_params(params, self.rows),
                                                   self._sink)
@@ -97,19 +106,29 @@ class GenerationStream:
         if self._closed:
             return
         self._closed = True
-        if self.finished:
-            self._worker.finished(self.request_id)
-        else:
-            self._worker.cancel(self.request_id)
+        try:
+            if self.finished:
+                self._worker.finished(self.request_id)
+            else:
+                self._worker.cancel(self.request_id)
+        finally:
+            if self._on_close is not None:
+                self._on_close(self)
 
 
-def generate_blocking(model: Any, prompts: list[str], kwargs: dict) -> list:
+def generate_blocking(model: Any, prompts: list[str], kwargs: dict, timeout_s: float) -> list:
     """Completes ``prompts`` like ``GPT2LMHeadModel.generate`` (kwargs:
-    ``SamplingParams`` fields), blocking this thread."""
+    ``SamplingParams`` fields), blocking this thread for at most
+    ``timeout_s``: past it the rows are cancelled in the worker and
+    ``GenerationTimeout`` is raised (a worker that stalls, a batch too full
+    to make progress: the caller's thread is never held forever)."""
     from ..models.generation import SamplingParams
     from ..models.gpt2 import Generation
 
+    if not timeout_s > 0:
+        raise ValueError(f"generate_blocking: timeout_s must be > 0, got {timeout_s!r}")
     t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
     params = SamplingParams(**kwargs)
     params.validate()
     prompt_ids = model.tokenizer.encode_ids(list(prompts))
@@ -123,7 +142,11 @@ def generate_blocking(model: Any, prompts: list[str], kwargs: dict) -> list:
     unfinished = len(prompt_ids)
     try:
         while unfinished:
-            item = inbox.get()
+            try:
+                item = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise GenerationTimeout(f"the generation did not finish within {timeout_s:g} s "
+                                        "(server.request_timeout_s); its rows were cancelled") from None
             if isinstance(item, BaseException):
                 raise _failure(item)
             for e in item:

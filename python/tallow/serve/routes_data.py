@@ -19,6 +19,8 @@ from . import rules
 from .openapi import DOCUMENT_SCHEMA, FilterField, Int, Seed, Text
 
 from .deps import admit, get_services, require_engine, require_model, submit
+from .errors import APIError
+from .generation import GenerationTimeout
 
 router = APIRouter()
 
@@ -80,6 +82,8 @@ async def rag(body: RagBody, request: Request):
             answer = await run_in_threadpool(
                 engine.rag, body.question, body.k, max_new_tokens=body.max_tokens, filter=body.filter,
                 hybrid=body.hybrid, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        except GenerationTimeout as exc:  # its rows were cancelled in the worker
+            raise APIError(504, str(exc)) from None
         finally:
             services.generation_slots.leave()
     out = answer.to_dict()

@@ -5,7 +5,8 @@ functions the lanes run in their threads.
 Each model slot holds a ``ServedModel``: its forward passes run in the
 slot's worker processes (``workers.mode = "process"``) or in this process
 (``"inline"``) — see ``serve.workers``. A worker that dies turns its slot
-"restarting" (and ``/ready`` 503) until its replacement has loaded.
+"restarting" (and ``/ready`` 503) until its replacement has loaded, or
+"failed" (with the load error) when every restart attempt failed.
 
 Readiness: ``/ready`` turns 200 only when every *configured* model has loaded
 and run one warm-up batch and the engine is open (with the demo corpus
@@ -56,7 +57,8 @@ class ModelSlot:
         out = {"status": self.status, "path": self.path or None, "error": self.error or None,
                "load_s": round(self.load_s, 3)}
         if self.group is not None:
-            out["workers"] = {"mode": self.group.mode, "pids": self.group.pids, "restarts": self.group.restarts}
+            out["workers"] = {"mode": self.group.mode, "pids": self.group.pids, "restarts": self.group.restarts,
+                              "failed": len(self.group.failed)}
         return out
 
 
@@ -172,7 +174,8 @@ class Services:
         group = WorkerGroup(spec, getattr(w, name), w.mode, self._worker_state, model=model)
         try:
             group.start(timeout=w.start_timeout_s)
-            slot.group, slot.model, slot.status = group, ServedModel(group), "ready"
+            slot.group, slot.status = group, "ready"
+            slot.model = ServedModel(group, generation_timeout_s=self.config.server.request_timeout_s)
         except Exception as exc:
             slot.status, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cannot load the %s from %s: %s", name, slot.path, exc)

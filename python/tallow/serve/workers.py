@@ -11,10 +11,21 @@ the same methods as the model (``embed_ids``, ``classify_ids``,
 
 Faults: a worker that dies (killed, out of memory, a crash in native code)
 is noticed at once — its socket closes —, every call and generation it had
-in flight fails with ``WorkerDied`` (HTTP 503, never a hang), the slot is
-"restarting" (``/ready`` says 503) and a new process is started; the slot is
-ready again when it has loaded. State that matters (documents, the index,
-the store) lives in the server process, so a worker's death loses none.
+in flight fails with ``WorkerDied`` (HTTP 503, never a hang), and its place
+in the group is restarted: one restart at a time per place, one attempt per
+``WorkerGroup.RESTART_BACKOFF_S`` entry (the wait before it). While no
+worker of the slot runs, it is "restarting" (``/ready`` says 503); it is
+ready again when one has loaded. When every attempt failed (the model was
+moved away, the disk is full) the place is given up for good and logged:
+with no worker left the slot is "failed" with the last load error, and stays
+so until tallow is restarted — a model that cannot load is an operator's
+fix, and retrying forever would only hide it behind a loop of processes.
+State that matters (documents, the index, the store) lives in the server
+process, so a worker's death loses none.
+
+A consumer of a request's events (a "sink") that raises fails that request
+only: it is logged, forgotten and cancelled in the worker; the worker and
+its other requests carry on.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ..errors import Unavailable
-from ..worker import Arena, ModelHost, WorkerSpec, from_wire, load_model, to_wire
+from ..worker import (Arena, Call, Cancel, Error, Events, Generate, LoadFailed, ModelHost, Ready, Result, Start,
+                      Stop, WorkerSpec, from_wire, load_model, to_wire)
 
 log = logging.getLogger("tallow.serve")
 
@@ -51,6 +63,28 @@ class WorkerDied(Unavailable):
 
 class WorkerStartError(RuntimeError):
     """A worker process could not load its model."""
+
+
+class SinkFailed(RuntimeError):
+    """The consumer of this request's events raised; the request was cancelled."""
+
+
+def _deliver(slot: str, request_id: Any, sink: Sink, item: Any) -> bool:
+    """Hands ``item`` to ``sink``; False (logged) when the sink raised. A
+    sink's bug is its request's failure, never the worker's."""
+    try:
+        sink(item)
+        return True
+    except Exception:
+        log.exception("the %s request %r could not take its events: failing that request only", slot, request_id)
+        return False
+
+
+def _tell_failed(sink: Sink, exc: BaseException) -> None:
+    """One try to end a request whose sink raised (it may raise again: then
+    its consumer is beyond telling)."""
+    with contextlib.suppress(Exception):
+        sink(exc)
 
 
 class InlineWorker:
@@ -98,8 +132,9 @@ class InlineWorker:
         for request_id, evs in _by_request(events).items():
             with self._lock:
                 sink = self._sinks.get(request_id)
-            if sink is not None:
-                sink(evs)
+            if sink is not None and not _deliver(self.spec.slot, request_id, sink, evs):
+                self.cancel(request_id)
+                _tell_failed(sink, SinkFailed(f"request {request_id!r}: its consumer raised"))
 
     def finished(self, request_id: Any) -> None:
         self._forget(request_id)
@@ -110,7 +145,11 @@ class InlineWorker:
 
 
 class ProcessWorker:
-    """One worker process and the thread that reads its answers."""
+    """One worker process and the thread that reads its answers.
+
+    ``on_exit(worker, reason)`` is called when a worker that had loaded
+    exits without being asked to; a start that fails raises from ``start``
+    and reports nothing else."""
 
     def __init__(self, spec: WorkerSpec, on_exit: Callable[["ProcessWorker", str], None]):
         self.spec = spec
@@ -124,6 +163,7 @@ class ProcessWorker:
         self._ids = itertools.count()
         self._ready = Future()
         self._dead = False
+        self._closing = False  # stop() or kill() was called: no process may start, no exit is a fault
         self.pid: int | None = None
         # Shared memory for arrays: ours carries calls' inputs, the worker's its answers.
         self._arenas: dict[str, Arena] = {}
@@ -144,16 +184,20 @@ class ProcessWorker:
             env["OMP_NUM_THREADS"] = str(self.spec.threads)
         # Not "-m tallow.worker": its classes would pickle as __main__.X, which the server cannot load.
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        except OSError:
+            with self._state_lock:  # a stop() racing this start either sees the process or prevents it
+                if self._closing:
+                    raise WorkerStartError(f"the {self.spec.slot} worker was stopped before it started")
+                self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
+                                             pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
             self._drop_arenas()
             raise
         finally:
             theirs.close()
         self.pid = self.proc.pid
         self._conn = Connection(ours.detach())
-        self._send(pickle.dumps((self.spec, {side: a.path for side, a in self._arenas.items()}), protocol=5))
+        self._send_message(Start(self.spec, {side: a.path for side, a in self._arenas.items()}))
         threading.Thread(target=self._read, name=f"tallow-worker-{self.spec.slot}-{self.pid}", daemon=True).start()
         try:
             return self._ready.result(timeout)
@@ -161,10 +205,27 @@ class ProcessWorker:
             self.kill()
             raise WorkerStartError(f"the {self.spec.slot} worker did not load {self.spec.path} within "
                                    f"{timeout:g} s") from None
+        except BaseException:
+            # Gone before start() returns: a retry never runs beside the process it replaces.
+            self._reap()
+            raise
+
+    def _reap(self, grace: float = 10.0) -> None:
+        """Waits for the process to exit (one that failed to load exits by
+        itself), killing it past ``grace`` seconds."""
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     @property
     def inflight(self) -> int:
         return len(self._calls) + len(self._sinks)
+
+    @property
+    def loaded(self) -> bool:
+        """It answered ready (and may have died since)."""
+        return self._ready.done() and self._ready.exception() is None
 
     # -- requests (any thread) --------------------------------------------------------------
 
@@ -184,13 +245,13 @@ class ProcessWorker:
         payload, in_arena = to_wire((args, kwargs), self._arenas.get("server"))
         if in_arena:
             self._arena_call = call_id  # the arena is ours again when this call's answer comes
-        self._send_message(("call", call_id, method, payload, in_arena, self._answers_read))
+        self._send_message(Call(call_id, method, payload, self._answers_read))
         try:
             return future.result(self.CALL_TIMEOUT_S)
         except TimeoutError:
             log.error("the %s worker (pid %s) did not answer %s within %g s: killing it", self.spec.slot,
                       self.pid, method, self.CALL_TIMEOUT_S)
-            self.kill()  # the reader fails every call in flight and the group restarts it
+            self.kill(expected=False)  # the reader fails every call in flight and the group restarts it
             return future.result(30)
 
     def generate(self, request_id: Any, prompt_ids: list, params: list, sink: Sink) -> None:
@@ -198,22 +259,20 @@ class ProcessWorker:
             if self._dead:
                 raise WorkerDied(self._died_message(), retry_after_s=5)
             self._sinks[request_id] = sink
-        self._send_message(("generate", request_id, prompt_ids, params))
+        self._send_message(Generate(request_id, prompt_ids, params))
 
     def cancel(self, request_id: Any) -> None:
         with self._state_lock:
             known = self._sinks.pop(request_id, None) is not None
         if known:
-            self._send_message(("cancel", request_id))
+            self._send_message(Cancel(request_id))
 
     def finished(self, request_id: Any) -> None:
         with self._state_lock:
             self._sinks.pop(request_id, None)
 
     def _send_message(self, message: tuple) -> None:
-        self._send(pickle.dumps(message, protocol=5))
-
-    def _send(self, data: bytes) -> None:
+        data = pickle.dumps(message, protocol=5)
         try:
             with self._send_lock:
                 self._conn.send_bytes(data)
@@ -227,41 +286,47 @@ class ProcessWorker:
         try:
             while True:
                 message = pickle.loads(self._conn.recv_bytes())
-                kind = message[0]
-                if kind == "events":
-                    for request_id, evs in _by_request(message[1]).items():
-                        sink = self._sinks.get(request_id)
-                        if sink is not None:
-                            sink(evs)
-                elif kind in ("result", "error"):
-                    with self._state_lock:
-                        future = self._calls.pop(message[1], None)
-                    if message[1] == self._arena_call:  # the worker has copied its inputs out
-                        self._arena_call = None
-                        self._arenas["server"].release()
-                    if kind == "result":
-                        value = from_wire(message[2], self._arenas.get("worker"))
-                        self._answers_read += message[3]  # copied out: told with the next call
-                    else:
-                        value = message[2]
-                    if future is not None:
-                        if kind == "result":
-                            future.set_result(value)
-                        else:
-                            future.set_exception(value)
-                elif kind == "ready":
+                if isinstance(message, Events):
+                    self._dispatch(message.events)
+                elif isinstance(message, (Result, Error)):
+                    self._answer(message)
+                elif isinstance(message, Ready):
                     # Both sides have mapped the arenas: their files can go now, so
                     # nothing is left in /dev/shm however either process ends.
                     for arena in self._arenas.values():
                         arena.unlink()
-                    self._ready.set_result(message[1])
-                elif kind == "load_failed":
-                    self._ready.set_exception(WorkerStartError(message[1]))
+                    self._ready.set_result(message.info)
+                elif isinstance(message, LoadFailed):
+                    self._ready.set_exception(WorkerStartError(message.message))
+                else:
+                    raise TypeError(f"not a worker message: {type(message).__name__}")
         except (EOFError, OSError) as exc:
             reason = f"its connection closed ({type(exc).__name__})"
         except Exception as exc:  # a frame we cannot read: treat the worker as broken
             reason = f"an unreadable message ({type(exc).__name__}: {exc})"
         self._fail_all(reason)
+
+    def _dispatch(self, events: list) -> None:
+        for request_id, evs in _by_request(events).items():
+            sink = self._sinks.get(request_id)
+            if sink is not None and not _deliver(self.spec.slot, request_id, sink, evs):
+                self.cancel(request_id)
+                _tell_failed(sink, SinkFailed(f"request {request_id!r}: its consumer raised"))
+
+    def _answer(self, message: "Result | Error") -> None:
+        with self._state_lock:
+            future = self._calls.pop(message.call_id, None)
+        if message.call_id == self._arena_call:  # the worker has copied its inputs out
+            self._arena_call = None
+            self._arenas["server"].release()
+        if isinstance(message, Result):
+            value = from_wire(message.value, self._arenas.get("worker"))
+            self._answers_read += message.in_arena  # copied out: told with the next call
+        if future is not None:
+            if isinstance(message, Result):
+                future.set_result(value)
+            else:
+                future.set_exception(message.exception)
 
     def _died_message(self) -> str:
         code = self.proc.poll() if self.proc is not None else None
@@ -281,16 +346,19 @@ class ProcessWorker:
             self._dead = True
             calls, self._calls = self._calls, {}
             sinks, self._sinks = self._sinks, {}
+            expected = self._closing
         error = WorkerDied(self._died_message(), retry_after_s=5)
         if not self._ready.done():
             self._ready.set_exception(WorkerStartError(f"the {self.spec.slot} worker exited while loading "
                                                        f"{self.spec.path} ({reason})"))
-            return
         for future in calls.values():
             future.set_exception(error)
-        for sink in sinks.values():
-            sink(error)
-        self._on_exit(self, reason)
+        for request_id, sink in sinks.items():
+            _deliver(self.spec.slot, request_id, sink, error)
+        # A worker that never loaded is its start()'s failure, reported there:
+        # reporting its exit too would start a second restart for the same place.
+        if self.loaded and not expected:
+            self._on_exit(self, reason)
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -302,21 +370,28 @@ class ProcessWorker:
             arena.unlink()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._on_exit = lambda worker, reason: None  # an exit we asked for is no fault
-        if self._conn is None:
+        """Asks the worker to exit (it finishes the call in progress); kills it
+        past ``timeout``. Its exit is no fault: nothing restarts it."""
+        with self._state_lock:
+            self._closing = True
+            proc = self.proc
+        if proc is None:
             return
-        self._send_message(("stop",))
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._send_message(Stop())
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
-    def kill(self) -> None:
-        """SIGKILL; the reader thread then sees the socket close and cleans up."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def kill(self, expected: bool = True) -> None:
+        """SIGKILL; the reader thread then sees the socket close and cleans
+        up. ``expected=False``: a fault (a hung worker), restarted as one."""
+        with self._state_lock:
+            self._closing = self._closing or expected
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _by_request(events: list) -> dict:
@@ -329,10 +404,13 @@ def _by_request(events: list) -> dict:
 class WorkerGroup:
     """The workers of one model slot; restarts the ones that die.
 
-    ``on_state(slot, status, error)`` reports "restarting" when the last live
-    worker died (with another alive, the slot keeps serving), "ready" when
-    every worker of the group runs again, "failed" when a restart could not
-    load the model."""
+    Each place in ``workers`` has at most one restart in progress: up to one
+    attempt per ``RESTART_BACKOFF_S`` entry (the wait before it); when all
+    fail the place is given up (logged, never retried: see the module's
+    docstring). ``on_state(slot, status, error)`` reports the slot's status
+    when it changes: "ready" while at least one worker runs, "restarting"
+    when none runs and a restart is in progress, "failed" when none runs
+    and none will (the error says why: the last load error)."""
 
     RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 15.0)
 
@@ -347,7 +425,13 @@ class WorkerGroup:
         self.info: dict = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._stopping = threading.Event()  # wakes restarts sleeping in their backoff
         self._restarts = 0
+        self._restarting: dict[int, threading.Thread] = {}  # place -> its restart
+        self._loading: dict[int, ProcessWorker] = {}  # place -> the worker a restart is starting
+        self._failed: dict[int, str] = {}  # place -> why it was given up
+        self._status = "ready"
+        self._start_timeout = 600.0
 
     def _new(self):
         if self.mode == "process":
@@ -356,6 +440,7 @@ class WorkerGroup:
 
     def start(self, timeout: float = 600.0) -> dict:
         """Starts every worker (in parallel, blocking); returns the model's info."""
+        self._start_timeout = timeout
         workers = [self._new() for _ in range(self.count)]
         results: list = [None] * len(workers)
 
@@ -384,6 +469,8 @@ class WorkerGroup:
         with self._lock:
             live = [w for w in self.workers if not getattr(w, "_dead", False)]
         if not live:
+            if self._status == "failed":
+                raise WorkerDied(f"every {self.spec.slot} worker died and could not be restarted (see /ready)")
             raise WorkerDied(f"every {self.spec.slot} worker is restarting", retry_after_s=5)
         return min(live, key=lambda w: w.inflight)
 
@@ -391,45 +478,99 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
 
-    def _exited(self, worker: ProcessWorker, reason: str) -> None:
-        if self._closed:
-            return
-        log.error("the %s worker (pid %s) died: %s; restarting it", self.spec.slot, worker.pid, reason)
-        with self._lock:
-            others = any(not getattr(w, "_dead", False) for w in self.workers if w is not worker)
-        if not others:  # with another worker alive the slot keeps serving (and stays ready)
-            self._on_state(self.spec.slot, "restarting", f"a worker died ({reason}); restarting")
-        threading.Thread(target=self._restart, args=(worker,), name=f"tallow-restart-{self.spec.slot}",
-                         daemon=True).start()
+    @property
+    def failed(self) -> dict[int, str]:
+        """Places given up: place -> why."""
+        return dict(self._failed)
 
-    def _restart(self, dead: ProcessWorker) -> None:
-        for attempt, delay in enumerate(self.RESTART_BACKOFF_S):
-            time.sleep(delay)
+    def _status_now(self) -> str:  # with self._lock held
+        if any(not getattr(w, "_dead", False) for w in self.workers):
+            return "ready"
+        return "restarting" if self._restarting else "failed"
+
+    def _report(self, status: str, error: str) -> None:
+        """Tells on_state when the slot's status changed (with self._lock held)."""
+        if status != self._status:
+            self._status = status
+            self._on_state(self.spec.slot, status, "" if status == "ready" else error)
+
+    def _exited(self, worker: ProcessWorker, reason: str) -> None:
+        with self._lock:
             if self._closed:
                 return
+            place = next((i for i, w in enumerate(self.workers) if w is worker), None)
+            if place is None or place in self._restarting:  # not (or no longer) ours, or already handled
+                return
+            log.error("the %s worker (pid %s) died: %s; restarting it", self.spec.slot, worker.pid, reason)
+            thread = threading.Thread(target=self._restart, args=(place, reason),
+                                      name=f"tallow-restart-{self.spec.slot}-{place}", daemon=True)
+            self._restarting[place] = thread
+            thread.start()  # under the lock: stop() joins only started restarts
+            self._report(self._status_now(), f"a worker died ({reason}); restarting")
+
+    def _restart(self, place: int, reason: str) -> None:
+        """Restarts the worker at ``place``: one attempt per backoff entry."""
+        last = reason
+        attempts = len(self.RESTART_BACKOFF_S)
+        for attempt, delay in enumerate(self.RESTART_BACKOFF_S, 1):
+            if self._stopping.wait(delay):
+                return
             fresh = ProcessWorker(self.spec, self._exited)
-            try:
-                fresh.start()
-            except Exception as exc:
-                log.error("restarting the %s worker failed (attempt %d): %s", self.spec.slot, attempt + 1, exc)
-                continue
             with self._lock:
-                self.workers = [fresh if w is dead else w for w in self.workers]
-                self._restarts += 1
-                all_live = not any(getattr(w, "_dead", False) for w in self.workers)
-            log.info("the %s worker is back (pid %s)", self.spec.slot, fresh.pid)
-            if all_live:
-                self._on_state(self.spec.slot, "ready", "")
+                if self._closed:
+                    return
+                self._loading[place] = fresh
+            try:
+                fresh.start(self._start_timeout)
+            except Exception as exc:
+                last = str(exc)
+                log.error("restarting the %s worker failed (attempt %d of %d): %s", self.spec.slot, attempt,
+                          attempts, exc)
+                continue
+            finally:
+                with self._lock:
+                    self._loading.pop(place, None)
+            with self._lock:
+                if not self._closed and not fresh._dead:  # dead already: its exit was not reported
+                    self.workers[place] = fresh
+                    self._restarts += 1
+                    del self._restarting[place]
+                    self._report(self._status_now(), "")
+                    log.info("the %s worker is back (pid %s)", self.spec.slot, fresh.pid)
+                    return
+                closed = self._closed
+            if closed:
+                fresh.stop()
+                return
+            last = f"the {self.spec.slot} worker (pid {fresh.pid}) exited right after it loaded"
+        if self._stopping.is_set():  # the last attempt was cancelled by stop(): no failure to report
             return
-        self._on_state(self.spec.slot, "failed", f"the worker died and could not be restarted "
-                                                 f"({len(self.RESTART_BACKOFF_S)} attempts)")
+        why = f"the worker died and could not be restarted ({attempts} attempts; the last: {last})"
+        log.error("the %s worker is given up: %s. It will not be retried: fix the cause and restart tallow",
+                  self.spec.slot, why)
+        with self._lock:
+            self._restarting.pop(place, None)
+            self._failed[place] = why
+            self._report(self._status_now(), why)
 
     @property
     def restarts(self) -> int:
         return self._restarts
 
-    def stop(self) -> None:
-        self._closed = True
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops every worker and cancels restarts in progress (a restart
+        sleeping in its backoff ends, one loading a model has its process
+        killed); no process of the group is left when it returns."""
+        with self._lock:
+            self._closed = True
+            self._stopping.set()
+            loading = list(self._loading.values())
+            restarts = list(self._restarting.values())
+        for w in loading:
+            w.kill()
+        for t in restarts:
+            if t is not threading.current_thread():
+                t.join(timeout)
         for w in self.workers:
             w.stop()
 
@@ -438,8 +579,11 @@ class ServedModel:
     """What the routes and the engine hold for a model slot: the model's
     interface, its forward passes run by the slot's workers."""
 
-    def __init__(self, group: WorkerGroup):
+    def __init__(self, group: WorkerGroup, generation_timeout_s: float = 120.0):
         self.group = group
+        # generate()'s bound (the server gives server.request_timeout_s): a
+        # RAG answer waits no longer than a completion may take.
+        self.generation_timeout_s = generation_timeout_s
         info = group.info
         self.config = info["config"]
         self.tokenizer = info["tokenizer"]
@@ -485,4 +629,4 @@ class ServedModel:
         (RAG's answers join the running batch like any completion)."""
         from .generation import generate_blocking
 
-        return generate_blocking(self, prompts, kwargs)
+        return generate_blocking(self, prompts, kwargs, self.generation_timeout_s)
