@@ -163,9 +163,28 @@ async def completions(body: CompletionRequest, request: Request):
                           "total_tokens": prompt_tokens + completion_tokens}}
     stream = admit_generation(services, model, req)  # 429 / 422 / 503 before the stream starts
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return StreamingResponse(_sse(services, stream, cid, created, name, prompt_tokens if include_usage else None),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _GenerationResponse(stream, _sse(services, stream, cid, created, name,
+                                            prompt_tokens if include_usage else None),
+                               media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _GenerationResponse(StreamingResponse):
+    """Closes its stream however the response ends. A client that leaves
+    before the first byte is sent cancels the response before its body is
+    ever iterated, so no ``finally`` in the body runs: without this the
+    rows would run on and the admission slot never come back."""
+
+    def __init__(self, stream: GenerationStream | None, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._stream is not None:
+                self._stream.close()
 
 
 def admit_generation(services: Services, model, req) -> GenerationStream | None:
@@ -176,8 +195,14 @@ def admit_generation(services: Services, model, req) -> GenerationStream | None:
     if req.params.max_new_tokens == 0:
         services.generation_slots.leave()
         return None
+
+    def release(stream: GenerationStream) -> None:  # once, when the stream closes
+        if not stream.finished:
+            services.metrics.generations_cancelled.inc()
+        services.generation_slots.leave()
+
     try:
-        return GenerationStream(model, req.prompt_ids, req.params)
+        return GenerationStream(model, req.prompt_ids, req.params, on_close=release)
     except BaseException:
         services.generation_slots.leave()
         raise
@@ -185,7 +210,7 @@ def admit_generation(services: Services, model, req) -> GenerationStream | None:
 
 async def _events(services: Services, stream: GenerationStream | None, admitted: float):
     """The stream's events, with the request timeout, time-to-first-token and
-    token metrics; leaves the admission gate however it ends."""
+    token metrics; closing the stream (however it ends) leaves the admission gate."""
     if stream is None:
         return
     metrics = services.metrics
@@ -199,9 +224,6 @@ async def _events(services: Services, stream: GenerationStream | None, admitted:
             yield event
     finally:
         stream.close()  # a client that left, a timeout: its rows stop at the next step
-        if not stream.finished:
-            metrics.generations_cancelled.inc()
-        services.generation_slots.leave()
 
 
 async def complete(services: Services, model, req) -> list[dict]:
