@@ -204,3 +204,230 @@ def test_retry_after_is_the_backlog_over_the_measured_drain_rate():
     assert rate.retry_after(100) == 5
     assert rate.retry_after(1) == 1
     assert rate.retry_after(10**6) == 60  # capped
+
+
+# -- supervision -----------------------------------------------------------------------------
+
+def _worker_children() -> set[int]:
+    """Live worker processes started by this process (the servers under test
+    run in it): /proc, no psutil. Zombies do not count: nothing runs there."""
+    me = str(os.getpid())
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:  # it ended while we looked
+            continue
+        if ppid == me and state != "Z" and b"tallow.worker" in cmdline:
+            out.add(int(entry))
+    return out
+
+
+def _restart_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tallow-restart-")]
+
+
+def test_a_worker_whose_model_disappeared_fails_its_slot_after_bounded_restarts(tmp_path, minilm_dir,
+                                                                                 monkeypatch):
+    from tallow.serve import workers
+
+    monkeypatch.setattr(workers.WorkerGroup, "RESTART_BACKOFF_S", (0.0, 0.05, 0.05))
+    starts = []
+    real_start = workers.ProcessWorker.start
+
+    def counted_start(self, *args, **kwargs):
+        starts.append(self)
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.ProcessWorker, "start", counted_start)
+    others = _worker_children()  # another server of this module keeps its workers
+    model = tmp_path / "embedder"
+    model.symlink_to(minilm_dir, target_is_directory=True)
+    cfg = make_config(tmp_path / "data", **{"workers.mode": "process", "workers.threads": 1,
+                                            "models.embedder": str(model), "models.warmup": False,
+                                            "data.demo_corpus": False})
+    server = ServerThread(cfg).start()
+    try:
+        [pid] = _ready_models(server)["embedder"]["workers"]["pids"]
+        model.unlink()  # the model is gone before the restart
+        os.kill(pid, signal.SIGKILL)
+        most = 0
+        deadline = time.monotonic() + 180
+        while (slot := _ready_models(server)["embedder"])["status"] != "failed":
+            most = max(most, len(_worker_children() - others))
+            assert time.monotonic() < deadline, slot
+            time.sleep(0.02)
+        assert len(starts) == 1 + 3  # the first start, then one per attempt: no second chain
+        assert most <= 1  # one restart at a time, never a storm
+        assert not _restart_threads() and not (_worker_children() - others)
+        r = httpx.get(server.url + "/ready", timeout=10)
+        assert r.status_code == 503
+        error = r.json()["models"]["embedder"]["error"]
+        assert "3 attempts" in error and str(model) in error, error  # says why: the load error
+        with server.client() as c:
+            assert c.post("/v1/embeddings", json={"input": "x"}).status_code == 503
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("phase", ["backoff", "loading"])
+def test_stop_during_a_restart_leaves_no_process_behind(phase, minilm_dir, monkeypatch):
+    from tallow.serve import workers
+    from tallow.worker import WorkerSpec
+
+    others = _worker_children()
+    reports: list = []
+    restarting = threading.Event()
+
+    def on_state(slot, status, error):
+        reports.append(status)
+        if status == "restarting":
+            restarting.set()
+
+    spec = WorkerSpec("embedder", str(minilm_dir), task="embed", warmup=False, threads=1)
+    group = workers.WorkerGroup(spec, 1, "process", on_state)
+    group.start(timeout=120)
+    leftovers: set = set()
+    try:
+        if phase == "backoff":  # the restart sleeps before its first attempt
+            monkeypatch.setattr(workers.WorkerGroup, "RESTART_BACKOFF_S", (3600.0,))
+        else:  # the restart's process never finishes loading
+            monkeypatch.setattr(workers, "_WORKER_MAIN", "import time; time.sleep(3600)  # tallow.worker")
+        [pid] = group.pids
+        os.kill(pid, signal.SIGKILL)
+        assert restarting.wait(60)
+        if phase == "loading":
+            deadline = time.monotonic() + 60
+            while not (_worker_children() - others - {pid}):
+                assert time.monotonic() < deadline, "the restart never started its process"
+                time.sleep(0.01)
+        group.stop()
+        leftovers = _worker_children() - others
+        assert not leftovers
+        for t in _restart_threads():
+            t.join(10)  # a never-hang guard: a cancelled restart ends at once
+        assert not _restart_threads()
+        assert "ready" not in reports[reports.index("restarting"):]
+    finally:
+        for p in leftovers:
+            os.kill(p, signal.SIGKILL)
+
+
+def test_a_sink_that_raises_fails_only_its_own_request(process_server):
+    from tallow.models.generation import SamplingParams
+
+    served = process_server.services.models["generator"].model
+    prompt_ids = served.tokenizer.encode_ids(["once upon a time"])
+    params = [SamplingParams(max_new_tokens=8, temperature=0.0)]
+    told_bad: list = []
+    good: list = []
+    done = threading.Event()
+
+    def bad(item):
+        told_bad.append(item)
+        if not isinstance(item, BaseException):
+            raise RuntimeError("a bug in this request's consumer")
+
+    def ok(item):
+        good.append(item)
+        if isinstance(item, BaseException) or any(e.finish_reason for e in item):
+            done.set()
+
+    worker = served.start_generation("sink-raises", prompt_ids, params, bad)
+    pid = worker.pid
+    assert served.start_generation("sink-fine", prompt_ids, params, ok) is worker  # same worker, same batch
+    assert done.wait(60)
+    worker.finished("sink-fine")
+    assert not [i for i in good if isinstance(i, BaseException)], good
+    events = [e for batch in good for e in batch]
+    assert len(events) == 8 and events[-1].finish_reason == "length"
+    assert isinstance(told_bad[-1], BaseException)  # the failing request was told it failed
+    assert worker.pid == pid and not worker._dead and worker.inflight == 0
+    assert httpx.get(process_server.url + "/ready", timeout=10).status_code == 200
+
+
+def test_a_worker_process_uses_workers_threads(minilm_dir):
+    from tallow.serve.workers import ProcessWorker
+    from tallow.worker import WorkerSpec
+
+    worker = ProcessWorker(WorkerSpec("embedder", str(minilm_dir), task="embed", warmup=False, threads=1),
+                           lambda w, reason: None)
+    try:
+        info = worker.start(120)
+    finally:
+        worker.stop()
+    assert info["threads"] == {"tallow": 1, "torch": 1}
+
+
+def test_a_stream_client_that_leaves_before_the_first_byte_gives_its_slot_back(process_server, monkeypatch):
+    """An ASGI 2.4 server raises OSError from send() once the client has
+    gone: Starlette then gives up on the response before its body is ever
+    iterated, so no ``finally`` in the body runs. The slot must come back
+    anyway, and the rows must stop."""
+    import asyncio
+    import contextlib
+
+    gate = process_server.services.generation_slots
+    monkeypatch.setattr(gate, "max_queue", 1)
+    body = json.dumps({"prompt": "once upon a time", "max_tokens": 900, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list = []
+    admitted: list = []
+    real_enter = gate.enter
+    monkeypatch.setattr(gate, "enter", lambda: (real_enter(), admitted.append(gate.depth)))
+
+    async def leave_before_the_first_byte():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message["type"])
+            raise OSError("the client has gone")
+
+        with contextlib.suppress(Exception):
+            await process_server.app(scope, receive, send)
+
+    asyncio.run(leave_before_the_first_byte())
+    assert admitted == [1] and sent[0] == "http.response.start"  # it was admitted, then its client left
+    assert gate.depth == 0
+    r = httpx.post(process_server.url + "/v1/completions", json={"prompt": "next", "max_tokens": 2, "stream": True},
+                   timeout=60)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    assert process_server.services.models["generator"].group.workers[0].inflight == 0  # its rows were cancelled
+
+
+def test_a_generative_rag_answer_that_never_comes_times_out_and_is_cancelled(process_server, monkeypatch):
+    url = process_server.url
+    r = httpx.post(url + "/v1/documents", json={"documents": [{"id": "owl", "text": "owls hunt at night"}]},
+                   timeout=60)
+    assert r.status_code == 200
+    served = process_server.services.models["generator"].model
+    real_start = served.start_generation
+    cancelled: list = []
+
+    def start_unheard(request_id, prompt_ids, params, sink):
+        worker = real_start(request_id, prompt_ids, params, lambda item: None)  # its answer never arrives
+        real_cancel = worker.cancel
+        monkeypatch.setattr(worker, "cancel", lambda rid: (cancelled.append(rid), real_cancel(rid)))
+        return worker
+
+    monkeypatch.setattr(served, "start_generation", start_unheard)
+    monkeypatch.setattr(served, "generation_timeout_s", 1.0)
+    r = httpx.post(url + "/v1/rag", json={"question": "when do owls hunt?", "k": 1, "max_tokens": 900},
+                   timeout=60)
+    assert r.status_code == 504, r.text
+    assert "request_timeout_s" in r.json()["error"]["message"]
+    assert len(cancelled) == 1  # its rows stop in the worker
+    worker = process_server.services.models["generator"].group.workers[0]
+    assert cancelled[0] not in worker._sinks
