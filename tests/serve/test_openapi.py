@@ -6,11 +6,13 @@ schema with all its checks, finds nothing."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -96,6 +98,49 @@ def test_filter_schema_agrees_with_the_server(tmp_path):
             filters.parse(f)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _make_run_config(data_dir):
+    """`make run`'s own configuration (tallow.toml: the sentiment classifier, the Todo REST API and
+    the image function), with its data in ``data_dir`` and no demo corpus (quick to start)."""
+    return load_config(REPO / "tallow.toml", **{"data.dir": str(data_dir), "data.demo_corpus": False})
+
+
+def test_function_operations_are_described_as_they_answer(tmp_path, monkeypatch):
+    """A function answers with its own statuses (the Todo REST API: 201, 204, 404, 405, 422):
+    2XX and `default` (the error model) beside what tallow answers for it (413, 429, 500, 504);
+    a "/..." route's subpath is a declared path parameter (a template naming an undeclared
+    parameter is a schema error); the documents limits are in the schema."""
+    monkeypatch.setenv("TALLOW_WASM_CACHE", str(tmp_path / "wasm-cache"))
+    spec = TestClient(create_app(config=_make_run_config(tmp_path / "data"))).get("/openapi.json").json()
+    ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    functions = {k: op for k, op in ops.items() if "x-tallow-function" in op}
+    assert {("GET", "/todos"), ("DELETE", "/todos/{path}"), ("POST", "/image-info")} <= set(functions)
+    for (method, path), op in functions.items():
+        codes = set(op["responses"])
+        assert {"2XX", "default", "429", "500", "504"} <= codes and "200" not in codes, (method, path, codes)
+        assert ("413" in codes) == (method != "GET"), (method, path, codes)
+        assert op["responses"]["2XX"]["content"] == {"*/*": {"schema": {}}}
+        assert op["responses"]["default"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"}
+        names = [p["name"] for p in op.get("parameters", []) if p["in"] == "path"]
+        assert names == re.findall(r"\{([^}]+)\}", path), (method, path, names)
+    documents = spec["components"]["schemas"]["DocumentsBody"]["properties"]["documents"]
+    assert documents["maxItems"] == 2048 and documents["items"]["properties"]["text"]["maxLength"] == 200000
+
+
+def test_a_function_path_answers_405_naming_every_method_it_serves(tmp_path, monkeypatch):
+    monkeypatch.setenv("TALLOW_WASM_CACHE", str(tmp_path / "wasm-cache"))
+    client = TestClient(create_app(config=_make_run_config(tmp_path / "data")))
+    for path in ("/todos", "/todos/1", "/image-info"):
+        r = client.request("PATCH", path)
+        assert r.status_code == 405 and r.json()["error"]["code"] == 405, (path, r.text)
+        want = "DELETE, GET, HEAD, POST, PUT" if path.startswith("/todos") else "POST"
+        assert r.headers["allow"] == want, (path, r.headers.get("allow"))
+    assert client.get("/image-info").headers["allow"] == "POST"
+
+
 # -- schemathesis against a live server -------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -130,3 +175,34 @@ def test_schemathesis_finds_nothing(st_server, tmp_path):
     Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)
     assert proc.returncode == 0, out[-12000:]
     assert time.monotonic() - t0 < 90, out[-2000:]
+
+
+@pytest.fixture(scope="module")
+def make_run_server(tmp_path_factory):
+    """The server `make run` starts (tallow.toml, its functions mounted), on a free port."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TALLOW_WASM_CACHE", str(tmp_path_factory.mktemp("wasm-cache")))
+        server = ServerThread(_make_run_config(tmp_path_factory.mktemp("make-run-data"))).start()
+        yield server
+        server.stop()
+
+
+def test_schemathesis_finds_nothing_on_make_runs_configuration(make_run_server, tmp_path):
+    """`st run --checks all` against tallow.toml's server: no key (tallow.toml sets none), the
+    generator and image operations answering their documented 503, the Todo REST API and the
+    image function mounted (schemathesis-make-run.toml says what their checks cannot know)."""
+    config = tmp_path / "schemathesis.toml"
+    here = Path(__file__).parent
+    config.write_text((here / "schemathesis.toml").read_text() + "\n" + (here / "schemathesis-make-run.toml").read_text())
+    st = Path(sys.executable).with_name("st")
+    cmd = [str(st), "--config-file", str(config), "run", make_run_server.url + "/openapi.json", "--checks", "all",
+           "--max-examples", "8", "--seed", "7", "--workers", "1", "--request-timeout", "30", "--max-time", "40",
+           "--no-color"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+    out = proc.stdout + proc.stderr
+    Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)
+    assert proc.returncode == 0, out[-12000:]
+    metrics = httpx.get(make_run_server.url + "/metrics", timeout=30).text
+    for route in ("/todos", "/todos/{path}", "/image-info"):  # the functions were called
+        assert f'route="{route}"' in metrics, route

@@ -86,3 +86,20 @@ def test_check_documents_names_the_document():
         rules.check_documents(docs, 1, 100)
     assert e.value.param == "documents"
     rules.check_documents(docs, 10, 100)
+
+
+def test_documents_the_schema_allows_are_accepted():
+    """Many small documents, repeated exactly (a client's retry, or a fuzzer's
+    list of {"text": "0"}), are ingested once each; an integral float
+    timestamp is an integer to JSON Schema, and to the server."""
+    docs = [{"text": "0"}] * 50 + [{"text": "0", "title": None}, {"id": "a", "text": "x", "timestamp": 5.0},
+                                   {"id": "a", "text": "x", "timestamp": 5}]
+    out = rules.check_documents(docs, 64, 100)
+    assert [d["text"] for d in out] == ["0", "x"] and out[1]["timestamp"] == 5
+    assert isinstance(out[1]["timestamp"], int)
+    # two different documents under one id: refused, naming the second
+    with pytest.raises(InputError, match="earlier document with other content") as e:
+        rules.check_documents([{"text": "0"}, {"text": "0", "title": "t"}], 64, 100)
+    assert e.value.param == "documents[1]"
+    with pytest.raises(InputError, match="timestamp"):
+        rules.check_documents([{"text": "x", "timestamp": 5.5}], 64, 100)

@@ -113,10 +113,27 @@ def _clashes(app: FastAPI, spec: FunctionSpec) -> str | None:
     return None
 
 
-def _openapi_extra(fn: LoadedFunction) -> dict:
-    return {"requestBody": {"required": False, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-            "x-tallow-function": {"name": fn.spec.name, "abi": abi.ABI_VERSION, "module": fn.spec.module.name,
-                                  "sha256": fn.sha256}}
+# The rest of the path below a "/..." route: Starlette's {path:path} takes
+# slashes, which an OpenAPI path parameter cannot hold as such (a client sends
+# them percent-encoded, %2F; the function sees them decoded), and may be empty.
+_SUBPATH = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "the rest of the path below the function's route (may be empty; slashes are "
+                           "sent as %2F and reach the function decoded)"}
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+
+
+def _openapi_extra(fn: LoadedFunction, method: str, subpath: bool) -> dict:
+    """The operation's OpenAPI fields FastAPI cannot infer from the handler
+    (which reads the raw request); its responses are described by
+    tallow.serve.openapi, which knows this is a function by x-tallow-function."""
+    extra: dict[str, Any] = {"x-tallow-function": {"name": fn.spec.name, "abi": abi.ABI_VERSION,
+                                                   "module": fn.spec.module.name, "sha256": fn.sha256}}
+    if method not in ("GET", "HEAD"):
+        extra["requestBody"] = {"required": False,
+                                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}
+    if subpath:
+        extra["parameters"] = [_SUBPATH]
+    return extra
 
 
 def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = None,
@@ -175,6 +192,16 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
         handler.__name__ = f"function_{name}"
         return handler
 
+    def make_not_allowed(spec: FunctionSpec):
+        allow = ", ".join(sorted(set(spec.methods) | ({"HEAD"} if "GET" in spec.methods else set())))
+
+        async def not_allowed(request: Request) -> Response:
+            return error_response(405, f"function {spec.name!r} answers {allow} on {spec.route}",
+                                  headers={"Allow": allow})
+
+        return not_allowed
+
+    not_allowed: list[tuple[LoadedFunction, str, str, int]] = []
     for fn in loaded:
         spec = fn.spec
         summary = f"WebAssembly function {spec.name!r} ({abi.ABI_VERSION})"
@@ -184,15 +211,25 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
         handler = make_handler(fn)
         paths = [spec.base_route] + ([spec.base_route.rstrip("/") + "/{path:path}"] if spec.wildcard else [])
         for i, path in enumerate(paths):
+            name = f"function_{spec.name}" + ("_subpaths" if i else "")
             for method in spec.methods:  # one route per method: each gets its own OpenAPI operation id
                 app.add_api_route(path, handler, methods=[method], tags=["functions"], summary=summary,
-                                  description=description, response_class=Response,
-                                  name=f"function_{spec.name}" + ("_subpaths" if i else ""),
-                                  operation_id=f"function_{spec.name}{'_subpaths' if i else ''}_{method.lower()}",
-                                  openapi_extra=_openapi_extra(fn) if method not in ("GET", "HEAD") else
-                                  {k: v for k, v in _openapi_extra(fn).items() if k != "requestBody"})
+                                  description=description, response_class=Response, name=name,
+                                  operation_id=f"{name}_{method.lower()}",
+                                  openapi_extra=_openapi_extra(fn, method, bool(i)))
+            not_allowed.append((fn, path, name, i))
         log.info("function %s mounted at %s %s (%s, %.1f ms)", spec.name, ",".join(spec.methods), spec.route,
                  "from the compiled cache" if fn.from_cache else "compiled", fn.load_ms)
+
+    # Any other method on a function's path: 405 naming every method it serves
+    # (with one route per method, Starlette's own 405 names only the first
+    # route's). After every function's routes, so none shadows another's.
+    for fn, path, name, i in not_allowed:
+        others = [m for m in HTTP_METHODS if m not in fn.spec.methods and not (m == "HEAD" and "GET" in fn.spec.methods)]
+        if others:
+            app.add_api_route(path, make_not_allowed(fn.spec), methods=others, include_in_schema=False,
+                              name=name + "_other_methods", response_class=Response,
+                              openapi_extra=_openapi_extra(fn, "GET", bool(i)))
 
     @app.get("/v1/functions", tags=["functions"], summary="The WebAssembly functions this server serves")
     async def list_functions():

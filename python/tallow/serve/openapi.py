@@ -149,6 +149,31 @@ SECURITY_SCHEMES = {
 }
 
 
+# A WebAssembly function's operation (tallow.functions): its answers are the
+# function's own (any 2xx with any body; any other status, which the example
+# functions answer in the error model), besides those tallow answers for it.
+FUNCTION_ERRORS = (429, 500, 504)
+_FUNCTION_DESCRIPTIONS = {
+    413: "The body is larger than server.max_body_bytes or the function's limits.max_body_bytes",
+    429: "Too many function calls in flight; retry after Retry-After",
+    500: "The function trapped, could not be instantiated, or its handle() returned non-zero",
+    504: "The function ran past its limits.deadline_ms or out of limits.fuel",
+}
+
+
+def _function_responses(responses: dict) -> None:
+    responses.pop("200", None)  # FastAPI's "Successful Response"
+    responses["2XX"] = {"description": "The function's answer: its status, headers and body are its own",
+                        "content": {"*/*": {"schema": {}}}}
+    for status, text in _FUNCTION_DESCRIPTIONS.items():
+        if str(status) in responses:
+            responses[str(status)]["description"] = text
+    responses["default"] = {
+        "description": "Any other status the function answers itself (as a REST API answers 404, 405 or 422); "
+                       "tallow's example functions answer them in the error model",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
 def _error_response(status: int) -> dict:
     out: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, "Error"),
                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -162,10 +187,14 @@ def _error_response(status: int) -> dict:
 def operation_errors(route, method: str, server: ServerConfig) -> set[int]:
     """Every status besides 200 that ``method`` on ``route`` can answer."""
     statuses = set(ROUTE_ERRORS.get((method, auth.route_path(route)), ()))
+    if auth.is_function_route(route):
+        statuses |= set(FUNCTION_ERRORS)
     if method not in ("GET", "HEAD", "OPTIONS"):
         statuses |= {413}  # BodyLimit, before any handler
     if route.body_field is not None or route.dependant.path_params or route.dependant.query_params:
         statuses |= {422}
+    if route.body_field is not None:
+        statuses |= {415}  # a body not declared as JSON (errors.py), or of a media type not read
     level = auth.resolve(auth.declared_access(route, method), server)
     if server.any_key() and level != auth.OPEN:
         statuses |= {401, 403}
@@ -193,12 +222,16 @@ def _limits(schemas: dict, config: ServeConfig, dim: int | None) -> None:
     for model in ("EmbeddingsRequest", "ClassifyRequest"):
         branch = list_branch(prop(model, "input"))
         if branch:
-    if route.body_field is not None:
-        statuses |= {415}  # a body not declared as JSON (errors.py), or of a media type not read
             branch.update(minItems=1, maxItems=m.max_inputs_per_request)
     if prop("DocumentsBody", "documents"):
         docs = prop("DocumentsBody", "documents")
         docs["maxItems"] = m.max_inputs_per_request
+        docs["description"] = (
+            f"{docs.get('description', '')}. At most {m.max_inputs_per_request} documents "
+            f"(models.max_inputs_per_request), each text at most {config.data.max_document_chars} characters "
+            f"(data.max_document_chars), in a body of at most {config.server.max_body_bytes} bytes "
+            "(server.max_body_bytes, else 413). A document repeated exactly is stored once; two different "
+            "documents with one id (given, or the text's sha256) are refused.").lstrip(". ")
         docs["items"]["properties"]["text"]["maxLength"] = config.data.max_document_chars
     if dim is not None and prop("EmbeddingsRequest", "dimensions"):
         prop("EmbeddingsRequest", "dimensions")["anyOf"] = [{"const": dim}, {"type": "null"}]
@@ -233,6 +266,8 @@ def build_schema(app, config: ServeConfig, dim: int | None = None) -> dict:
             responses.pop("422", None)  # FastAPI's HTTPValidationError: this server answers the error model
             for status in sorted(operation_errors(route, method, server)):
                 responses[str(status)] = _error_response(status)
+            if auth.is_function_route(route):
+                _function_responses(responses)
             _special(route, method, responses)
     return schema
 

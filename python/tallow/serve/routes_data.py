@@ -105,12 +105,12 @@ class DocumentsBody(BaseModel):
 async def ingest(body: DocumentsBody, request: Request):
     services = get_services(request)
     engine = require_engine(services)
-    rules.check_documents(body.documents, services.config.models.max_inputs_per_request,
-                          services.config.data.max_document_chars)
+    documents = rules.check_documents(body.documents, services.config.models.max_inputs_per_request,
+                                      services.config.data.max_document_chars)
 
     # The engine serialises its writes itself (its DerivedIndex's lock): the
     # write lane needs no max_concurrency of 1 for correctness.
-    summary = await submit(services, "write", lambda: engine.ingest(body.documents, progress=False))
+    summary = await submit(services, "write", lambda: engine.ingest(documents, progress=False))
     return {"object": "ingest", **summary.to_dict()}
 
 

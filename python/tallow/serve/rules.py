@@ -141,21 +141,39 @@ def check_rag(max_tokens: int, cfg: ModelsConfig) -> None:
                          "(models.max_completion_tokens)", param="max_tokens")
 
 
-def check_documents(documents: list, max_inputs: int, max_chars: int) -> None:
+def check_documents(documents: list, max_inputs: int, max_chars: int) -> list[dict]:
     """Every document checked before anything is written: at most
     ``max_inputs`` of them, each valid for the engine and at most
-    ``max_chars`` characters long (a write holds the write lock; bound how long)."""
+    ``max_chars`` characters long (a write holds the write lock; bound how long).
+    Returns the documents to ingest, as the schema describes them: an integral
+    float timestamp (1.0: an integer to JSON Schema) as an int, and a document
+    repeated exactly (the same id, or no id and the same text, and the same
+    fields) once, as sending it twice would store it once. Two different
+    documents with one id are refused: which one to keep is the client's call."""
     from ..engine.documents import normalize_document
 
     if len(documents) > max_inputs:
         raise InputError(f"{len(documents)} documents in one request; the limit is {max_inputs} "
                          "(models.max_inputs_per_request)", param="documents")
+    out: list[dict] = []
+    first: dict[str, int] = {}  # id -> the index in out of the document kept
     for i, doc in enumerate(documents):
+        if isinstance(doc, dict) and isinstance(doc.get("timestamp"), float) and doc["timestamp"].is_integer():
+            doc = {**doc, "timestamp": int(doc["timestamp"])}
         try:
-            normalize_document(doc, i)
+            norm = normalize_document(doc, i)
         except (ValueError, TypeError) as exc:
             raise InputError(str(exc), param=f"documents[{i}]") from None
         if len(doc["text"]) > max_chars:
             raise InputError(f"documents[{i}] has {len(doc['text'])} characters; the limit is {max_chars} "
                              "(data.max_document_chars): split it into several documents",
                              param=f"documents[{i}]")
+        j = first.get(norm["id"])
+        if j is None:
+            first[norm["id"]] = len(out)
+            out.append(norm)
+        elif out[j] != norm:
+            raise InputError(f"documents[{i}] has the id {norm['id']!r} of an earlier document with other "
+                             "content (ids are unique; without one, the id is the text's sha256)",
+                             param=f"documents[{i}]")
+    return out
