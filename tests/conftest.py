@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tallow
-from tallow.testing import ALL_ISAS, available_isas
+from tallow.testing import ALL_ISAS, available_isas, require_native
 
 # Real redis-server fixtures (redis_url, redis_server_factory) for the feature
 # cache tests and the server's; model checkpoints for the model, image and
@@ -30,6 +30,7 @@ def each_isa(request):
     """Runs the test once per ISA the CPU supports, with the kernels forced
     onto it; restores the previous ISA afterwards."""
     isa = request.param
+    require_native()  # without tallow._C every tier would skip: fail instead
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run {isa} (tiers of this build: {tallow.native().isa_levels()})")
     previous = tallow.get_isa()
@@ -53,6 +54,21 @@ def force_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("native") is not None:
+        require_native()
+
+
+def pytest_report_header(config):
+    if not tallow.native_available():
+        return f"tallow._C: NOT LOADED: {tallow.native_error()}"
+    try:
+        isa = tallow.get_isa()
+    except Exception as exc:  # e.g. a TALLOW_ISA this CPU lacks: the tests say so
+        isa = f"unavailable: {exc}"
+    return f"tallow._C: {tallow.native().__file__} (isa {isa})"
 
 
 def pytest_collection_modifyitems(config, items):

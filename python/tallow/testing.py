@@ -27,6 +27,32 @@ def needs_libsql():
                               "platform (no aarch64 build): the store runs on the stdlib's sqlite3")
 
 
+# Set to 1 to run the suite deliberately without tallow._C (the pure-torch
+# parts only): tests marked `native` then skip instead of failing.
+ALLOW_NO_NATIVE_ENV = "TALLOW_ALLOW_NO_NATIVE"
+
+
+def require_native() -> None:
+    """For a test that needs tallow._C: returns when it loaded; otherwise
+    fails the test with the load error, so a missing or broken build can
+    never turn the kernel tests into a green run of skips. Skips instead
+    only when TALLOW_ALLOW_NO_NATIVE=1 asks for a run without the kernels.
+    (conftest.py calls this for every test marked ``native``.)"""
+    import os
+
+    import pytest
+
+    import tallow
+
+    if tallow.native_available():
+        return
+    why = f"tallow._C did not load: {tallow.native_error()}"
+    if os.environ.get(ALLOW_NO_NATIVE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        pytest.skip(f"{why} ({ALLOW_NO_NATIVE_ENV} is set)")
+    pytest.fail(f"{why}. Build it (`make install`, or `pip install -e .`), or set {ALLOW_NO_NATIVE_ENV}=1 to "
+                "run only the tests that do not need the kernels.", pytrace=False)
+
+
 # Every ISA tier any build knows, for test parametrization (a test skips the
 # ones this CPU or architecture cannot run: see available_isas()).
 ALL_ISAS = ("scalar", "avx2", "avx512_vnni", "neon")

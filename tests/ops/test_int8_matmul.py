@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 import tallow
 from tallow.ops import QuantizedLinear, int8_linear_ref, int8_matmul, int8_matmul_ref, quantize_rows_ref
-from tallow.testing import assert_close, compare
+from tallow.testing import assert_close, compare, require_native
 
 im = sys.modules["tallow.ops.int8_matmul"]  # the module (the package exports a function of that name)
 
-needs_native = pytest.mark.skipif(not tallow.native_available(), reason="tallow._C not built")
+needs_native = pytest.mark.native  # fails, not skips, without tallow._C (conftest.py)
 
 ACTS = [None, "relu", "gelu_erf", "gelu_tanh"]
 AWKWARD = [1, 3, 17, 65, 100, 769]
@@ -37,8 +37,7 @@ def _amx_usable() -> bool:
 def gemm_path(request):
     """On the AVX-512 ISA, runs the test on the VNNI micro-kernel and on the
     AMX tile path (where the CPU has AMX), restoring the previous setting."""
-    if not tallow.native_available():
-        pytest.skip("tallow._C not built")
+    require_native()
     mod = tallow.native()
     if request.param == "amx" and not mod.int8_amx_usable():
         pytest.skip("no AMX-INT8 on this CPU/OS")
@@ -326,8 +325,8 @@ def test_linear_zero_rows(act):
 @pytest.mark.parametrize("backend", ["cpu", "ref"])
 @pytest.mark.parametrize("act", ACTS)
 def test_linear_nonfinite_rows_give_nan(force_backend, backend, act):
-    if backend == "cpu" and not tallow.native_available():
-        pytest.skip("tallow._C not built")
+    if backend == "cpu":
+        require_native()
     force_backend(backend)
     q = QuantizedLinear.from_float(torch.randn(33, 17), torch.randn(33), activation=act)
     x = torch.randn(4, 17)
