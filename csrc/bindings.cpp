@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
+
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
 
@@ -39,6 +41,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", [](const std::string& name) { tallow::set_isa(name); }, py::arg("name"),
         "Force the kernels onto an ISA no higher than best_isa().");
   m.def("cpu_features", &tallow::cpu_feature_string);
+  m.def("isa_requirements", [] {
+    std::map<std::string, std::vector<std::string>> req;
+    for (tallow::Isa isa : tallow::arch_isas()) req[tallow::isa_name(isa)] = tallow::isa_requirements(isa);
+    return req;
+  }, "The CPU features each tier of this build needs (what its files' compile flags enable, implied "
+     "extensions included, plus the OS register state): a tier is used only where cpu_features() has them all.");
   m.def("num_threads", &tallow::num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +221,137 @@ def test_info_is_honest_about_the_gpu_kernels(monkeypatch, tmp_path):
     assert _gpu.gpu_kernels_status().startswith("run on a GPU: benchmarks/gpu_check.sh passed its GPU tests on NVIDIA H200")
     (tmp_path / "gpu_check.json").write_text('{"tests_rc": 1}')
     assert "never run on a GPU" in _gpu.gpu_kernels_status()
+
+
+# ------------------------------------------------ a build without the kernels must not pass quietly
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def _pytest_without_native(files: list[str], env_extra: dict) -> subprocess.CompletedProcess:
+    """Runs pytest on `files` in a subprocess where tallow._C fails to import."""
+    code = _BLOCK_NATIVE + "import pytest, sys\nsys.exit(pytest.main(sys.argv[1:]))\n"
+    env = {k: v for k, v in os.environ.items() if k != "TALLOW_ALLOW_NO_NATIVE"}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code, *files, "-q", "-p", "no:cacheprovider", "-rfEs"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _outcomes(stdout: str) -> dict[str, int]:
+    """{'passed': 3, 'failed': 1, 'error': 2, ...} from pytest's last summary line."""
+    last = stdout.strip().splitlines()[-1]
+    found = {word.rstrip("s"): int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", last)}
+    assert found, f"no pytest summary in:\n{stdout[-3000:]}"
+    return found
+
+
+def test_the_kernel_tests_fail_when_the_native_module_does_not_load():
+    """A broken or missing tallow._C must turn the op tests red, with the load error shown, never into a
+    green run of skips."""
+    proc = _pytest_without_native(["tests/ops/test_preprocess.py", "tests/ops/test_attention.py"], {})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    outcomes = _outcomes(proc.stdout)
+    assert "skipped" not in outcomes and "passed" not in outcomes, outcomes
+    assert outcomes.get("error", 0) + outcomes.get("failed", 0) >= 80, outcomes
+    assert "tallow._C did not load: ImportError: simulated: tallow._C was not built" in out
+    assert "TALLOW_ALLOW_NO_NATIVE=1" in out  # and how to run without the kernels on purpose
+
+
+def test_allow_no_native_skips_the_kernel_tests_and_says_why():
+    proc = _pytest_without_native(["tests/ops/test_preprocess.py"], {"TALLOW_ALLOW_NO_NATIVE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert set(_outcomes(proc.stdout)) == {"skipped"}, out[-3000:]
+    assert "simulated: tallow._C was not built (TALLOW_ALLOW_NO_NATIVE is set)" in out
+
+
+# ------------------------------------------------ each tier needs what its compile flags enable
+
+# CPU feature (as the native module names it) behind each ISA flag of CMakeLists.txt.
+_FLAG_FEATURES = {
+    "-mavx": ["avx"], "-mavx2": ["avx2"], "-mfma": ["fma"], "-mf16c": ["f16c"], "-mbmi": ["bmi1"],
+    "-mbmi2": ["bmi2"], "-mpopcnt": ["popcnt"], "-mavx512f": ["avx512f"], "-mavx512dq": ["avx512dq"],
+    "-mavx512bw": ["avx512bw"], "-mavx512vl": ["avx512vl"], "-mavx512vnni": ["avx512_vnni"],
+    "-march=armv8.2-a+dotprod": ["asimd", "asimddp"],
+}
+# The x86 compiler's predefined macro for each extension a flag set turns on, implied ones included.
+_MACRO_FEATURES = {
+    "__SSE3__": "sse3", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+    "__CRC32__": "sse4_2", "__POPCNT__": "popcnt", "__XSAVE__": "xsave", "__AVX__": "avx", "__AVX2__": "avx2",
+    "__FMA__": "fma", "__F16C__": "f16c", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__AVX512F__": "avx512f",
+    "__AVX512DQ__": "avx512dq", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
+    "__AVX512VNNI__": "avx512_vnni", "__EVEX256__": "avx512f", "__EVEX512__": "avx512f",
+}
+_NOT_ISA_MACRO = re.compile(r"__BIGGEST_ALIGNMENT__|__FP_FAST_FMA\w*|__GCC_\w+|__(FLT|DBL|LDBL)\w*")
+_SUFFIX_TIER = {"avx2": "avx2", "avx512": "avx512_vnni", "neon": "neon"}
+
+
+def _cmake_isa_flags() -> dict[str, list[str]]:
+    """{tier: flags} from CMakeLists.txt's set(TALLOW_<SUFFIX>_FLAGS ...)."""
+    text = Path(REPO, "CMakeLists.txt").read_text()
+    found = {_SUFFIX_TIER[s.lower()]: flags.split() for s, flags in
+             re.findall(r"set\(TALLOW_(AVX2|AVX512|NEON)_FLAGS ([^)]*)\)", text)}
+    assert set(found) == set(_SUFFIX_TIER.values()), found
+    return found
+
+
+def test_the_kernel_check_builds_each_tier_with_the_modules_flags():
+    text = Path(REPO, "Makefile").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("KC_ISAFLAGS"))
+    make = {_SUFFIX_TIER[s]: flags.split() for s, flags in re.findall(r"%_(\w+)\.o,\$@\),([^,$)]+)", line)}
+    assert make == _cmake_isa_flags()
+
+
+def test_each_tier_requires_every_feature_its_compile_flags_enable():
+    """A tier whose files are compiled with -mf16c must not be picked on a CPU without F16C: the compiler may
+    emit those instructions anywhere in the tier's code (SIGILL)."""
+    required = tallow.native().isa_requirements()
+    levels = tallow.native().isa_levels()
+    assert set(required) == set(levels) and required["scalar"] == []
+    flags = _cmake_isa_flags()
+    for tier in levels[1:]:
+        unknown = [f for f in flags[tier] if f not in _FLAG_FEATURES]
+        assert not unknown, f"CMakeLists.txt builds {tier} with {unknown}: map them here and check the matching " \
+                            "CPU features in isa_supported (csrc/common/cpu_features.cpp)"
+        wanted = {feat for f in flags[tier] for feat in _FLAG_FEATURES[f]}
+        missing = wanted - set(required[tier])
+        assert not missing, f"{tier} is compiled with {flags[tier]} but does not require {sorted(missing)}"
+    # and the tier picked here is the highest whose requirements this CPU reports
+    report = tallow.native().cpu_features()
+    features = set(report.split())
+    best = levels.index(tallow.native().best_isa())
+    for i, tier in enumerate(levels[1:], 1):
+        has_all = set(required[tier]) - {"os_ymm", "os_zmm"} <= features
+        if i <= best:
+            assert has_all, f"{tier} is used but needs {required[tier]}; this CPU has {report}"
+        else:
+            assert not has_all or "os-disabled" in report, f"this CPU has all {tier} needs ({report}) but it is " \
+                                                            "not used"
+
+
+def test_each_x86_tier_requires_what_the_compiler_may_emit_for_its_flags():
+    """The same, through the compiler: every instruction-set macro the tier's flags define, implied ones
+    included (-mavx2 turns on AVX, SSE4.2, POPCNT...)."""
+    if tallow.native().arch() != "x86_64":
+        pytest.skip("the macro map is for x86-64; the flag check above covers this architecture")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) to ask which extensions the flags enable")
+
+    def macros(flags: list[str]) -> set[str]:
+        proc = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("#define ")}
+
+    base = macros([])
+    required = tallow.native().isa_requirements()
+    flags = _cmake_isa_flags()
+    for tier in ("avx2", "avx512_vnni"):
+        new = {m for m in macros(flags[tier]) - base if not _NOT_ISA_MACRO.fullmatch(m)}
+        unknown = sorted(new - set(_MACRO_FEATURES))
+        assert not unknown, f"{cxx} {' '.join(flags[tier])} also enables {unknown}: map them to CPU features " \
+                            "here and check those in isa_supported"
+        missing = {_MACRO_FEATURES[m] for m in new} - set(required[tier])
+        assert not missing, f"{tier}: its flags enable {sorted(missing)}, which isa_supported does not check"

@@ -24,8 +24,14 @@ enum class Isa : int {
 // (x86-64: scalar, avx2, avx512_vnni; aarch64: scalar, neon; else: scalar).
 std::vector<Isa> arch_isas();
 
-// Whether this CPU (and OS) can run kernels of `isa`.
+// Whether this CPU (and OS) can run kernels of `isa`: it has every feature
+// isa_requirements(isa) lists.
 bool isa_supported(Isa isa);
+
+// The CPU features a tier needs (names as in cpu_feature_string(), plus the
+// OS-state pseudo-features os_ymm / os_zmm): every instruction-set extension
+// its files' compile flags enable, implied ones included. Empty for scalar.
+std::vector<std::string> isa_requirements(Isa isa);
 
 // The best ISA this CPU supports among arch_isas().
 Isa best_isa();
@@ -40,7 +46,7 @@ void set_isa(const std::string& name);
 
 const char* isa_name(Isa isa);
 
-// Human-readable feature list, e.g. "fma avx2 avx512f ... avx512_vnni" on
+// Human-readable feature list, e.g. "sse3 ... fma avx2 bmi2 avx512f ... avx512_vnni" on
 // x86-64 or "asimd asimddp i8mm bf16" on aarch64.
 std::string cpu_feature_string();
 

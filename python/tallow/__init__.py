@@ -96,6 +96,7 @@ def info() -> dict:
                 "arch": mod.arch(),
                 "isa_levels": list(mod.isa_levels()),
                 "cpu_features": mod.cpu_features(),
+                "isa_requirements": mod.isa_requirements(),
                 "best_isa": mod.best_isa(),
                 "isa": mod.active_isa(),
                 "threads": mod.num_threads(),
