@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -9,7 +10,9 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -34,30 +37,36 @@ int default_num_threads() {
 
 class Pool {
  public:
-  explicit Pool(int threads) { resize(threads); }
-  ~Pool() { stop_workers(); }
+  explicit Pool(int threads) : size_(std::max(1, threads)) {}
+  // Never destroyed (see pool()).
 
-  int size() const { return size_; }
+  int size() const { return size_.load(std::memory_order_relaxed); }
 
   void resize(int threads) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     stop_workers();
-    size_ = std::max(1, threads);
-    stopping_.store(false);
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    size_.store(std::max(1, threads));
   }
 
   void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
     grain = std::max<int64_t>(1, grain);
-    const int64_t chunks = (n + grain - 1) / grain;
     if (n <= 0) return;
-    if (t_in_parallel || size_ == 1 || chunks == 1) {
+    const int64_t chunks = (n + grain - 1) / grain;
+    if (t_in_parallel || chunks == 1 || size() == 1) {
       fn(ctx, 0, n);
       return;
     }
     // One job at a time: concurrent callers (server threads) queue here. Each
     // job already uses every core, so nothing is lost by serialising them.
     std::lock_guard<std::mutex> run_lock(run_mutex_);
+    // Workers start here rather than in the constructor or resize(): at the
+    // first job, after set_num_threads, and in a fork() child, where the
+    // parent's workers do not exist (see after_fork_in_child).
+    const int workers = start_workers(size_.load() - 1);
+    if (workers == 0) {
+      fn(ctx, 0, n);
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
       fn_ = fn;
@@ -65,7 +74,7 @@ class Pool {
       n_ = n;
       grain_ = grain;
       next_.store(0);
-      active_.store(size_ - 1);
+      active_.store(workers);
       ++generation_;
     }
     cv_.notify_all();
@@ -79,7 +88,62 @@ class Pool {
     }
   }
 
+  // pthread_atfork handlers. fork() copies only the calling thread: a worker
+  // mid-job or a mutex held by another thread would be frozen in that state
+  // in the child. Holding both locks across fork() means no job or resize is
+  // in flight when the address space is copied (fork waits for a running job
+  // to finish; jobs never call back into Python, so they cannot wait on it).
+  void before_fork() {
+    run_mutex_.lock();
+    mutex_.lock();
+  }
+
+  void after_fork_in_parent() {
+    mutex_.unlock();
+    run_mutex_.unlock();
+  }
+
+  void after_fork_in_child() {
+    // The worker threads are gone, but their std::thread objects still say
+    // "joinable": destroying them would call std::terminate and joining would
+    // wait forever, so they are handed to storage that is never freed.
+    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    // Fresh synchronisation objects instead of unlocking or destroying the
+    // copies: the condition variable still counts the parent's parked workers
+    // as waiters (glibc's notify and destroy may wait for them to leave), and
+    // the mutexes are owned by this thread's parent-side identity. Reusing
+    // the storage without running the destructors is deliberate.
+    new (&cv_) std::condition_variable();
+    new (&mutex_) std::mutex();
+    new (&run_mutex_) std::mutex();
+    stopping_.store(false);
+    generation_.store(0);
+    next_.store(0);
+    active_.store(0);
+  }
+
  private:
+  // Starts workers until `wanted` run (called with run_mutex_ held). Returns
+  // how many run: fewer when the OS refuses a thread (a container's pids
+  // limit), and the job then runs on fewer threads instead of failing.
+  int start_workers(int wanted) {
+    if (static_cast<int>(workers_.size()) == wanted) return wanted;
+    stop_workers();
+    stopping_.store(false);
+    // Read before the job is published: a worker whose thread gets going only
+    // after the bump below must still see the job as new.
+    const uint64_t current = generation_.load();
+    for (int i = 1; i <= wanted; ++i) {
+      try {
+        workers_.emplace_back([this, i, current] { worker_loop(i, current); });
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
+    return static_cast<int>(workers_.size());
+  }
+
   void work() {
     for (;;) {
       const int64_t begin = next_.fetch_add(grain_, std::memory_order_relaxed);
@@ -88,10 +152,11 @@ class Pool {
     }
   }
 
-  void worker_loop(int index) {
+  // `seen`: the last generation before this worker existed, so it neither
+  // reruns the previous job nor misses the next one.
+  void worker_loop(int index, uint64_t seen) {
     t_thread_index = index;
     t_in_parallel = true;
-    uint64_t seen = 0;
     for (;;) {
       // Spin briefly (~30 us): back-to-back kernel calls then skip the futex
       // round trip. Not longer: a spinning worker steals a core from the torch
@@ -122,6 +187,7 @@ class Pool {
   }
 
   void stop_workers() {
+    if (workers_.empty()) return;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_.store(true);
@@ -131,9 +197,12 @@ class Pool {
     workers_.clear();
   }
 
-  int size_ = 1;
-  std::vector<std::thread> workers_;
-  std::mutex run_mutex_;  // serialises jobs and resizes
+  // Threads parallel_for uses (workers + the caller). Atomic because run()'s
+  // fast path reads it without run_mutex_ while set_num_threads may write it;
+  // run() re-reads it under the lock before sizing a job.
+  std::atomic<int> size_;
+  std::vector<std::thread> workers_;  // guarded by run_mutex_
+  std::mutex run_mutex_;  // serialises jobs, resizes and fork()
   std::mutex mutex_;  // pairs with cv_ for parking workers
   std::condition_variable cv_;
   // Job fields below are written before generation_ is bumped (release) and
@@ -147,12 +216,28 @@ class Pool {
   std::atomic<int> active_{0};
 };
 
+Pool* g_pool = nullptr;  // set once, by pool()
+
+void pool_before_fork() { g_pool->before_fork(); }
+void pool_after_fork_in_parent() { g_pool->after_fork_in_parent(); }
+void pool_after_fork_in_child() { g_pool->after_fork_in_child(); }
+
 Pool& pool() {
   // Leaked on purpose: joining threads from a static destructor at interpreter
   // exit can deadlock; the OS reclaims them.
-  static Pool* p = new Pool(default_num_threads());
+  static Pool* p = [] {
+    g_pool = new Pool(default_num_threads());
+    pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child);
+    return g_pool;
+  }();
   return *p;
 }
+
+// Built when the library is loaded rather than at the first parallel_for:
+// Python loads an extension while holding the GIL, which os.fork() also
+// needs, so a fork can never copy pool()'s static half-initialised (its guard
+// would then block the child's first call forever).
+[[maybe_unused]] const bool g_pool_built_at_load = (pool(), true);
 
 }  // namespace
 

@@ -125,8 +125,17 @@ constexpr int64_t kAmxMinM = 8;
 }  // namespace
 
 bool amx_usable() {
-  static const bool usable = detect_amx();
-  return usable;
+  // An atomic rather than a function-local static: racing first calls just
+  // detect twice (the permission request is idempotent), and no
+  // initialisation guard can be copied mid-way into a fork() child, where it
+  // would block forever.
+  static std::atomic<int> usable{-1};
+  int v = usable.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = detect_amx() ? 1 : 0;
+    usable.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
 }
 
 bool amx_enabled() {

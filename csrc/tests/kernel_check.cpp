@@ -12,11 +12,19 @@
 //   attention    |out - ref| <= 1e-5 (measured: <= 6e-7), ref a float64 softmax(q k^T * scale) v
 //   preprocess   bit-identical to the scalar ISA (which the Python suite
 //                checks against Pillow)
+//   thread pool  a fork() child of a process whose pool has run jobs (and
+//                one forked while another thread keeps the pool busy) gets
+//                a working parallel_for: exact sums, within a time guard
 // and checks that the best ISA is the one the CPU's features call for
 // (on aarch64 with asimddp: neon). Prints a summary; exits 1 on any failure.
 //
 // Built and run by `make check-aarch64` (cross-compiled, under
 // qemu-aarch64-static -cpu max) and `make check-kernels` (native).
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -25,6 +33,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attention/attention.h"
@@ -406,6 +415,79 @@ void check_preprocess(const std::vector<std::string>& isas) {
   }
 }
 
+// ---------------------------------------------------------------- thread pool
+
+struct SumJob {
+  std::atomic<int64_t> sum{0};
+  std::atomic<int> chunks{0};
+};
+
+void sum_range(void* ctx, int64_t begin, int64_t end) {
+  auto* job = static_cast<SumJob*>(ctx);
+  int64_t s = 0;
+  for (int64_t i = begin; i < end; ++i) s += i;
+  job->sum.fetch_add(s);
+  job->chunks.fetch_add(1);
+}
+
+// A parallel_for over [0, n) in grains of 1: true when every index was summed.
+bool pool_sums_right(int64_t n) {
+  SumJob job;
+  parallel_for(n, 1, sum_range, &job);
+  return job.sum.load() == n * (n - 1) / 2 && job.chunks.load() == n;
+}
+
+// Forks; the child runs parallel_for and exits 0 when it summed right. A
+// child whose pool waits for workers that fork() did not copy would hang:
+// alarm() turns that into SIGALRM, reported as a failure.
+std::string fork_child_result() {
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid < 0) return "fork failed";
+  if (pid == 0) {
+    alarm(60);
+    bool ok = true;
+    for (int i = 0; i < 50 && ok; ++i) ok = pool_sums_right(1000);
+    _exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) return "waitpid failed";
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return "";
+  if (WIFSIGNALED(status))
+    return fmt("child killed by signal %d%s", WTERMSIG(status),
+               WTERMSIG(status) == SIGALRM ? " (hung for 60 s in parallel_for)" : "");
+  return fmt("child exited with %d (wrong sums)", WEXITSTATUS(status));
+}
+
+void check_fork() {
+  const bool parent_ok = pool_sums_right(1000);  // the parent's workers exist from here on
+  record("thread_pool", "-", "parent before fork", parent_ok, 0.0);
+  std::string why = fork_child_result();
+  record("thread_pool", "-", "fork child after parent jobs", why.empty(), 0.0, why);
+  record("thread_pool", "-", "parent after fork", pool_sums_right(1000), 0.0);
+
+  // Fork while another thread keeps submitting jobs: fork() must not copy the
+  // pool mid-job (or with a lock held) into the child.
+  std::atomic<bool> stop{false};
+  std::atomic<int> busy_failures{0};
+  std::thread busy([&] {
+    while (!stop.load())
+      if (!pool_sums_right(257)) busy_failures.fetch_add(1);
+  });
+  int bad = 0;
+  std::string first;
+  for (int i = 0; i < 20; ++i) {
+    why = fork_child_result();
+    if (!why.empty() && bad++ == 0) first = why;
+  }
+  stop.store(true);
+  busy.join();
+  record("thread_pool", "-", "20 forks while another thread runs jobs", bad == 0, bad,
+         fmt("%d of 20 children failed, first: %s", bad, first.c_str()));
+  record("thread_pool", "-", "jobs of the thread that ran during the forks", busy_failures.load() == 0,
+         busy_failures.load());
+}
+
 }  // namespace
 
 int main() {
@@ -425,9 +507,19 @@ int main() {
   if (std::string(arch_name()) == "aarch64" && feats.find(" asimd ") != std::string::npos &&
       feats.find(" asimddp ") != std::string::npos)
     want = Isa::Neon;
-  if (std::string(arch_name()) == "x86_64" && feats.find(" avx2 ") != std::string::npos &&
-      feats.find(" fma ") != std::string::npos)
-    want = feats.find(" avx512_vnni ") != std::string::npos ? Isa::Avx512Vnni : Isa::Avx2;
+  // The lists follow the per-suffix compile flags (CMakeLists.txt, KC_ISAFLAGS).
+  auto has_all = [&](std::initializer_list<const char*> names) {
+    for (const char* n : names)
+      if (feats.find(" " + std::string(n) + " ") == std::string::npos) return false;
+    return true;
+  };
+  if (std::string(arch_name()) == "x86_64" && has_all({"avx", "avx2", "fma", "f16c", "bmi2"}) &&
+      feats.find("os-disabled-ymm") == std::string::npos)
+    want = Isa::Avx2;
+  if (std::string(arch_name()) == "x86_64" &&
+      has_all({"avx2", "fma", "bmi2", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"}) &&
+      feats.find("os-disabled") == std::string::npos)
+    want = Isa::Avx512Vnni;
   if (best_isa() != want) {
     std::printf("FAIL best_isa is %s but this CPU's features call for %s\n", isa_name(best_isa()), isa_name(want));
     ++g_failures;
@@ -445,6 +537,7 @@ int main() {
     check_attention(isa);
   }
   check_preprocess(isas);
+  check_fork();
 
   std::printf("\n%-12s %-12s %6s %6s  %s\n", "op", "isa", "cases", "failed", "max err");
   for (const Result& r : g_results)
