@@ -46,8 +46,11 @@ def test_infinite_loop_stops_at_the_deadline(make_runtime):
     with pytest.raises(FunctionError) as e:
         rt.call("loop", FnRequest())
     took = time.monotonic() - t0
+    # The deadline stopped it (with 2e9 units of fuel the loop would otherwise run on and end as
+    # "fuel"), and not before the deadline; how soon after it is the benchmark's business
+    # (benchmarks/bench_functions_hostile.py), not a test's on a shared machine.
     assert e.value.status == 504 and e.value.kind == "deadline" and "deadline" in e.value.message
-    assert 0.09 < took < 2.0  # (the benchmark measures the margin; this machine is shared)
+    assert took >= 0.1  # never before its deadline, even after the epoch ticker caught up a lag
 
 
 def test_fuel_runs_out(make_runtime):
@@ -188,3 +191,38 @@ def test_memory_bombs_do_not_accumulate(make_runtime):
         with pytest.raises(FunctionError):
             rt.call("bomb", FnRequest())
     assert _rss_mib() - before < 48  # 6 x 32 MiB touched; all of it given back
+
+
+def test_a_lagging_epoch_ticker_never_ends_a_request_before_its_deadline(make_runtime, monkeypatch):
+    """The epoch ticker catches up a lag (it was starved: a busy machine, the
+    GIL) with a burst of increments; a request that starts during the lag
+    must not lose those epochs from its deadline. Simulated by holding the
+    ticker for 300 ms, then starting a 100 ms request: its deadline counts
+    from its own start, whatever the burst does."""
+    from tallow.functions import engine
+
+    rt = make_runtime(spec("loop", limits={"deadline_ms": 100}))
+    held = threading.Event()
+    real_sleep = engine.time.sleep
+
+    class StarvedClock:  # the ticker's view of time: its sleeps stall until released
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(s):
+            held.wait(10)
+            real_sleep(s)
+
+    monkeypatch.setattr(engine, "time", StarvedClock)
+    real_sleep(0.3)  # the ticker is stuck in its next sleep: 60 epochs of lag build up
+    monkeypatch.undo()
+    release = threading.Timer(0.02, held.set)  # the burst comes 20 ms into the request
+    t0 = time.monotonic()
+    release.start()
+    try:
+        with pytest.raises(FunctionError) as e:
+            rt.call("loop", FnRequest())
+    finally:
+        held.set()
+        release.cancel()
+    assert e.value.kind == "deadline" and time.monotonic() - t0 >= 0.1

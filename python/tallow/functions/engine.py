@@ -6,6 +6,7 @@ shims over the calls that would copy or sleep without bounds) and the
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 
@@ -31,20 +32,33 @@ class _Shared:
     engine: Engine | None = None
     linker: Linker | None = None
     ticker: threading.Thread | None = None
+    tick_start: float = 0.0  # monotonic time of epoch 0
+    ticks: int = 0           # increments made so far (the engine's epoch)
 
 
 def _tick(engine: Engine) -> None:
     """Advances the epoch by one per TICK_MS of wall clock. A sleep that ran
     late (a busy machine, the GIL) is caught up with several increments, so
-    epochs keep to the clock and a deadline is never pushed back."""
+    epochs keep to the clock and a deadline is never pushed back; a deadline
+    set while the ticker lags is set that much further (``epoch_deadline``),
+    so the catch-up never brings one forward either."""
     period = TICK_MS / 1000.0
-    start, ticks = time.monotonic(), 0
     while True:
-        time.sleep(max(0.0, start + (ticks + 1) * period - time.monotonic()))
-        due = int((time.monotonic() - start) / period)
-        while ticks < due:
+        time.sleep(max(0.0, _Shared.tick_start + (_Shared.ticks + 1) * period - time.monotonic()))
+        due = int((time.monotonic() - _Shared.tick_start) / period)
+        while _Shared.ticks < due:
             engine.increment_epoch()
-            ticks += 1
+            _Shared.ticks += 1
+
+
+def epoch_deadline(deadline_ms: float) -> int:
+    """The epochs from now (wasmtime's ``set_epoch_deadline``) that end a
+    request ``deadline_ms`` from now: never before, at most one tick after.
+    The epoch in progress may be nearly over (+1), and the ticker may lag the
+    clock by some epochs it will catch up in a burst (+ that lag)."""
+    due = int((time.monotonic() - _Shared.tick_start) / (TICK_MS / 1000.0))
+    lag = max(0, due - _Shared.ticks)
+    return math.ceil(deadline_ms / TICK_MS) + 1 + lag
 
 
 def _functype(params, results) -> FuncType:
@@ -74,6 +88,7 @@ def shared_engine() -> tuple[Engine, Linker]:
                 linker.define_func(abi.IMPORT_MODULE, name, _functype(params, results), HOST_FUNCS[name],
                                    access_caller=True)
             _Shared.engine, _Shared.linker = engine, linker
+            _Shared.tick_start, _Shared.ticks = time.monotonic(), 0
             _Shared.ticker = threading.Thread(target=_tick, args=(engine,), name="tallow-wasm-epoch", daemon=True)
             _Shared.ticker.start()
         return _Shared.engine, _Shared.linker

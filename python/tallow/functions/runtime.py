@@ -35,7 +35,7 @@ from wasmtime import ExitTrap, InstancePre, Module, Store, Trap, WasiConfig, Was
 from . import abi, context, guestlog, traps
 from .api import FnRequest, FnResponse, FunctionError, Host, HostInputError, HostUnavailable
 from .cache import ModuleCache, UnsafeCacheError, default_cache_dir
-from .engine import TICK_MS, shared_engine, wasmtime_version
+from .engine import TICK_MS, epoch_deadline, shared_engine, wasmtime_version
 from .kv import KV
 from .limits import FunctionConfigError
 from .manifest import FunctionSpec
@@ -119,7 +119,7 @@ class Runtime:
         store.set_limits(memory_size=lim.memory_bytes, table_elements=lim.table_elements,
                          instances=lim.instances, tables=lim.tables, memories=lim.memories)
         store.set_fuel(lim.fuel)
-        store.set_epoch_deadline(max(1, math.ceil(lim.deadline_ms / TICK_MS)))
+        store.set_epoch_deadline(epoch_deadline(lim.deadline_ms))
         ctx = context.CallContext(fn, req, deadline=t0 + lim.deadline_ms / 1000.0, kv=self.kv, host=self.host)
         store.set_wasi(WasiConfig())  # no preopened directories, no environment, no arguments; fd_write: the log
         # wasmtime's monotonic clock for the guest starts as its WASI context is made (just now):
