@@ -1,6 +1,7 @@
 """Models in worker processes (workers.mode = "process"): the forward passes
-run outside the server's process, a killed worker answers its requests 503
-within a second and is restarted, nothing in the store is lost; load
+run outside the server's process, a killed worker's requests are answered
+503 as soon as its death is noticed (never left to a timeout) and it is
+restarted, nothing in the store is lost; load
 shedding refuses before the body is read."""
 
 from __future__ import annotations
@@ -61,33 +62,36 @@ def test_embeddings_match_the_model_in_this_process(process_server):
     np.testing.assert_allclose(np.array(r.json()["data"][0]["embedding"]), want, atol=1e-5)
 
 
-def _kill_during(server, slot: str, send) -> tuple[httpx.Response, float, int]:
-    """Starts ``send()`` in a thread, SIGKILLs the slot's worker while it runs;
-    returns the response, the seconds from the kill to the answer, and the
-    status /ready gave right after the kill."""
+def _kill_during(server, slot: str, send) -> tuple[httpx.Response, int]:
+    """Starts ``send()`` in a thread and SIGKILLs the slot's worker while it
+    runs; returns the response and the status /ready gave after the kill.
+
+    Decided by what happened, not by how fast this CPU is: once the request is
+    in the worker, the worker is frozen (SIGSTOP) so it cannot finish the
+    request before the kill, whatever the machine."""
     pid = _ready_models(server)[slot]["workers"]["pids"][0]
     out: dict = {}
 
     def run():
         out["response"] = send()
-        out["answered"] = time.monotonic()
 
     t = threading.Thread(target=run)
     t.start()
     worker = server.services.models[slot].group.workers[0]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30  # a guard against a hang, not a speed bound
     while worker.inflight == 0:  # wait until the request is in the worker, not on its way there
         assert time.monotonic() < deadline and t.is_alive(), "the request never reached the worker"
         time.sleep(0.01)
-    time.sleep(0.2)
+    os.kill(pid, signal.SIGSTOP)
     assert t.is_alive(), "the request finished before the kill: make it longer"
     os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
     ready_status = 200
-    while ready_status == 200 and time.monotonic() < killed + 1.0:  # noticed within a second
+    deadline = time.monotonic() + 30
+    while ready_status == 200 and time.monotonic() < deadline:  # the slot turns "restarting"
         ready_status = httpx.get(server.url + "/ready", timeout=10).status_code
-    t.join(30)
-    return out["response"], out["answered"] - killed, ready_status
+    t.join(60)
+    assert "response" in out, "no answer: the death of the worker was not noticed"
+    return out["response"], ready_status
 
 
 def test_a_killed_worker_fails_its_requests_with_503_and_comes_back(process_server):
@@ -96,12 +100,11 @@ def test_a_killed_worker_fails_its_requests_with_503_and_comes_back(process_serv
                    timeout=60)
     assert r.status_code == 200
     long_batch = [f"sentence number {i} about foxes, snow and the long winter" for i in range(2000)]
-    response, seconds, ready_status = _kill_during(
+    response, ready_status = _kill_during(
         process_server, "embedder", lambda: httpx.post(url + "/v1/embeddings", json={"input": long_batch, "encoding_format": "base64"},
                            timeout=60))
     assert response.status_code == 503, response.text
-    assert "worker" in response.json()["error"]["message"]
-    assert seconds < 1.0
+    assert "worker" in response.json()["error"]["message"]  # the death, noticed: not a timeout
     assert ready_status == 503
     _wait_ready(process_server)
     assert _ready_models(process_server)["embedder"]["workers"]["restarts"] >= 1
@@ -120,13 +123,12 @@ def test_a_killed_generator_ends_streams_with_a_503_event(process_server):
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             return httpx.Response(r.status_code, content=r.read())
 
-    response, seconds, ready_status = _kill_during(process_server, "generator", stream)
+    response, ready_status = _kill_during(process_server, "generator", stream)
     assert response.status_code == 200  # the stream had started
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
-    assert error["code"] == 503 and "worker" in error["message"]
-    assert seconds < 1.0
+    assert error["code"] == 503 and "worker" in error["message"]  # the death, noticed: not a timeout
     assert ready_status == 503
     _wait_ready(process_server)
     r = httpx.post(url + "/v1/completions", json={"prompt": "again", "max_tokens": 4}, timeout=60)
@@ -141,7 +143,11 @@ def test_with_two_workers_the_other_keeps_serving_while_one_restarts(tmp_path):
         pids = _ready_models(server)["embedder"]["workers"]["pids"]
         assert len(set(pids)) == 2
         os.kill(pids[0], signal.SIGKILL)
-        time.sleep(0.3)  # the server has noticed
+        group = server.services.models["embedder"].group
+        deadline = time.monotonic() + 30  # a guard against a hang, not a speed bound
+        while any(w.pid == pids[0] and not getattr(w, "_dead", False) for w in group.workers):
+            assert time.monotonic() < deadline, "the server never noticed the death"  # its socket closed
+            time.sleep(0.01)
         with server.client() as c:
             assert c.post("/v1/embeddings", json={"input": "still here"}).status_code == 200
             assert c.get("/ready").status_code == 200
