@@ -29,7 +29,7 @@ import contextlib
 import os
 import pickle
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
 # Methods the server may call on a model: nothing else crosses the pipe.
@@ -49,6 +49,9 @@ class WorkerSpec:
     max_rows: int = 32         # generation: rows decoded together
     kv_cache_mb: int = 0       # generation: KV pool budget; 0: the scheduler's default
     prefill_tokens_per_step: int = 512  # generation: prompt tokens prefilled per step
+    # embedder: classification heads trained on this very encoder, served from it
+    # (slot -> head directory; see models.bert.EmbedderWithHeads)
+    heads: dict = field(default_factory=dict)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -111,8 +114,16 @@ def load_model(spec: WorkerSpec) -> Any:
 
     kwargs = {"task": spec.task} if spec.task else {}
     model = load(spec.path, spec.quantize, **kwargs)
+    if spec.heads:
+        from .models._checkpoint import resolve_model_path
+        from .models.bert import EmbedderWithHeads, head_on
+
+        model = EmbedderWithHeads(model, head_on(model, resolve_model_path(spec.heads["classifier"]),
+                                                 spec.quantize))
     if spec.warmup:
         warm_up(spec.slot, model)
+        if spec.heads:
+            warm_up("classifier", model)
     return model
 
 
@@ -308,13 +319,18 @@ class ModelHost:
         identity; and the threads this process computes with."""
         from .engine.derived_index import model_identity
 
+        def describe(m: Any) -> dict:
+            return {"class": type(m).__name__, "repr": repr(m), "config": getattr(m, "config", None),
+                    "tokenizer": getattr(m, "tokenizer", None), "identity": model_identity(m),
+                    "attrs": {a: getattr(m, a) for a in ("pooling", "normalize", "kv_cache_dtype", "quantization",
+                                                         "architecture") if hasattr(m, a)}}
+
         m = self.model
-        return {"slot": self.spec.slot, "class": type(m).__name__, "repr": repr(m), "pid": os.getpid(),
-                "threads": compute_threads(),
-                "config": getattr(m, "config", None), "tokenizer": getattr(m, "tokenizer", None),
-                "identity": model_identity(m),
-                "attrs": {a: getattr(m, a) for a in ("pooling", "normalize", "kv_cache_dtype", "quantization",
-                                                     "architecture") if hasattr(m, a)}}
+        heads = getattr(m, "heads", None) or {}
+        out = {"slot": self.spec.slot, "pid": os.getpid(), "threads": compute_threads(),
+               **describe(getattr(m, "embedder", m)),
+               "heads": {name: describe(head) for name, head in heads.items()}}
+        return out
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if method not in CALLABLE or not callable(getattr(self.model, method, None)):

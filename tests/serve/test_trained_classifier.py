@@ -26,3 +26,55 @@ def test_classify_serves_the_trained_head(tmp_path, trained_head_dir, bert_class
     sd = load_file(str(trained_head_dir / "model.safetensors"))
     trainer = torch.softmax(feats @ sd["classifier.weight"].T + sd["classifier.bias"], -1)
     assert (served - trainer).abs().max() <= 1e-5
+
+
+def _worker_pids(server) -> dict:
+    import httpx
+
+    models = httpx.get(server.url + "/ready", timeout=10).json()["models"]
+    return {slot: models[slot].get("workers", {}).get("pids") for slot in ("embedder", "classifier")}, models
+
+
+def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path):
+    """tallow:sentiment is a head on MiniLM, the default embedder: the server
+    serves it from the embedder's worker (one process, one copy of MiniLM),
+    and its answers are those of the classifier loaded on its own."""
+    import os
+
+    server = ServerThread(make_config(tmp_path / "data", **{"models.classifier": "tallow:sentiment",
+                                                            "data.demo_corpus": False,
+                                                            "workers.mode": "process"})).start()
+    try:
+        pids, models = _worker_pids(server)
+        assert pids["classifier"] == pids["embedder"] and len(pids["embedder"]) == 1
+        assert models["classifier"]["served_by"] == "embedder" and models["classifier"]["status"] == "ready"
+        children = [p for p in os.listdir("/proc") if p.isdigit()
+                    and _parent(int(p)) == os.getpid() and b"tallow.worker" in _cmdline(int(p))]
+        assert len(children) == 1, children  # no second process with a second MiniLM
+        texts = ["What a wonderful day, I loved every minute", "the service was slow and the food cold"]
+        with server.client() as c:
+            r = c.post("/v1/classify", json={"input": texts})
+            e = c.post("/v1/embeddings", json={"input": texts})
+        assert r.status_code == 200 and e.status_code == 200, (r.text, e.text)
+        served = [row["probabilities"]["positive"] for row in r.json()["data"]]
+    finally:
+        server.stop()
+    alone = load("tallow:sentiment").classify(texts)
+    assert [row["label"] for row in r.json()["data"]] == [row["label"] for row in alone] == ["positive", "negative"]
+    assert max(abs(a - b["probabilities"]["positive"]) for a, b in zip(served, alone)) <= 1e-5
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -495,3 +495,96 @@ def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optiona
     bert = BertModel(cfg, sd, pooler=has_pooler)
     pooling, normalize = _sentence_transformers_pooling(path)
     return BertEmbedder(cfg, bert, tokenizer, quantize, pooling=pooling, normalize=normalize)
+
+
+# -- a classification head on an embedder's own encoder ---------------------------------------
+
+def _head_only(path: Path) -> Optional[dict]:
+    """config.json's tallow options when ``path`` holds only a head (classifier.*
+    weights, an encoder named by ``base_model``); None for a full checkpoint."""
+    raw = read_config(path)
+    opts = _classifier_options(raw, path)
+    if not opts.get("base_model"):
+        return None
+    from safetensors import safe_open
+
+    st = path / "model.safetensors"
+    if not st.is_file():
+        return None
+    with safe_open(str(st), framework="pt") as f:
+        keys = set(f.keys())
+    if any(not k.startswith("classifier.") for k in keys):
+        return None
+    return {**opts, "raw": raw}
+
+
+def head_shares_encoder(head_path: str | Path, encoder_path: str | Path) -> bool:
+    """Whether the classifier in ``head_path`` is a head trained on exactly the
+    encoder in ``encoder_path`` (same shape, same weights by sha256), so that
+    one copy of that encoder can serve both (``head_on``)."""
+    from ._checkpoint import resolve_model_path, weights_sha256
+
+    head_path, encoder_path = Path(head_path), Path(encoder_path)
+    try:
+        opts = _head_only(head_path)
+        if opts is None:
+            return False
+        base = resolve_model_path(opts["base_model"], relative_to=head_path)
+        base_raw, enc_raw = read_config(base), read_config(encoder_path)
+        if any(opts["raw"].get(k) != enc_raw.get(k) for k in _BASE_FIELDS):
+            return False
+        want = opts.get("base_sha256") or weights_sha256(base)
+        return weights_sha256(encoder_path) == want and base_raw.get("vocab_size") == enc_raw.get("vocab_size")
+    except (CheckpointError, OSError, ValueError):
+        return False  # whatever is wrong, loading the classifier on its own will say it
+
+
+def head_on(embedder: "BertEmbedder", head_path: str | Path, quantize: Optional[str] = None) -> BertClassifier:
+    """The classifier head in ``head_path`` on ``embedder``'s own encoder: the
+    two share one ``BertModel`` (one copy of the weights, in memory and in the
+    kernels' packed form). Call only when ``head_shares_encoder`` said yes."""
+    head_path = Path(head_path)
+    opts = _head_only(head_path)
+    if opts is None:
+        raise CheckpointError(f"{str(head_path)!r} is not a head-only classifier (classifier.* and base_model)")
+    if opts["pooling"] == "pooler" and embedder.bert.pooler is None:
+        raise CheckpointError(f"{str(head_path)!r} pools through the pooler, which the embedder's encoder lacks")
+    sd = read_state_dict(head_path)
+    cfg = BertConfig.from_dict(opts["raw"])
+    num_labels = sd["classifier.weight"].shape[0]
+    check_state_dict(sd, {"classifier.weight": (num_labels, cfg.hidden_size), "classifier.bias": (num_labels,)},
+                     source=str(head_path))
+    head = BertClassifier(cfg, embedder.bert, embedder.tokenizer, sd["classifier.weight"], sd["classifier.bias"],
+                          None, pooling=opts["pooling"], normalize=opts["normalize"])
+    if quantize == "int8":  # as a classifier loaded on its own: every linear, the head's too
+        head.classifier.quantize()
+    head.quantization = embedder.quantization
+    return head
+
+
+class EmbedderWithHeads:
+    """One encoder serving two model slots: ``embed``/``embed_ids`` run the
+    embedder, ``classify``/``classify_ids`` a classification head trained on
+    that same frozen encoder (``head_on``). The server uses it when the
+    configured classifier is such a head (the shipped ``tallow:sentiment`` on
+    MiniLM): one process and one copy of the weights instead of two."""
+
+    def __init__(self, embedder: "BertEmbedder", classifier: BertClassifier):
+        self.embedder = embedder
+        self.classifier = classifier
+        self.heads = {"classifier": classifier}
+
+    def embed(self, *args, **kwargs):
+        return self.embedder.embed(*args, **kwargs)
+
+    def embed_ids(self, *args, **kwargs):
+        return self.embedder.embed_ids(*args, **kwargs)
+
+    def classify(self, *args, **kwargs):
+        return self.classifier.classify(*args, **kwargs)
+
+    def classify_ids(self, *args, **kwargs):
+        return self.classifier.classify_ids(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"EmbedderWithHeads({self.embedder!r}, classifier={self.classifier!r})"

@@ -59,6 +59,8 @@ class ModelSlot:
         if self.group is not None:
             out["workers"] = {"mode": self.group.mode, "pids": self.group.pids, "restarts": self.group.restarts,
                               "failed": len(self.group.failed)}
+            if self.group.spec.slot != self.name:
+                out["served_by"] = self.group.spec.slot  # a head on that model's encoder: one copy of it
         return out
 
 
@@ -122,13 +124,17 @@ class Services:
         except Exception as exc:  # a bad URL is a config error: say so, serve without a cache
             log.error("feature cache disabled: %s", exc)
         quantize = cfg.models.quantize or None
-        emb = self._load_embedder(quantize)
+        shared_head = self._classifier_on_the_embedder()
+        emb = self._load_embedder(quantize, shared_head)
         if emb is not None:
             self._open_engine(emb)
         else:
             self.engine_status = "failed"
             self.engine_error = f"the embedder did not load: {self.models['embedder'].error}"
-        self._load_slot("classifier", WorkerSpec("classifier", cfg.models.classifier, quantize, task="classify"))
+        if shared_head:
+            self._serve_head("classifier")
+        else:
+            self._load_slot("classifier", WorkerSpec("classifier", cfg.models.classifier, quantize, task="classify"))
         self._load_slot("generator", WorkerSpec("generator", cfg.models.generator, quantize,
                                                 max_rows=cfg.generation.max_rows,
                                                 kv_cache_mb=cfg.generation.kv_cache_mb,
@@ -152,14 +158,48 @@ class Services:
         else:
             log.error("tallow is NOT ready: %s", self.readiness()["models"])
 
-    def _load_embedder(self, quantize):
+    def _embedder_path(self) -> str:
         from ..models import minilm_path
 
+        return self.config.models.embedder or str(minilm_path())
+
+    def _classifier_on_the_embedder(self) -> bool:
+        """Whether the configured classifier is a head trained on the embedder's
+        very encoder (the shipped tallow:sentiment on MiniLM): then the
+        embedder's workers serve it too, with one copy of the encoder, instead
+        of a second process holding a second copy."""
+        head = self.config.models.classifier
+        if not head or self.engine is not None:
+            return False
+        from ..models import resolve_model_path
+        from ..models.bert import head_shares_encoder
+
+        try:
+            head_dir = resolve_model_path(head)
+            embedder = resolve_model_path(self._embedder_path())
+        except Exception:  # a Hub id, a missing path: the classifier loads on its own and says what is wrong
+            return False
+        return head_dir.is_dir() and embedder.is_dir() and head_shares_encoder(head_dir, embedder)
+
+    def _load_embedder(self, quantize, shared_head: bool = False):
         if self.engine is not None:  # the caller's engine: serve with ITS embedder (same vectors, one copy)
             spec = WorkerSpec("embedder", "(the engine's embedder)")
             return self._load_slot("embedder", spec, model=self.engine.embedder)
-        path = self.config.models.embedder or str(minilm_path())
-        return self._load_slot("embedder", WorkerSpec("embedder", path, quantize, task="embed"))
+        heads = {"classifier": self.config.models.classifier} if shared_head else {}
+        return self._load_slot("embedder", WorkerSpec("embedder", self._embedder_path(), quantize, task="embed",
+                                                      heads=heads))
+
+    def _serve_head(self, name: str) -> None:
+        """Slot ``name`` served by the embedder's workers (``WorkerSpec.heads``):
+        its state follows theirs."""
+        slot, embedder = self.models[name], self.models["embedder"]
+        slot.group, slot.load_s = embedder.group, embedder.load_s
+        if embedder.status == "ready":
+            slot.status = "ready"
+            slot.model = ServedModel(embedder.group, generation_timeout_s=self.config.server.request_timeout_s,
+                                     head=name)
+        else:
+            slot.status, slot.error = embedder.status, f"served by the embedder, which did not load: {embedder.error}"
 
     def _load_slot(self, name: str, spec: WorkerSpec, model: Any = None) -> Any:
         """Starts the slot's workers (or its in-process host); the slot's
@@ -186,8 +226,10 @@ class Services:
         """A worker group's report: a worker died (restarting), is back (ready),
         or could not be restarted (failed). /ready follows."""
         with self._state_lock:
-            slot = self.models[name]
-            slot.status, slot.error = status, error
+            for slot in self.models.values():  # the slot, and any head its workers serve
+                if slot.name == name or (slot.group is not None and slot.group is self.models[name].group
+                                         and slot.status != "absent"):
+                    slot.status, slot.error = status, error
             if status == "ready" and self._all_ready():
                 self.ready.set()
             elif status != "ready":
@@ -238,9 +280,11 @@ class Services:
         await asyncio.to_thread(self._stop_workers)
 
     def _stop_workers(self) -> None:
+        stopped: list = []
         for slot in self.models.values():
-            if slot.group is not None:
+            if slot.group is not None and not any(slot.group is g for g in stopped):  # a head shares a group
                 slot.group.stop()
+                stopped.append(slot.group)
 
     def _flush(self) -> None:
         # A write that outlived its lane's deadline finishes first: close() and

@@ -579,12 +579,15 @@ class ServedModel:
     """What the routes and the engine hold for a model slot: the model's
     interface, its forward passes run by the slot's workers."""
 
-    def __init__(self, group: WorkerGroup, generation_timeout_s: float = 120.0):
+    def __init__(self, group: WorkerGroup, generation_timeout_s: float = 120.0, head: str | None = None):
+        """``head``: serve that classification head of the group's model (an
+        embedder with heads, ``WorkerSpec.heads``) instead of the model itself."""
         self.group = group
+        self.head = head
         # generate()'s bound (the server gives server.request_timeout_s): a
         # RAG answer waits no longer than a completion may take.
         self.generation_timeout_s = generation_timeout_s
-        info = group.info
+        info = group.info if head is None else group.info["heads"][head]
         self.config = info["config"]
         self.tokenizer = info["tokenizer"]
         # model_identity() of the real model, computed where the weights are:
