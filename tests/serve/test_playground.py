@@ -159,7 +159,8 @@ def test_every_panel_against_a_server_with_every_model(full_server, page, tmp_pa
 def bare_server(tmp_path_factory):
     """Only the default embedder: the classifier, generator and image panels answer 503
     (RAG answers extractively, from the closest sentences, without a generator)."""
-    server = ServerThread(make_config(tmp_path_factory.mktemp("bare"), **{"data.demo_corpus": False})).start()
+    server = ServerThread(make_config(tmp_path_factory.mktemp("bare"), **{"data.demo_corpus": False,
+                                                                         "models.classifier": ""})).start()
     yield server
     server.stop()
 

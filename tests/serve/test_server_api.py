@@ -377,7 +377,8 @@ def test_an_embedder_that_fails_to_load_fails_the_engine_not_hangs_it(tmp_path):
 
     from tallow.serve import create_app, load_config
 
-    app = create_app(config=load_config(**{"data.dir": str(tmp_path), "models.embedder": str(tmp_path / "none")}))
+    app = create_app(config=load_config(**{"data.dir": str(tmp_path), "models.embedder": str(tmp_path / "none"),
+                                           "models.classifier": ""}))
     with TestClient(app) as c:
         deadline = time.monotonic() + 60
         while (state := c.get("/ready")).json()["engine"]["status"] == "loading":

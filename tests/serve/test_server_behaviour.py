@@ -421,3 +421,29 @@ def test_serve_reads_tallow_toml_from_the_working_directory_and_a_busy_port_fail
     assert find_config_file("x.toml", cwd=tmp_path) == ("x.toml", "--config")
     assert find_config_file(None, no_config=True, cwd=tmp_path)[0] is None
     assert find_config_file(None, cwd=tmp_path / "data")[0] is None  # no file there: the embedded defaults
+
+
+def test_the_embedded_defaults_are_the_shipped_tallow_toml():
+    """One set of defaults: every setting tallow.toml (make run's file) writes
+    down is the value the server has without any file — a pip-installed
+    `tallow serve` serves what `make run` serves (the functions aside: their
+    modules live in the checkout)."""
+    import tomllib
+    from pathlib import Path
+
+    from tallow.serve import load_config
+
+    toml = Path(__file__).resolve().parents[2] / "tallow.toml"
+    defaults, written = load_config(), tomllib.loads(toml.read_text())
+    differ = []
+    for section, values in written.items():
+        if section in ("functions", "kv"):
+            continue
+        for key, value in values.items():
+            if section == "batching":
+                differ += [f"batching.{key}.{k}" for k, v in value.items()
+                           if getattr(defaults.batching[key], k) != v]
+            elif getattr(getattr(defaults, section), key) != value:
+                differ.append(f"{section}.{key}")
+    assert not differ, f"tallow.toml and the embedded defaults disagree on {differ}"
+    assert defaults.models.classifier == "tallow:sentiment"

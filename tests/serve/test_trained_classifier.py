@@ -41,6 +41,11 @@ def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path):
     and its answers are those of the classifier loaded on its own."""
     import os
 
+    def worker_processes() -> set:
+        return {p for p in os.listdir("/proc") if p.isdigit()
+                and _parent(int(p)) == os.getpid() and b"tallow.worker" in _cmdline(int(p))}
+
+    others = worker_processes()  # servers of other modules (session fixtures) keep theirs
     server = ServerThread(make_config(tmp_path / "data", **{"models.classifier": "tallow:sentiment",
                                                             "data.demo_corpus": False,
                                                             "workers.mode": "process"})).start()
@@ -48,8 +53,7 @@ def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path):
         pids, models = _worker_pids(server)
         assert pids["classifier"] == pids["embedder"] and len(pids["embedder"]) == 1
         assert models["classifier"]["served_by"] == "embedder" and models["classifier"]["status"] == "ready"
-        children = [p for p in os.listdir("/proc") if p.isdigit()
-                    and _parent(int(p)) == os.getpid() and b"tallow.worker" in _cmdline(int(p))]
+        children = worker_processes() - others
         assert len(children) == 1, children  # no second process with a second MiniLM
         texts = ["What a wonderful day, I loved every minute", "the service was slow and the food cold"]
         with server.client() as c:

@@ -256,6 +256,7 @@ def test_a_worker_whose_model_disappeared_fails_its_slot_after_bounded_restarts(
     model.symlink_to(minilm_dir, target_is_directory=True)
     cfg = make_config(tmp_path / "data", **{"workers.mode": "process", "workers.threads": 1,
                                             "models.embedder": str(model), "models.warmup": False,
+                                            "models.classifier": "",
                                             "data.demo_corpus": False})
     server = ServerThread(cfg).start()
     try:

