@@ -123,6 +123,37 @@ def serve(config: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def run_over_http(script: str, toml: str, measure, quick: bool):
+    """``measure(port, server_pid, quick)`` (a coroutine function) against a
+    server serving ``toml`` (its [data] dir set to a temporary one) from a
+    subprocess of ``script`` (its hidden --serve mode), with a fresh module
+    cache; the measurement starts once /ready answers, so the embedder's
+    loading does not share the measurements' cores."""
+    import os
+
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "tallow.toml"
+        cfg.write_text(toml.replace("[data]\n", f"[data]\ndir = \"{tmp}/data\"\n"))
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, script, "--serve", str(cfg), str(port)],
+                                env={**os.environ, "TALLOW_WASM_CACHE": f"{tmp}/cache"}, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert proc.poll() is None, "the server exited"
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the server did not become ready"
+                time.sleep(0.3)
+            return asyncio.run(measure(port, proc.pid, quick))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -422,32 +453,9 @@ def main() -> None:
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return
-    import httpx
-
     res = {"env": environment(), "in_process": in_process(args.quick)}
     print(json.dumps(res["in_process"], indent=1), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "tallow.toml"
-        cfg.write_text(TOML.replace("[data]\n", f"[data]\ndir = \"{tmp}/data\"\n"))
-        port = free_port()
-        env = {"TALLOW_WASM_CACHE": f"{tmp}/cache"}
-        import os
-
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(cfg), str(port)],
-                                env={**os.environ, **env}, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 300
-            while True:  # wait for /ready: the embedder's loading must not share the measurements' cores
-                assert proc.poll() is None, "the server exited"
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.3)
-            res["http"] = asyncio.run(over_http(port, proc.pid, args.quick))
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    res["http"] = run_over_http(__file__, TOML, over_http, args.quick)
     ip, h = res["in_process"], res["http"]
     res["targets"] = {
         "cold_start_ms": {"value": ip["cold_start_from_cache_ms"]["p50_ms"], "target": 2.0,

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests" / "functions"))
-from bench_functions import RawClient, free_port, rss_mb, serve  # noqa: E402
+from bench_functions import RawClient, rss_mb, run_over_http, serve  # noqa: E402
 from harness import environment, percentile, results_dir  # noqa: E402
 
 GUESTS = ROOT / "tests" / "functions" / "guests"
@@ -224,29 +221,9 @@ def main() -> None:
     if args.serve:
         serve(args.serve[0], int(args.serve[1]))
         return
-    import httpx
-
     res = {"env": environment(), "in_process": in_process(args.quick)}
     print(json.dumps(res["in_process"], indent=1), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "tallow.toml"
-        cfg.write_text(TOML.replace("[data]\n", f"[data]\ndir = \"{tmp}/data\"\n"))
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(cfg), str(port)],
-                                env={**os.environ, "TALLOW_WASM_CACHE": f"{tmp}/cache"}, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                assert proc.poll() is None, "the server exited"
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.3)
-            res["http"] = asyncio.run(over_http(port, proc.pid, args.quick))
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    res["http"] = run_over_http(__file__, TOML, over_http, args.quick)
     out = results_dir(res["env"]["machine"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "functions_hostile.json").write_text(json.dumps(res, indent=1) + "\n")
