@@ -225,7 +225,7 @@ def _decode_image(fields: dict, model_cls) -> tuple[Any, bytes]:
         except (binascii.Error, ValueError):
             raise InputError("image is not valid base64", param="image") from None
     if not data:
-        raise InputError("image is empty", param="image")
+        raise InputError("image is empty: no bytes to read as an image", param="image", kind="unsupported")
     return parsed, data
 
 
@@ -241,8 +241,10 @@ def _image_body_doc(model_cls) -> dict:
     """OpenAPI requestBody for the image endpoints (they read the body by hand
     to take either JSON with base64 or a multipart upload)."""
     schema = model_cls.model_json_schema()
-    form = {**schema, "properties": {**schema["properties"],
-                                     "image": {"type": "string", "format": "binary", "minLength": 1}}}
+    # The file part: no bound beside its format (an empty file is 415, as any bytes
+    # that are not an image are). A fuzzer that cannot read binaries checks a form
+    # with "" for it: a minLength made every form look invalid to schemathesis.
+    form = {**schema, "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
                                                           "multipart/form-data": {"schema": form}}}}
 
