@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -179,23 +178,36 @@ def test_image_uploads_the_schema_allows_are_read_as_images(st_server):
         assert r.status_code == 415 and "empty" in r.json()["error"]["message"], (path, r.text)
 
 
-def test_schemathesis_finds_nothing(st_server, tmp_path):
-    """`st run --checks all` with the full key (schemathesis also sends requests
-    without it, and checks that the schema's security is enforced). Bounded:
-    a few examples per operation, a fixed seed, a time budget."""
+def _schemathesis(url: str, config: Path, cwd: Path, *extra: str) -> str:
+    """`st run --checks all` with a fixed seed and a time budget; asserts it found nothing."""
     st = Path(sys.executable).with_name("st")
-    report = tmp_path / "st-report.json"
-    cmd = [str(st), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", st_server.url + "/openapi.json", "--checks", "all",
-           "-H", f"Authorization: Bearer {FULL}", "--max-examples", "8", "--seed", "7",
-           "--workers", "1", "--request-timeout", "30", "--max-time", "40", "--no-color",
-           "--report", "ndjson", "--report-ndjson-path", str(report)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its caches go there
+    cmd = [str(st), "--config-file", str(config), "run", url + "/openapi.json", "--checks", "all",
+           "--max-examples", "8", "--seed", "7", "--workers", "1", "--request-timeout", "30", "--no-color", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd,  # its caches go there
                           env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     out = proc.stdout + proc.stderr
     Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)
     assert proc.returncode == 0, out[-12000:]
-    assert time.monotonic() - t0 < 90, out[-2000:]
+    return out
+
+
+def test_schemathesis_finds_nothing(st_server, tmp_path):
+    """`st run --checks all` with the full key (schemathesis also sends requests
+    without it, and checks that the schema's security is enforced). Bounded:
+    a few examples per operation, a fixed seed, a time budget.
+
+    POST /v1/images runs apart, without the negative-data check: schemathesis
+    reports valid multipart forms of it as schema-violating (schemathesis.toml
+    says what was recorded), and a per-operation `enabled = false` in the
+    config file does not hold against `--checks all` on the command line
+    (schemathesis 4.32: the command line's explicit enable wins), so the
+    exclusion is made here, for that operation only."""
+    config = Path(__file__).with_name("schemathesis.toml")
+    key = ["-H", f"Authorization: Bearer {FULL}"]
+    _schemathesis(st_server.url, config, tmp_path, *key, "--exclude-name", "POST /v1/images", "--max-time", "40",
+                  "--report", "ndjson", "--report-ndjson-path", str(tmp_path / "st-report.json"))
+    _schemathesis(st_server.url, config, tmp_path, *key, "--include-name", "POST /v1/images",
+                  "--exclude-checks", "negative_data_rejection", "--max-time", "20")
 
 
 @pytest.fixture(scope="module")
@@ -215,15 +227,7 @@ def test_schemathesis_finds_nothing_on_make_runs_configuration(make_run_server, 
     config = tmp_path / "schemathesis.toml"
     here = Path(__file__).parent
     config.write_text((here / "schemathesis.toml").read_text() + "\n" + (here / "schemathesis-make-run.toml").read_text())
-    st = Path(sys.executable).with_name("st")
-    cmd = [str(st), "--config-file", str(config), "run", make_run_server.url + "/openapi.json", "--checks", "all",
-           "--max-examples", "8", "--seed", "7", "--workers", "1", "--request-timeout", "30", "--max-time", "40",
-           "--no-color"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                          env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
-    out = proc.stdout + proc.stderr
-    Path(os.environ.get("TALLOW_ST_LOG", os.devnull)).write_text(out)
-    assert proc.returncode == 0, out[-12000:]
+    _schemathesis(make_run_server.url, config, tmp_path, "--max-time", "40")
     metrics = httpx.get(make_run_server.url + "/metrics", timeout=30).text
     for route in ("/todos", "/todos/{path}", "/image-info"):  # the functions were called
         assert f'route="{route}"' in metrics, route
