@@ -16,6 +16,7 @@ tensor would be copied into shared memory by torch's reducer, an OpenMP loop).
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 
 import numpy as np
@@ -42,8 +43,9 @@ def _images() -> list[np.ndarray]:
 
 def _qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    # Enough (batch, head) rows for the pool to split them over its threads.
-    return tuple(torch.randn(2, 4, 33, 64, generator=g) for _ in range(3))
+    # Far above the size under which the attention kernel runs serially (~2e6 flops and
+    # 256 KB of keys and values, attention_kernel.h): the pool certainly splits it.
+    return tuple(torch.randn(2, 4, 256, 64, generator=g) for _ in range(3))
 
 
 def _preprocess_in_child(_: int) -> np.ndarray:
@@ -56,6 +58,16 @@ def _attention_in_child(_: int) -> np.ndarray:
 
 def _like_a_dataloader_worker() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _the_parent_never_hangs():
+    """The children are bounded by their timeouts; a parent stuck in fork() (the
+    pool's prepare handler) or in its own next kernel call would hang CI: past
+    the bound, faulthandler prints every thread's stack and ends the run."""
+    faulthandler.dump_traceback_later(4 * NEVER_HANG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

@@ -34,11 +34,12 @@ enum Feature : int {
   kFeatureCount
 };
 
-constexpr const char* kFeatureNames[kFeatureCount] = {
+constexpr const char* kFeatureNames[] = {
     "sse3", "ssse3", "sse4_1", "sse4_2", "popcnt", "xsave", "avx", "f16c", "fma", "avx2", "bmi1", "bmi2",
     "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "os_ymm", "os_zmm",
     "asimd", "asimddp", "i8mm", "bf16", "sve",
 };
+static_assert(sizeof(kFeatureNames) / sizeof(kFeatureNames[0]) == kFeatureCount, "one name per Feature");
 
 struct Features {
   bool has[kFeatureCount] = {};

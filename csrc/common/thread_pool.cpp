@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -46,13 +47,14 @@ class Pool {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     stop_workers();
     size_.store(std::max(1, threads));
+    thread_limit_ = INT_MAX;  // a refused thread is tried again at the new size
   }
 
-  void run(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+  void run(int64_t n, int64_t grain, RangeFn fn, void* ctx, int max_threads) {
     grain = std::max<int64_t>(1, grain);
     if (n <= 0) return;
     const int64_t chunks = (n + grain - 1) / grain;
-    if (t_in_parallel || chunks == 1 || size() == 1) {
+    if (t_in_parallel || chunks == 1 || size() == 1 || max_threads == 1) {
       fn(ctx, 0, n);
       return;
     }
@@ -73,6 +75,7 @@ class Pool {
       ctx_ = ctx;
       n_ = n;
       grain_ = grain;
+      limit_ = max_threads > 0 ? max_threads : INT_MAX;  // workers with an index >= limit_ sit this job out
       next_.store(0);
       active_.store(workers);
       ++generation_;
@@ -106,28 +109,27 @@ class Pool {
   void after_fork_in_child() {
     // The worker threads are gone, but their std::thread objects still say
     // "joinable": destroying them would call std::terminate and joining would
-    // wait forever, so they are handed to storage that is never freed.
-    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
-    workers_.clear();
+    // wait forever, so the vector is re-made in place and its old elements
+    // are left, never destroyed (as the synchronisation objects below).
     // Fresh synchronisation objects instead of unlocking or destroying the
     // copies: the condition variable still counts the parent's parked workers
     // as waiters (glibc's notify and destroy may wait for them to leave), and
-    // the mutexes are owned by this thread's parent-side identity. Reusing
-    // the storage without running the destructors is deliberate.
+    // the mutexes are owned by this thread's parent-side identity. The job
+    // fields need no reset: before_fork held run_mutex_, so no job was in flight.
+    new (&workers_) std::vector<std::thread>();
     new (&cv_) std::condition_variable();
     new (&mutex_) std::mutex();
     new (&run_mutex_) std::mutex();
-    stopping_.store(false);
-    generation_.store(0);
-    next_.store(0);
-    active_.store(0);
   }
 
  private:
   // Starts workers until `wanted` run (called with run_mutex_ held). Returns
   // how many run: fewer when the OS refuses a thread (a container's pids
   // limit), and the job then runs on fewer threads instead of failing.
+  // A refusal is remembered (thread_limit_) until the next resize: later jobs
+  // do not stop and start every thread again only to be refused again.
   int start_workers(int wanted) {
+    wanted = std::min(wanted, thread_limit_);
     if (static_cast<int>(workers_.size()) == wanted) return wanted;
     stop_workers();
     stopping_.store(false);
@@ -138,6 +140,7 @@ class Pool {
       try {
         workers_.emplace_back([this, i, current] { worker_loop(i, current); });
       } catch (const std::system_error&) {
+        thread_limit_ = static_cast<int>(workers_.size());
         break;
       }
     }
@@ -181,7 +184,7 @@ class Pool {
       }
       if (stopping_.load()) return;
       seen = generation_.load(std::memory_order_acquire);
-      work();
+      if (index < limit_) work();
       active_.fetch_sub(1, std::memory_order_release);
     }
   }
@@ -202,6 +205,7 @@ class Pool {
   // run() re-reads it under the lock before sizing a job.
   std::atomic<int> size_;
   std::vector<std::thread> workers_;  // guarded by run_mutex_
+  int thread_limit_ = INT_MAX;  // workers the OS let us start (guarded by run_mutex_)
   std::mutex run_mutex_;  // serialises jobs, resizes and fork()
   std::mutex mutex_;  // pairs with cv_ for parking workers
   std::condition_variable cv_;
@@ -212,6 +216,7 @@ class Pool {
   RangeFn fn_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
+  int limit_ = INT_MAX;
   std::atomic<int64_t> next_{0};
   std::atomic<int> active_{0};
 };
@@ -241,8 +246,8 @@ Pool& pool() {
 
 }  // namespace
 
-void parallel_for(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
-  pool().run(n, grain, fn, ctx);
+void parallel_for(int64_t n, int64_t grain, RangeFn fn, void* ctx, int max_threads) {
+  pool().run(n, grain, fn, ctx, max_threads);
 }
 
 int num_threads() { return pool().size(); }

@@ -22,7 +22,11 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 // dynamically to the pool's threads and the calling thread. Returns when all
 // chunks are done. A call made from inside a running parallel_for runs
 // serially on the calling thread. Exceptions must not escape fn.
-void parallel_for(int64_t n, int64_t grain, RangeFn fn, void* ctx);
+// `max_threads` (> 0) caps the threads taking part, so thread_index() stays
+// below it: a kernel that sized per-thread scratch from num_threads() passes
+// that count, and a set_num_threads() from another thread meanwhile cannot
+// send an index past its buffers.
+void parallel_for(int64_t n, int64_t grain, RangeFn fn, void* ctx, int max_threads = 0);
 
 // Number of threads parallel_for uses (workers + the caller).
 int num_threads();

@@ -921,7 +921,7 @@ void drive(const GemmArgs& g, RowsFn rows_fn, void (*begin_fn)(), void (*end_fn)
       }
     }
     if (c.end_fn) c.end_fn();
-  }, &ctx);
+  }, &ctx, threads);  // thread_index() < threads: acc, panel and colsum were sized for them
   free(acc);
   free(panel);
   free(colsum);

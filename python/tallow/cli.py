@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .errors import InputError
+
 
 def _print_info(as_json: bool) -> int:
     from . import info
@@ -39,7 +41,7 @@ def _print_info(as_json: bool) -> int:
     return 0
 
 
-class InputError(ValueError):
+class DocumentFileError(InputError):
     """A document file the command refused before anything was written; the
     message names the file and line."""
 
@@ -49,33 +51,31 @@ def read_documents(paths: list[str]) -> list[dict]:
     file name). jsonl: one document per line {id?, title?, text, category?,
     timestamp?, payload?}; a missing id becomes "<path>:<line number>".
     Every document is checked here, where its file and line are known, with
-    the engine's own rules (``normalize_document``), and an id used twice is
-    refused naming both places: the engine would refuse the whole call anyway,
-    without saying which line."""
+    the engine's own rules (``normalize_document``), and with the server's rule
+    for repeated ids (``unique_documents``: an exact repeat is kept once, two
+    different documents with one id are refused naming both places)."""
     from pathlib import Path
 
-    from .engine.documents import normalize_document
+    from .engine.documents import RepeatedId, normalize_document, unique_documents
 
     docs: list[dict] = []
-    where: dict[str, str] = {}  # document id -> "file:line" (or file) that gave it
+    normalized: list[dict] = []
+    places: list[str] = []  # "file:line" (or file) of each document
 
     def take(doc: dict, place: str) -> None:
         try:
-            normalize_document(doc)
+            normalized.append(normalize_document(doc))
         except ValueError as exc:
             # the engine numbers documents within a call ("document 0: ..."): the place says more
             message = str(exc).removeprefix("document 0: ").removeprefix("document 0 ")
-            raise InputError(f"{place}: {message}") from None
-        doc_id = doc.get("id")
-        if doc_id in where:
-            raise InputError(f"{place}: id {doc_id!r} was already used at {where[doc_id]}")
-        where[doc_id] = place
+            raise DocumentFileError(f"{place}: {message}") from None
         docs.append(doc)
+        places.append(place)
 
     for p in paths:
         path = Path(p)
         if not path.is_file():
-            raise InputError(f"{p}: no such file")
+            raise DocumentFileError(f"{p}: no such file")
         suffix = path.suffix.lower()
         if suffix in (".txt", ".md", ".markdown"):
             take({"id": str(p), "title": path.name, "text": path.read_text(encoding="utf-8")}, str(p))
@@ -87,14 +87,18 @@ def read_documents(paths: list[str]) -> list[dict]:
                     try:
                         doc = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise InputError(f"{p}:{n}: not valid JSON ({exc})") from None
+                        raise DocumentFileError(f"{p}:{n}: not valid JSON ({exc})") from None
                     if not isinstance(doc, dict):
-                        raise InputError(f"{p}:{n}: a line must be a JSON object, got {type(doc).__name__}")
+                        raise DocumentFileError(f"{p}:{n}: a line must be a JSON object, got {type(doc).__name__}")
                     doc.setdefault("id", f"{p}:{n}")
                     take(doc, f"{p}:{n}")
         else:
-            raise InputError(f"{p}: unsupported file type {suffix or '(none)'} (txt, md, jsonl)")
-    return docs
+            raise DocumentFileError(f"{p}: unsupported file type {suffix or '(none)'} (txt, md, jsonl)")
+    try:
+        return [docs[i] for i in unique_documents(normalized)]
+    except RepeatedId as exc:
+        raise DocumentFileError(f"{places[exc.index]}: id {exc.doc_id!r} was already used at "
+                                f"{places[exc.earlier]} by a document with other content") from None
 
 
 def _engine(args, **kw):
@@ -140,8 +144,8 @@ def _index_cmd(args) -> int:
     if args.index_command == "add":
         try:
             docs = read_documents(args.files)
-        except InputError as exc:
-            raise InputError(f"{exc} (nothing was ingested: every document is checked before any is written)") \
+        except DocumentFileError as exc:
+            raise DocumentFileError(f"{exc} (nothing was ingested: every document is checked before any is written)") \
                 from None
         with _engine(args) as eng:
             summary = eng.ingest(docs, batch_size=args.batch_size, progress=not args.no_progress)
@@ -217,7 +221,7 @@ def _common(p) -> None:
 def _serve_cmd(args) -> int:
     import os
 
-    from .serve import ConfigError, PortInUse, load_config, serve
+    from .serve import ConfigError, ListenError, load_config, serve
     from .serve.config import find_config_file
 
     path, reason = find_config_file(args.config, no_config=args.no_config)
@@ -243,7 +247,7 @@ def _serve_cmd(args) -> int:
     except FunctionConfigError as exc:  # a [[functions]] module or route refused at start
         print(f"tallow serve: error: {exc}", file=sys.stderr)
         return 2
-    except PortInUse as exc:
+    except ListenError as exc:
         print(f"tallow serve: error: {exc.strerror}", file=sys.stderr)
         return 2
     return 0

@@ -321,16 +321,18 @@ class ModelHost:
 
         def describe(m: Any) -> dict:
             return {"class": type(m).__name__, "repr": repr(m), "config": getattr(m, "config", None),
-                    "tokenizer": getattr(m, "tokenizer", None), "identity": model_identity(m),
+                    "tokenizer": getattr(m, "tokenizer", None),
                     "attrs": {a: getattr(m, a) for a in ("pooling", "normalize", "kv_cache_dtype", "quantization",
                                                          "architecture") if hasattr(m, a)}}
 
         m = self.model
+        base = getattr(m, "embedder", m)
+        # The identity (a hash of every weight) names the vectors the engine stores: the
+        # model's own, never a head's (which would hash the shared encoder once more).
         heads = getattr(m, "heads", None) or {}
-        out = {"slot": self.spec.slot, "pid": os.getpid(), "threads": compute_threads(),
-               **describe(getattr(m, "embedder", m)),
-               "heads": {name: describe(head) for name, head in heads.items()}}
-        return out
+        return {"slot": self.spec.slot, "pid": os.getpid(), "threads": compute_threads(),
+                **describe(base), "identity": model_identity(base),
+                "heads": {name: describe(head) for name, head in heads.items()}}
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if method not in CALLABLE or not callable(getattr(self.model, method, None)):

@@ -74,7 +74,7 @@ def test_a_bad_jsonl_line_names_its_file_and_line_and_nothing_is_ingested(tmp_pa
         "no-text.jsonl": (f'{good}\n{{"id": "b"}}\n', "no-text.jsonl:2: text must be a str, got NoneType"),
         "broken.jsonl": (f'{good}\n\n{{"id": "c", text}}\n', "broken.jsonl:3: not valid JSON"),
         "extra.jsonl": (f'{good}\n{{"text": "x", "colour": 1}}\n', "extra.jsonl:2: has unknown fields ['colour']"),
-        "twice.jsonl": (f'{good}\n{good}\n', "twice.jsonl:2: id 'fine' was already used at"),
+        "twice.jsonl": (f'{good}\n{{"id": "fine", "text": "other"}}\n', "twice.jsonl:2: id 'fine' was already used at"),
     }
     data = tmp_path / "data"
     for name, (content, expected) in cases.items():
@@ -83,6 +83,9 @@ def test_a_bad_jsonl_line_names_its_file_and_line_and_nothing_is_ingested(tmp_pa
         err = capsys.readouterr().err
         assert expected in err and "nothing was ingested" in err, err
     assert not data.exists()  # refused before the engine opened anything
+    # the server's rule for repeats: an exact repeat is kept once; ids given as null are the texts' sha256
+    (tmp_path / "repeats.jsonl").write_text(f'{good}\n{good}\n{{"id": null, "text": "a"}}\n{{"id": null, "text": "b"}}\n')
+    assert [d["text"] for d in read_documents([str(tmp_path / "repeats.jsonl")])] == [docs[0]["text"], "a", "b"]
 
 
 def test_search_and_rag_on_an_empty_or_missing_data_directory_say_so(tmp_path, docs, capsys):

@@ -99,20 +99,27 @@ def test_a_short_key_is_refused(tmp_path, make_runtime):
 
 
 def test_a_key_being_made_is_never_read_half_written(tmp_path, monkeypatch):
-    """Two caches start at once on a new directory: the one that is slow between making its key
-    and writing it never shows the other a partial key; both end up with the same key."""
+    """Two caches start at once on a new directory: the one that is slow between creating its key
+    file and writing it (held in os.fdopen, which any implementation calls between the two) never
+    shows the other a partial key; both end up with the same key."""
+    from tallow.functions import cache as cache_module
+
     d = tmp_path / "new"
-    real = secrets.token_bytes
     gate, slow_started = threading.Event(), threading.Event()
     first = threading.Lock()
 
-    def slow_token_bytes(n=None):
-        if first.acquire(blocking=False):  # only the first caller is slow
-            slow_started.set()
-            assert gate.wait(30)
-        return real(n)
+    class SlowFdopen:  # the cache module's os, its first fdopen held until the gate opens
+        def __getattr__(self, name):
+            return getattr(os, name)
 
-    monkeypatch.setattr(secrets, "token_bytes", slow_token_bytes)
+        @staticmethod
+        def fdopen(*args, **kwargs):
+            if first.acquire(blocking=False):  # only the first caller is slow
+                slow_started.set()
+                assert gate.wait(30)
+            return os.fdopen(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "os", SlowFdopen())
     made: dict = {}
 
     def make(name):

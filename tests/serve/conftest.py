@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server_helpers import API_KEY, READ_ONLY_KEY, SECOND_KEY, ServerThread, make_config
+from server_helpers import API_KEY, READ_ONLY_KEY, SECOND_KEY, GenerationGate, ServerThread, make_config
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +61,20 @@ def anon(full_server):
 @pytest.fixture
 def auth():
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def generation_gate(monkeypatch):
+    """``generation_gate(hold=...)``: a GenerationGate on this process's
+    generation loops, closed when the test ends however it ends; a hold that
+    ran out of its guard instead of ending fails the test."""
+    gates: list[GenerationGate] = []
+
+    def make(hold):
+        gates.append(GenerationGate(monkeypatch, hold))
+        return gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.close()
+    assert not any(gate.timed_out for gate in gates), "a GenerationGate hold ran out of HOLD_S instead of ending"

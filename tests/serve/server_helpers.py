@@ -78,23 +78,28 @@ class GenerationGate:
     by how fast this CPU decodes. It records what each step produced.
 
     ``hold`` is re-evaluated whenever something changes: a step, a request
-    submitted or cancelled, ``release()``. Usage::
+    submitted or cancelled, ``release()``, ``close()``. Take one from the
+    ``generation_gate`` fixture (tests/serve/conftest.py): its teardown closes
+    the gate (a failed test never leaves the shared server's loop held) and
+    fails the test if a hold ever ran out of ``HOLD_S`` instead of ending::
 
-        gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)
+        gate = generation_gate(hold=lambda g: not g.released)
     """
 
     HOLD_S = 60.0  # a guard against a hung test; never reached when the server works
 
     def __init__(self, monkeypatch, hold: Callable[["GenerationGate"], bool]):
         self.hold = hold
-        self.submitted: list = []          # request ids, in submission order
+        self.submitted: list = []          # request ids, in submission order (known before the loop sees them)
+        self.queued: list = []             # the same, once in the loop's inbox
         self.cancelled: list = []
-        self.dropped_at: dict = {}         # request id -> index of the first step after the scheduler dropped it
         self.released = False
+        self.closed = False                # the test is over: hold nothing any more
+        self.timed_out = False             # a hold ran out of HOLD_S
         self.tokens: dict = {}             # request id -> tokens produced so far
         self.ended_at: dict = {}           # request id -> index of the step its last row ended in
+        self.dropped_at: dict = {}         # request id -> index of the first step after the scheduler dropped it
         self.history: list[dict] = []      # per step: request id -> tokens produced in it
-        self.waiting = threading.Event()   # set while the loop waits at the gate
         self._rows_left: dict = {}
         self._cond = threading.Condition()
         gate = self
@@ -105,13 +110,15 @@ class GenerationGate:
             with gate._cond:
                 gate.submitted.append(request)  # before the loop can step it
                 gate._rows_left[request] = len(prompt_ids)
-                gate._cond.notify_all()
             try:
                 submit(loop, request, prompt_ids, params)
             except BaseException:
                 with gate._cond:
                     gate.submitted.remove(request)
                 raise
+            with gate._cond:
+                gate.queued.append(request)
+                gate._cond.notify_all()
 
         def gated_cancel(loop, request):
             cancel(loop, request)
@@ -127,10 +134,8 @@ class GenerationGate:
 
         def gated_step(sched):
             with gate._cond:
-                if gate.hold(gate):
-                    gate.waiting.set()
-                    gate._cond.wait_for(lambda: not gate.hold(gate), gate.HOLD_S)
-                    gate.waiting.clear()
+                if not gate._cond.wait_for(lambda: gate.closed or not gate.hold(gate), gate.HOLD_S):
+                    gate.timed_out = True
             events = step(sched)
             with gate._cond:
                 produced: dict = {}
@@ -154,6 +159,11 @@ class GenerationGate:
     def release(self) -> None:
         with self._cond:
             self.released = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
             self._cond.notify_all()
 
     def wait_for(self, predicate: Callable[["GenerationGate"], bool], timeout: float = HOLD_S) -> bool:

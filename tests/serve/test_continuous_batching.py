@@ -11,7 +11,7 @@ import json
 import httpx
 import pytest
 
-from server_helpers import GenerationGate, ServerThread, make_config
+from server_helpers import ServerThread, make_config
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_mixed_batch(gen_ser
     assert "".join(ch["choices"][0]["text"] for ch in chunks) == alone
 
 
-def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, monkeypatch):
+def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, generation_gate):
     """Decided by steps: the gate holds the long request after its first token
     until the short one is submitted (it joins at the next step), and holds
     the loop again once the short one has ended, until its client has the
@@ -65,11 +65,11 @@ def test_a_short_request_is_answered_while_a_long_one_still_runs(gen_server, mon
         if not g.submitted:
             return False
         long_id = g.submitted[0]
-        if g.tokens.get(long_id) and len(g.submitted) < 2:
+        if g.tokens.get(long_id) and len(g.queued) < 2:  # until the short one is in the loop's inbox
             return True
         return len(g.submitted) > 1 and g.submitted[1] in g.ended_at and not g.released
 
-    gate = GenerationGate(monkeypatch, hold)
+    gate = generation_gate(hold)
     long_body = {"prompt": "Tell me everything", "max_tokens": 500, "temperature": 0.0, "stream": True}
 
     async def run():

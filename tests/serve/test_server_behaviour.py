@@ -79,10 +79,10 @@ def small_server(tmp_path_factory, gpt2_long_dir):
     server.stop()
 
 
-def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_server, monkeypatch):
+def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_server, generation_gate):
     # The loop is held until the refusals are in: the two admitted requests cannot
     # finish (and free the queue) first, however fast this CPU decodes.
-    gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)
+    gate = generation_gate(hold=lambda g: not g.released)
     long = {"prompt": "Tell me a long story", "max_tokens": 600, "temperature": 0}
 
     async def run():
@@ -109,8 +109,8 @@ def test_overload_gets_429_with_retry_after_and_server_stays_healthy(small_serve
     assert _metric(text, "tallow_queue_depth", lane="generate") == 0  # nothing left behind
 
 
-def test_request_timeout_is_504(small_server, monkeypatch):
-    gate = GenerationGate(monkeypatch, hold=lambda g: not g.released)  # the request cannot finish in time
+def test_request_timeout_is_504(small_server, generation_gate):
+    gate = generation_gate(hold=lambda g: not g.released)  # the request cannot finish in time
     lane = small_server.services.config.server
     old = lane.request_timeout_s
     lane.request_timeout_s = 0.2
@@ -125,30 +125,37 @@ def test_request_timeout_is_504(small_server, monkeypatch):
     assert gate.wait_for(lambda g: g.submitted and g.submitted[-1] in g.cancelled)
 
 
-def test_client_leaving_mid_stream_stops_its_generation(small_server, monkeypatch):
+def test_client_leaving_mid_stream_stops_its_generation(small_server, generation_gate):
     # After its third token the request is held until its cancellation reaches the
     # loop: it cannot run to max_tokens before the server notices the client left.
     def hold(g):
         return bool(g.submitted) and g.tokens.get(g.submitted[-1], 0) >= 3 and g.submitted[-1] not in g.cancelled
 
-    gate = GenerationGate(monkeypatch, hold)
+    gate = generation_gate(hold)
 
     def cancelled() -> float:
         return _metric(httpx.get(small_server.url + "/metrics").text, "tallow_generations_cancelled_total")
 
     c0 = cancelled()
-    with httpx.Client(base_url=small_server.url, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json={"prompt": "Stream forever", "max_tokens": 1000,
-                                                       "temperature": 0, "stream": True}) as r:
-            assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    seen += 1
-                    if seen == 3:
-                        break  # leave: the response is closed here
-    request = gate.submitted[-1]
-    assert gate.wait_for(lambda g: request in g.cancelled), "the server never cancelled the generation"
+    # Only the client's leaving may cancel it: the request timeout (which would cancel
+    # it too) is set beyond the gate's guard for this test.
+    cfg = small_server.services.config.server
+    old, cfg.request_timeout_s = cfg.request_timeout_s, 10 * GenerationGate.HOLD_S
+    try:
+        with httpx.Client(base_url=small_server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": "Stream forever", "max_tokens": 1000,
+                                                           "temperature": 0, "stream": True}) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        seen += 1
+                        if seen == 3:
+                            break  # leave: the response is closed here
+        request = gate.submitted[-1]
+        assert gate.wait_for(lambda g: request in g.cancelled), "the server never cancelled the generation"
+    finally:
+        cfg.request_timeout_s = old
     # The scheduler drops the request between two steps; the loop always runs a step
     # after that: from that step on, the request makes no token.
     assert gate.wait_for(lambda g: request in g.dropped_at and len(g.history) > g.dropped_at[request])
@@ -232,7 +239,8 @@ def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_pat
                        headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200, r.text
         # A streamed request in flight when SIGTERM comes, by construction: its worker is
-        # frozen (SIGSTOP) after the first token until the server has begun shutting down.
+        # frozen (SIGSTOP) before the request is sent, and thawed once the server has begun
+        # shutting down; the server answers the headers without the worker.
         worker_pid = httpx.get(url + "/ready", timeout=10).json()["models"]["generator"]["workers"]["pids"][0]
         output: list[str] = []
         shutting_down = threading.Event()
@@ -246,22 +254,18 @@ def test_tallow_serve_finishes_in_flight_requests_and_flushes_on_sigterm(tmp_pat
         reader = threading.Thread(target=read_output, daemon=True)
         reader.start()
         body = {"prompt": "in flight", "max_tokens": 1000, "temperature": 0, "stream": True}
-        chunks: list[str] = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: {"):
-                    chunks.append(line)
-                    break
-            os.kill(worker_pid, signal.SIGSTOP)
-            try:
+        os.kill(worker_pid, signal.SIGSTOP)
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+                assert r.status_code == 200
                 proc.send_signal(signal.SIGTERM)
                 assert shutting_down.wait(60), "".join(output)
-            finally:
                 os.kill(worker_pid, signal.SIGCONT)
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest), rest[-3:]
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        finally:
+            os.kill(worker_pid, signal.SIGCONT)
+        assert events[-1] == "data: [DONE]" and not any('"error"' in line for line in events), events[-3:]
+        assert len(events) > 1  # it generated after the signal: none of its tokens existed before
         assert proc.wait(120) is not None
         reader.join(30)
         out = "".join(output)
@@ -368,13 +372,13 @@ def test_concurrent_image_searches_share_a_resnet_batch(full_server, auth):
     assert max(r.json()["timing_ms"].get("batch_size", 1) for r in rs) > 1
 
 
-def test_a_stream_that_times_out_stops_its_generation(small_server, monkeypatch):
+def test_a_stream_that_times_out_stops_its_generation(small_server, generation_gate):
     # After its first token the request is held until it is cancelled: it times out
     # mid-stream on any CPU, and its rows must then stop.
     def hold(g):
         return bool(g.submitted) and g.tokens.get(g.submitted[-1], 0) >= 1 and g.submitted[-1] not in g.cancelled
 
-    gate = GenerationGate(monkeypatch, hold)
+    gate = generation_gate(hold)
 
     def metric(name: str) -> float:
         return _metric(httpx.get(small_server.url + "/metrics").text, name)

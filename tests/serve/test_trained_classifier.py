@@ -35,7 +35,7 @@ def _worker_pids(server) -> dict:
     return {slot: models[slot].get("workers", {}).get("pids") for slot in ("embedder", "classifier")}, models
 
 
-def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path):
+def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path, monkeypatch):
     """tallow:sentiment is a head on MiniLM, the default embedder: the server
     serves it from the embedder's worker (one process, one copy of MiniLM),
     and its answers are those of the classifier loaded on its own."""
@@ -61,11 +61,56 @@ def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path):
             e = c.post("/v1/embeddings", json={"input": texts})
         assert r.status_code == 200 and e.status_code == 200, (r.text, e.text)
         served = [row["probabilities"]["positive"] for row in r.json()["data"]]
+        _the_head_follows_its_workers_through_a_restart(server, pids["embedder"][0], texts, monkeypatch)
     finally:
         server.stop()
     alone = load("tallow:sentiment").classify(texts)
     assert [row["label"] for row in r.json()["data"]] == [row["label"] for row in alone] == ["positive", "negative"]
     assert max(abs(a - b["probabilities"]["positive"]) for a, b in zip(served, alone)) <= 1e-5
+
+
+def _the_head_follows_its_workers_through_a_restart(server, pid: int, texts: list, monkeypatch) -> None:
+    """The embedder's worker is killed; its restart is held on a gate until the
+    test has seen the classifier restarting with it (and answering 503), then
+    both are ready again and /v1/classify answers."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    from tallow.serve import workers
+
+    gate = threading.Event()
+    start = workers.ProcessWorker.start
+
+    def held_start(self, *args, **kwargs):
+        gate.wait(60)
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.ProcessWorker, "start", held_start)  # only the restart starts now
+    os.kill(pid, signal.SIGKILL)
+
+    def states() -> tuple[str, str]:
+        models = httpx.get(server.url + "/ready", timeout=10).json()["models"]
+        return models["embedder"]["status"], models["classifier"]["status"]
+
+    deadline = time.monotonic() + 60  # a guard against a hang, not a speed bound
+    while states()[1] == "ready":
+        assert time.monotonic() < deadline, "the classifier never noticed its worker died"
+        time.sleep(0.02)
+    try:
+        assert states() == ("restarting", "restarting")
+        with server.client() as c:
+            assert c.post("/v1/classify", json={"input": texts}).status_code == 503
+    finally:
+        gate.set()
+    while states() != ("ready", "ready"):
+        assert time.monotonic() < deadline + 120, states()
+        time.sleep(0.05)
+    with server.client() as c:
+        assert c.post("/v1/classify", json={"input": texts}).status_code == 200
 
 
 def _parent(pid: int) -> int:

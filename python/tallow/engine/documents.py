@@ -116,3 +116,29 @@ def index_payload(chunk_or_doc: dict, h: str | None = None) -> dict:
 def doc_of(chunk_id: str) -> str:
     """The document id of a chunk id ``"<doc id>#<seq>"``."""
     return chunk_id.rsplit("#", 1)[0]
+
+
+class RepeatedId(EngineError):
+    """Two different documents with one id in one batch: which to keep is the caller's call."""
+
+    def __init__(self, index: int, earlier: int, doc_id: str):
+        super().__init__(f"document {index} has the id {doc_id!r} of document {earlier} with other content")
+        self.index, self.earlier, self.doc_id = index, earlier, doc_id
+
+
+def unique_documents(docs: list[dict]) -> list[int]:
+    """The indices of the documents of a batch to ingest, ``docs`` being
+    ``normalize_document``'s output: a document repeated exactly (the same id,
+    or no id and the same text, and the same fields) is kept once, as
+    ingesting it twice would store it once; two different documents with one
+    id raise ``RepeatedId`` naming both. The server's POST /v1/documents and
+    ``tallow index add`` apply this one rule."""
+    first: dict[str, int] = {}
+    keep: list[int] = []
+    for i, doc in enumerate(docs):
+        j = first.setdefault(doc["id"], i)
+        if j == i:
+            keep.append(i)
+        elif docs[j] != doc:
+            raise RepeatedId(i, j, doc["id"])
+    return keep

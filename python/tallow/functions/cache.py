@@ -62,10 +62,11 @@ _NATIVE = "a compiled module is native code: tallow loads it only from a directo
 
 
 class ModuleCache:
+    _fd = -1  # the directory, opened (a class default: close() works however __init__ ended)
+
     def __init__(self, directory: str | Path | None = None):
         self.dir = Path(directory) if directory is not None else default_cache_dir()
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._fd = -1
         self._fd = self._open_dir()
         try:
             self._mac_key = self._key_file()
@@ -133,21 +134,34 @@ class ModuleCache:
     def _create_key(self) -> bytes | None:
         """A new key, written whole before it appears under its name; None if another appeared first."""
         key = secrets.token_bytes(KEY_BYTES)
-        tmp = f".{KEY_NAME}.{secrets.token_hex(8)}.tmp"
+        return key if self._publish(KEY_NAME, key, replace=False) else None
+
+    def _publish(self, name: str, blob: bytes, *, replace: bool) -> bool:
+        """``blob`` under ``name`` in the directory, appearing whole or not at all:
+        written to a fresh private file (O_EXCL, 0600, no symlink followed), then
+        renamed over ``name`` (``replace``) or linked to it only if it does not exist
+        yet (False when it does: another process published first)."""
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self._fd)
+        published = False
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(key)
+                f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
+            if replace:
+                os.replace(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                published = True
+                return True
             try:
-                os.link(tmp, KEY_NAME, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+                os.link(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
             except FileExistsError:
-                return None
-            return key
+                return False
+            return True
         finally:
-            os.unlink(tmp, dir_fd=self._fd)
+            if not published:  # the renamed file is gone from tmp; a linked one has two names
+                os.unlink(tmp, dir_fd=self._fd)
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -171,10 +185,11 @@ class ModuleCache:
         h.update(manifest)
         return h.digest()
 
-    def paths(self, key: str) -> tuple[Path, Path]:
+    @staticmethod
+    def names(key: str) -> tuple[str, str]:
         """The serialised module, and tallow's manifest: 32 bytes of HMAC, then the
         module's imports and exports as JSON (so a load needs no introspection)."""
-        return self.dir / f"{key}.cwasm", self.dir / f"{key}.manifest"
+        return f"{key}.cwasm", f"{key}.manifest"
 
     def _read(self, name: str) -> bytes | None:
         try:
@@ -189,37 +204,25 @@ class ModuleCache:
 
     def load(self, engine: Engine, key: str) -> tuple[Module, dict] | None:
         """The cached module and its description, or None (absent, or not written by tallow: ignored)."""
-        data_path, manifest_path = self.paths(key)
-        data, raw = self._read(data_path.name), self._read(manifest_path.name)
+        data_name, manifest_name = self.names(key)
+        data, raw = self._read(data_name), self._read(manifest_name)
         if data is None or raw is None:
             return None
         mac, manifest = raw[:32], raw[32:]
         if not hmac.compare_digest(mac, self._mac(key, data, manifest)):
-            log.warning("ignoring %s: its HMAC does not match (not written by this tallow)", data_path)
+            log.warning("ignoring %s: its HMAC does not match (not written by this tallow)", self.dir / data_name)
             return None
         try:
             return Module.deserialize(engine, data), json.loads(manifest)
         except (WasmtimeError, ValueError) as exc:
-            log.warning("ignoring %s: %s", data_path, exc)
+            log.warning("ignoring %s: %s", self.dir / data_name, exc)
             return None
 
     def store(self, key: str, module: Module, description: dict) -> None:
         data = bytes(module.serialize())
         manifest = json.dumps(description, sort_keys=True).encode()
-        for path, blob in zip(self.paths(key), (data, self._mac(key, data, manifest) + manifest)):
-            tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self._fd)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                os.replace(tmp, path.name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=self._fd)
-                except OSError:
-                    pass
-                raise
+        for name, blob in zip(self.names(key), (data, self._mac(key, data, manifest) + manifest)):
+            self._publish(name, blob, replace=True)
 
     def get_or_compile(self, engine: Engine, wasm: bytes) -> tuple[Module, dict, bool]:
         """(module, its description, True when it came from the cache)."""

@@ -139,5 +139,5 @@ def _compile(args) -> int:
         _, _, hit = cache.get_or_compile(engine, wasm)
         ms = (time.perf_counter() - t0) * 1000
         print(f"{path}: {'already cached' if hit else 'compiled'} in {ms:.1f} ms -> "
-              f"{cache.paths(ModuleCache.key(wasm))[0]}")
+              f"{cache.dir / ModuleCache.names(ModuleCache.key(wasm))[0]}")
     return 0

@@ -50,7 +50,7 @@ class CallContext:
         self.stores: list[str] = []
         self.abort: str | None = None
         self.deadline = deadline
-        self.clock_origin_ns = time.monotonic_ns()  # reset by Runtime right after WASI is set up
+        self.clock_origin_ns = time.monotonic_ns()  # made right after the guest's WASI clock started
         self.log_room = fn.spec.limits.max_log_bytes
         self.log_full = False
         self.out = bytearray()  # a partial stdout line

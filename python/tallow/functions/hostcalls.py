@@ -19,7 +19,7 @@ from . import abi, guestlog
 from .api import HostInputError, HostUnavailable
 from .context import Abort, CallContext, Refused, charge, check_deadline, current, remaining
 from .kv import KVError
-from .memory import U32, Bounds, copy_in, output, read, text, write_out
+from .memory import U32, Bounds, check_out, copy_in, output, read, text, write_out
 
 log = logging.getLogger("tallow.functions")
 
@@ -185,21 +185,15 @@ def _kv_open(caller, ctx, name, name_len):
     return ctx.stores.index(store) + 1
 
 
-_MISSING = object()
-
-
 @hostfn("kv_get", abi.FUEL_KV)
 def _kv_get(caller, ctx, h, key, key_len, buf, cap):
     store = _store(ctx, h)
     k = _key(caller, ctx, key, key_len)
-    data = ctx.pending.pop(("kv", store, k), None)
+    data = ctx.pending.get(("kv", store, k))  # kept by a first call whose buffer was too small
     if data is None:
         data = _kv(ctx, "get", store, k)
         if data is None:
-            data = _MISSING
-    if data is _MISSING:
-        return abi.E_NOT_FOUND
-    ctx.pending[("kv", store, k)] = data
+            return abi.E_NOT_FOUND
     return output(caller, ctx, ("kv", store, k), lambda: data, buf, cap)
 
 
@@ -244,7 +238,7 @@ def _kv_get_keys(caller, ctx, h, buf, cap):
 def _kv_increment(caller, ctx, h, key, key_len, delta, out):
     store = _store(ctx, h)
     k = _key(caller, ctx, key, key_len)
-    write_out(caller, ctx, out, b"\0" * 8, charged=False)  # bounds first: nothing is stored for a bad pointer
+    check_out(caller, ctx, out, 8)  # bounds first: nothing is stored for a bad pointer
     ctx.pending.pop(("kv", store, k), None)
     new = _kv(ctx, "increment", store, k, delta)
     write_out(caller, ctx, out, new.to_bytes(8, "little", signed=True), charged=False)

@@ -192,8 +192,8 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
         handler.__name__ = f"function_{name}"
         return handler
 
-    def make_not_allowed(spec: FunctionSpec):
-        allow = ", ".join(sorted(set(spec.methods) | ({"HEAD"} if "GET" in spec.methods else set())))
+    def make_not_allowed(spec: FunctionSpec, served: set[str]):
+        allow = ", ".join(sorted(served))
 
         async def not_allowed(request: Request) -> Response:
             return error_response(405, f"function {spec.name!r} answers {allow} on {spec.route}",
@@ -225,9 +225,11 @@ def mount_functions(app: FastAPI, specs: list[FunctionSpec], *, services: Any = 
     # (with one route per method, Starlette's own 405 names only the first
     # route's). After every function's routes, so none shadows another's.
     for fn, path, name, i in not_allowed:
-        others = [m for m in HTTP_METHODS if m not in fn.spec.methods and not (m == "HEAD" and "GET" in fn.spec.methods)]
+        served = set(fn.spec.methods) | ({"HEAD"} if "GET" in fn.spec.methods else set())
+        others = [m for m in HTTP_METHODS if m not in served]
         if others:
-            app.add_api_route(path, make_not_allowed(fn.spec), methods=others, include_in_schema=False,
+            # Out of the schema; its openapi_extra marks it a function route for auth (is_function_route).
+            app.add_api_route(path, make_not_allowed(fn.spec, served), methods=others, include_in_schema=False,
                               name=name + "_other_methods", response_class=Response,
                               openapi_extra=_openapi_extra(fn, "GET", bool(i)))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +33,16 @@ from wasmtime import ExitTrap, InstancePre, Module, Store, Trap, WasiConfig, Was
 
 from . import abi, context, guestlog, traps
 from .api import FnRequest, FnResponse, FunctionError, Host, HostInputError, HostUnavailable
-from .cache import ModuleCache, UnsafeCacheError, default_cache_dir
-from .engine import TICK_MS, epoch_deadline, shared_engine, wasmtime_version
+from .cache import ModuleCache, UnsafeCacheError
+from .engine import epoch_deadline, shared_engine
 from .kv import KV
 from .limits import FunctionConfigError
 from .manifest import FunctionSpec
 from .modules import check_module, describe_module, read_module
 
 __all__ = ["FnRequest", "FnResponse", "FunctionError", "Host", "HostInputError", "HostUnavailable",
-           "LoadedFunction", "ModuleCache", "Runtime", "TICK_MS", "UnsafeCacheError", "default_cache_dir",
-           "describe_module", "read_module", "shared_engine", "wasmtime_version"]
+           "LoadedFunction", "ModuleCache", "Runtime", "UnsafeCacheError", "describe_module", "read_module",
+           "shared_engine"]
 
 log = logging.getLogger("tallow.functions")
 
@@ -120,11 +119,11 @@ class Runtime:
                          instances=lim.instances, tables=lim.tables, memories=lim.memories)
         store.set_fuel(lim.fuel)
         store.set_epoch_deadline(epoch_deadline(lim.deadline_ms))
-        ctx = context.CallContext(fn, req, deadline=t0 + lim.deadline_ms / 1000.0, kv=self.kv, host=self.host)
         store.set_wasi(WasiConfig())  # no preopened directories, no environment, no arguments; fd_write: the log
         # wasmtime's monotonic clock for the guest starts as its WASI context is made (just now):
-        # taking the origin after it, an absolute sleep never wakes before the guest's clock says.
-        ctx.clock_origin_ns = time.monotonic_ns()
+        # the context, made after it, takes its clock origin then, so an absolute sleep never
+        # wakes before the guest's clock says.
+        ctx = context.CallContext(fn, req, deadline=t0 + lim.deadline_ms / 1000.0, kv=self.kv, host=self.host)
         context.bind(ctx)
         failure: FunctionError | None = None
         rc = 0

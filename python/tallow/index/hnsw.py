@@ -178,13 +178,11 @@ class HnswIndex(VectorIndex):
         return entry
 
     def _live(self) -> dict:
-        """Every live item, as a ``_matching`` entry (cached the same way)."""
-        entry = self._filter_cache.get("")  # no filter's JSON is empty
-        if entry is None or entry["version"] != self._version:
-            labels = np.fromiter(sorted(self._id_of), dtype=np.int64, count=len(self._id_of))
-            entry = {"version": self._version, "mask": None, "labels": labels, "vectors": None}
-            self._filter_cache[""] = entry
-        return entry
+        """Every live item, as a ``_matching`` entry. Not cached: its vectors would be
+        the whole index (the filter cache's bound assumes selective filters), and it
+        serves only the rare search hnswlib's graph cannot answer."""
+        labels = np.fromiter(sorted(self._id_of), dtype=np.int64, count=len(self._id_of))
+        return {"version": self._version, "mask": None, "labels": labels, "vectors": None}
 
     def _exact(self, queries: np.ndarray, entry: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over a filter's matching items: (labels [q, k'], scores [q, k'])."""

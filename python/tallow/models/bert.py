@@ -499,6 +499,17 @@ def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optiona
 
 # -- a classification head on an embedder's own encoder ---------------------------------------
 
+def _weight_names(path: Path) -> Optional[set]:
+    """The tensor names in a directory's model.safetensors (read from its header), or None."""
+    from safetensors import safe_open
+
+    st = path / "model.safetensors"
+    if not st.is_file():
+        return None
+    with safe_open(str(st), framework="pt") as f:
+        return {k.removeprefix("bert.") for k in f.keys()}
+
+
 def _head_only(path: Path) -> Optional[dict]:
     """config.json's tallow options when ``path`` holds only a head (classifier.*
     weights, an encoder named by ``base_model``); None for a full checkpoint."""
@@ -506,22 +517,17 @@ def _head_only(path: Path) -> Optional[dict]:
     opts = _classifier_options(raw, path)
     if not opts.get("base_model"):
         return None
-    from safetensors import safe_open
-
-    st = path / "model.safetensors"
-    if not st.is_file():
-        return None
-    with safe_open(str(st), framework="pt") as f:
-        keys = set(f.keys())
-    if any(not k.startswith("classifier.") for k in keys):
+    names = _weight_names(path)
+    if names is None or any(not k.startswith("classifier.") for k in names):
         return None
     return {**opts, "raw": raw}
 
 
 def head_shares_encoder(head_path: str | Path, encoder_path: str | Path) -> bool:
     """Whether the classifier in ``head_path`` is a head trained on exactly the
-    encoder in ``encoder_path`` (same shape, same weights by sha256), so that
-    one copy of that encoder can serve both (``head_on``)."""
+    encoder in ``encoder_path`` (same shape, same weights by sha256, a pooler
+    if the head pools through one), so that one copy of that encoder can serve
+    both (``head_on`` then cannot refuse it)."""
     from ._checkpoint import resolve_model_path, weights_sha256
 
     head_path, encoder_path = Path(head_path), Path(encoder_path)
@@ -529,12 +535,15 @@ def head_shares_encoder(head_path: str | Path, encoder_path: str | Path) -> bool
         opts = _head_only(head_path)
         if opts is None:
             return False
-        base = resolve_model_path(opts["base_model"], relative_to=head_path)
-        base_raw, enc_raw = read_config(base), read_config(encoder_path)
+        enc_raw = read_config(encoder_path)
         if any(opts["raw"].get(k) != enc_raw.get(k) for k in _BASE_FIELDS):
             return False
-        want = opts.get("base_sha256") or weights_sha256(base)
-        return weights_sha256(encoder_path) == want and base_raw.get("vocab_size") == enc_raw.get("vocab_size")
+        if opts["pooling"] == "pooler" and "pooler.dense.weight" not in (_weight_names(encoder_path) or ()):
+            return False
+        base = resolve_model_path(opts["base_model"], relative_to=head_path)
+        if opts.get("base_sha256"):
+            return weights_sha256(encoder_path) == opts["base_sha256"]
+        return base.resolve() == encoder_path.resolve() or weights_sha256(encoder_path) == weights_sha256(base)
     except (CheckpointError, OSError, ValueError):
         return False  # whatever is wrong, loading the classifier on its own will say it
 

@@ -13,37 +13,41 @@ from .app import create_app
 from .config import ConfigError, ServeConfig, load_config
 
 
-class PortInUse(OSError):
-    """The address ``tallow serve`` was asked to listen on is taken."""
+class ListenError(OSError):
+    """``tallow serve`` cannot listen where it was asked to (a port in use, an
+    address this machine does not have); the message says which and what to do."""
 
 
-def bind_listener(host: str, port: int):
-    """A listening socket on (host, port), bound before any model loads: a busy
-    port is reported at once, not after a minute of loading, and no other
-    process can take the port while the models load."""
+def bind_listeners(host: str, port: int) -> list:
+    """Listening sockets on every address ``host`` resolves to (as uvicorn's own
+    ``loop.create_server`` would bind: IPv6 sockets v6-only, addresses reused),
+    bound before any model loads: a busy port is reported at once, not after a
+    minute of loading, and no other process can take it while models load."""
     import errno
     import socket
 
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses TIME_WAIT ports
+    where = f"{host}:{port}"
     try:
-        sock.bind((host.strip("[]"), port))
-        sock.listen(2048)
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(errno.EADDRNOTAVAIL, f"cannot listen on {where}: {exc.strerror}") from None
+    sockets: list = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4][:2]) for info in infos):  # once each
+            sockets.append(socket.create_server(address, family=family, backlog=2048))
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(exc.errno, f"{host}:{port} is already in use (another tallow serve?): "
-                                       f"stop that process, or pick another port with --port N "
-                                       f"(or [server] port in tallow.toml)") from None
-        raise PortInUse(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
+            raise ListenError(exc.errno, f"{where} is already in use (another tallow serve?): stop that process, "
+                                         "or pick another port with --port N (or [server] port in tallow.toml)") from None
+        raise ListenError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sockets
 
 
 def serve(config: ServeConfig, *, config_reason: str = "") -> None:
-    """Runs the server until SIGINT/SIGTERM. Raises PortInUse before loading
-    anything when the port is taken."""
+    """Runs the server until SIGINT/SIGTERM. Raises ListenError before loading
+    anything when it cannot listen (the port is taken)."""
     import logging
 
     import uvicorn
@@ -56,15 +60,16 @@ def serve(config: ServeConfig, *, config_reason: str = "") -> None:
     else:
         log.info("configuration: no file read%s", f" ({config_reason})" if config_reason else
                  " (the embedded defaults)")
-    sock = bind_listener(config.server.host, config.server.port)
+    sockets = bind_listeners(config.server.host, config.server.port)
     try:
         app = create_app(config=config)
         server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                                log_level=config.server.log_level,
                                                timeout_graceful_shutdown=max(1, round(config.server.request_timeout_s))))
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
 
 
-__all__ = ["create_app", "load_config", "serve", "bind_listener", "PortInUse", "ServeConfig", "ConfigError"]
+__all__ = ["create_app", "load_config", "serve", "bind_listeners", "ListenError", "ServeConfig", "ConfigError"]

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse
 
-from .errors import APIError
-from .playground import STATIC
+from .playground import STATIC, mount_files
 
 SWAGGER_UI = STATIC / "swagger-ui"
 ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8",
@@ -38,9 +36,4 @@ def mount_docs(app: FastAPI) -> None:
             # validatorUrl: no badge fetched from validator.swagger.io
             swagger_ui_parameters={"validatorUrl": None})
 
-    @app.get(DOCS_URL + "/assets/{name}", include_in_schema=False)
-    async def swagger_ui_asset(name: str):
-        if name not in ASSETS:
-            raise APIError(404, f"no docs file {name!r}", param="name")
-        return FileResponse(SWAGGER_UI / name, media_type=ASSETS[name],
-                            headers={"Cache-Control": "public, max-age=86400"})
+    mount_files(app, DOCS_URL + "/assets", SWAGGER_UI, ASSETS, "docs", "public, max-age=86400")

@@ -23,6 +23,18 @@ STATIC = Path(__file__).with_name("static")
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
+def mount_files(app: FastAPI, url: str, directory: Path, assets: dict[str, str], what: str,
+                cache_control: str) -> None:
+    """GET ``url``/{name} for the files named in ``assets`` (name -> media type)
+    from ``directory``; any other name is a 404 naming it (never a path)."""
+
+    @app.get(url + "/{name}", include_in_schema=False)
+    async def asset(name: str):
+        if name not in assets:
+            raise APIError(404, f"no {what} file {name!r}", param="name")
+        return FileResponse(directory / name, media_type=assets[name], headers={"Cache-Control": cache_control})
+
+
 def mount_playground(app: FastAPI) -> None:
     """GET / (the page) and GET /playground/{app.js,style.css}."""
 
@@ -31,8 +43,4 @@ def mount_playground(app: FastAPI) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
                             headers={"Cache-Control": "no-cache"})
 
-    @app.get("/playground/{name}", include_in_schema=False)
-    async def playground_asset(name: str):
-        if name not in ASSETS:
-            raise APIError(404, f"no playground file {name!r}", param="name")
-        return FileResponse(STATIC / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+    mount_files(app, "/playground", STATIC, ASSETS, "playground", "no-cache")

@@ -150,13 +150,12 @@ def check_documents(documents: list, max_inputs: int, max_chars: int) -> list[di
     repeated exactly (the same id, or no id and the same text, and the same
     fields) once, as sending it twice would store it once. Two different
     documents with one id are refused: which one to keep is the client's call."""
-    from ..engine.documents import normalize_document
+    from ..engine.documents import RepeatedId, normalize_document, unique_documents
 
     if len(documents) > max_inputs:
         raise InputError(f"{len(documents)} documents in one request; the limit is {max_inputs} "
                          "(models.max_inputs_per_request)", param="documents")
     out: list[dict] = []
-    first: dict[str, int] = {}  # id -> the index in out of the document kept
     for i, doc in enumerate(documents):
         if isinstance(doc, dict) and isinstance(doc.get("timestamp"), float) and doc["timestamp"].is_integer():
             doc = {**doc, "timestamp": int(doc["timestamp"])}
@@ -168,12 +167,10 @@ def check_documents(documents: list, max_inputs: int, max_chars: int) -> list[di
             raise InputError(f"documents[{i}] has {len(doc['text'])} characters; the limit is {max_chars} "
                              "(data.max_document_chars): split it into several documents",
                              param=f"documents[{i}]")
-        j = first.get(norm["id"])
-        if j is None:
-            first[norm["id"]] = len(out)
-            out.append(norm)
-        elif out[j] != norm:
-            raise InputError(f"documents[{i}] has the id {norm['id']!r} of an earlier document with other "
-                             "content (ids are unique; without one, the id is the text's sha256)",
-                             param=f"documents[{i}]")
-    return out
+        out.append(norm)
+    try:
+        return [out[i] for i in unique_documents(out)]
+    except RepeatedId as exc:
+        raise InputError(f"documents[{exc.index}] has the id {exc.doc_id!r} of an earlier document with other "
+                         "content (ids are unique; without one, the id is the text's sha256)",
+                         param=f"documents[{exc.index}]") from None

@@ -58,7 +58,7 @@ class ModelSlot:
                "load_s": round(self.load_s, 3)}
         if self.group is not None:
             out["workers"] = {"mode": self.group.mode, "pids": self.group.pids, "restarts": self.group.restarts,
-                              "failed": len(self.group.failed)}
+                              "failed": self.group.given_up}
             if self.group.spec.slot != self.name:
                 out["served_by"] = self.group.spec.slot  # a head on that model's encoder: one copy of it
         return out
@@ -193,13 +193,15 @@ class Services:
         """Slot ``name`` served by the embedder's workers (``WorkerSpec.heads``):
         its state follows theirs."""
         slot, embedder = self.models[name], self.models["embedder"]
-        slot.group, slot.load_s = embedder.group, embedder.load_s
-        if embedder.status == "ready":
-            slot.status = "ready"
-            slot.model = ServedModel(embedder.group, generation_timeout_s=self.config.server.request_timeout_s,
-                                     head=name)
-        else:
-            slot.status, slot.error = embedder.status, f"served by the embedder, which did not load: {embedder.error}"
+        with self._state_lock:  # the embedder's state may change meanwhile (_worker_state)
+            slot.group, slot.load_s = embedder.group, embedder.load_s
+            if embedder.group is not None:  # it loaded (its info holds the head's); it may be restarting now
+                slot.model = ServedModel(embedder.group, generation_timeout_s=self.config.server.request_timeout_s,
+                                         head=name)
+                slot.status, slot.error = embedder.status, embedder.error
+            else:
+                slot.status = "failed"
+                slot.error = f"served by the embedder, which did not load: {embedder.error}"
 
     def _load_slot(self, name: str, spec: WorkerSpec, model: Any = None) -> Any:
         """Starts the slot's workers (or its in-process host); the slot's
@@ -214,21 +216,21 @@ class Services:
         group = WorkerGroup(spec, getattr(w, name), w.mode, self._worker_state, model=model)
         try:
             group.start(timeout=w.start_timeout_s)
-            slot.group, slot.status = group, "ready"
             slot.model = ServedModel(group, generation_timeout_s=self.config.server.request_timeout_s)
+            with self._state_lock:  # a worker may have died already (then: restarting)
+                slot.group, slot.status = group, group.status
         except Exception as exc:
             slot.status, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cannot load the %s from %s: %s", name, slot.path, exc)
         slot.load_s = time.perf_counter() - t0
-        return slot.model if slot.status == "ready" else None
+        return slot.model if slot.group is not None else None  # loaded (it may be restarting by now)
 
     def _worker_state(self, name: str, status: str, error: str) -> None:
         """A worker group's report: a worker died (restarting), is back (ready),
         or could not be restarted (failed). /ready follows."""
         with self._state_lock:
             for slot in self.models.values():  # the slot, and any head its workers serve
-                if slot.name == name or (slot.group is not None and slot.group is self.models[name].group
-                                         and slot.status != "absent"):
+                if slot.name == name or (slot.group is not None and slot.group is self.models[name].group):
                     slot.status, slot.error = status, error
             if status == "ready" and self._all_ready():
                 self.ready.set()

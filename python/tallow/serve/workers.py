@@ -39,7 +39,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -78,6 +77,16 @@ def _deliver(slot: str, request_id: Any, sink: Sink, item: Any) -> bool:
     except Exception:
         log.exception("the %s request %r could not take its events: failing that request only", slot, request_id)
         return False
+
+
+def _dispatch(slot: str, events: list, sinks: dict, cancel: Callable[[Any], None]) -> None:
+    """One decode step's events to their requests' sinks; a request whose sink
+    raises is cancelled in the worker and told so (the others carry on)."""
+    for request_id, evs in _by_request(events).items():
+        sink = sinks.get(request_id)
+        if sink is not None and not _deliver(slot, request_id, sink, evs):
+            cancel(request_id)
+            _tell_failed(sink, SinkFailed(f"request {request_id!r}: its consumer raised"))
 
 
 def _tell_failed(sink: Sink, exc: BaseException) -> None:
@@ -129,12 +138,9 @@ class InlineWorker:
             self._sinks.pop(request_id, None)
 
     def _dispatch(self, events: list) -> None:
-        for request_id, evs in _by_request(events).items():
-            with self._lock:
-                sink = self._sinks.get(request_id)
-            if sink is not None and not _deliver(self.spec.slot, request_id, sink, evs):
-                self.cancel(request_id)
-                _tell_failed(sink, SinkFailed(f"request {request_id!r}: its consumer raised"))
+        with self._lock:
+            sinks = dict(self._sinks)
+        _dispatch(self.spec.slot, events, sinks, self.cancel)
 
     def finished(self, request_id: Any) -> None:
         self._forget(request_id)
@@ -307,11 +313,7 @@ class ProcessWorker:
         self._fail_all(reason)
 
     def _dispatch(self, events: list) -> None:
-        for request_id, evs in _by_request(events).items():
-            sink = self._sinks.get(request_id)
-            if sink is not None and not _deliver(self.spec.slot, request_id, sink, evs):
-                self.cancel(request_id)
-                _tell_failed(sink, SinkFailed(f"request {request_id!r}: its consumer raised"))
+        _dispatch(self.spec.slot, events, self._sinks, self.cancel)
 
     def _answer(self, message: "Result | Error") -> None:
         with self._state_lock:
@@ -424,12 +426,11 @@ class WorkerGroup:
         self.workers: list = []
         self.info: dict = {}
         self._lock = threading.Lock()
-        self._closed = False
-        self._stopping = threading.Event()  # wakes restarts sleeping in their backoff
+        self._stopping = threading.Event()  # set by stop(): wakes restarts sleeping in their backoff
         self._restarts = 0
         self._restarting: dict[int, threading.Thread] = {}  # place -> its restart
         self._loading: dict[int, ProcessWorker] = {}  # place -> the worker a restart is starting
-        self._failed: dict[int, str] = {}  # place -> why it was given up
+        self._given_up = 0  # places whose restarts all failed (the reason is in the log and the state)
         self._status = "ready"
         self._start_timeout = 600.0
 
@@ -450,6 +451,10 @@ class WorkerGroup:
             except BaseException as exc:
                 results[i] = exc
 
+        # The group holds them before they start: one that loads and dies while
+        # another still loads is one of ours, and is restarted (_exited).
+        with self._lock:
+            self.workers = workers
         threads = [threading.Thread(target=start_one, args=(i,), daemon=True) for i in range(len(workers))]
         for t in threads:
             t.start()
@@ -457,10 +462,8 @@ class WorkerGroup:
             t.join()
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            for w in workers:
-                w.stop()
+            self.stop()  # the workers, and any restart a death has begun meanwhile
             raise errors[0]
-        self.workers = workers
         self.info = results[0]
         return self.info
 
@@ -479,9 +482,14 @@ class WorkerGroup:
         return [w.pid for w in self.workers]
 
     @property
-    def failed(self) -> dict[int, str]:
-        """Places given up: place -> why."""
-        return dict(self._failed)
+    def status(self) -> str:
+        """"ready", "restarting" or "failed" (see the class docstring)."""
+        return self._status
+
+    @property
+    def given_up(self) -> int:
+        """Places whose restarts all failed."""
+        return self._given_up
 
     def _status_now(self) -> str:  # with self._lock held
         if any(not getattr(w, "_dead", False) for w in self.workers):
@@ -496,7 +504,7 @@ class WorkerGroup:
 
     def _exited(self, worker: ProcessWorker, reason: str) -> None:
         with self._lock:
-            if self._closed:
+            if self._stopping.is_set():
                 return
             place = next((i for i, w in enumerate(self.workers) if w is worker), None)
             if place is None or place in self._restarting:  # not (or no longer) ours, or already handled
@@ -517,7 +525,7 @@ class WorkerGroup:
                 return
             fresh = ProcessWorker(self.spec, self._exited)
             with self._lock:
-                if self._closed:
+                if self._stopping.is_set():
                     return
                 self._loading[place] = fresh
             try:
@@ -531,14 +539,14 @@ class WorkerGroup:
                 with self._lock:
                     self._loading.pop(place, None)
             with self._lock:
-                if not self._closed and not fresh._dead:  # dead already: its exit was not reported
+                if not self._stopping.is_set() and not fresh._dead:  # dead already: its exit was not reported
                     self.workers[place] = fresh
                     self._restarts += 1
                     del self._restarting[place]
                     self._report(self._status_now(), "")
                     log.info("the %s worker is back (pid %s)", self.spec.slot, fresh.pid)
                     return
-                closed = self._closed
+                closed = self._stopping.is_set()
             if closed:
                 fresh.stop()
                 return
@@ -550,7 +558,7 @@ class WorkerGroup:
                   self.spec.slot, why)
         with self._lock:
             self._restarting.pop(place, None)
-            self._failed[place] = why
+            self._given_up += 1
             self._report(self._status_now(), why)
 
     @property
@@ -562,7 +570,6 @@ class WorkerGroup:
         sleeping in its backoff ends, one loading a model has its process
         killed); no process of the group is left when it returns."""
         with self._lock:
-            self._closed = True
             self._stopping.set()
             loading = list(self._loading.values())
             restarts = list(self._restarting.values())
@@ -583,7 +590,6 @@ class ServedModel:
         """``head``: serve that classification head of the group's model (an
         embedder with heads, ``WorkerSpec.heads``) instead of the model itself."""
         self.group = group
-        self.head = head
         # generate()'s bound (the server gives server.request_timeout_s): a
         # RAG answer waits no longer than a completion may take.
         self.generation_timeout_s = generation_timeout_s
@@ -592,7 +598,8 @@ class ServedModel:
         self.tokenizer = info["tokenizer"]
         # model_identity() of the real model, computed where the weights are:
         # content hashes and image tags are the same in both modes.
-        self.precomputed_identity = info["identity"]
+        # (None for a head: vectors are the embedder's, nothing names a classifier's output)
+        self.precomputed_identity = info.get("identity")
         for name, value in info["attrs"].items():
             setattr(self, name, value)
         self._repr = info["repr"]
