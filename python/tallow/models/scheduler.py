@@ -1,5 +1,6 @@
-"""Iteration-level (continuous) batching for GPT-2 (Orca, Yu et al. 2022;
-vLLM's scheduler without paging).
+"""Iteration-level (continuous) batching for decoder LMs (Orca, Yu et al. 2022;
+vLLM's scheduler without paging): GPT-2 and the Llama family, through the
+small model interface :class:`GenerativeModel` names.
 
 A :class:`GenerationScheduler` owns a KV pool and the rows running in it.
 Every :meth:`~GenerationScheduler.step` is one iteration: waiting requests
@@ -19,8 +20,8 @@ of every real token's context, and a row's prefill numerics do not depend
 on the other prompts' lengths. Positions a row has not written are zeros
 (finite: attention reads them masked).
 
-KV pool. Per layer a key and a value tensor ``[slots, heads, len, head_dim]``
-of the model's ``kv_cache_dtype``; running row b lives in slot b (rows are
+KV pool. Per layer a key and a value tensor ``[slots, kv_heads, len, head_dim]``
+of the model's ``kv_cache_dtype`` (the layout ``model.new_cache`` gives); running row b lives in slot b (rows are
 kept compacted in slots 0..B-1: a leaving row's slot gets the last row, so a
 decode step's attention reads ``pool[:B, :, :keys]``, a view), its tokens at
 positions 0..L-1. The pool is allocated on demand and reallocated (slots
@@ -50,13 +51,43 @@ import operator
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Protocol, Sequence
 
 import torch
 
 from .generation import SamplingParams, find_stop, holdback, next_tokens
-from .gpt2 import GPT2LMHeadModel
 from .layers import tiled_gemm
+
+
+class GenerativeModel(Protocol):
+    """What the scheduler uses of a model (GPT2LMHeadModel and LlamaForCausalLM
+    implement it; a new architecture needs only these):
+
+    - ``config.n_positions`` (context limit), ``config.vocab_size``,
+      ``config.eos_token_id``; optionally ``config.eos_token_ids`` (every id
+      that ends a row with "eos", e.g. Llama 3's <|eot_id|> too);
+    - ``tokenizer``: ``decode(ids) -> str`` (special tokens skipped), or None;
+    - ``new_cache(batch, max_len)`` -> (keys, values), each
+      ``[layers, batch, kv_heads, max_len, head_dim]`` of the KV dtype: the
+      pool copies this layout (called once with (1, 1));
+    - ``kv_bytes_per_token()``: bytes of one token of one row (keys and values, all layers);
+    - ``prefill_rows(prompts, cache)`` -> float32 logits [n, vocab] after each
+      prompt's last token; ``cache`` = (keys, values), per layer
+      ``[n, kv_heads, len, head_dim]`` views of the pool, prompts written at 0..P-1;
+    - ``decode_rows(tokens [B], positions [B], cache)`` -> float32 logits [B, vocab]:
+      token b fed at positions[b], its key/value written there.
+    """
+
+    config: object
+    tokenizer: object
+
+    def new_cache(self, batch: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def kv_bytes_per_token(self) -> int: ...
+
+    def prefill_rows(self, prompts: Sequence[Sequence[int]], cache) -> torch.Tensor: ...
+
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor: ...
 
 # The default budget: max_rows rows at the model's full context, capped at 2 GiB
 # (GPT-2-124M: 32 rows x 1024 tokens need 1.2 GB in bf16; in fp32, 2.4 GB, so
@@ -104,10 +135,10 @@ class _Request:
 
 
 class GenerationScheduler:
-    """Iteration-level batching over one GPT-2 model (not thread-safe: see
-    :class:`GenerationLoop` for a thread driving one)."""
+    """Iteration-level batching over one model (a :class:`GenerativeModel`; not
+    thread-safe: see :class:`GenerationLoop` for a thread driving one)."""
 
-    def __init__(self, model: GPT2LMHeadModel, *, max_rows: int = 32, kv_budget_bytes: Optional[int] = None,
+    def __init__(self, model: GenerativeModel, *, max_rows: int = 32, kv_budget_bytes: Optional[int] = None,
                  prefill_tokens_per_step: int = 2048, batch_invariant: bool = False):
         """``batch_invariant``: also run one-row forwards (a lone row's decode,
         a lone prompt's LM head) through the tiled fp32 GEMM, so that an fp32
@@ -128,9 +159,12 @@ class GenerationScheduler:
         if not isinstance(kv_budget_bytes, int) or kv_budget_bytes < 1:
             raise ValueError(f"kv_budget_bytes must be an int >= 1, got {kv_budget_bytes!r}")
         self.kv_budget_bytes = kv_budget_bytes
-        self._dtype = model.new_cache(1, 1)[0].dtype
+        layout = model.new_cache(1, 1)[0]  # [layers, 1, kv_heads, 1, head_dim]
+        self._dtype = layout.dtype
+        self._layers = layout.shape[0]
+        self._head = (layout.shape[2], layout.shape[4])
         c = model.config
-        self._head = (c.n_head, c.head_dim)
+        self._eos = frozenset(getattr(c, "eos_token_ids", None) or (c.eos_token_id,))
         self._keys: list[torch.Tensor] = []    # per layer [slots, heads, len, d]
         self._values: list[torch.Tensor] = []
         self._slots = 0
@@ -179,7 +213,7 @@ class GenerationScheduler:
                 raise ValueError(f"prompt {i} has token ids outside [0, {c.vocab_size})")
             total = len(p) + sp.max_new_tokens
             if total > c.n_positions:
-                raise ValueError(f"prompt {i}: {total} positions exceed GPT-2's context limit of {c.n_positions} "
+                raise ValueError(f"prompt {i}: {total} positions exceed the model's context limit of {c.n_positions} "
                                  f"(prompt tokens {len(p)} + max_new_tokens {sp.max_new_tokens})")
             rows.append(_Row(request, i, p, sp, None, total))
         live = [r for r in rows if r.params.max_new_tokens > 0]
@@ -351,7 +385,7 @@ class GenerationScheduler:
         r.out.append(t)
         r.pending = t
         reason = None
-        if p.stop_at_eos and t == self.model.config.eos_token_id:
+        if p.stop_at_eos and t in self._eos:
             reason = "eos"
             text = self._decode(r.out[:-1])
         else:
@@ -442,7 +476,7 @@ class GenerationScheduler:
             return
         if not self._rows:
             self._free_pool()
-        n_layer = self.model.config.n_layer
+        n_layer = self._layers
         heads, d = self._head
         keep_s, keep_l = len(self._rows), min(self._len, length)
         for store in (self._keys, self._values):
