@@ -15,6 +15,7 @@ void register_attention(py::module_& m);
 void register_int8_matmul(py::module_& m);
 void register_preprocess(py::module_& m);
 void register_peak(py::module_& m);
+void register_encoder(py::module_& m);
 }  // namespace tallow
 
 #ifndef TALLOW_VERSION
@@ -57,4 +58,5 @@ PYBIND11_MODULE(_C, m) {
   tallow::register_int8_matmul(m);
   tallow::register_preprocess(m);
   tallow::register_peak(m);
+  tallow::register_encoder(m);
 }

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
+from .bert_native import NativeEncoder, native_encoder_wanted
 from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer
 
@@ -167,6 +168,9 @@ class BertModel(torch.nn.Module):
             [BertLayer(cfg, sd, f"encoder.layer.{i}.") for i in range(cfg.num_hidden_layers)])
         self.pooler = Dense(sd["pooler.dense.weight"], sd["pooler.dense.bias"]) if pooler else None
         self.requires_grad_(False)
+        # The whole forward as one native call (bert_native.py), chosen once
+        # here; None keeps the per-op path below (its reference).
+        self.native = NativeEncoder(self) if native_encoder_wanted() else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -187,9 +191,13 @@ class BertModel(torch.nn.Module):
         return x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.pooled_cls(hidden[:, 0])
+
+    def pooled_cls(self, cls: torch.Tensor) -> torch.Tensor:
+        """The pooler (dense + tanh) on CLS hidden states [B, H]."""
         if self.pooler is None:
             raise ValueError("this checkpoint has no pooler (pooler.dense.*)")
-        return torch.tanh(self.pooler(hidden[:, 0]))
+        return torch.tanh(self.pooler(cls))
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -231,6 +239,17 @@ def _micro_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
         groups.append(order[cut[i]:i])
         i = cut[i]
     return groups[::-1]
+
+
+def _check_lengths(ids: Sequence[Sequence[int]], cfg: BertConfig) -> None:
+    """The per-op path's errors for the native one: an empty input or one
+    longer than the model's positions."""
+    for i, x in enumerate(ids):
+        if len(x) == 0:
+            raise ValueError(f"input {i} has no tokens")
+        if len(x) > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {len(x)} exceeds the model's limit of "
+                             f"{cfg.max_position_embeddings} positions")
 
 
 def _length_sorted_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int):
@@ -319,6 +338,16 @@ class BertEmbedder(_BertBase):
         if len(ids) == 0:
             return torch.empty(0, self.config.hidden_size)
         out = torch.empty(len(ids), self.config.hidden_size)
+        if self.bert.native is not None:
+            _check_lengths(ids, self.config)
+            for start in range(0, len(ids), batch_size):  # packed: no padding, no sorting needed
+                chunk = ids[start:start + batch_size]
+                if pooling == "pooler":
+                    emb = self.bert.pooled_cls(self.bert.native.run(chunk, "pooler"))
+                    out[start:start + len(chunk)] = F.normalize(emb, p=2, dim=1) if normalize else emb
+                else:
+                    out[start:start + len(chunk)] = self.bert.native.run(chunk, pooling, normalize)
+            return out
         for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
             hidden = self.bert(input_ids, mask)
             emb = self.bert.pooled(hidden) if pooling == "pooler" else _pool(hidden, mask, pooling)
@@ -387,8 +416,19 @@ class BertClassifier(_BertBase):
         if len(ids) == 0:
             return []
         probs = torch.empty(len(ids), self.num_labels)
-        for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
-            probs[idx] = torch.softmax(self.logits(input_ids, mask), dim=-1)
+        if self.bert.native is not None:
+            _check_lengths(ids, self.config)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start:start + batch_size]
+                if self.pooling == "pooler":
+                    pooled = self.bert.pooled_cls(self.bert.native.run(chunk, "pooler"))
+                    pooled = F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+                else:
+                    pooled = self.bert.native.run(chunk, self.pooling, self.normalize)
+                probs[start:start + len(chunk)] = torch.softmax(self.classifier(pooled), dim=-1)
+        else:
+            for idx, input_ids, mask in _length_sorted_batches(ids, batch_size, self._pad_id):
+                probs[idx] = torch.softmax(self.logits(input_ids, mask), dim=-1)
         results = []
         for row in probs:
             best = int(torch.argmax(row))

@@ -1,0 +1,18 @@
+// Encoder kernels compiled for scalar (flags from CMakeLists.txt by file name).
+// Everything from encoder_kernel.h lands in an anonymous namespace, so this
+// file's copies can never be linked into another ISA's code path.
+#include "common/simd.h"
+#include "common/thread_pool.h"
+#include "encoder/encoder.h"
+
+namespace tallow {
+namespace encoder {
+namespace {
+#include "encoder/encoder_kernel.h"
+}  // namespace
+
+extern const IsaKernels kKernelsScalar;
+const IsaKernels kKernelsScalar = {&isa_sgemm, &isa_add_layer_norm};
+
+}  // namespace encoder
+}  // namespace tallow
