@@ -34,6 +34,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 # Methods the server may call on a model: nothing else crosses the pipe.
 CALLABLE = ("embed", "embed_ids", "classify", "classify_ids", "features")
+# What a chat route reads from a generator (tallow.engine.chat): copied to the server with its info.
+CHAT_ATTRS = ("chat_template", "special_tokens", "bos_token_id", "eos_token_id")
 
 
 @dataclass
@@ -323,7 +325,7 @@ class ModelHost:
             return {"class": type(m).__name__, "repr": repr(m), "config": getattr(m, "config", None),
                     "tokenizer": getattr(m, "tokenizer", None),
                     "attrs": {a: getattr(m, a) for a in ("pooling", "normalize", "kv_cache_dtype", "quantization",
-                                                         "architecture") if hasattr(m, a)}}
+                                                         "architecture", *CHAT_ATTRS) if hasattr(m, a)}}
 
         m = self.model
         base = getattr(m, "embedder", m)

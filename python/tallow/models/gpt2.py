@@ -34,7 +34,7 @@ from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .generation import SamplingParams
 from .layers import Dense, count_parameters, quantize_model
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_chat_config
 
 _KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "relu": "relu"}
@@ -207,6 +207,14 @@ class GPT2LMHeadModel(torch.nn.Module):
         self.lm_head = Dense(lm_head, None)
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
+        # Chat (tallow.engine.chat): load_gpt2 fills these from the directory's tokenizer files.
+        self.chat_template: Optional[str] = None
+        self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ... as transformers names them
+        self.bos_token_id: Optional[int] = None
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.config.eos_token_id
 
     # -- forward passes ---------------------------------------------------------------
 
@@ -378,4 +386,8 @@ def load_gpt2(path: str | Path, quantize: Optional[str] = None,
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer(path, max_length=cfg.n_positions, add_special_tokens=False)
-    return GPT2LMHeadModel(cfg, sd, tokenizer, quantize, kv_cache_dtype)
+    model = GPT2LMHeadModel(cfg, sd, tokenizer, quantize, kv_cache_dtype)
+    model.chat_template, model.special_tokens = read_chat_config(path)
+    bos = read_config(path).get("bos_token_id")
+    model.bos_token_id = int(bos) if isinstance(bos, int) else None
+    return model

@@ -51,6 +51,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
     def encode_ids(self, texts: Sequence[str], *, truncation: bool = False,
                    max_length: int | None = None) -> list[list[int]]:
         """Token ids per text, unpadded. Raises for empty or over-long input."""
@@ -94,3 +97,52 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# The special tokens a chat template may name (transformers passes its tokenizer's
+# ``special_tokens_map`` to the template as variables of these names).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def read_chat_config(path: str | Path) -> tuple[str | None, dict[str, str]]:
+    """A Hugging Face model directory's chat template and special tokens, as
+    transformers reads them: the template from ``chat_template.jinja`` when it
+    exists, else the ``chat_template`` field of ``tokenizer_config.json`` (a
+    string, or a list of named templates: the one named "default"); the
+    special tokens (``bos_token``, ``eos_token``, ... as strings) from
+    tokenizer_config.json, then special_tokens_map.json. (None, {}) when the
+    directory has neither file."""
+    import json
+
+    d = Path(path)
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        f = d / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{str(f)!r} is not valid JSON: {exc}") from exc
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{str(f)!r} must hold a JSON object")
+            config.update(data)
+    special: dict[str, str] = {}
+    for key in SPECIAL_TOKEN_NAMES:
+        value = config.get(key)
+        if isinstance(value, dict):  # a serialised AddedToken
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            special[key] = value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise CheckpointError(f"tokenizer_config.json in {str(d)!r} has named chat templates "
+                                  f"{sorted(map(str, named))} but none named 'default'")
+        template = named["default"]
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"the chat_template in {str(d)!r} must be a string, got {type(template).__name__}")
+    return template or None, special
