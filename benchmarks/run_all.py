@@ -35,10 +35,10 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "index", "server", "transport",
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "index", "server", "transport",
           "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "index", "train"]
+RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "index", "train"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class Target:
     "*". kind "peak": ours' fraction of the register-only peak (rows'
     peak_fraction). kind "baseline": ours' throughput over the same case and
     provider in this machine's frozen baseline (results/<machine>/baseline/,
-    written by --save-baseline). `where`: "" every machine; "avx2" AVX2-only
+    written by --save-baseline). kind "fastest": as "ratio", against the
+    fastest of the rows whose provider `peer` (a regular expression) matches
+    in full, leaving out rows marked beyond their accuracy tolerance
+    (accuracy_ok false). `where`: "" every machine; "avx2" AVX2-only
     machines (best ISA avx2: the peers run AVX2 too); "avx2-kernels" wherever
     tallow's kernels run AVX2 (also an AVX-512 machine under TALLOW_ISA=avx2);
     "amx" machines with AMX-INT8.
@@ -99,6 +102,11 @@ TARGETS = [
     # Issue 12: the Trainer's overhead, samples/s against the plain PyTorch loops.
     Target("train", r"digits convnet", "tallow Trainer", "plain loop (tensor indexing)", 0.95, "12"),
     Target("train", r"digits convnet", "tallow Trainer", "plain loop (DataLoader)", 0.95, "12"),
+    # Issue 22: whole encoders vs the faster of ONNX Runtime (plain or optimized graph) and CTranslate2,
+    # same precision, each engine in its own process (bench_encoders.py).
+    *(Target("encoders", r"^(minilm-l6|bert-base)-", f"tallow-{p}",
+             f"onnxruntime-{p} (plain|optimized)|ctranslate2-{p}", 1.2, "22", kind="fastest")
+      for p in ("fp32", "int8")),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
@@ -187,6 +195,12 @@ def measure_target(t: Target, mdir: Path) -> tuple[str, str, bool | None] | None
             theirs = _peer_rows(rows, case, t.peer)
             if theirs:
                 found.append((theirs[0]["median_ms"] / mine[0]["median_ms"], case))
+        elif t.kind == "fastest":
+            theirs = [r for r in rows if r["case"] == case and re.fullmatch(t.peer, r["provider"])
+                      and r.get("accuracy_ok", True)]
+            if theirs:
+                best = min(theirs, key=lambda r: r["median_ms"])
+                found.append((best["median_ms"] / mine[0]["median_ms"], f"{case} vs {best['provider']}"))
         elif t.kind == "peak":
             if mine[0].get("peak_fraction") is not None:
                 found.append((mine[0]["peak_fraction"], case + f", of {mine[0]['peak_kind']}"))
@@ -216,7 +230,7 @@ def targets_table(mdir: Path) -> str:
         if got is None:
             continue
         cases_cell, measured, met = got
-        vs = {"ratio": f"{t.ours} vs {t.peer}", "peak": f"{t.ours}: fraction of the {t.peer}",
+        vs = {"ratio": f"{t.ours} vs {t.peer}", "fastest": f"{t.ours} vs the fastest of {t.peer.replace('|', ' or ')}", "peak": f"{t.ours}: fraction of the {t.peer}",
               "baseline": f"{t.ours} vs this machine's baseline (tokens/s)"}[t.kind]
         goal = f"≥ {t.target:.0%}" if t.kind == "peak" else f"≥ {t.target}×"
         where = {"avx2": " (AVX2)", "avx2-kernels": " (AVX2 kernels)", "amx": " (AMX)"}.get(t.where, "")

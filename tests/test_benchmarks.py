@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -377,3 +378,67 @@ def test_server_targets_reach_the_targets_table(results_root):
     assert ("| 15 | server | generation tokens/s: current / baseline | current vs baseline 48259c5 | ≥ 2× | 2.50× "
             "| yes |") in table
     assert "| 15 | server | overload /health p99 (current) | — | ≤ 50 ms | 80.0 ms | no |" in table
+
+
+# ------------------------------------------------------------------ bench_encoders (issue 22)
+
+def test_encoder_targets_take_the_fastest_accurate_peer(results_root):
+    """Issue 22's targets: tallow against the faster of ONNX Runtime (plain or
+    optimized graph) and CTranslate2 at the same precision; a peer beyond its
+    accuracy tolerance does not count, other precisions and engines neither."""
+    m = "amd-epyc-avx2"
+    case = "minilm-l6-b32"
+    write(results_root, m, "encoders", [
+        row(case, "tallow-int8", 10.0), row(case, "tallow-fp32", 20.0),
+        row(case, "onnxruntime-int8 plain", 14.0, accuracy_ok=True),
+        row(case, "onnxruntime-int8 optimized", 12.0, accuracy_ok=True),
+        row(case, "onnxruntime-int8 optimized per-tensor", 5.0, accuracy_ok=False),  # fast but inaccurate
+        row(case, "ctranslate2-int8", 13.0, accuracy_ok=True),
+        row(case, "onnxruntime-fp32 plain", 30.0, accuracy_ok=True),
+        row(case, "ctranslate2-fp32", 25.0, accuracy_ok=True),
+        row(case, "openvino-fp32", 1.0, accuracy_ok=True),  # not one of the targets' peers
+        row("tiny-b4", "tallow-int8", 100.0), row("tiny-b4", "ctranslate2-int8", 1.0),  # the smoke test's case
+    ])
+    table = run_all.targets_table(results_root / m)
+    int8 = next(line for line in table.splitlines() if "| encoders |" in line and "tallow-int8 vs" in line)
+    fp32 = next(line for line in table.splitlines() if "| encoders |" in line and "tallow-fp32 vs" in line)
+    assert int8.startswith("| 22 |") and "≥ 1.2× | 1.20× (minilm-l6-b32 vs onnxruntime-int8 optimized) | yes |" in int8
+    assert "≥ 1.2× | 1.25× (minilm-l6-b32 vs ctranslate2-fp32) | yes |" in fp32
+
+
+def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_path):
+    """bench_encoders end to end on a tiny random BERT: every provider in a
+    process of its own (torch imported before tallow in tallow's; none in
+    ONNX Runtime's and CTranslate2's), embeddings checked against
+    transformers, results in this machine's folder, the peer table and the
+    targets read from them."""
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install -r benchmarks/requirements.txt): "
+                                              "bench_encoders' CTranslate2 peer")
+    pytest.importorskip("onnxruntime")
+    import bench_encoders
+
+    providers = ["tallow-fp32", "tallow-int8", "onnxruntime-fp32 plain", "onnxruntime-int8 optimized",
+                 "ctranslate2-fp32", "ctranslate2-int8"]
+    rc = bench_encoders.main(["--quick", "--cases", "tiny-b4", "--cache", str(tmp_path / "cache"), "--min-time", "0",
+                              "--providers", *providers])
+    assert rc == 0
+    machine = harness.this_machine()["machine"]
+    data = json.loads((results_root / machine / "encoders.json").read_text())
+    assert data["env"]["machine"] == machine
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert set(rows) == set(providers)
+    pids = {r["details"]["pid"] for r in rows.values()}
+    assert len(pids) == len(providers) and os.getpid() not in pids
+    for name, r in rows.items():
+        assert r["reps"] >= 3 and r["median_ms"] > 0 and r["accuracy_ok"], r
+        assert 1 - r["min_cosine"] <= r["agreement_tol"]
+        assert r["details"]["torch_loaded"] == name.startswith("tallow"), name
+    assert rows["tallow-fp32"]["details"]["torch_imported_first"]
+    assert rows["tallow-fp32"]["details"]["threads"] == 2 == rows["tallow-int8"]["details"]["torch_threads"]
+    assert sorted(p["precision"] for p in data["peers"]) == ["fp32", "int8"]
+    for p in data["peers"]:  # the fastest of ONNX Runtime and CTranslate2 at tallow's precision
+        best = rows[p["best_peer"]]
+        assert best["param_engine"] in ("onnxruntime", "ctranslate2") and best["param_precision"] == p["precision"]
+        assert p["speedup"] == pytest.approx(best["median_ms"] / rows[f"tallow-{p['precision']}"]["median_ms"])
+    md = (results_root / machine / "encoders.md").read_text()
+    assert "| tiny-b4 | fp32 |" in md and "| tiny-b4 | int8 |" in md
