@@ -216,6 +216,30 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, bpe_json):
         load(bad)
 
 
+def test_read_file_equals_gguf_reader(tmp_path, bpe_json):
+    """tallow's parser (a struct loop, ~30x faster on a 49k-token vocabulary) reads what gguf.GGUFReader reads."""
+    from gguf import GGUFReader
+
+    from tallow.models.gguf import read_file
+
+    path, _ = build_case(tmp_path, "qwen2", "Q4_K", bpe_json, tied=True)
+    meta, tensors = read_file(path)
+    reader = GGUFReader(str(path))
+    assert meta == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.tensor_type, tuple(t.shape)) for t in tensors] == [
+        (t.name, t.tensor_type, tuple(int(n) for n in t.shape)) for t in reader.tensors]
+    for ours, theirs in zip(tensors, reader.tensors):
+        assert ours.data.dtype == theirs.data.dtype and np.array_equal(ours.data, theirs.data), ours.name
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"truncated: tensor '[a-z_.0-9]+' runs past the end"):
+        load(truncated)
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CheckpointError, match="is not a GGUF file"):
+        load(not_gguf)
+
+
 def test_chat_metadata_is_exposed(tmp_path, bpe_json):
     path, _ = build_case(tmp_path, "llama", "F16", bpe_json, tied=True)
     model = load(path)
