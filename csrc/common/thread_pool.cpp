@@ -158,6 +158,11 @@ class Pool {
   // `seen`: the last generation before this worker existed, so it neither
   // reruns the previous job nor misses the next one.
   void worker_loop(int index, uint64_t seen) {
+#if defined(__linux__)
+    // Named so a profiler (or tests/test_thread_pools.py) tells tallow's
+    // threads from torch's OpenMP team.
+    pthread_setname_np(pthread_self(), "tallow-pool");
+#endif
     t_thread_index = index;
     t_in_parallel = true;
     for (;;) {
