@@ -16,6 +16,10 @@ batch at the next step and each row leaves when it finishes. Here:
 
 Admission (how many completions may wait or run) is the ``generate`` lane's
 ``max_queue``: ``Services.generation_slots``.
+
+The routes' side (the end of this file): /v1/completions, /v1/chat/completions
+and /generate share admission, the event stream with its metrics and
+timeout, the whole-answer collector and the server-sent events.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import queue
 import time
 from typing import Any, AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
 
 from ..errors import InputError
 
@@ -57,7 +64,12 @@ class GenerationStream:
     caller's admission slot goes back there, however the request ended)."""
 
     def __init__(self, model: Any, prompt_ids: list[list[int]], params: Any,
-                 on_close: Callable[["GenerationStream"], None] | None = None):
+                 on_close: Callable[["GenerationStream"], None] | None = None, stop_ids: frozenset = frozenset()):
+        """``stop_ids``: tokens that end a row here, besides the scheduler's
+        eos (a chat template's end of turn): the row's event with one gets
+        finish_reason "stop" (and any text the scheduler still held back),
+        and the row's later events are dropped; once every row has ended,
+        ``close()`` stops the rows the scheduler still runs."""
         self.loop = asyncio.get_running_loop()
         self.rows = len(prompt_ids)
         self.request_id = f"g{next(_request_ids)}"
@@ -65,6 +77,9 @@ class GenerationStream:
         self.finished = False  # every row finished
         self._closed = False
         self._on_close = on_close
+        self._stop_ids = frozenset(stop_ids)
+        self._tokenizer = getattr(model, "tokenizer", None)
+        self._running = self.rows  # rows the scheduler has not ended
         try:
             self._worker = model.start_generation(self.request_id, prompt_ids, row_params(params, self.rows),
                                                   self._sink)
@@ -79,6 +94,9 @@ class GenerationStream:
         failure (``WorkerDied``: 503) or ``TimeoutError`` past ``deadline``
         (``time.monotonic()``)."""
         unfinished = self.rows
+        ended: set[int] = set()  # rows ended here at a stop id while the scheduler runs them on
+        tokens: dict[int, list[int]] = {}
+        texts: dict[int, str] = {}
         try:
             while unfinished:
                 remaining = deadline - time.monotonic()
@@ -94,11 +112,38 @@ class GenerationStream:
                     if event.finish_reason == "error":
                         raise RuntimeError(f"generation failed: {event.error}")
                     if event.finish_reason is not None:
+                        self._running -= 1
+                    if event.row in ended:
+                        continue
+                    if self._stop_ids:
+                        running = event.finish_reason is None
+                        event = self._stop_at_ids(event, tokens, texts)
+                        if running and event.finish_reason is not None:
+                            ended.add(event.row)
+                    if event.finish_reason is not None:
                         unfinished -= 1
                     yield event
             self.finished = True
         finally:
             self.close()
+
+    def _stop_at_ids(self, event: Any, tokens: dict[int, list[int]], texts: dict[int, str]) -> Any:
+        """The event as it is, or, when its token is a stop id, the row's
+        last event: finish_reason "stop", with the text the scheduler held
+        back (the start of a stop string, an incomplete character) and
+        without the stop token's own."""
+        ids = tokens.setdefault(event.row, [])
+        ids.append(event.token_id)
+        emitted = texts.get(event.row, "")
+        if event.token_id not in self._stop_ids or event.finish_reason in ("eos", "stop"):
+            texts[event.row] = emitted + event.text
+            return event
+        text = event.text
+        if self._tokenizer is not None:
+            full = self._tokenizer.decode(ids[:-1])
+            text = full[len(emitted):] if full.startswith(emitted) else ""
+        texts[event.row] = emitted + text
+        return dataclasses.replace(event, text=text, finish_reason="stop")
 
     def close(self) -> None:
         """Forgets the request; rows that have not finished (a client that
@@ -107,7 +152,7 @@ class GenerationStream:
             return
         self._closed = True
         try:
-            if self.finished:
+            if self.finished and not self._running:
                 self._worker.finished(self.request_id)
             else:
                 self._worker.cancel(self.request_id)
@@ -167,3 +212,141 @@ def generate_blocking(model: Any, prompts: list[str], kwargs: dict, timeout_s: f
     total = time.perf_counter() - t0
     return [Generation(texts[i], toks, reasons[i], len(prompt_ids[i]),
                        first[i] if first[i] is not None else total, total) for i, toks in enumerate(ids)]
+
+
+# -- the routes' side: one generation service for /v1/completions, /v1/chat/completions and /generate --
+#
+# Each route turns its body into a ``GenerationRequest`` (``rules.completion_job``,
+# ``rules.chat_job``), then: ``complete`` (the whole answer) or ``admit_generation``
+# + ``sse`` + ``sse_response`` (server-sent events, one chunk list per token, the
+# route's ``render`` giving the chunks).
+
+# The scheduler's reasons as the OpenAI API names them.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def admit_generation(services: Any, model: Any, req: Any) -> GenerationStream | None:
+    """Admits a request (429 when ``batching.generate.max_queue`` are in
+    flight) and starts its rows in the scheduler; None for max_tokens=0
+    (nothing to generate)."""
+    from .deps import admit
+
+    admit(services, services.generation_slots)
+    if req.params.max_new_tokens == 0:
+        services.generation_slots.leave()
+        return None
+
+    def release(stream: GenerationStream) -> None:  # once, when the stream closes
+        if not stream.finished:
+            services.metrics.generations_cancelled.inc()
+        services.generation_slots.leave()
+
+    try:
+        return GenerationStream(model, req.prompt_ids, req.params, on_close=release, stop_ids=req.stop_ids)
+    except BaseException:
+        services.generation_slots.leave()
+        raise
+
+
+async def _events(services: Any, stream: GenerationStream | None, admitted: float):
+    """The stream's events, with the request timeout, time-to-first-token and
+    token metrics; closing the stream (however it ends) leaves the admission gate."""
+    if stream is None:
+        return
+    metrics = services.metrics
+    first = True
+    try:
+        async for event in stream.events(time.monotonic() + services.config.server.request_timeout_s):
+            if first:
+                first = False
+                metrics.time_to_first_token.observe(time.monotonic() - admitted)
+            metrics.tokens_generated.inc()
+            yield event
+    finally:
+        stream.close()  # a client that left, a timeout: its rows stop at the next step
+
+
+async def complete(services: Any, model: Any, req: Any) -> list[dict]:
+    """Runs a request to its end: one dict per row (text, completion_tokens,
+    finish_reason as the scheduler names it, prompt_tokens)."""
+    from .errors import APIError
+
+    stream = admit_generation(services, model, req)
+    n = len(req.prompt_ids)
+    texts, counts = [""] * n, [0] * n
+    reasons: list[str] = ["length"] * n
+    try:
+        async for e in _events(services, stream, req.admitted):
+            texts[e.row] += e.text
+            counts[e.row] += 1
+            if e.finish_reason:
+                reasons[e.row] = e.finish_reason
+    except TimeoutError:
+        raise APIError(504, "the completion did not finish within server.request_timeout_s") from None
+    return [{"text": texts[i], "completion_tokens": counts[i], "finish_reason": reasons[i],
+             "prompt_tokens": len(req.prompt_ids[i])} for i in range(n)]
+
+
+def _data(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+async def sse(services: Any, stream: GenerationStream | None, render: Callable[[Any], list[dict]], *,
+              head: list[dict] = (), usage_chunk: Callable[[int], dict] | None = None):
+    """Server-sent events: ``head``'s chunks, then ``render(event)``'s for each
+    token, then ``usage_chunk(completion tokens)`` when given, then
+    ``data: [DONE]``. A failure mid-stream is an error chunk (the status is
+    sent already). A client that goes away: Starlette cancels this
+    generator, the stream's rows stop at the next step."""
+    from ..errors import Unavailable
+
+    for chunk in head:
+        yield _data(chunk)
+    tokens = 0
+    try:
+        async for event in _events(services, stream, time.monotonic()):
+            tokens += 1
+            for chunk in render(event):
+                yield _data(chunk)
+    except TimeoutError:
+        yield _data({"error": {"message": "the completion did not finish within server.request_timeout_s",
+                               "type": "timeout_error", "param": None, "code": 504}})
+        yield "data: [DONE]\n\n"
+        return
+    except Exception as exc:  # the worker died (503), the scheduler failed (500)
+        status = getattr(exc, "status", None) or (503 if isinstance(exc, Unavailable) else 500)
+        yield _data({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                               "code": status}})
+        yield "data: [DONE]\n\n"
+        return
+    if usage_chunk is not None:
+        yield _data(usage_chunk(tokens))
+    yield "data: [DONE]\n\n"
+
+
+def sse_response(stream: GenerationStream | None, body) -> "GenerationResponse":
+    return GenerationResponse(stream, body, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class GenerationResponse(StreamingResponse):
+    """Closes its stream however the response ends. A client that leaves
+    before the first byte is sent cancels the response before its body is
+    ever iterated, so no ``finally`` in the body runs: without this the
+    rows would run on and the admission slot never come back."""
+
+    def __init__(self, stream: GenerationStream | None, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._stream is not None:
+                self._stream.close()

@@ -4,23 +4,20 @@ compatible, streaming as server-sent events) and the seed's /generate."""
 from __future__ import annotations
 
 import base64
-import json
 import time
 import uuid
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InputError, Unavailable
+from ..errors import InputError
 from . import rules
 from .openapi import Int, NonEmpty, Seed, Text, bounded_int
-from .deps import NumpyJSONResponse, admit, check_model_name, get_services, model_id, require_model, submit
-from .errors import APIError
-from .generation import GenerationStream
+from .deps import NumpyJSONResponse, check_model_name, get_services, model_id, require_model, submit
+from .generation import FINISH_REASONS, admit_generation, complete, sse, sse_response, usage
 from .services import Services
 
 router = APIRouter()
@@ -140,9 +137,6 @@ class CompletionRequest(BaseModel):
         return _no_token_arrays(v, "prompt")
 
 
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
 @router.post("/v1/completions", tags=["models"], summary="GPT-2 text completion (OpenAI compatible)")
 async def completions(body: CompletionRequest, request: Request):
     services = get_services(request)
@@ -158,122 +152,21 @@ async def completions(body: CompletionRequest, request: Request):
         completion_tokens = sum(r["completion_tokens"] for r in rows)
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"text": r["text"], "index": i, "logprobs": None,
-                             "finish_reason": _FINISH[r["finish_reason"]]} for i, r in enumerate(rows)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                             "finish_reason": FINISH_REASONS[r["finish_reason"]]} for i, r in enumerate(rows)],
+                "usage": usage(prompt_tokens, completion_tokens)}
     stream = admit_generation(services, model, req)  # 429 / 422 / 503 before the stream starts
+    base = {"id": cid, "object": "text_completion", "created": created, "model": name}
+
+    def render(event) -> list[dict]:
+        reason = event.finish_reason
+        return [{**base, "choices": [{"text": event.text, "index": event.row, "logprobs": None,
+                                      "finish_reason": FINISH_REASONS.get(reason) if reason else None}]}]
+
+    def usage_chunk(tokens: int) -> dict:  # OpenAI's stream_options.include_usage: usage, no choices
+        return {**base, "choices": [], "usage": usage(prompt_tokens, tokens)}
+
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return _GenerationResponse(stream, _sse(services, stream, cid, created, name,
-                                            prompt_tokens if include_usage else None),
-                               media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _GenerationResponse(StreamingResponse):
-    """Closes its stream however the response ends. A client that leaves
-    before the first byte is sent cancels the response before its body is
-    ever iterated, so no ``finally`` in the body runs: without this the
-    rows would run on and the admission slot never come back."""
-
-    def __init__(self, stream: GenerationStream | None, content, **kwargs):
-        super().__init__(content, **kwargs)
-        self._stream = stream
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self._stream is not None:
-                self._stream.close()
-
-
-def admit_generation(services: Services, model, req) -> GenerationStream | None:
-    """Admits a completion (429 when ``batching.generate.max_queue`` are in
-    flight) and starts its rows in the scheduler; None for max_tokens=0
-    (nothing to generate)."""
-    admit(services, services.generation_slots)
-    if req.params.max_new_tokens == 0:
-        services.generation_slots.leave()
-        return None
-
-    def release(stream: GenerationStream) -> None:  # once, when the stream closes
-        if not stream.finished:
-            services.metrics.generations_cancelled.inc()
-        services.generation_slots.leave()
-
-    try:
-        return GenerationStream(model, req.prompt_ids, req.params, on_close=release)
-    except BaseException:
-        services.generation_slots.leave()
-        raise
-
-
-async def _events(services: Services, stream: GenerationStream | None, admitted: float):
-    """The stream's events, with the request timeout, time-to-first-token and
-    token metrics; closing the stream (however it ends) leaves the admission gate."""
-    if stream is None:
-        return
-    metrics = services.metrics
-    first = True
-    try:
-        async for event in stream.events(time.monotonic() + services.config.server.request_timeout_s):
-            if first:
-                first = False
-                metrics.time_to_first_token.observe(time.monotonic() - admitted)
-            metrics.tokens_generated.inc()
-            yield event
-    finally:
-        stream.close()  # a client that left, a timeout: its rows stop at the next step
-
-
-async def complete(services: Services, model, req) -> list[dict]:
-    """Runs a completion to its end: one dict per row."""
-    stream = admit_generation(services, model, req)
-    n = len(req.prompt_ids)
-    texts, counts = [""] * n, [0] * n
-    reasons: list[str] = ["length"] * n
-    try:
-        async for e in _events(services, stream, req.admitted):
-            texts[e.row] += e.text
-            counts[e.row] += 1
-            if e.finish_reason:
-                reasons[e.row] = e.finish_reason
-    except TimeoutError:
-        raise APIError(504, "the completion did not finish within server.request_timeout_s") from None
-    return [{"text": texts[i], "completion_tokens": counts[i], "finish_reason": reasons[i],
-             "prompt_tokens": len(req.prompt_ids[i])} for i in range(n)]
-
-
-async def _sse(services: Services, stream, cid: str, created: int, name: str, usage_prompt_tokens: int | None):
-    """Server-sent events, one per token. A client that goes away: Starlette
-    cancels this generator, the stream's rows stop at the next step."""
-    tokens = 0
-    try:
-        async for event in _events(services, stream, time.monotonic()):
-            tokens += 1
-            reason = event.finish_reason
-            chunk = {"id": cid, "object": "text_completion", "created": created, "model": name,
-                     "choices": [{"text": event.text, "index": event.row, "logprobs": None,
-                                  "finish_reason": _FINISH.get(reason) if reason else None}]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-    except TimeoutError:
-        err = {"error": {"message": "the completion did not finish within server.request_timeout_s",
-                         "type": "timeout_error", "param": None, "code": 504}}
-        yield f"data: {json.dumps(err)}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    except Exception as exc:  # the worker died (503), the scheduler failed (500)
-        status = getattr(exc, "status", None) or (503 if isinstance(exc, Unavailable) else 500)
-        err = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                         "code": status}}
-        yield f"data: {json.dumps(err)}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    if usage_prompt_tokens is not None:  # OpenAI's stream_options.include_usage: usage, no choices
-        usage = {"prompt_tokens": usage_prompt_tokens, "completion_tokens": tokens,
-                 "total_tokens": usage_prompt_tokens + tokens}
-        yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
+    return sse_response(stream, sse(services, stream, render, usage_chunk=usage_chunk if include_usage else None))
 
 
 class GenerateRequest(BaseModel):
@@ -297,5 +190,5 @@ async def generate(body: GenerateRequest, request: Request):
     req, _ = await run_in_threadpool(rules.completion_job, services.config.models, model, [body.prompt],
                                      as_completion)
     rows = await complete(services, model, req)
-    return {"generated_text": rows[0]["text"], "finish_reason": _FINISH[rows[0]["finish_reason"]],
+    return {"generated_text": rows[0]["text"], "finish_reason": FINISH_REASONS[rows[0]["finish_reason"]],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}

@@ -70,11 +70,22 @@ def tokenize_inputs(model, texts: list[str], truncate: bool, cfg: ModelsConfig) 
 
 # -- /v1/completions and /generate ---------------------------------------------------------
 
-def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> tuple[GenerationRequest, int]:
-    """Checks a completion request against the limits, tokenizes its prompts
-    (keeping only the end of an over-long one when ``body.truncate``) and
-    returns (the request's rows and sampling settings, prompt tokens).
-    ``body`` has the fields of ``routes_text.CompletionRequest``."""
+def context_length(model) -> int:
+    """Positions the generator holds (prompt + completion)."""
+    cfg = model.config
+    for name in ("n_positions", "context_length", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise TypeError(f"{type(model).__name__}'s config names no context length")
+
+
+def sampling_params(cfg: ModelsConfig, body: Any, prompts: int, *, param: str = "prompt"):
+    """The sampling settings of a completion or chat request (fields of
+    ``routes_text.CompletionRequest``: max_tokens, n, stop, temperature, top_p,
+    top_k, repetition_penalty, seed), checked against the limits; ``prompts``
+    x n rows are counted against ``models.max_completion_rows``, refused
+    naming ``param``."""
     from ..models.generation import SamplingParams
 
     if body.max_tokens > cfg.max_completion_tokens:
@@ -82,19 +93,35 @@ def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> t
                          "(models.max_completion_tokens)", param="max_tokens")
     if body.n > cfg.max_n:
         raise InputError(f"n={body.n} is over the limit of {cfg.max_n} (models.max_n)", param="n")
-    if body.echo or body.logprobs is not None or (body.best_of or 1) > 1:
-        field = "echo" if body.echo else ("logprobs" if body.logprobs is not None else "best_of")
-        raise InputError(f"{field} is not supported by this server", param=field)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise InputError("stop must be up to 4 non-empty strings", param="stop")
-    if len(prompts) * body.n > cfg.max_completion_rows:
+    if prompts * body.n > cfg.max_completion_rows:
         # Every row holds a KV cache of its own: rows are what costs memory.
-        raise InputError(f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} completions; the "
+        raise InputError(f"{prompts} prompts x n={body.n} = {prompts * body.n} completions; the "
                          f"limit is {cfg.max_completion_rows} per request (models.max_completion_rows)",
-                         param="prompt")
+                         param=param)
+    params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=tuple(stop),
+                            seed=body.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return params
+
+
+def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> tuple[GenerationRequest, int]:
+    """Checks a completion request against the limits, tokenizes its prompts
+    (keeping only the end of an over-long one when ``body.truncate``) and
+    returns (the request's rows and sampling settings, prompt tokens).
+    ``body`` has the fields of ``routes_text.CompletionRequest``."""
+    if body.echo or body.logprobs is not None or (body.best_of or 1) > 1:
+        field = "echo" if body.echo else ("logprobs" if body.logprobs is not None else "best_of")
+        raise InputError(f"{field} is not supported by this server", param=field)
+    params = sampling_params(cfg, body, len(prompts))
     prompts = list(prompts)
-    context = model.config.n_positions
+    context = context_length(model)
     room = context - body.max_tokens
     limit = min(room, cfg.max_input_tokens or room)
     longest_token = max_token_chars(model)
@@ -105,7 +132,7 @@ def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> t
         # its tail) before spending time tokenizing all of it.
         if len(p) > max(limit, 1) * longest_token:
             if not body.truncate or limit < 1:
-                raise InputError(f"prompt {i} has {len(p)} characters, more than GPT-2's context of "
+                raise InputError(f"prompt {i} has {len(p)} characters, more than the model's context of "
                                  f"{context} tokens can hold with max_tokens={body.max_tokens} (send "
                                  "\"truncate\": true to keep the end of the prompt)", param="prompt",
                                  kind="too_long")
@@ -118,18 +145,39 @@ def completion_job(cfg: ModelsConfig, model, prompts: list[str], body: Any) -> t
         if len(seq) > limit:
             if not body.truncate or limit < 1:
                 raise InputError(f"prompt {i} has {len(seq)} tokens; with max_tokens={body.max_tokens} the "
-                                 f"limit is {limit} (GPT-2's context is {context}; send \"truncate\": true to "
-                                 "keep the end of the prompt)", param="prompt", kind="too_long")
+                                 f"limit is {limit} (the model's context is {context}; send \"truncate\": true "
+                                 "to keep the end of the prompt)", param="prompt", kind="too_long")
             ids[i] = seq[-limit:]
-    params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=tuple(stop),
-                            seed=body.seed)
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
     rows = [seq for seq in ids for _ in range(body.n)]  # choice index = prompt * n + j
     return GenerationRequest(rows, params), sum(len(s) for s in ids)
+
+
+def chat_job(cfg: ModelsConfig, model, messages: list, body: Any) -> tuple[GenerationRequest, int]:
+    """A chat request as a completion: the conversation rendered with the
+    model's chat template and tokenized (n rows of it), its sampling settings
+    checked as a completion's (``body.max_tokens`` None: as many tokens as
+    the context leaves, up to ``models.max_completion_tokens``), and the
+    token ids that end a reply (the eos, the template's end of turn) as the
+    request's ``stop_ids``. Returns (request, prompt tokens). An over-long conversation is
+    refused (cutting it would cut the system message)."""
+    from ..engine.chat import chat_prompt, encode_chat_prompt, stop_token_ids
+
+    prompt = chat_prompt(model, messages)
+    ids = encode_chat_prompt(model, prompt)
+    context = context_length(model)
+    limit = min(context, cfg.max_input_tokens or context)
+    if len(ids) >= limit:
+        raise InputError(f"the conversation is {len(ids)} tokens once rendered with the chat template; the "
+                         f"limit is {limit - 1} (the model's context is {context}, models.max_input_tokens), "
+                         "leaving room for a reply", param="messages", kind="too_long")
+    room = context - len(ids)
+    if body.max_tokens is None:
+        body = body.model_copy(update={"max_tokens": min(room, cfg.max_completion_tokens)})
+    elif body.max_tokens > room and body.max_tokens <= cfg.max_completion_tokens:
+        raise InputError(f"max_tokens={body.max_tokens} does not fit: the conversation takes {len(ids)} of the "
+                         f"model's {context} positions, leaving {room}", param="max_tokens", kind="too_long")
+    params = sampling_params(cfg, body, 1, param="n")
+    return GenerationRequest([ids] * body.n, params, stop_ids=stop_token_ids(model, model.chat_template)), len(ids)
 
 
 # -- /v1/rag and /v1/documents -------------------------------------------------------------
