@@ -34,6 +34,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, int]] = {
     ("POST", "/v1/embeddings"): ("read", 422),
     ("POST", "/v1/classify"): ("read", 422),
     ("POST", "/v1/completions"): ("read", 422),
+    ("POST", "/v1/chat/completions"): ("read", 422),
     ("POST", "/generate"): ("read", 422),
     ("POST", "/v1/search"): ("read", 422),
     ("POST", "/v1/rag"): ("read", 422),

@@ -36,6 +36,7 @@ from .errors import install_handlers
 from .middleware import BodyLimit, RequestMetrics
 from .openapi import install_openapi
 from .routes_data import router as data_router
+from .routes_chat import router as chat_router
 from .routes_text import router as text_router
 from .services import Services
 from .shedding import ShedLoad
@@ -75,6 +76,7 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     # Routers: one APIRouter per module, included here; they take what they
     # share from deps.py and never import this module.
     app.include_router(text_router)
+    app.include_router(chat_router)
     app.include_router(data_router)
 
     from .playground import mount_playground

@@ -74,6 +74,7 @@ ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/embeddings"): READ,
     ("POST", "/v1/classify"): READ,
     ("POST", "/v1/completions"): READ,
+    ("POST", "/v1/chat/completions"): READ,
     ("POST", "/generate"): READ,
     ("POST", "/v1/search"): READ,
     ("POST", "/v1/rag"): READ,

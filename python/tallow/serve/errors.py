@@ -4,7 +4,8 @@
 
 (the OpenAI shape, so the official client raises its typed errors with our
 message). The one place where exceptions become HTTP answers: tallow's own
-(``tallow.errors``: InputError -> 422, or 415 for kind "unsupported";
+(``tallow.errors``: InputError -> 422, or 415 for kind "unsupported", 400 for
+a chat template's refusal;
 NotFound -> 404; Unavailable -> 503), FastAPI's validation errors, Starlette's
 HTTP errors and anything unexpected (500, logged, no internals in the body).
 """
@@ -63,7 +64,7 @@ def _is_json(content_type: str) -> bool:
 
 # pydantic names the member of a union that failed ("input", "list[str]", 0):
 # those tags are types, not fields, and are left out of the field name.
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|tuple|set|none|literal|function-[a-z]+)(\[.*\])?$")
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|tuple|set|none|literal|function-[a-z]+|constrained-[a-z]+)(\[.*\])?$")
 
 
 def _field(loc: tuple) -> str:
@@ -78,7 +79,13 @@ def _field(loc: tuple) -> str:
 
 
 def input_status(exc: InputError) -> int:
-    """415 for data of a media type tallow does not read, 422 for any other bad input."""
+    """415 for data of a media type tallow does not read, 400 for a conversation
+    the model's chat template refuses (or a model without one: OpenAI's
+    status for a request that cannot be served as sent), 422 for any other bad input."""
+    from ..engine.chat import ChatTemplateError
+
+    if isinstance(exc, ChatTemplateError):
+        return 400
     return 415 if exc.kind == "unsupported" else 422
 
 

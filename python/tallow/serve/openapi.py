@@ -35,6 +35,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/embeddings"): _OPENAI,
     ("POST", "/v1/classify"): _OPENAI,
     ("POST", "/v1/completions"): _OPENAI,
+    ("POST", "/v1/chat/completions"): (400,) + _OPENAI,  # 400: the chat template refused or is missing
     ("POST", "/generate"): _MODEL,
     ("POST", "/v1/search"): _MODEL,
     ("POST", "/v1/rag"): _MODEL,
@@ -285,7 +286,7 @@ def _special(route, method: str, responses: dict) -> None:
                             "content": {"application/json": {"schema": ready}}}
         responses["503"] = {"description": "Still loading, or a model or the index failed (the same body)",
                             "content": {"application/json": {"schema": ready}}}
-    elif path == "/v1/completions":
+    elif path in ("/v1/completions", "/v1/chat/completions"):
         ok = responses.setdefault("200", {"description": "Successful Response"})
         ok.setdefault("content", {"application/json": {"schema": {}}})
         # with "stream": true: server-sent events, one per token, then "data: [DONE]"
