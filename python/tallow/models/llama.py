@@ -49,7 +49,7 @@ from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .gpt2 import GPT2LMHeadModel
 from .layers import Dense, count_parameters, quantize_model
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_chat_config
 
 _KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -319,7 +319,7 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def __init__(self, cfg: LlamaConfig, sd: dict[str, torch.Tensor], tokenizer: Optional[Tokenizer],
                  quantize: Optional[str] = None, kv_cache_dtype: Optional[str] = None,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, special_tokens: Optional[dict[str, str]] = None):
         super().__init__()
         if kv_cache_dtype is None:
             kv_cache_dtype = "float32" if quantize is None else "bfloat16"
@@ -332,6 +332,7 @@ class LlamaForCausalLM(torch.nn.Module):
         if chat_template is not None and tokenizer is not None:
             tokenizer.chat_template = chat_template  # travels with the tokenizer to the server process
         self._chat_template = chat_template
+        self._special_tokens = special_tokens
         self.embed_tokens = torch.nn.Embedding.from_pretrained(sd["embed_tokens.weight"].float())
         self.layers = torch.nn.ModuleList([LlamaBlock(cfg, sd, f"layers.{i}.") for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(sd["norm.weight"], cfg.rms_norm_eps)
@@ -360,8 +361,11 @@ class LlamaForCausalLM(torch.nn.Module):
 
     @property
     def special_tokens(self) -> dict[str, str]:
-        """{"bos_token": "<s>", "eos_token": "</s>", ...} for the ids the config names
-        (the strings chat templates use)."""
+        """{"bos_token": "<s>", "eos_token": "</s>", ...}: the strings chat templates
+        use; from tokenizer_config.json for a Hugging Face directory, else (GGUF)
+        the tokens of the ids the config names."""
+        if self._special_tokens:
+            return dict(self._special_tokens)
         tok = getattr(self.tokenizer, "_tok", None)
         out = {}
         for name, i in (("bos_token", self.config.bos_token_id), ("eos_token", self.config.eos_token_id),
@@ -459,7 +463,8 @@ class LlamaForCausalLM(torch.nn.Module):
 
 def build_llama(cfg: LlamaConfig, sd: dict[str, torch.Tensor], tokenizer, *, source: str,
                 quantize: Optional[str] = None, kv_cache_dtype: Optional[str] = None,
-                chat_template: Optional[str] = None) -> LlamaForCausalLM:
+                chat_template: Optional[str] = None, special_tokens: Optional[dict[str, str]] = None
+                ) -> LlamaForCausalLM:
     """Checks every tensor's name and shape against ``cfg`` (a CheckpointError
     names each one that is missing, unexpected or mis-shaped), then builds the model."""
     expected = cfg.expected_shapes()
@@ -468,29 +473,13 @@ def build_llama(cfg: LlamaConfig, sd: dict[str, torch.Tensor], tokenizer, *, sou
     check_state_dict(sd, expected, ignorable=("rotary_emb.inv_freq",), source=source)
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:
         cfg = _untie(cfg)
-    return LlamaForCausalLM(cfg, sd, tokenizer, quantize, kv_cache_dtype, chat_template)
+    return LlamaForCausalLM(cfg, sd, tokenizer, quantize, kv_cache_dtype, chat_template, special_tokens)
 
 
 def _untie(cfg: LlamaConfig) -> LlamaConfig:
     from dataclasses import replace
 
     return replace(cfg, tie_word_embeddings=False)
-
-
-def _hf_chat_template(path: Path) -> Optional[str]:
-    """transformers 5 writes chat_template.jinja; earlier ones put it in tokenizer_config.json."""
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    tc = path / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            template = json.loads(tc.read_text()).get("chat_template")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{str(tc)!r} is not valid JSON: {exc}") from exc
-        if isinstance(template, str):
-            return template
-    return None
 
 
 def _generation_eos(path: Path) -> tuple[int, ...]:
@@ -519,5 +508,6 @@ def load_llama(path: str | Path, quantize: Optional[str] = None,
     if (path / "tokenizer.json").is_file():
         # add_special_tokens: a tokenizer that prepends BOS (Llama 2/3) does so, as transformers' does
         tokenizer = Tokenizer(path, max_length=cfg.n_positions, add_special_tokens=True)
+    template, special = read_chat_config(path)
     return build_llama(cfg, sd, tokenizer, source=str(path), quantize=quantize, kv_cache_dtype=kv_cache_dtype,
-                       chat_template=_hf_chat_template(path))
+                       chat_template=template, special_tokens=special)
