@@ -259,3 +259,22 @@ def test_chat_attributes_and_repr(tmp_path, llama_dir, llama):
     model = load(d)
     assert model.chat_template.startswith("{% for m in messages %}")
     assert model.tokenizer.chat_template == model.chat_template  # travels with the tokenizer to the server
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32, "rope_theta": 500.0},
+], ids=["linear", "llama3"])
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    """Llama 3.1-style and linear RoPE scaling from config.json's rope_parameters."""
+    from transformers import AutoModelForCausalLM
+
+    d = save_tiny("llama", tmp_path, rope_parameters=rope)
+    hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    ours = load(d)
+    assert ours.config.rope_scaling["rope_type"] == rope["rope_type"]
+    ids = torch.tensor([ours.tokenizer.encode_ids([PROMPTS[2] + " " + PROMPTS[0] * 3])[0][:100]])
+    with torch.no_grad():
+        expected = hf(ids).logits
+    torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
