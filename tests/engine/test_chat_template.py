@@ -307,3 +307,6 @@ def test_a_reply_ends_at_the_eos_and_the_templates_end_of_turn():
     assert stop_token_ids(_Model(LLAMA3, [0, 3]), LLAMA3) == {0, 3}
     assert stop_token_ids(_Model(None, 0, {"eos_token": "</s>"})) == {0, 4}
     assert stop_token_ids(_Model(MISTRAL, 4), MISTRAL) == {4}  # writes eos_token itself, no end-of-turn token
+    llama = _Model(LLAMA3, 0)
+    llama.config = type("Config", (), {"eos_token_id": 0, "eos_token_ids": (0, 3)})()
+    assert stop_token_ids(llama, None) == {0, 3}

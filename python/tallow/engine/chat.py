@@ -288,13 +288,16 @@ def _ids(value: Any) -> Iterable[int]:
 
 
 def stop_token_ids(model: Any, template: str | None = None) -> frozenset[int]:
-    """Token ids that end a reply: the model's ``eos_token_id`` (an int or a
-    list), the token its tokenizer files name ``eos_token``, and every
+    """Token ids that end a reply: the model's (or its config's)
+    ``eos_token_id`` (an int or a list) and ``eos_token_ids``, the token its
+    tokenizer files name ``eos_token``, and every
     end-of-turn token (END_OF_TURN_TOKENS) that ``template`` writes and the
     vocabulary holds."""
-    ids = set(_ids(getattr(model, "eos_token_id", None)))
     config = getattr(model, "config", None)
-    ids.update(_ids(getattr(config, "eos_token_id", None)))
+    ids: set[int] = set()
+    for owner in (model, config):
+        for name in ("eos_token_id", "eos_token_ids"):  # eos_token_ids: Llama's eos, eot, eom
+            ids.update(_ids(getattr(owner, name, None)))
     tok = getattr(model, "tokenizer", None)
     lookup = getattr(tok, "token_to_id", None)
     if callable(lookup):
