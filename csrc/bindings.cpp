@@ -16,6 +16,7 @@ void register_int8_matmul(py::module_& m);
 void register_preprocess(py::module_& m);
 void register_peak(py::module_& m);
 void register_encoder(py::module_& m);
+void register_decoder(py::module_& m);
 }  // namespace tallow
 
 #ifndef TALLOW_VERSION
@@ -59,4 +60,5 @@ PYBIND11_MODULE(_C, m) {
   tallow::register_preprocess(m);
   tallow::register_peak(m);
   tallow::register_encoder(m);
+  tallow::register_decoder(m);
 }

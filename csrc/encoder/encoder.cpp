@@ -96,12 +96,12 @@ int64_t Encoder::owned_bytes() const {
   return bytes;
 }
 
-void Encoder::linear(const Linear& l, const float* x, int64_t M, int act, float* y) {
+void apply_linear(const Linear& l, const float* x, int64_t ldx, int64_t M, int act, float* y) {
   const float* bias = l.bias.empty() ? nullptr : l.bias.data();
   if (l.int8)
-    int8mm::linear(x, l.K, M, l.K, l.qpacked, l.colsum, l.scale, bias, l.N, act, y);
+    int8mm::linear(x, ldx, M, l.K, l.qpacked, l.colsum, l.scale, bias, l.N, act, y);
   else
-    linear_fp32(x, l.K, M, l.packed.data(), bias, l.N, l.K, act, y);
+    linear_fp32(x, ldx, M, l.packed.data(), bias, l.N, l.K, act, y);
 }
 
 namespace {
@@ -153,7 +153,7 @@ void Encoder::forward(const int64_t* ids, const int64_t* type_ids, const int64_t
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (const Layer& L : layers_) {
-    linear(L.qkv, x, T, 0, qkv);  // [T, 3H]: q | k | v, heads side by side
+    apply_linear(L.qkv, x, L.qkv.K, T, 0, qkv);  // [T, 3H]: q | k | v, heads side by side
     for (int64_t b = 0; b < B; ++b) {
       const int64_t t0 = cu[b], len = cu[b + 1] - t0;
       AttentionArgs a{};
@@ -170,10 +170,10 @@ void Encoder::forward(const int64_t* ids, const int64_t* type_ids, const int64_t
       a.scale = scale;
       if (!attention_forward(a)) throw std::bad_alloc();
     }
-    linear(L.out, ctx, T, 0, tmp);
+    apply_linear(L.out, ctx, L.out.K, T, 0, tmp);
     kr.add_layer_norm(x, tmp, T, H, L.ln1.gamma, L.ln1.beta, cfg_.eps, x);
-    linear(L.ffn1, x, T, cfg_.act, ffn);
-    linear(L.ffn2, ffn, T, 0, tmp);
+    apply_linear(L.ffn1, x, L.ffn1.K, T, cfg_.act, ffn);
+    apply_linear(L.ffn2, ffn, L.ffn2.K, T, 0, tmp);
     kr.add_layer_norm(x, tmp, T, H, L.ln2.gamma, L.ln2.beta, cfg_.eps, x);
   }
 

@@ -48,6 +48,10 @@ struct IsaKernels {
   // be null; out may alias x). Two-pass mean/variance in float32, as torch.
   void (*add_layer_norm)(const float* x, const float* add, int64_t M, int64_t H, const float* gamma,
                          const float* beta, float eps, float* out);
+  // Rows of [M, H]: out = gamma * (x * rsqrt(mean(x^2) + eps)) (out may alias x).
+  void (*rms_norm)(const float* x, int64_t M, int64_t H, const float* gamma, float eps, float* out);
+  // out[M, F] = silu(gu[:, :F]) * gu[:, F:] (gu [M, 2F], a fused gate|up projection).
+  void (*swiglu)(const float* gu, int64_t M, int64_t F, float* out);
 };
 
 extern const IsaKernels kKernelsAvx512;

@@ -12,7 +12,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsAvx2;
-const IsaKernels kKernelsAvx2 = {&isa_sgemm, &isa_add_layer_norm};
+const IsaKernels kKernelsAvx2 = {&isa_sgemm, &isa_add_layer_norm, &isa_rms_norm, &isa_swiglu};
 
 }  // namespace encoder
 }  // namespace tallow

@@ -12,7 +12,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsAvx512;
-const IsaKernels kKernelsAvx512 = {&isa_sgemm, &isa_add_layer_norm};
+const IsaKernels kKernelsAvx512 = {&isa_sgemm, &isa_add_layer_norm, &isa_rms_norm, &isa_swiglu};
 
 }  // namespace encoder
 }  // namespace tallow

@@ -219,3 +219,62 @@ void isa_add_layer_norm(const float* x, const float* add, int64_t M, int64_t H, 
   const int64_t grain = 1 + (1 << 14) / (H + 1);
   tallow::parallel_for(M, grain, &layer_norm_rows, &c);
 }
+
+// ---------------------------------------------------------------- RMSNorm, SwiGLU (decoders)
+
+struct RmsNormCtx {
+  const float *x, *gamma;
+  int64_t H;
+  float eps;
+  float* out;
+};
+
+// out = gamma * (x * rsqrt(mean(x^2) + eps)), torch's order (Llama's RMSNorm).
+void rms_norm_rows(void* ctx, int64_t begin, int64_t end) {
+  const RmsNormCtx& c = *static_cast<const RmsNormCtx*>(ctx);
+  const int64_t H = c.H, Hv = H / kW * kW;
+  for (int64_t m = begin; m < end; ++m) {
+    const float* x = c.x + m * H;
+    float* o = c.out + m * H;
+    VF q = vf_zero();
+    float qt = 0.0f;
+    int64_t h = 0;
+    for (; h < Hv; h += kW) {
+      const VF v = vf_load(x + h);
+      q = vf_fmadd(v, v, q);
+    }
+    for (; h < H; ++h) qt += x[h] * x[h];
+    const float rs = 1.0f / __builtin_sqrtf((vf_reduce_add(q) + qt) / static_cast<float>(H) + c.eps);
+    const VF rv = vf_set1(rs);
+    for (h = 0; h < Hv; h += kW) vf_store(o + h, vf_mul(vf_load(c.gamma + h), vf_mul(vf_load(x + h), rv)));
+    for (; h < H; ++h) o[h] = c.gamma[h] * (x[h] * rs);
+  }
+}
+
+void isa_rms_norm(const float* x, int64_t M, int64_t H, const float* gamma, float eps, float* out) {
+  if (M <= 0) return;
+  RmsNormCtx c{x, gamma, H, eps, out};
+  tallow::parallel_for(M, 1 + (1 << 14) / (H + 1), &rms_norm_rows, &c);
+}
+
+// out[m, f] = silu(gu[m, f]) * gu[m, F + f], silu(g) = g / (1 + exp(-g)).
+void isa_swiglu(const float* gu, int64_t M, int64_t F, float* out) {
+  const int64_t Fv = F / kW * kW;
+  const VF nlog2e = vf_set1(-1.4426950408889634f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gu + m * 2 * F;
+    const float* u = g + F;
+    float* o = out + m * F;
+    int64_t f = 0;
+    for (; f < Fv; f += kW) {
+      const VF gv = vf_load(g + f);
+      const VF s = k_div(gv, vf_add(vf_set1(1.0f), vf_exp2(vf_mul(gv, nlog2e))));
+      vf_store(o + f, vf_mul(s, vf_load(u + f)));
+    }
+    for (; f < F; ++f) {
+      const VF gv = vf_load_n(g + f, 1);
+      const VF s = k_div(gv, vf_add(vf_set1(1.0f), vf_exp2(vf_mul(gv, nlog2e))));
+      vf_store_n(o + f, vf_mul(s, vf_load_n(u + f, 1)), 1);
+    }
+  }
+}

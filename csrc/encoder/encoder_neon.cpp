@@ -12,7 +12,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsNeon;
-const IsaKernels kKernelsNeon = {&isa_sgemm, &isa_add_layer_norm};
+const IsaKernels kKernelsNeon = {&isa_sgemm, &isa_add_layer_norm, &isa_rms_norm, &isa_swiglu};
 
 }  // namespace encoder
 }  // namespace tallow

@@ -12,7 +12,7 @@ namespace {
 }  // namespace
 
 extern const IsaKernels kKernelsScalar;
-const IsaKernels kKernelsScalar = {&isa_sgemm, &isa_add_layer_norm};
+const IsaKernels kKernelsScalar = {&isa_sgemm, &isa_add_layer_norm, &isa_rms_norm, &isa_swiglu};
 
 }  // namespace encoder
 }  // namespace tallow

@@ -77,8 +77,6 @@ class Encoder {
   int64_t owned_bytes() const;
 
  private:
-  void linear(const Linear& l, const float* x, int64_t M, int act, float* y);
-
   EncoderConfig cfg_;
   Embeddings emb_;
   std::vector<Layer> layers_;
@@ -86,6 +84,9 @@ class Encoder {
   std::vector<float> x_, qkv_, ctx_, tmp_, ffn_;
   std::vector<int64_t> pos_;
 };
+
+// y [M, N] = act(x W^T + b) for a Linear (fp32 or INT8); x rows at stride ldx.
+void apply_linear(const Linear& l, const float* x, int64_t ldx, int64_t M, int act, float* y);
 
 // y = act(x W^T + b) for one fp32 packed weight (for tests): x [M, K] row stride ldx.
 void linear_fp32(const float* x, int64_t ldx, int64_t M, const float* packed, const float* bias,

@@ -33,6 +33,7 @@ import torch
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .generation import SamplingParams
+from .decoder_native import NativeDecoder, native_decoder_wanted
 from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer, read_chat_config
 
@@ -207,6 +208,9 @@ class GPT2LMHeadModel(torch.nn.Module):
         self.lm_head = Dense(lm_head, None)
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
+        # The decode step as one native call (decoder_native.py), chosen once here;
+        # None keeps the per-op decode_rows below (its reference).
+        self.native = NativeDecoder(self, "gpt2") if native_decoder_wanted() else None
         # Chat (tallow.engine.chat): load_gpt2 fills these from the directory's tokenizer files.
         self.chat_template: Optional[str] = None
         self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ... as transformers names them
@@ -266,6 +270,8 @@ class GPT2LMHeadModel(torch.nn.Module):
         prefill_rows, [B, heads, len, d] per layer. Attention reads the keys up
         to the longest row, each row's unused positions masked. Returns the
         float32 logits [B, vocab]."""
+        if self.native is not None:
+            return self.native.decode_rows(tokens, positions, cache)
         lo, hi = int(positions.min()), int(positions.max())
         keys, padding, write = hi + 1, None, hi
         if lo < hi:

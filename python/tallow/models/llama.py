@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..ops import attention
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict, strip_prefix
 from .gpt2 import GPT2LMHeadModel
+from .decoder_native import NativeDecoder, native_decoder_wanted
 from .layers import Dense, count_parameters, quantize_model
 from .tokenizer import Tokenizer, read_chat_config
 
@@ -344,6 +345,9 @@ class LlamaForCausalLM(torch.nn.Module):
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
+        # The decode step as one native call (decoder_native.py), chosen once here;
+        # None keeps the per-op decode_rows below (its reference).
+        self.native = NativeDecoder(self, "llama") if native_decoder_wanted() else None
 
     # -- what chat templates and the server read ----------------------------------------------
 
@@ -418,6 +422,8 @@ class LlamaForCausalLM(torch.nn.Module):
     @torch.inference_mode()
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """As GPT2LMHeadModel.decode_rows: token b at positions[b]; the float32 logits [B, vocab]."""
+        if self.native is not None:
+            return self.native.decode_rows(tokens, positions, cache)
         lo, hi = int(positions.min()), int(positions.max())
         keys, padding, write = hi + 1, None, hi
         if lo < hi:

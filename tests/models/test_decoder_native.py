@@ -1,0 +1,93 @@
+"""The native decode step (one C++ call per scheduler step) against the
+per-op decode_rows it replaces, for GPT-2 and Llama-family models (grouped-
+query attention with groups of 2 and 5: the bf16 decode path takes at most 4
+query rows per call), fp32 and INT8 weights, float32 and bf16 KV pools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tallow.models import load
+from tallow.testing import require_native
+
+
+@pytest.fixture(scope="module")
+def decoder_dirs(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("decoders")
+    ids = {"bos_token_id": 0, "eos_token_id": 0}
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=128, **ids)) \
+        .eval().save_pretrained(root / "gpt2")
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=96, vocab_size=300, max_position_embeddings=128,
+                                 tie_word_embeddings=False, pad_token_id=0, **ids)).eval().save_pretrained(root / "gqa2")
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=80, num_attention_heads=10, num_key_value_heads=2,
+                                 intermediate_size=97, vocab_size=300, max_position_embeddings=128,
+                                 pad_token_id=0, **ids)).eval().save_pretrained(root / "gqa5")
+    return root
+
+
+def _views(pool):
+    return [t for t in pool]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gqa2", "gqa5"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])
+def test_native_decode_step_equals_per_op(decoder_dirs, name, quantize, kv):
+    require_native()
+    model = load(decoder_dirs / name, quantize=quantize, kv_cache_dtype=kv)
+    assert model.native is not None
+    keys, values = model.new_cache(3, 40)
+    keys.zero_()  # the scheduler's pool: unwritten positions are zeros
+    values.zero_()
+    cache = (_views(keys), _views(values))
+    model.prefill_rows([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]], cache)
+    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
+    tokens, positions = torch.tensor([20, 30, 40]), torch.tensor([5, 2, 7])  # ragged: a mask per row
+    got = model.decode_rows(tokens, positions, cache)
+    native, model.native = model.native, None
+    try:
+        want = model.decode_rows(tokens, positions, ref_cache)
+    finally:
+        model.native = native
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    for a, b in zip(cache[0] + cache[1], ref_cache[0] + ref_cache[1]):  # the same keys/values written
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_native_decode_on_every_isa(decoder_dirs, each_isa):
+    require_native()
+    model = load(decoder_dirs / "gqa5")
+    keys, values = model.new_cache(2, 16)
+    keys.zero_()
+    values.zero_()
+    cache = (_views(keys), _views(values))
+    model.prefill_rows([[1, 2, 3], [4, 5, 6, 7]], cache)
+    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
+    got = model.decode_rows(torch.tensor([8, 9]), torch.tensor([3, 4]), cache)
+    native, model.native = model.native, None
+    try:
+        want = model.decode_rows(torch.tensor([8, 9]), torch.tensor([3, 4]), ref_cache)
+    finally:
+        model.native = native
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_native_decode_names_bad_tokens_and_positions(decoder_dirs):
+    require_native()
+    model = load(decoder_dirs / "gpt2")
+    keys, values = model.new_cache(1, 8)
+    cache = (_views(keys), _views(values))
+    with pytest.raises(ValueError, match="token 300 of row 0 is outside the vocabulary"):
+        model.decode_rows(torch.tensor([300]), torch.tensor([0]), cache)
+    with pytest.raises(ValueError, match="position 8 of row 0 is outside"):
+        model.decode_rows(torch.tensor([1]), torch.tensor([8]), cache)
+
+
+def test_decoder_built_with_decoder_ops_keeps_the_per_op_path(decoder_dirs, monkeypatch):
+    monkeypatch.setenv("TALLOW_DECODER", "ops")
+    assert load(decoder_dirs / "gqa2").native is None
