@@ -76,6 +76,7 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -547,11 +548,18 @@ def _percentile(xs: list[float], q: float) -> float:
     return percentile(xs, q)
 
 
+def _ms(r: dict) -> str:
+    """The median and, where there were several rounds, their spread."""
+    if r["rounds"] < 2:
+        return f"{r['median_ms']:.2f}"
+    return f"{r['median_ms']:.2f} [{r['round_min_ms']:.2f}–{r['round_max_ms']:.2f}]"
+
+
 def peer_table(rows: list[dict]) -> tuple[str, list[dict]]:
     """Markdown: per case and precision, tallow vs the fastest of ONNX
     Runtime (plain, optimized) and CTranslate2 among the peers within their
     accuracy tolerance; and the same as records."""
-    lines = ["| case | precision | tallow ms (min cosine) | ONNX Runtime plain / optimized ms | CTranslate2 ms "
+    lines = ["| case | precision | tallow ms [rounds min–max] (min cosine) | ONNX Runtime plain / optimized ms | CTranslate2 ms "
              "| fastest peer | tallow speed-up (> 1: tallow faster) |", "|---|---|---|---|---|---|---|"]
     records = []
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -569,8 +577,8 @@ def peer_table(rows: list[dict]) -> tuple[str, list[dict]]:
             speed = best["median_ms"] / ours["median_ms"]
             records.append({"case": case, "precision": prec, "tallow_ms": ours["median_ms"],
                             "best_peer": best["provider"], "best_peer_ms": best["median_ms"], "speedup": speed})
-            lines.append(f"| {case} | {prec} | {ours['median_ms']:.2f} ({ours['min_cosine']:.6f}) | {ort} | {ct2_cell} "
-                         f"| {best['provider']} {best['median_ms']:.2f} ({best['min_cosine']:.6f}) | {speed:.2f}× |")
+            lines.append(f"| {case} | {prec} | {_ms(ours)} ({ours['min_cosine']:.6f}) | {ort} | {ct2_cell} "
+                         f"| {best['provider']} {_ms(best)} ({best['min_cosine']:.6f}) | {speed:.2f}× |")
     return "\n".join(lines), records
 
 
@@ -617,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--prepare-only", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    command = sys.argv[1:] if argv is None else argv
     args.cache = args.cache.resolve()
     if args.worker:
         return worker(args)
@@ -727,8 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     fused = "\n".join(f"- {m}: ORT optimizer fused {v.get('ort_fused_operators')}; graph ops {v.get('ort_graph_ops')}"
                       for m, v in info["models"].items() if "ort_fused_operators" in v)
     md = (f"Each engine in its own process, {rounds} alternated round(s), {args.threads} threads, torch imported "
-          f"before tallow; median of the rounds' medians. `python benchmarks/bench_encoders.py"
-          f"{' --quick' if args.quick else ''}`\n\n### tallow vs the fastest peer, same precision\n\n{table}\n\n"
+          f"before tallow; median of the rounds' medians. `{shlex.join(['python', 'benchmarks/bench_encoders.py', *command])}`"
+          f"{' (--quick: smoke-run timings, not results)' if args.quick else ''}\n\n### tallow vs the fastest peer, same precision\n\n{table}\n\n"
           f"### Every provider\n\n{accuracy_table(rows)}\n\n### Inputs\n\n{cases_md}\n\n"
           + (f"### ONNX Runtime graphs\n\n{fused}\n\n" if fused else "")
           + ("### Not run\n\n" + "\n".join(f"- {k}: {v}" for k, v in skipped.items()) + "\n\n" if skipped else "")
