@@ -285,6 +285,7 @@ def _error(r, status: int, param: str | None = None) -> str:
     ({"messages": MESSAGES, "logprobs": True}, "logprobs", "not supported"),
     ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages", "context"),
+    ({"messages": [{"role": "user", "content": "x" * 100_000}]}, "messages", "characters"),
 ])
 def test_bad_requests_name_the_field(chat_server, body, param, words):
     with chat_server.client() as c:
@@ -332,9 +333,11 @@ def test_a_model_without_a_chat_template_is_400(chat_server, template, oai):
     ("{{ cycler.__init__.__globals__.os.system('true') }}", "stopped by the sandbox"),
     ("{% set x = messages.append(1) %}", "stopped by the sandbox"),
     ("{% for m in messages %}", "does not compile"),
+    ("{{ '  ' }}", "an empty prompt"),
 ])
 def test_a_template_that_raises_or_escapes_is_400(chat_server, template, source, words):
     template(source)
     with chat_server.client() as c:
-        message = _error(c.post("/v1/chat/completions", json={"messages": MESSAGES}), 400, "messages")
-    assert words in message
+        r = c.post("/v1/chat/completions", json={"messages": MESSAGES})
+    status = 422 if "empty" in words else 400  # a prompt of nothing is the conversation's, as for completions
+    assert words in _error(r, status, "messages")

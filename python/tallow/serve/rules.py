@@ -163,9 +163,18 @@ def chat_job(cfg: ModelsConfig, model, messages: list, body: Any) -> tuple[Gener
     from ..engine.chat import chat_prompt, encode_chat_prompt, stop_token_ids
 
     prompt = chat_prompt(model, messages)
-    ids = encode_chat_prompt(model, prompt)
     context = context_length(model)
     limit = min(context, cfg.max_input_tokens or context)
+    # No token is longer than the vocabulary's longest: a longer text is over the limit for sure.
+    if len(prompt) > limit * max_token_chars(model):
+        raise InputError(f"the conversation is {len(prompt)} characters once rendered with the chat template, "
+                         f"more than the model's context of {context} tokens can hold", param="messages",
+                         kind="too_long")
+    try:
+        ids = encode_chat_prompt(model, prompt)
+    except ValueError as exc:  # the template rendered nothing but whitespace
+        raise InputError(f"the chat template rendered this conversation as an empty prompt ({exc})",
+                         param="messages") from None
     if len(ids) >= limit:
         raise InputError(f"the conversation is {len(ids)} tokens once rendered with the chat template; the "
                          f"limit is {limit - 1} (the model's context is {context}, models.max_input_tokens), "
