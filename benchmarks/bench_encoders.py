@@ -16,6 +16,8 @@ How it measures (as a new user would):
   only through its public API: ``tallow.models.load(dir[, quantize="int8"])``
   then ``embed_ids(ids, batch_size=len(ids), pooling="mean", normalize=True)``,
   so a native forward behind that API is measured as soon as it lands.
+  "tallow-* tallow-first" runs the same with tallow imported first (issue
+  22, item 1: the import order must not matter), a table of its own.
 - The same thread count everywhere (``--threads``, default 2): torch and
   tallow ``set_num_threads``, ORT ``intra_op_num_threads`` (other session
   options left at their defaults, spinning included: each engine has its
@@ -73,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib
 import json
 import os
 import re
@@ -154,6 +157,9 @@ class Provider:
 
 def _providers(per_tensor: bool) -> dict[str, Provider]:
     ps = [Provider("tallow-fp32", "tallow", "fp32"), Provider("tallow-int8", "tallow", "int8")]
+    # Issue 22, item 1: the speed must not depend on the import order (tallow
+    # first sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime).
+    ps += [Provider(f"tallow-{prec} tallow-first", "tallow", prec, "tallow-first") for prec in ("fp32", "int8")]
     for prec in ("fp32", "int8"):
         for graph in ("plain", "optimized"):
             ps.append(Provider(f"onnxruntime-{prec} {graph}", "onnxruntime", prec, graph))
@@ -406,8 +412,10 @@ def _pad(ids: list[list[int]]):
 def _runner(p: Provider, cache: Path, model: str, ids: list[list[int]], threads: int, hf_dir: Path):
     """(run, details): run() -> [B, H] embeddings (numpy or torch) from the ids."""
     if p.engine == "tallow":
+        if p.variant == "tallow-first":  # sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp
+            importlib.import_module("tallow")
         torch_first = "tallow" not in sys.modules
-        import torch  # before tallow: the order most programs have
+        import torch  # before tallow (unless tallow-first): the order most programs have
 
         import tallow
         from tallow.models import load
@@ -418,7 +426,7 @@ def _runner(p: Provider, cache: Path, model: str, ids: list[list[int]], threads:
         n = len(ids)
         return (lambda: m.embed_ids(ids, batch_size=n, pooling="mean", normalize=True),
                 {"isa": tallow.get_isa(), "threads": tallow.get_num_threads(), "torch_threads": torch.get_num_threads(),
-                 "torch_imported_first": torch_first})
+                 "torch_imported_first": torch_first, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")})
     if p.engine == "onnxruntime":
         import onnxruntime as ort
 
@@ -515,6 +523,18 @@ def worker(args) -> int:
 
 # ------------------------------------------------------------------ orchestration
 
+def _worker_env(args) -> dict:
+    """The engines' environment: this one without OMP_WAIT_POLICY, unless
+    --keep-omp-wait-policy. A parent that imported tallow before torch has it
+    set to PASSIVE by tallow (run_all.py does, to tag the machine), which
+    would hide what torch's default spinning does to tallow's pool in the
+    torch-first processes."""
+    env = dict(os.environ)
+    if not args.keep_omp_wait_policy:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
 def _run_worker(p: Provider, case: CaseSpec, args, hf_dir: str, tmp: Path) -> dict:
     out = tmp / f"{re.sub(r'[^a-z0-9]+', '_', p.name)}-{case.name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", p.name, "--case", case.name,
@@ -522,7 +542,7 @@ def _run_worker(p: Provider, case: CaseSpec, args, hf_dir: str, tmp: Path) -> di
            "--min-time", str(args.min_time), "--max-reps", str(args.max_reps), "--out", str(out)]
     if args.min_reps is not None:
         cmd += ["--min-reps", str(args.min_reps)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_worker_env(args))
     if proc.returncode != 0:
         raise RuntimeError(f"{p.name} on {case.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     import numpy as np
@@ -582,6 +602,19 @@ def peer_table(rows: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), records
 
 
+def import_order_table(rows: list[dict]) -> str:
+    """tallow with torch imported first vs tallow imported first, per case and precision."""
+    lines = ["| case | precision | torch first ms | tallow first ms | torch-first slowdown |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["param_engine"] == "tallow" and r["param_variant"] == "":
+            other = [o for o in rows if o["case"] == r["case"] and o["provider"] == r["provider"] + " tallow-first"]
+            if other:
+                o = other[0]
+                lines.append(f"| {r['case']} | {r['param_precision']} | {_ms(r)} | {_ms(o)} | "
+                             f"{r['median_ms'] / o['median_ms']:.2f}× |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def accuracy_table(rows: list[dict]) -> str:
     lines = ["| case | provider | median ms (rounds min–max) | min cosine to transformers fp32 | within tolerance "
              "| INT8: min cosine to the engine's own fp32 |", "|---|---|---|---|---|---|"]
@@ -618,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TALLOW_BENCH_CACHE") or DEFAULT_CACHE))
     ap.add_argument("--ort-per-tensor", action="store_true", help="also ORT INT8 with per-tensor weight scales")
     ap.add_argument("--no-write", action="store_true", help="print only; no result files")
+    ap.add_argument("--keep-omp-wait-policy", action="store_true",
+                    help="pass OMP_WAIT_POLICY on to the engines' processes (default: removed, as in a fresh shell)")
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -718,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                 "agreement_metric": "cosine", "agreement_error": 1 - cos, "agreement_tol": tol,
                 "agreement_reference": "transformers fp32, each sequence alone",
             })
-        ours = {r["param_precision"]: r["median_ms"] for r in rows if r["case"] == cname and r["param_engine"] == "tallow"}
+        ours = {r["param_precision"]: r["median_ms"] for r in rows
+                if r["case"] == cname and r["param_engine"] == "tallow" and not r["param_variant"]}
         for r in rows:
             if r["case"] == cname and r["param_engine"] != "tallow" and r["param_precision"] in ours:
                 r["tallow_speedup"] = r["median_ms"] / ours[r["param_precision"]]
@@ -730,15 +766,20 @@ def main(argv: list[str] | None = None) -> int:
                 row["min_cosine_to_own_fp32"] = _min_cosine(results[(cname, p.name)][-1]["emb"],
                                                             results[(cname, twin)][-1]["emb"])
     table, records = peer_table(rows)
+    order = import_order_table(rows)
     cases_md = "\n".join(f"- {c}: batch {v['batch']}, {v['tokens']} tokens, lengths {v['min_len']}–{v['max_len']} "
                          f"(median {v['median_len']}), padding {v['padding_fraction']:.0%} of a padded batch"
                          for c, v in info["cases"].items() if c in case_names)
     fused = "\n".join(f"- {m}: ORT optimizer fused {v.get('ort_fused_operators')}; graph ops {v.get('ort_graph_ops')}"
                       for m, v in info["models"].items() if "ort_fused_operators" in v)
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    omp_note = ("" if omp is None else f" OMP_WAIT_POLICY={omp} was " + ("passed on to the engines."
+                if args.keep_omp_wait_policy else "removed from the engines' environment."))
     md = (f"Each engine in its own process, {rounds} alternated round(s), {args.threads} threads, torch imported "
-          f"before tallow; median of the rounds' medians. `{shlex.join(['python', 'benchmarks/bench_encoders.py', *command])}`"
+          f"before tallow.{omp_note} Median of the rounds' medians. `{shlex.join(['python', 'benchmarks/bench_encoders.py', *command])}`"
           f"{' (--quick: smoke-run timings, not results)' if args.quick else ''}\n\n### tallow vs the fastest peer, same precision\n\n{table}\n\n"
-          f"### Every provider\n\n{accuracy_table(rows)}\n\n### Inputs\n\n{cases_md}\n\n"
+          + (f"### Import order (tallow)\n\n{order}\n\n" if order else "")
+          + f"### Every provider\n\n{accuracy_table(rows)}\n\n### Inputs\n\n{cases_md}\n\n"
           + (f"### ONNX Runtime graphs\n\n{fused}\n\n" if fused else "")
           + ("### Not run\n\n" + "\n".join(f"- {k}: {v}" for k, v in skipped.items()) + "\n\n" if skipped else "")
           + ("**Beyond the accuracy tolerance:**\n\n" + "\n".join(f"- {f}" for f in failed) + "\n" if failed else ""))

@@ -406,19 +406,21 @@ def test_encoder_targets_take_the_fastest_accurate_peer(results_root):
     assert "≥ 1.2× | 1.25× (minilm-l6-b32 vs ctranslate2-fp32) | yes |" in fp32
 
 
-def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_path):
+def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_path, monkeypatch):
     """bench_encoders end to end on a tiny random BERT: every provider in a
-    process of its own (torch imported before tallow in tallow's; none in
-    ONNX Runtime's and CTranslate2's), embeddings checked against
-    transformers, results in this machine's folder, the peer table and the
-    targets read from them."""
+    process of its own (torch imported before tallow in tallow's, with
+    torch's default OpenMP wait policy even when the parent had tallow set
+    PASSIVE, as run_all.py's does; tallow first in the tallow-first one; no
+    torch in ONNX Runtime's and CTranslate2's), embeddings checked against
+    transformers, results in this machine's folder with the peer table."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what `import tallow` leaves in a parent without torch
     pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install -r benchmarks/requirements.txt): "
                                               "bench_encoders' CTranslate2 peer")
     pytest.importorskip("onnxruntime")
     import bench_encoders
 
-    providers = ["tallow-fp32", "tallow-int8", "onnxruntime-fp32 plain", "onnxruntime-int8 optimized",
-                 "ctranslate2-fp32", "ctranslate2-int8"]
+    providers = ["tallow-fp32", "tallow-int8", "tallow-int8 tallow-first", "onnxruntime-fp32 plain",
+                 "onnxruntime-int8 optimized", "ctranslate2-fp32", "ctranslate2-int8"]
     rc = bench_encoders.main(["--quick", "--cases", "tiny-b4", "--cache", str(tmp_path / "cache"), "--min-time", "0",
                               "--providers", *providers])
     assert rc == 0
@@ -433,7 +435,9 @@ def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp
         assert r["reps"] >= 3 and r["median_ms"] > 0 and r["accuracy_ok"], r
         assert 1 - r["min_cosine"] <= r["agreement_tol"]
         assert r["details"]["torch_loaded"] == name.startswith("tallow"), name
-    assert rows["tallow-fp32"]["details"]["torch_imported_first"]
+    torch_first, tallow_first = rows["tallow-int8"]["details"], rows["tallow-int8 tallow-first"]["details"]
+    assert torch_first["torch_imported_first"] and torch_first["OMP_WAIT_POLICY"] is None
+    assert not tallow_first["torch_imported_first"] and tallow_first["OMP_WAIT_POLICY"] == "PASSIVE"
     assert rows["tallow-fp32"]["details"]["threads"] == 2 == rows["tallow-int8"]["details"]["torch_threads"]
     assert sorted(p["precision"] for p in data["peers"]) == ["fp32", "int8"]
     for p in data["peers"]:  # the fastest of ONNX Runtime and CTranslate2 at tallow's precision
@@ -442,3 +446,4 @@ def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp
         assert p["speedup"] == pytest.approx(best["median_ms"] / rows[f"tallow-{p['precision']}"]["median_ms"])
     md = (results_root / machine / "encoders.md").read_text()
     assert "| tiny-b4 | fp32 |" in md and "| tiny-b4 | int8 |" in md
+    assert "OMP_WAIT_POLICY=PASSIVE was removed" in md and "### Import order (tallow)" in md
