@@ -60,8 +60,8 @@ void attention_forward_py(const py::array& q, const py::array& k, const py::arra
   check_dim(kOp, "k", k, 3, D);
   for (int i = 0; i < 4; ++i) check_dim(kOp, "v", v, i, k.shape(i));
   for (int i = 0; i < 4; ++i) check_dim(kOp, "out", out, i, q.shape(i));
-  if (Lk < Lq)
-    throw py::value_error(std::string(kOp) + ": needs Lk >= Lq, got Lq=" + std::to_string(Lq) +
+  if (causal && Lk < Lq)  // the queries are the last Lq of the Lk positions
+    throw py::value_error(std::string(kOp) + ": causal attention needs Lk >= Lq, got Lq=" + std::to_string(Lq) +
                           " (q.shape[2]) and Lk=" + std::to_string(Lk) + " (k.shape[2])");
   if (!out.writeable()) throw py::value_error(std::string(kOp) + ": out must be writeable");
   if (bf16 && Lq > 4)
@@ -121,7 +121,7 @@ void register_attention(py::module_& m) {
         py::arg("mask"), py::arg("causal"), py::arg("scale"),
         R"doc(Fused attention (FlashAttention-2 forward), float32.
 
-q, out: [B, H, Lq, D]; k, v: [B, H, Lk, D], Lk >= Lq, float32 — or uint16 arrays
+q, out: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lk >= Lq when causal), float32 — or uint16 arrays
 holding bfloat16 bits when Lq <= 4 (a bf16 KV cache); any strides over B, H, L,
 stride 1 over D. mask: None or a C-contiguous bool [B, Lk], True = padding.
 causal: query i sees keys j <= Lk - Lq + i. Writes softmax(scale q k^T) v into

@@ -91,3 +91,25 @@ def test_native_decode_names_bad_tokens_and_positions(decoder_dirs):
 def test_decoder_built_with_decoder_ops_keeps_the_per_op_path(decoder_dirs, monkeypatch):
     monkeypatch.setenv("TALLOW_DECODER", "ops")
     assert load(decoder_dirs / "gqa2").native is None
+
+
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])
+def test_decode_right_after_a_one_token_prompt_with_wide_groups(decoder_dirs, kv):
+    """Five query heads per KV head read as query rows against 2 keys (the
+    first decode step after a 1-token prompt): native and per-op agree."""
+    require_native()
+    model = load(decoder_dirs / "gqa5", kv_cache_dtype=kv)
+    keys, values = model.new_cache(2, 8)
+    keys.zero_()
+    values.zero_()
+    cache = (_views(keys), _views(values))
+    model.prefill_rows([[1], [2, 3]], cache)
+    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
+    tokens, positions = torch.tensor([4, 5]), torch.tensor([1, 2])
+    got = model.decode_rows(tokens, positions, cache)
+    native, model.native = model.native, None
+    try:
+        want = model.decode_rows(tokens, positions, ref_cache)
+    finally:
+        model.native = native
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tallow.testing import ATTENTION_SHAPES
+from tallow.testing import ATTENTION_SHAPES, assert_close, require_native
 import torch.nn.functional as F
 
 import tallow
@@ -277,6 +277,18 @@ def test_empty_inputs():
     assert attention(q, k, k).shape == (2, 3, 0, 64)
 
 
+@pytest.mark.parametrize("lq,lk", [(3, 1), (3, 2), (7, 5), (12, 9)])
+def test_more_queries_than_keys_without_causal_mask(each_isa, lq, lk):
+    """Grouped-query decode reads a KV head's query heads as query rows: at
+    position 0 or 1 there are fewer keys than rows (no causal mask needed)."""
+    require_native()
+    q, k, v, _ = _inputs(2, 3, lq, lk, 16)
+    assert_close(attention(q, k, v), attention_ref(q, k, v), atol=2e-6, rtol=1e-5)
+    kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    if lq <= 4:  # the bf16 decode path
+        assert_close(attention(q, kb, vb), attention_ref(q, kb, vb), atol=2e-6, rtol=1e-5)
+
+
 # --- bad input: errors name the argument --------------------------------------
 
 @pytest.mark.parametrize(
@@ -286,7 +298,7 @@ def test_empty_inputs():
         (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must be 4-D"),
         (lambda q, k, v: (q, k[:, :1], v[:, :1], {}), ValueError, "k shape"),
         (lambda q, k, v: (q, k, v[:, :, :3], {}), ValueError, "v shape"),
-        (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2], {}), ValueError, "Lk >= Lq"),
+        (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2], {"causal": True}), ValueError, "causal attention needs Lk >= Lq"),
         (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.zeros(2, 6)}), TypeError, "key_padding_mask must be bool"),
         (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}), ValueError,
          "key_padding_mask must have shape"),
@@ -317,8 +329,8 @@ def _native_args():
         ({"k": np.zeros((2, 4, 6, 16), np.float32)}, ValueError, r"attention: k.shape\[1\] must be 3"),
         ({"v": np.zeros((2, 3, 5, 16), np.float32)}, ValueError, r"attention: v.shape\[2\] must be 6"),
         ({"out": np.zeros((2, 3, 4, 8), np.float32)}, ValueError, r"attention: out.shape\[3\] must be 16"),
-        ({"k": np.zeros((2, 3, 3, 16), np.float32), "v": np.zeros((2, 3, 3, 16), np.float32)}, ValueError,
-         "needs Lk >= Lq"),
+        ({"k": np.zeros((2, 3, 3, 16), np.float32), "v": np.zeros((2, 3, 3, 16), np.float32), "causal": True},
+         ValueError, "causal attention needs Lk >= Lq"),
         ({"v": np.zeros((2, 3, 6, 32), np.float32)[..., ::2]}, ValueError, "v must be contiguous over its last"),
         ({"mask": np.zeros((2, 6), np.int32)}, TypeError, "key_padding_mask must be bool"),
         ({"mask": np.zeros((2, 7), bool)}, ValueError, r"key_padding_mask.shape\[1\] must be 6"),

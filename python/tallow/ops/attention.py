@@ -2,7 +2,7 @@
 
     out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j] + mask[b,i,j]) * v[b,h,j]
 
-q is ``[B, H, Lq, D]``, k and v ``[B, H, Lk, D]`` with ``Lk >= Lq``, so a
+q is ``[B, H, Lq, D]``, k and v ``[B, H, Lk, D]`` (``Lk >= Lq`` when causal), so a
 decode step against a KV cache is the same call. With ``causal=True`` query
 ``i`` sees keys ``j <= Lk - Lq + i`` (the queries are the last Lq positions).
 ``key_padding_mask`` is ``[B, Lk]`` bool, **True marks padding** (keys to
@@ -181,7 +181,7 @@ def _bf16_cache(q, k, v) -> bool:
             and q.device.type == "cpu")
 
 
-def _check(q, k, v, key_padding_mask, scale) -> None:
+def _check(q, k, v, key_padding_mask, scale, causal) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -199,8 +199,8 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"attention: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, H or D")
     if v.shape != k.shape:
         raise ValueError(f"attention: v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
-    if k.shape[2] < lq:
-        raise ValueError(f"attention: needs Lk >= Lq, got Lq={lq} and Lk={k.shape[2]}")
+    if causal and k.shape[2] < lq:  # the queries are the last Lq of the Lk positions
+        raise ValueError(f"attention: causal attention needs Lk >= Lq, got Lq={lq} and Lk={k.shape[2]}")
     if d == 0:
         raise ValueError("attention: head dim D must be >= 1, got 0")
     if key_padding_mask is not None:
@@ -232,7 +232,7 @@ def attention(
     Returns a new ``[B, H, Lq, D]`` tensor of q's dtype. ``scale`` defaults to
     ``1/sqrt(D)``.
     """
-    _check(q, k, v, key_padding_mask, scale)
+    _check(q, k, v, key_padding_mask, scale, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.numel() == 0:
