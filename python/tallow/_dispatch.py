@@ -91,6 +91,33 @@ def dispatch(
     raise AssertionError("unreachable: the ref backend always runs")
 
 
+def choose_backend(op: str, device_type: str, order: Mapping[str, Sequence[str]],
+                   available: Mapping[str, Callable[[], bool]]) -> str:
+    """The backend a module binds once, when it is built or its weights move
+    (DESIGN.md convention 16), by the rules of :func:`dispatch`: TALLOW_BACKEND
+    if set (raising if that backend cannot run here), else the first backend
+    of ``order[device_type]`` whose ``available[name]()`` says yes (the
+    reference always is), with a warning when a better one was passed over."""
+    forced = requested_backend()
+    names = list(order.get(device_type, ()))
+    if forced is not None:
+        if forced != "ref" and forced not in names:
+            raise BackendUnavailable(f"{op}: backend {forced!r} (TALLOW_BACKEND) cannot run on {device_type} tensors")
+        if forced != "ref" and not available.get(forced, lambda: False)():
+            raise BackendUnavailable(f"{op}: backend {forced!r} (TALLOW_BACKEND) is not available here")
+        return forced
+    for name in names:
+        if name == "ref" or available.get(name, lambda: False)():
+            if name != names[0]:
+                key = (op, names[0], "unavailable")
+                if key not in _warned:
+                    _warned.add(key)
+                    warnings.warn(f"{op}: backend {names[0]!r} is not available; using {name!r}",
+                                  BackendFallbackWarning, stacklevel=3)
+            return name
+    return "ref"
+
+
 def eager_call(*tensors: Any) -> bool:
     """True for plain eager tensors outside torch.compile/tracing. The public
     op functions then call ``dispatch`` directly, skipping torch.library's

@@ -65,7 +65,6 @@ epilogue; they read the unpacked int8 weight ``[N, K]`` (cached per module).
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Optional
 
@@ -73,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _gpu
-from .._dispatch import BackendUnavailable, dispatch, eager_call
+from .._dispatch import BackendUnavailable, choose_backend, dispatch, eager_call
 from .._native import native
 
 _ORDER = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -393,10 +392,8 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.register_buffer("bias", None)
-        self._np_key = None
-        self._np_arrays = None
-        self._wq = None
-        self._fast = None  # (buffers it was built from..., numpy views, native fn, act code)
+        self._impls: dict = {}  # backend name -> callable, built by _bound()
+        self._impl_key = None
 
     @classmethod
     def from_float(
@@ -444,33 +441,36 @@ class QuantizedLinear(torch.nn.Module):
         """``Wq · scale_w`` as float32 ``[N, K]``."""
         return self.int8_weight().to(torch.float32) * self.weight_scale[:, None]
 
-    def _fast_cpu_call(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The common case without the dispatcher's generality: a plain 2-D
-        float32 CPU tensor with unit-stride rows, the weights' numpy views
-        cached, no TALLOW_BACKEND override. A decode step calls ~50 linears
-        per token, where the general path's Python (~15-30 us a call) was a
-        large part of the step at small batch. None: take the general path."""
+    def _bound(self) -> dict:
+        """The implementations for the buffers as they are now, built once:
+        keyed by the buffers' identity and address, so a load_state_dict or
+        .to() that replaces or moves them builds them again (and only then).
+        On CPU the backend is chosen here, once (DESIGN.md convention 16):
+        tallow._C's kernel with the weights' numpy views, or the reference
+        when TALLOW_BACKEND=ref or the native module is missing (auto-chosen:
+        with a warning; TALLOW_BACKEND=cpu without it raises). GPU backends
+        read the unpacked int8 weight, unpacked here once."""
         bufs = self._buffers
-        cached = self._fast
-        if cached is None or cached[0] is not bufs["packed_weight"] or cached[1] is not bufs["bias"] \
-                or cached[2] is not bufs["weight_scale"] or cached[3] is not bufs["weight_colsum"]:
-            if bufs["packed_weight"].device.type != "cpu" or not _native_ok():
-                return None
-            arrays = _weight_arrays(bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"])
-            cached = self._fast = (bufs["packed_weight"], bufs["bias"], bufs["weight_scale"], bufs["weight_colsum"],
-                                   arrays, native().int8_linear, _ACT_CODE[self._activation])
-        if os.environ.get("TALLOW_BACKEND") or torch.compiler.is_compiling():
-            return None
-        out = torch.empty(x.shape[0], self._out, dtype=torch.float32)
-        cached[5](x.detach().numpy() if x.requires_grad else x.numpy(), *cached[4], cached[6], out.numpy())
-        return out
+        packed, colsum, scale, bias = bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"]
+        key = tuple((id(t), t.data_ptr()) for t in (packed, colsum, scale, bias) if t is not None)
+        if self._impl_key == key:
+            return self._impls
+        if packed.device.type == "cpu":
+            backend = choose_backend("int8_linear", "cpu", _ORDER, available={"cpu": _native_ok})
+            if backend == "cpu":
+                cpu = partial(_int8_linear_cpu, packed=packed, colsum=colsum, weight_scale=scale, bias=bias,
+                              activation=self._activation, arrays=_weight_arrays(packed, colsum, scale, bias))
+                impls = {"cpu": cpu}
+            else:
+                impls = {"ref": lambda x2: _int8_linear_ref_packed(x2, packed, colsum, scale, bias, self._activation)}
+        else:
+            wq = self.int8_weight().contiguous()
+            impls = {"cuda": partial(_int8_linear_cuda, wq=wq), "triton": partial(_int8_linear_triton, wq=wq),
+                     "ref": _int8_linear_ref_packed}
+        self._impls, self._impl_key = impls, key
+        return impls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (type(x) is torch.Tensor and x.dtype == torch.float32 and x.dim() == 2 and x.device.type == "cpu"
-                and x.shape[1] == self._in and x.shape[0] > 0 and (x.stride(1) == 1 or self._in == 1)):
-            y = self._fast_cpu_call(x)
-            if y is not None:
-                return y
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"QuantizedLinear: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32:
@@ -479,33 +479,27 @@ class QuantizedLinear(torch.nn.Module):
             raise ValueError(
                 f"QuantizedLinear: x must have shape [..., {self._in}] (in_features), got {tuple(x.shape)}"
             )
-        if x.device != self.packed_weight.device:
+        bufs = self._buffers
+        packed = bufs["packed_weight"]
+        if x.device != packed.device:
             raise ValueError(
-                f"QuantizedLinear: x is on {x.device} but the weights are on {self.packed_weight.device} "
+                f"QuantizedLinear: x is on {x.device} but the weights are on {packed.device} "
                 "(move the module with .to(device))"
             )
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self._in)  # a view when the leading dims allow it
         if x2.shape[0] == 0:
             return x.new_empty((*lead, self._out))
-        bufs = self._buffers
-        packed, colsum, scale, bias = bufs["packed_weight"], bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"]
-        if eager_call(x2, packed):
-            # Same body as the custom op, with the weights' numpy views cached
-            # (keyed by the buffers' identity and address: a load_state_dict or
-            # .to() that replaces or moves them refreshes the cache).
-            key = tuple((id(t), t.data_ptr()) for t in (packed, colsum, scale, bias) if t is not None)
-            if self._np_key != key:
-                on_cpu = packed.device.type == "cpu"
-                self._np_arrays = _weight_arrays(packed, colsum, scale, bias) if on_cpu else None
-                # GPU backends read the unpacked int8 weight [N, K]: unpack once per weights
-                self._wq = None if on_cpu else self.int8_weight().contiguous()
-                self._np_key = key
-            impls = {"cpu": partial(_int8_linear_cpu, arrays=self._np_arrays), "ref": _int8_linear_ref_packed,
-                     "cuda": partial(_int8_linear_cuda, wq=self._wq), "triton": partial(_int8_linear_triton, wq=self._wq)}
-            y = dispatch("int8_linear", x2.device.type, _ORDER, impls, x2, packed, colsum, scale, bias, self._activation)
+        if not eager_call(x2, packed):  # torch.compile / export / fake tensors: the registered op
+            y = _int8_linear_op(x2, packed, bufs["weight_colsum"], bufs["weight_scale"], bufs["bias"], self._activation)
         else:
-            y = _int8_linear_op(x2, packed, colsum, scale, bias, self._activation)
+            impls = self._bound()
+            if packed.device.type == "cpu":
+                (impl,) = impls.values()
+                y = impl(x2)
+            else:  # GPU backends can refuse a call (dtype, alignment): dispatch falls back per call
+                y = dispatch("int8_linear", x2.device.type, _ORDER, impls, x2, packed, bufs["weight_colsum"],
+                             bufs["weight_scale"], bufs["bias"], self._activation)
         return y if x.dim() == 2 else y.reshape(*lead, self._out)
 
     def extra_repr(self) -> str:
