@@ -17,7 +17,9 @@ How it measures (as a new user would):
   then ``embed_ids(ids, batch_size=len(ids), pooling="mean", normalize=True)``,
   so a native forward behind that API is measured as soon as it lands.
   "tallow-* tallow-first" runs the same with tallow imported first (issue
-  22, item 1: the import order must not matter), a table of its own.
+  22, item 1: the import order must not matter), a table of its own. The
+  engines' processes get this environment without OMP_WAIT_POLICY (as in a
+  fresh shell; a parent that imported tallow before torch has it PASSIVE).
 - The same thread count everywhere (``--threads``, default 2): torch and
   tallow ``set_num_threads``, ORT ``intra_op_num_threads`` (other session
   options left at their defaults, spinning included: each engine has its
@@ -53,7 +55,8 @@ not in git; rebuilt when a version they depend on changes):
   model_type="bert") — the fused operators are reported. INT8: dynamic
   quantization (quantize_dynamic) of each graph, QInt8 weights per output
   channel (per_channel=True; ORT's per-tensor default loses MiniLM accuracy:
-  cosine 0.93), reduce_range=False, activations uint8 quantized at run time;
+  cosine 0.96 on the b1 sentence, 0.93 over bench_models' 64 sentences,
+  beyond the INT8 tolerance), reduce_range=False, activations uint8 quantized at run time;
   ``--ort-per-tensor`` adds the per-tensor variants.
 - CTranslate2: ctranslate2.converters.TransformersConverter to an Encoder
   (float32 weights); compute_type "float32" and "int8" (weights quantized at
@@ -208,14 +211,16 @@ def _demo_sentences() -> list[str]:
     """The sentences of the demo corpus that ``make run`` indexes (the module
     docstrings of the standard library, tallow.serve.demo), in order:
     whitespace joined (docstrings are hard-wrapped), split after . ! ? before
-    a capital, at least 4 words."""
+    a capital, 4 to 60 words (tallow.corpus's bounds for a sentence: longer
+    "sentences" are flattened lists and tables, some over MiniLM's 128
+    tokens; keeping them would only add padding to the engines that pad)."""
     from tallow.serve.demo import demo_documents
 
     out = []
     for doc in demo_documents():
         for para in re.split(r"\n\s*\n", doc["text"]):
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
-                if len(s.split()) >= 4:
+                if 4 <= len(s.split()) <= 60:
                     out.append(s)
     return out
 
