@@ -167,6 +167,33 @@ def test_eos_ends_a_row_and_is_not_streamed(gpt2_dir, ids):
     assert toks[1] == free and reasons[1] == "length"
 
 
+def test_a_rows_stop_token_id_ends_that_row_with_stop_and_is_not_streamed(model, ids):
+    free = alone(model, [ids[2]], [GREEDY])[0][0]
+    end_of_turn = free[4]  # the 5th greedy token plays a chat template's end of turn
+    cut = free.index(end_of_turn)
+    # stop_at_eos=False: stop ids are the caller's, honoured anyway; the other row runs on to its length
+    sched = GenerationScheduler(model)
+    sched.add("r", [ids[2], ids[2]], [replace(GREEDY, stop_token_ids=[end_of_turn]), GREEDY])
+    ended_at = {}
+    step = 0
+    while not sched.idle:
+        for ev in sched.step():
+            if ev.finish_reason is not None:
+                ended_at[ev.row] = (step, ev.finish_reason)
+        step += 1
+    assert ended_at[0] == (cut, "stop")  # the step that sampled it, not when the request ended
+    assert ended_at[1] == (len(free) - 1, "length")
+    toks, reasons, texts = alone(model, [ids[2]], [replace(GREEDY, stop_token_ids=(end_of_turn,))])
+    assert toks[0] == free[: cut + 1] and reasons[0] == "stop"
+    assert texts[0] == model.tokenizer.decode(free[:cut])
+
+
+def test_stop_token_ids_are_checked(model, ids):
+    for bad in (["x"], [-1], [True], 3.5):
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            GenerationScheduler(model).add("r", [ids[0]], [replace(GREEDY, stop_token_ids=bad)])
+
+
 def test_max_new_tokens_zero_ends_at_once(model, ids):
     sched = GenerationScheduler(model)
     sched.add("r", [ids[0], ids[1]], [replace(GREEDY, max_new_tokens=0), replace(GREEDY, max_new_tokens=2)])

@@ -213,28 +213,23 @@ def test_completions_and_chat_share_one_generator(chat_server, hf_tokenizer):
     assert tokens(after) - tokens(before) == 4 + 4 + 4
 
 
-def test_a_reply_that_ended_at_end_of_turn_frees_its_rows(chat_server, generation_gate):
-    """The scheduler knows only the model's eos: the stream ends the row at
-    <|im_end|> and cancels it there. Decided by steps: the gate holds the
-    loop after the step that produced <|im_end|> until the cancel has come,
-    so the rows are dropped one step later, not run to max_tokens."""
-
-    def hold(g):
-        rid = g.submitted[0] if g.submitted else None
-        return rid is not None and g.tokens.get(rid, 0) >= 2 * 4 and rid not in g.cancelled and not g.released
-
-    gate = generation_gate(hold)
+def test_a_reply_ends_in_the_scheduler_at_the_end_of_turn_token(chat_server, generation_gate):
+    """<|im_end|> is not the model's eos (0 here): the request carries it as
+    a stop_token_id and the scheduler ends each row in the step that sampled
+    it (finish_reason stop). Decided by steps and events: 4 tokens a row and
+    the rows' end in the same step, no cancel from the server, not the 50
+    tokens of max_tokens."""
+    gate = generation_gate(lambda g: False)  # holds nothing: records the steps
     with chat_server.client() as c:
         before = c.get("/metrics").text
         r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0, "max_tokens": 50,
                                                  "n": 2})
         after = c.get("/metrics").text
     assert r.status_code == 200 and [ch["finish_reason"] for ch in r.json()["choices"]] == ["stop", "stop"]
-    assert gate.wait_for(lambda g: g.submitted and g.submitted[0] in g.dropped_at)
     rid = gate.submitted[0]
-    # 4 tokens a row, and the one step that was waiting at the gate when the cancel came
-    # (the loop takes a cancel between steps), not the 50 of max_tokens
-    assert gate.tokens[rid] == 2 * 4 + 2
+    assert gate.tokens[rid] == 2 * 4
+    assert gate.ended_at[rid] == max(i for i, step in enumerate(gate.history) if rid in step)
+    assert rid not in gate.cancelled and rid not in gate.dropped_at
 
     def cancelled(text):
         return float(next(line.split()[-1] for line in text.splitlines()

@@ -28,6 +28,11 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     stop_at_eos: bool = True
     seed: Optional[int] = None
+    # Token ids that end this row besides the model's eos (a chat template's
+    # end of turn, e.g. <|im_end|> on a model whose eos is another token):
+    # finish_reason "stop", the token itself not streamed. Honoured even with
+    # stop_at_eos=False (they are the caller's, not the model's).
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -48,6 +53,16 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        if isinstance(self.stop_token_ids, int) and not isinstance(self.stop_token_ids, bool):
+            self.stop_token_ids = (self.stop_token_ids,)
+        try:
+            ids = tuple(self.stop_token_ids)
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}") from None
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids must hold int token ids >= 0, got {t!r}")
+        self.stop_token_ids = ids
 
     @property
     def greedy(self) -> bool:

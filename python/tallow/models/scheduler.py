@@ -379,14 +379,19 @@ class GenerationScheduler:
         return events
 
     def _row_token(self, r: _Row, t: int) -> RowEvent:
-        """Today's streaming rules: eos, stop strings (cut, held back while
-        partial), incomplete UTF-8 held back, "length" at max_new_tokens."""
+        """Today's streaming rules: eos, the row's stop_token_ids ("stop"; the
+        token itself not streamed, the text held back so far flushed), stop
+        strings (cut, held back while partial), incomplete UTF-8 held back,
+        "length" at max_new_tokens."""
         p = r.params
         r.out.append(t)
         r.pending = t
         reason = None
         if p.stop_at_eos and t in self._eos:
             reason = "eos"
+            text = self._decode(r.out[:-1])
+        elif t in p.stop_token_ids:
+            reason = "stop"
             text = self._decode(r.out[:-1])
         else:
             text = self._decode(r.out)

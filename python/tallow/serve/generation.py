@@ -64,12 +64,9 @@ class GenerationStream:
     caller's admission slot goes back there, however the request ended)."""
 
     def __init__(self, model: Any, prompt_ids: list[list[int]], params: Any,
-                 on_close: Callable[["GenerationStream"], None] | None = None, stop_ids: frozenset = frozenset()):
-        """``stop_ids``: tokens that end a row here, besides the scheduler's
-        eos (a chat template's end of turn): the row's event with one gets
-        finish_reason "stop" (and any text the scheduler still held back),
-        and the row's later events are dropped; once every row has ended,
-        ``close()`` stops the rows the scheduler still runs."""
+                 on_close: Callable[["GenerationStream"], None] | None = None):
+        """A chat reply's end of turn is one of ``params.stop_token_ids``: the
+        scheduler ends that row itself (finish_reason "stop")."""
         self.loop = asyncio.get_running_loop()
         self.rows = len(prompt_ids)
         self.request_id = f"g{next(_request_ids)}"
@@ -77,9 +74,6 @@ class GenerationStream:
         self.finished = False  # every row finished
         self._closed = False
         self._on_close = on_close
-        self._stop_ids = frozenset(stop_ids)
-        self._tokenizer = getattr(model, "tokenizer", None)
-        self._running = self.rows  # rows the scheduler has not ended
         try:
             self._worker = model.start_generation(self.request_id, prompt_ids, row_params(params, self.rows),
                                                   self._sink)
@@ -94,9 +88,6 @@ class GenerationStream:
         failure (``WorkerDied``: 503) or ``TimeoutError`` past ``deadline``
         (``time.monotonic()``)."""
         unfinished = self.rows
-        ended: set[int] = set()  # rows ended here at a stop id while the scheduler runs them on
-        tokens: dict[int, list[int]] = {}
-        texts: dict[int, str] = {}
         try:
             while unfinished:
                 remaining = deadline - time.monotonic()
@@ -112,38 +103,11 @@ class GenerationStream:
                     if event.finish_reason == "error":
                         raise RuntimeError(f"generation failed: {event.error}")
                     if event.finish_reason is not None:
-                        self._running -= 1
-                    if event.row in ended:
-                        continue
-                    if self._stop_ids:
-                        running = event.finish_reason is None
-                        event = self._stop_at_ids(event, tokens, texts)
-                        if running and event.finish_reason is not None:
-                            ended.add(event.row)
-                    if event.finish_reason is not None:
                         unfinished -= 1
                     yield event
             self.finished = True
         finally:
             self.close()
-
-    def _stop_at_ids(self, event: Any, tokens: dict[int, list[int]], texts: dict[int, str]) -> Any:
-        """The event as it is, or, when its token is a stop id, the row's
-        last event: finish_reason "stop", with the text the scheduler held
-        back (the start of a stop string, an incomplete character) and
-        without the stop token's own."""
-        ids = tokens.setdefault(event.row, [])
-        ids.append(event.token_id)
-        emitted = texts.get(event.row, "")
-        if event.token_id not in self._stop_ids or event.finish_reason in ("eos", "stop"):
-            texts[event.row] = emitted + event.text
-            return event
-        text = event.text
-        if self._tokenizer is not None:
-            full = self._tokenizer.decode(ids[:-1])
-            text = full[len(emitted):] if full.startswith(emitted) else ""
-        texts[event.row] = emitted + text
-        return dataclasses.replace(event, text=text, finish_reason="stop")
 
     def close(self) -> None:
         """Forgets the request; rows that have not finished (a client that
@@ -152,7 +116,7 @@ class GenerationStream:
             return
         self._closed = True
         try:
-            if self.finished and not self._running:
+            if self.finished:
                 self._worker.finished(self.request_id)
             else:
                 self._worker.cancel(self.request_id)
@@ -247,7 +211,7 @@ def admit_generation(services: Any, model: Any, req: Any) -> GenerationStream | 
         services.generation_slots.leave()
 
     try:
-        return GenerationStream(model, req.prompt_ids, req.params, on_close=release, stop_ids=req.stop_ids)
+        return GenerationStream(model, req.prompt_ids, req.params, on_close=release)
     except BaseException:
         services.generation_slots.leave()
         raise

@@ -157,8 +157,8 @@ def chat_job(cfg: ModelsConfig, model, messages: list, body: Any) -> tuple[Gener
     model's chat template and tokenized (n rows of it), its sampling settings
     checked as a completion's (``body.max_tokens`` None: as many tokens as
     the context leaves, up to ``models.max_completion_tokens``), and the
-    token ids that end a reply (the eos, the template's end of turn) as the
-    request's ``stop_ids``. Returns (request, prompt tokens). An over-long conversation is
+    token ids that end a reply (the eos, the template's end of turn) as its
+    ``stop_token_ids``. Returns (request, prompt tokens). An over-long conversation is
     refused (cutting it would cut the system message)."""
     from ..engine.chat import chat_prompt, encode_chat_prompt, stop_token_ids
 
@@ -186,7 +186,9 @@ def chat_job(cfg: ModelsConfig, model, messages: list, body: Any) -> tuple[Gener
         raise InputError(f"max_tokens={body.max_tokens} does not fit: the conversation takes {len(ids)} of the "
                          f"model's {context} positions, leaving {room}", param="max_tokens", kind="too_long")
     params = sampling_params(cfg, body, 1, param="n")
-    return GenerationRequest([ids] * body.n, params, stop_ids=stop_token_ids(model, model.chat_template)), len(ids)
+    # The scheduler ends a row at these (finish_reason "stop") as soon as it samples one.
+    params.stop_token_ids = tuple(sorted(stop_token_ids(model, model.chat_template)))
+    return GenerationRequest([ids] * body.n, params), len(ids)
 
 
 # -- /v1/rag and /v1/documents -------------------------------------------------------------

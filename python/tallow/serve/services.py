@@ -71,9 +71,6 @@ class GenerationRequest:
     prompt_ids: list[list[int]]  # already repeated n times, in choice order
     params: Any  # tallow.models.generation.SamplingParams
     admitted: float = field(default_factory=time.monotonic)
-    # Token ids that end a row besides the scheduler's eos (a chat template's end
-    # of turn): the stream ends the row there (``serve.generation.GenerationStream``).
-    stop_ids: frozenset = frozenset()
 
 
 class Services:
