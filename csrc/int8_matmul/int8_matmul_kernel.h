@@ -669,17 +669,20 @@ void micro_s16(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride, 
     }
 }
 
-// The full 6 x 8 tile hand-unrolled: GCC keeps the generic version's
-// accumulator array half on the stack (a load + store per vpmaddwd); named
-// variables stay in the 16 ymm registers.
-void micro_s16_6x8(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
+// R rows (R <= 6) x 8 columns hand-unrolled: GCC keeps the generic
+// version's accumulator array half on the stack (a load + store per
+// vpmaddwd); named variables stay in the 16 ymm registers. Rows >= R are
+// compiled out (if constexpr), so the row tails of a GEMM (M = 17 is tiles
+// of 6, 6 and 5) run at the full tile's speed too.
+template <int R>
+void micro_s16_rx8(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t kb0,
                    int64_t kb1, int32_t* acc, bool init) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const int16_t* a0 = a + kb0 * 4;
   const int8_t* bp = b + kb0 * 64;
 #define TALLOW_S16_ROW(r)                                                          \
-  {                                                                                \
+  if constexpr (r < R) {                                                           \
     int64_t a4;                                                                    \
     __builtin_memcpy(&a4, a0 + r * lda, 8);                                        \
     const __m256i av = _mm256_set1_epi64x(a4);                                     \
@@ -694,7 +697,7 @@ void micro_s16_6x8(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstri
   }
 #undef TALLOW_S16_ROW
   const __m256i rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < 6; ++r) {
+  for (int r = 0; r < R; ++r) {
     __m256i h = _mm256_permute4x64_epi64(_mm256_hadd_epi32(rows[r][0], rows[r][1]), 0xD8);
     int32_t* o = acc + r * kNR;
     if (!init) h = _mm256_add_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o)));
@@ -706,12 +709,12 @@ using MicroS16Fn = void (*)(const int16_t*, int64_t, const int8_t*, int64_t, int
 
 MicroS16Fn micro_s16_for(int mr) {
   switch (mr) {
-    case 6: return &micro_s16_6x8;
-    case 5: return &micro_s16<5, 2>;
-    case 4: return &micro_s16<4, 2>;
-    case 3: return &micro_s16<3, 2>;
-    case 2: return &micro_s16<2, 2>;
-    default: return &micro_s16<1, 2>;
+    case 6: return &micro_s16_rx8<6>;
+    case 5: return &micro_s16_rx8<5>;
+    case 4: return &micro_s16_rx8<4>;
+    case 3: return &micro_s16_rx8<3>;
+    case 2: return &micro_s16_rx8<2>;
+    default: return &micro_s16_rx8<1>;
   }
 }
 
