@@ -163,7 +163,7 @@ test-all: install tools
 
 # Runs every benchmark, writes benchmarks/results/<machine>/, prints the tables.
 bench: install
-	$(VPY) -m pip install --quiet -r benchmarks/requirements.txt
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(VPY) -m pip install --quiet -r benchmarks/requirements.txt
 	$(VPY) benchmarks/run_all.py
 
 # On an AVX-512 machine: the AVX2 kernels against the AVX2 peak (issue 11),

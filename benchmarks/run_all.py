@@ -35,10 +35,11 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "index", "server", "transport",
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "llm", "index", "server", "transport",
           "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "index", "train"]
+RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "llm", "index",
+           "train"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ TARGETS = [
     *(Target("encoders", r"^(minilm-l6|bert-base)-", f"tallow-{p}",
              f"onnxruntime-{p} (plain|optimized)|ctranslate2-{p}", 1.2, "22", kind="fastest")
       for p in ("fp32", "int8")),
+    # Issue 23: SmolLM2-135M-Instruct (Q4_1 GGUF) vs llama.cpp on the same file, each engine in its
+    # own process (bench_llm.py); tallow's INT8 path (the file is 4-bit: INT8 is tallow's nearest).
+    Target("llm", r"^decode b1 ", "tallow-int8", "llama.cpp", 1.2, "23"),
+    Target("llm", r"^prompt ", "tallow-int8", "llama.cpp", 1.2, "23"),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
@@ -237,6 +242,7 @@ def targets_table(mdir: Path) -> str:
         lines.append(f"| {t.issue or '—'}{where} | {t.suite} | {cases_cell} | {vs} | {goal} | {measured} | "
                      f"{'—' if met is None else ('yes' if met else 'no')} |")
     lines += index_target_lines(mdir)
+    lines += llm_target_lines(mdir)
     lines += functions_target_lines(mdir)
     server = load(mdir, "server")
     if server is not None and "targets" in server:  # bench_server with a baseline: its own targets list
@@ -310,6 +316,32 @@ def index_target_lines(mdir: Path) -> list[str]:
         recall = worst["param_recall@10"]
         lines.append(f"| 4 | index | `hnsw filter` ({len(filt)}) | filtered recall@10 vs exact | ≥ {FILTER_RECALL} | "
                      f"{recall:.4f} ({worst['case']}) | {'yes' if recall >= FILTER_RECALL else 'no'} |")
+    return lines
+
+
+LLM_PPL_REL = 0.01  # issue 23: perplexity within 1 % of llama.cpp's on the same file
+
+
+def llm_target_lines(mdir: Path) -> list[str]:
+    """Issue 23's quality targets from results/<machine>/llm.json (bench_llm.py):
+    perplexity within 1 % of llama.cpp's, and greedy continuations equal to
+    llama.cpp's (and, on the fp32 path, transformers') on most prompts."""
+    data = load(mdir, "llm")
+    q = (data or {}).get("quality")
+    if not q:
+        return []
+    lines = []
+    where = f"{q['ppl_tokens']:,} tokens, windows of {q['ppl_window']}"
+    for name, rel in q.get("ppl_rel_diff_vs_llama.cpp", {}).items():
+        if name.startswith("tallow"):
+            lines.append(f"| 23 | llm | perplexity ({where}) | {name} vs llama.cpp | within ±{LLM_PPL_REL:.0%} | "
+                         f"{rel:+.2%} ({q['ppl'][name]:.3f} vs {q['ppl']['llama.cpp']:.3f}) | "
+                         f"{'yes' if abs(rel) <= LLM_PPL_REL else 'no'} |")
+    n = q["greedy_prompts"]
+    for pair, equal in q.get("greedy_equal", {}).items():
+        if pair.startswith("tallow") and (pair.endswith("llama.cpp") or pair == "tallow-fp32 vs transformers-fp32"):
+            lines.append(f"| 23 | llm | greedy continuations, {q['greedy_tokens']} tokens | {pair} (all tokens equal) "
+                         f"| most of {n} | {equal}/{n} | {'yes' if equal > n / 2 else 'no'} |")
     return lines
 
 

@@ -447,3 +447,105 @@ def test_encoder_benchmark_runs_each_engine_in_its_own_process(results_root, tmp
     md = (results_root / machine / "encoders.md").read_text()
     assert "| tiny-b4 | fp32 |" in md and "| tiny-b4 | int8 |" in md
     assert "OMP_WAIT_POLICY=PASSIVE was removed" in md and "### Import order (tallow)" in md
+
+
+# ------------------------------------------------------------------ bench_llm (issue 23)
+
+def test_llm_targets_read_speed_ratios_and_quality(results_root):
+    """Issue 23's lines in the targets table: tallow-int8 over llama.cpp in
+    tokens/s (decode and prompt processing), perplexity within 1 % of
+    llama.cpp's, greedy continuations equal on most prompts."""
+    m = "amd-epyc-avx2"
+    path = write(results_root, m, "llm", [
+        row("decode b1 32+128", "tallow-fp32", 2000.0), row("decode b1 32+128", "tallow-int8", 1000.0),
+        row("decode b1 32+128", "llama.cpp", 1270.0),
+        row("prompt 512", "tallow-int8", 500.0), row("prompt 512", "llama.cpp", 550.0)])
+    data = json.loads(path.read_text())
+    data["quality"] = {
+        "ppl": {"tallow-fp32": 20.1, "tallow-int8": 20.5, "llama.cpp": 20.0, "transformers-fp32": 20.1},
+        "ppl_rel_diff_vs_llama.cpp": {"tallow-fp32": 0.005, "tallow-int8": 0.025, "transformers-fp32": 0.005},
+        "ppl_tokens": 20480, "ppl_window": 512, "greedy_prompts": 20, "greedy_tokens": 16,
+        "greedy_equal": {"tallow-fp32 vs llama.cpp": 12, "tallow-int8 vs llama.cpp": 9,
+                         "tallow-fp32 vs transformers-fp32": 20, "tallow-int8 vs transformers-fp32": 8,
+                         "llama.cpp vs transformers-fp32": 12}}
+    path.write_text(json.dumps(data))
+    table = run_all.targets_table(results_root / m)
+    assert "| 23 | llm | `^decode b1 ` (1) | tallow-int8 vs llama.cpp | ≥ 1.2× | 1.27× (decode b1 32+128) | yes |" in table
+    assert "| 23 | llm | `^prompt ` (1) | tallow-int8 vs llama.cpp | ≥ 1.2× | 1.10× (prompt 512) | no |" in table
+    assert ("| 23 | llm | perplexity (20,480 tokens, windows of 512) | tallow-fp32 vs llama.cpp | within ±1% | "
+            "+0.50% (20.100 vs 20.000) | yes |") in table
+    assert "| tallow-int8 vs llama.cpp | within ±1% | +2.50% (20.500 vs 20.000) | no |" in table
+    assert "transformers-fp32 vs llama.cpp" not in table  # the reference is context, not a target
+    assert "| tallow-fp32 vs llama.cpp (all tokens equal) | most of 20 | 12/20 | yes |" in table
+    assert "| tallow-int8 vs llama.cpp (all tokens equal) | most of 20 | 9/20 | no |" in table
+    assert "| tallow-fp32 vs transformers-fp32 (all tokens equal) | most of 20 | 20/20 | yes |" in table
+    assert "tallow-int8 vs transformers-fp32" not in table and "llama.cpp vs transformers-fp32" not in table
+
+
+def test_llm_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_path, monkeypatch):
+    """bench_llm end to end on a tiny random Llama written as GGUF (Q8_0, tied
+    embedding): tallow fp32/INT8 and llama.cpp each in a process of their
+    own (no torch in llama.cpp's), exactly the tokens asked for on every
+    side (eos ignored), perplexities of tallow-fp32 and transformers on the
+    same dequantized weights equal, results and the ratio table in this
+    machine's folder."""
+    import importlib.util
+
+    # Not imported here: llama.cpp's library (and its OpenMP runtime) belongs in its own process.
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install -r benchmarks/requirements.txt): "
+                    "bench_llm's llama.cpp peer")
+    pytest.importorskip("gguf")
+    import functools
+
+    monkeypatch.syspath_prepend(str(BENCH.parent / "tests" / "models"))
+    import test_gguf  # the GGUF writer of the GGUF tests
+
+    from tallow.testing import train_byte_level_bpe
+
+    # llama.cpp names GPT-2's pre-tokenizer "gpt-2" and refuses the tests' "gpt2": SmolLM2's "smollm",
+    # which both engines know.
+    monkeypatch.setattr(test_gguf, "write_gguf", functools.partial(test_gguf.write_gguf, pre="smollm"))
+    tok = tmp_path / "tokenizer.json"
+    train_byte_level_bpe(tok)
+    path, _ = test_gguf.build_case(tmp_path, "llama", "Q8_0", tok, tied=True)
+    import bench_llm
+
+    with_hf = importlib.util.find_spec("accelerate") is not None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as run_all.py's environment has it: not passed on
+    # The decode case only (the prompt case is the same call with one new token): a process less per engine.
+    rc = bench_llm.main(["--quick", "--model", str(path), "--cases", "decode", "--decode-prompt", "8",
+                         "--new-tokens", "6", "--ppl-window", "32", "--ppl-windows", "2", "--greedy-prompts", "2",
+                         "--greedy-tokens", "4", "--min-reps", "2", "--warmup", "0"]
+                        + ([] if with_hf else ["--no-transformers"]))
+    assert rc == 0
+    machine = harness.this_machine()["machine"]
+    data = json.loads((results_root / machine / "llm.json").read_text())
+    assert data["env"]["machine"] == machine
+    rows = {(r["case"], r["provider"]): r for r in data["rows"]}
+    providers = {"tallow-fp32", "tallow-int8", "llama.cpp"}
+    assert set(rows) == {("decode b1 8+6", p) for p in providers}
+    pids = {r["details"]["pid"] for r in rows.values()}
+    assert len(pids) == len(rows) and os.getpid() not in pids
+    for (case, name), r in rows.items():
+        assert r["reps"] >= 2 and r["median_ms"] > 0 and r["throughput"] > 0, r
+        assert len(r["tokens"]) == 6, r["tokens"]  # eos ignored on every side
+        assert r["details"]["torch_loaded"] == name.startswith("tallow"), name
+        assert r["details"]["OMP_WAIT_POLICY"] is None
+        assert r["details"]["threads"] == 2
+    assert rows[("decode b1 8+6", "tallow-int8")]["details"]["torch_threads"] == 2
+    assert rows[("decode b1 8+6", "tallow-fp32")]["details"]["torch_imported_first"]
+    llama = rows[("decode b1 8+6", "llama.cpp")]
+    assert not llama["details"]["logits_all"] and llama["details"]["system_info"]
+    assert llama["tallow_speedup"] > 0 and {p["provider"] for p in data["peers"]} == {"tallow-fp32", "tallow-int8"}
+    q = data["quality"]
+    assert set(q["ppl"]) == providers | ({"transformers-fp32"} if with_hf else set())
+    assert all(math.isfinite(v) and v > 1 for v in q["ppl"].values())
+    assert q["ppl_tokens"] == 64 and q["greedy_prompts"] == 2 and q["greedy_tokens"] == 4
+    assert set(q["ppl_rel_diff_vs_llama.cpp"]) == set(q["ppl"]) - {"llama.cpp"}
+    for name, raw in data["quality_raw"].items():
+        assert len(raw["greedy"]) == 2 and all(len(g) == 4 for g in raw["greedy"]), name
+    if with_hf:  # the same dequantized fp32 weights: the same perplexity
+        assert q["ppl"]["tallow-fp32"] == pytest.approx(q["ppl"]["transformers-fp32"], rel=1e-4)
+    md = (results_root / machine / "llm.md").read_text()
+    assert "| decode b1 8+6 |" in md and "8 concurrent chat streams" in md
