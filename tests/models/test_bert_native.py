@@ -116,3 +116,21 @@ def test_model_built_under_backend_ref_keeps_the_per_op_path(odd_bert_dir, monke
     monkeypatch.setenv("TALLOW_BACKEND", "")
     monkeypatch.setenv("TALLOW_ENCODER", "ops")
     assert load(odd_bert_dir).bert.native is None
+
+
+def test_a_copied_model_builds_its_own_native_encoder(odd_bert_dir):
+    """deepcopy / pickle carry the weights; the copy's native forward reads
+    the copy's weights, not the original's."""
+    import copy
+    import pickle
+
+    require_native()
+    model = load(odd_bert_dir)
+    ids = _ids([5, 9])
+    before = model.embed_ids(ids)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.bert.word_embeddings.weight[ids[0][1]] += 1.0
+    assert not torch.equal(tuned.embed_ids(ids)[0], before[0])
+    assert torch.equal(model.embed_ids(ids), before)
+    assert torch.equal(pickle.loads(pickle.dumps(model)).embed_ids(ids), before)

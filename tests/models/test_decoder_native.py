@@ -113,3 +113,21 @@ def test_decode_right_after_a_one_token_prompt_with_wide_groups(decoder_dirs, kv
     finally:
         model.native = native
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_a_copied_decoder_decodes_like_the_original(decoder_dirs):
+    import copy
+
+    require_native()
+    model = load(decoder_dirs / "gqa2")
+    twin = copy.deepcopy(model)
+    outs = []
+    for m in (model, twin):
+        keys, values = m.new_cache(1, 8)
+        keys.zero_()
+        values.zero_()
+        cache = (_views(keys), _views(values))
+        m.prefill_rows([[1, 2]], cache)
+        outs.append(m.decode_rows(torch.tensor([3]), torch.tensor([2]), cache))
+    assert twin.native is not model.native
+    assert torch.equal(outs[0], outs[1])

@@ -96,6 +96,15 @@ class NativeEncoder:
         self._enc = None
         self._lock = threading.Lock()
 
+    # A copy (copy.deepcopy, pickle, torch.save of the model) carries the
+    # model, not the native object: the copy builds its own from its own
+    # weights at its first call.
+    def __getstate__(self) -> dict:
+        return {"_bert": self._bert}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_bert"])
+
     def _get(self):
         if self._enc is None:
             with self._lock:

@@ -92,6 +92,14 @@ class NativeDecoder:
         self._dec = None
         self._lock = threading.Lock()
 
+    # A copy (copy.deepcopy, pickle, torch.save of the model) carries the
+    # model, not the native object: the copy builds its own at its first step.
+    def __getstate__(self) -> dict:
+        return {"model": self._model, "kind": self._kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"], state["kind"])
+
     def _get(self):
         if self._dec is None:
             with self._lock:
