@@ -150,7 +150,7 @@ class Engine:
     def generator(self):
         if self._generator is None:
             if self.generator_path is None:
-                raise EngineError("rag() needs a GPT-2 model: set Engine(generator_path=...) "
+                raise EngineError("rag() needs a generator: set Engine(generator_path=...) "
                                   "(CLI: --generator or TALLOW_GENERATOR)")
             from ..models import load
 
@@ -376,8 +376,9 @@ class Engine:
 
         ``mode="generative"`` (the default when a generator is set): builds the
         prompt (see ``build_prompt`` for how chunks are trimmed to the context
-        window) and generates with GPT-2, greedy unless ``temperature`` etc.
-        are given. ``mode="extractive"`` (the default without a generator):
+        window; a model with a chat template gets them as a system message with
+        the question as the user's, ``rag.build_chat_prompt``) and generates,
+        greedy unless ``temperature`` etc. are given. ``mode="extractive"`` (the default without a generator):
         the retrieved sentences closest to the question (``extractive_answer``;
         ``answer.mode`` says which it was)."""
         if mode is None:
@@ -391,6 +392,9 @@ class Engine:
         gen = self.generator  # fail early, before retrieval, when no generator is set
         _rag.check_max_new_tokens(max_new_tokens, gen)
         results = self.search(question, k, filter=filter, hybrid=hybrid)
+        if getattr(gen, "chat_template", None):  # an instruct model: its own chat format
+            prompt, ids, sources = _rag.build_chat_prompt(gen, question, results, max_new_tokens)
+            return _rag.chat_answer(gen, prompt, ids, sources, max_new_tokens, **sampling)
         prompt, sources, n = self.build_prompt(question, results, max_new_tokens)
         return _rag.answer(gen, prompt, sources, n, max_new_tokens, **sampling)
 

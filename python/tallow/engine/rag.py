@@ -1,7 +1,13 @@
-"""RAG answers with their sources: generative (the prompt template, the
-retrieved chunks fitted into GPT-2's context window best first, the first
-that does not fit trimmed at a token boundary) or, without a generator,
+"""RAG answers with their sources: generative or, without a generator,
 extractive (the retrieved chunks' sentences closest to the question).
+
+Generative: the retrieved chunks are fitted into the generator's context
+window best first (the first that does not fit trimmed at a token boundary,
+the rest dropped) and numbered. A model with a chat template (SmolLM2,
+Llama, Qwen2: instruct models) gets them as a system message, the question
+as the user's message, rendered with its own template; the reply ends at
+the template's end of turn. A model without one (a base GPT-2) continues a
+plain prompt that ends in ``Answer:``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from .retrieval import SearchResult
 
 PROMPT_HEAD = "Answer the question using the context.\n\nContext:\n"
 PROMPT_TAIL = "\nQuestion: {question}\nAnswer:"
+# The system message of a chat model's RAG prompt; the numbered sources follow it.
+CHAT_SYSTEM = ("Answer the user's question using only the numbered sources below. If they do not contain "
+               "the answer, say that you do not know.\n\nSources:\n")
 
 
 @dataclass
@@ -38,33 +47,19 @@ def check_max_new_tokens(max_new_tokens: Any, gen: Any = None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if gen is not None and max_new_tokens >= gen.config.n_positions:
-        raise EngineError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in GPT-2's "
+        raise EngineError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the generator's "
                           f"context window of {gen.config.n_positions}")
 
 
-def build_prompt(gen, question: str, results: Sequence[SearchResult], max_new_tokens: int, *,
-                 head: str = PROMPT_HEAD, tail_template: str = PROMPT_TAIL) -> tuple[str, list[dict], int]:
-    """The RAG prompt within GPT-2's context window.
-
-    Template: ``head`` (``PROMPT_HEAD``), then one line ``[i] <chunk text>`` per
-    context chunk, then ``tail_template`` (``PROMPT_TAIL``) with the question. Budget for the
-    chunks = n_positions − max_new_tokens − tokens(template + question).
-    Chunks are added best first while they fit; the first one that does
-    not fit is trimmed at a token boundary to the tokens left (kept if at
-    least one token is left), and every chunk after it is dropped.
-    Returns (prompt, sources used, prompt tokens)."""
-    hf = gen.tokenizer._tok
-    n_ctx = gen.config.n_positions
+def _fit_chunks(hf, results: Sequence[SearchResult], budget: int) -> tuple[list[str], list[dict]]:
+    """Lines ``[i] <chunk text>\n`` of at most ``budget`` tokens together (``hf``:
+    a tokenizers.Tokenizer): best first; the first chunk that does not fit is
+    trimmed at a token boundary to the tokens left (kept if at least one token
+    is left) and every chunk after it is dropped. Returns (lines, sources)."""
 
     def ntok(s: str) -> int:
         return len(hf.encode(s, add_special_tokens=False).ids)
 
-    tail = tail_template.format(question=question)
-    budget = n_ctx - max_new_tokens - ntok(head + tail)
-    if budget < 0:
-        raise EngineError(f"the question and the prompt template need {n_ctx - max_new_tokens - budget} tokens; "
-                          f"GPT-2's context window is {n_ctx} with max_new_tokens={max_new_tokens}: "
-                          "shorten the question or lower max_new_tokens")
     lines: list[str] = []
     sources: list[dict] = []
     for r in results:
@@ -91,6 +86,33 @@ def build_prompt(gen, question: str, results: Sequence[SearchResult], max_new_to
                         "score": r.score, "trimmed": trimmed})
         if trimmed:
             break
+    return lines, sources
+
+
+def build_prompt(gen, question: str, results: Sequence[SearchResult], max_new_tokens: int, *,
+                 head: str = PROMPT_HEAD, tail_template: str = PROMPT_TAIL) -> tuple[str, list[dict], int]:
+    """The RAG prompt within GPT-2's context window.
+
+    Template: ``head`` (``PROMPT_HEAD``), then one line ``[i] <chunk text>`` per
+    context chunk, then ``tail_template`` (``PROMPT_TAIL``) with the question. Budget for the
+    chunks = n_positions − max_new_tokens − tokens(template + question).
+    Chunks are added best first while they fit; the first one that does
+    not fit is trimmed at a token boundary to the tokens left (kept if at
+    least one token is left), and every chunk after it is dropped.
+    Returns (prompt, sources used, prompt tokens)."""
+    hf = gen.tokenizer._tok
+    n_ctx = gen.config.n_positions
+
+    def ntok(s: str) -> int:
+        return len(hf.encode(s, add_special_tokens=False).ids)
+
+    tail = tail_template.format(question=question)
+    budget = n_ctx - max_new_tokens - ntok(head + tail)
+    if budget < 0:
+        raise EngineError(f"the question and the prompt template need {n_ctx - max_new_tokens - budget} tokens; "
+                          f"GPT-2's context window is {n_ctx} with max_new_tokens={max_new_tokens}: "
+                          "shorten the question or lower max_new_tokens")
+    lines, sources = _fit_chunks(hf, results, budget)
     prompt = head + "".join(lines) + tail
     n = ntok(prompt)
     # BPE merges across the joins can change counts by a token or two; the
@@ -109,6 +131,59 @@ def answer(gen: Any, prompt: str, sources: list[dict], prompt_tokens: int, max_n
     sampling.setdefault("temperature", 0.0)
     out = gen.generate([prompt], max_new_tokens=max_new_tokens, **sampling)[0]
     return RagAnswer(out.text.strip(), sources, prompt, prompt_tokens, out.finish_reason)
+
+
+def build_chat_prompt(gen, question: str, results: Sequence[SearchResult], max_new_tokens: int, *,
+                      system: str = CHAT_SYSTEM) -> tuple[str, list[int], list[dict]]:
+    """The RAG prompt of a model with a chat template: a system message
+    (``system`` and the numbered sources, fitted as ``build_prompt`` fits
+    them) and the question as the user's message, rendered with the model's
+    template. Returns (prompt text, its token ids, sources used)."""
+    from .chat import chat_template_of, encode_chat_prompt, render_chat, special_tokens_of
+
+    template, special = chat_template_of(gen), special_tokens_of(gen)
+    n_ctx = gen.config.n_positions
+
+    def render(lines: list[str]) -> str:
+        messages = [{"role": "system", "content": system + "".join(lines).rstrip("\n")},
+                    {"role": "user", "content": question}]
+        return render_chat(template, messages, special_tokens=special)
+
+    budget = n_ctx - max_new_tokens - len(encode_chat_prompt(gen, render([])))
+    if budget < 0:
+        raise EngineError(f"the question and the prompt template need {n_ctx - max_new_tokens - budget} tokens; "
+                          f"the generator's context window is {n_ctx} with max_new_tokens={max_new_tokens}: "
+                          "shorten the question or lower max_new_tokens")
+    lines, sources = _fit_chunks(gen.tokenizer._tok, results, budget)
+    prompt = render(lines)
+    ids = encode_chat_prompt(gen, prompt)
+    while len(ids) + max_new_tokens > n_ctx and lines:  # merges across the joins: a token or two more
+        lines.pop()
+        sources.pop()
+        prompt = render(lines)
+        ids = encode_chat_prompt(gen, prompt)
+    return prompt, ids, sources
+
+
+def chat_answer(gen: Any, prompt: str, ids: list[int], sources: list[dict], max_new_tokens: int,
+                **sampling) -> RagAnswer:
+    """Generates the reply to ``build_chat_prompt``'s prompt (greedy unless
+    ``temperature`` etc. are given); it ends at the model's eos or its
+    template's end of turn (the scheduler stops the row there)."""
+    from ..models.generation import SamplingParams
+    from .chat import chat_template_of, stop_token_ids
+
+    sampling.setdefault("temperature", 0.0)
+    sampling["stop_token_ids"] = tuple(sorted(stop_token_ids(gen, chat_template_of(gen))))
+    if hasattr(gen, "generate_ids"):  # a model in this process: its own scheduler
+        text, reason = "", None
+        for event in gen.generate_ids([ids], SamplingParams(max_new_tokens=max_new_tokens, **sampling)):
+            text += event.text
+            reason = event.finish_reason or reason
+    else:  # a served model (serve.workers.ServedModel): the server's scheduler, which takes token ids
+        out = gen.generate([ids], max_new_tokens=max_new_tokens, **sampling)[0]
+        text, reason = out.text, out.finish_reason
+    return RagAnswer(text.strip(), sources, prompt, len(ids), reason)
 
 
 # -- extractive answers (no generator) ----------------------------------------------------

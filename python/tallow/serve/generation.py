@@ -125,9 +125,10 @@ class GenerationStream:
                 self._on_close(self)
 
 
-def generate_blocking(model: Any, prompts: list[str], kwargs: dict, timeout_s: float) -> list:
-    """Completes ``prompts`` like ``GPT2LMHeadModel.generate`` (kwargs:
-    ``SamplingParams`` fields), blocking this thread for at most
+def generate_blocking(model: Any, prompts: list, kwargs: dict, timeout_s: float) -> list:
+    """Completes ``prompts`` (texts, or lists of token ids) like
+    ``GPT2LMHeadModel.generate`` (kwargs: ``SamplingParams`` fields; a row
+    ends at ``stop_token_ids`` too, with finish_reason "stop"), blocking this thread for at most
     ``timeout_s``: past it the rows are cancelled in the worker and
     ``GenerationTimeout`` is raised (a worker that stalls, a batch too full
     to make progress: the caller's thread is never held forever)."""
@@ -140,7 +141,10 @@ def generate_blocking(model: Any, prompts: list[str], kwargs: dict, timeout_s: f
     deadline = time.monotonic() + timeout_s
     params = SamplingParams(**kwargs)
     params.validate()
-    prompt_ids = model.tokenizer.encode_ids(list(prompts))
+    prompts = list(prompts)
+    # Token ids as they are (a chat prompt, tokenized as its template requires: engine.chat), or texts.
+    prompt_ids = ([list(p) for p in prompts] if prompts and not isinstance(prompts[0], str)
+                  else model.tokenizer.encode_ids(prompts))
     inbox: queue.Queue = queue.Queue()
     request_id = f"b{next(_request_ids)}"
     worker = model.start_generation(request_id, prompt_ids, row_params(params, len(prompt_ids)), inbox.put)
