@@ -35,11 +35,11 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "llm", "index", "server", "transport",
-          "functions", "train"]  # bench_<name>.py scripts
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm", "index",
+          "server", "transport", "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
-RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "llm", "index",
-           "train"]
+RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm",
+           "index", "train"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,9 @@ TARGETS = [
     *(Target("encoders", r"^(minilm-l6|bert-base)-", f"tallow-{p}",
              f"onnxruntime-{p} (plain|optimized)|ctranslate2-{p}", 1.2, "22", kind="fastest")
       for p in ("fp32", "int8")),
+    # Issue 22, item 4: GPT-2 124M decode steps (tokens/s, b1 and b8) vs CTranslate2's Generator at int8,
+    # each engine in its own process (bench_gpt2_decode.py).
+    Target("gpt2_decode", r"^gpt2-124m-b(1|8) .* decode step$", "tallow-int8", "ctranslate2-int8", 1.2, "22"),
     # Issue 23: SmolLM2-135M-Instruct (Q4_1 GGUF) vs llama.cpp on the same file, each engine in its
     # own process (bench_llm.py); tallow's INT8 path (the file is 4-bit: INT8 is tallow's nearest).
     Target("llm", r"^decode b1 ", "tallow-int8", "llama.cpp", 1.2, "23"),
