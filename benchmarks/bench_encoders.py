@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import importlib
 import json
 import os
@@ -130,7 +131,9 @@ class CaseSpec:
     name: str
     model: str
     batch: int
-    inputs: str  # "demo-25": one demo sentence of 25 tokens; "demo-mixed": demo sentences; "random-L": L tokens
+    # "demo-25": one demo sentence of 25 tokens; "demo-mixed": demo sentences; "random-L": L random
+    # tokens each; "random-mixed": random tokens, lengths 1..40 (the smoke test: no corpus to read)
+    inputs: str
     warmup: int = 3
     min_reps: int = 10
 
@@ -140,7 +143,7 @@ CASES = {c.name: c for c in (
     CaseSpec("minilm-l6-b32", "minilm-l6", 32, "demo-mixed"),
     CaseSpec("bert-base-seq128-b1", "bert-base", 1, f"random-{BERT_BASE['seq']}", warmup=2, min_reps=5),
     CaseSpec("bert-base-seq128-b8", "bert-base", 8, f"random-{BERT_BASE['seq']}", warmup=1, min_reps=3),
-    CaseSpec("tiny-b4", "tiny", 4, "demo-mixed", warmup=1, min_reps=3),
+    CaseSpec("tiny-b4", "tiny", 4, "random-mixed", warmup=1, min_reps=3),
 )}
 DEFAULT_CASES = ["minilm-l6-b1", "minilm-l6-b32", "bert-base-seq128-b1", "bert-base-seq128-b8"]
 
@@ -322,18 +325,22 @@ def _reference(hf_dir: Path, ids: list[list[int]]):
     return np.stack(rows)
 
 
-def _case_ids(case: CaseSpec, hf_dir: Path, sentences: list[str]) -> list[list[int]]:
+def _case_ids(case: CaseSpec, hf_dir: Path, sentences) -> list[list[int]]:
+    """The case's token ids; ``sentences()`` gives the demo sentences."""
     from tokenizers import Tokenizer
 
     if case.inputs.startswith("random-"):
         import numpy as np
 
-        length = int(case.inputs.split("-")[1])
         rng = np.random.default_rng(0)
+        if case.inputs == "random-mixed":
+            lengths = [1] + rng.integers(2, 41, case.batch - 1).tolist()  # 1: the shortest input there is
+            return [rng.integers(1000, 20000, n).tolist() for n in lengths]
+        length = int(case.inputs.split("-")[1])
         return rng.integers(1000, 20000, (case.batch, length)).tolist()
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     tok.no_padding()  # tokenizer.json pads to 128; its truncation at 128 stays (MiniLM's training length)
-    enc = [e.ids for e in tok.encode_batch(sentences)]
+    enc = [e.ids for e in tok.encode_batch(sentences())]
     if case.inputs == "demo-25":
         pick = [next(i for i, e in enumerate(enc) if len(e) == 25)]
     elif case.inputs == "demo-mixed":  # spread over the whole corpus, not the first module's sentences
@@ -360,7 +367,7 @@ def prepare(cache: Path, cases: list[str], providers: list[Provider]) -> dict:
     engines = {p.engine for p in providers}
     need_onnx = bool(engines & {"onnxruntime", "openvino"})
     info: dict = {"models": {}, "cases": {}}
-    sentences = _demo_sentences()
+    sentences = functools.cache(_demo_sentences)  # read only when a case needs them
     for model in dict.fromkeys(CASES[c].model for c in cases):
         spec = MODELS[model]
         hf_dir = _hf_dir(spec, cache)
