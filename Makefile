@@ -99,7 +99,8 @@ tools-cross:
 # The ISA flags mirror CMakeLists.txt's (one set per ISA file suffix).
 KC_CXXFLAGS := -std=c++17 -O2 -Wall -Wextra -Wno-unused-parameter -fno-math-errno -Icsrc
 KC_BASE     := csrc/common/cpu_features.cpp csrc/common/thread_pool.cpp csrc/attention/attention.cpp \
-               csrc/int8_matmul/int8_matmul.cpp csrc/preprocess/preprocess.cpp csrc/tests/kernel_check.cpp \
+               csrc/int8_matmul/int8_matmul.cpp csrc/preprocess/preprocess.cpp csrc/encoder/encoder.cpp \
+               csrc/tests/kernel_check.cpp \
                $(wildcard csrc/*/*_scalar.cpp)
 KC_HEADERS  := $(wildcard csrc/*/*.h)
 KC_ISAFLAGS  = $(if $(filter %_neon.o,$@),-march=armv8.2-a+dotprod,$(if $(filter %_avx512.o,$@),-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mfma -mbmi2,$(if $(filter %_avx2.o,$@),-mavx2 -mfma -mf16c -mbmi2)))

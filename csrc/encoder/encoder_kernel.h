@@ -58,6 +58,10 @@ inline void sgemm_tile(const float* a, int64_t lda, const float* bp, int64_t K, 
   // `tot` (memory, touched once per block), which keeps the rounding error
   // of long rows (K = 1536, 3072) at the level of torch's blocked GEMM.
   VF acc[R][P * kVP], tot[R][P * kVP];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < P * kVP; ++j) tot[r][j] = vf_zero();  // 0 + x == x: the first block is exact
   const int64_t pstride = K * kPanel;
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t k1 = k0 + kKC < K ? k0 + kKC : K;
@@ -81,11 +85,8 @@ inline void sgemm_tile(const float* a, int64_t lda, const float* bp, int64_t K, 
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-      for (int j = 0; j < P * kVP; ++j) tot[r][j] = k0 == 0 ? acc[r][j] : vf_add(tot[r][j], acc[r][j]);
+      for (int j = 0; j < P * kVP; ++j) tot[r][j] = vf_add(tot[r][j], acc[r][j]);
   }
-  if (K <= 0)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < P * kVP; ++j) tot[r][j] = vf_zero();
 #pragma GCC unroll 16
   for (int j = 0; j < P * kVP; ++j) {
     const int64_t n = n0 + j * kW;

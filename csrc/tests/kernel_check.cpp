@@ -39,6 +39,7 @@
 #include "attention/attention.h"
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
+#include "encoder/encoder.h"
 #include "int8_matmul/int8_matmul.h"
 #include "preprocess/preprocess_dispatch.h"
 
@@ -238,6 +239,86 @@ void check_linear(const std::string& isa) {
              fmt("M=%lld K=%lld N=%lld act=%d", (long long)M, (long long)K, (long long)N, act), worst <= 5e-6, worst,
              fmt("max rel err %.3g", worst));
     }
+  }
+}
+
+// ------------------------------------------------------------------ encoder kernels
+
+// fp32 GEMM on packed panels (bias, activation) against a double reference;
+// LayerNorm with residual, RMSNorm and SwiGLU against double references.
+void check_encoder(const std::string& isa) {
+  const encoder::IsaKernels& kr = encoder::kernels();
+  const int64_t shapes[][3] = {{1, 7, 97}, {7, 97, 129}, {97, 129, 7}, {1, 300, 33}, {17, 384, 70}, {9, 16, 16}};
+  for (const auto& sh : shapes) {
+    for (int act = 0; act <= 3; ++act) {
+      const int64_t M = sh[0], K = sh[1], N = sh[2];
+      std::vector<float> x((size_t)(M * K)), w((size_t)(N * K)), bias((size_t)N), y((size_t)(M * N));
+      for (auto& v : x) v = rand_float(-2.0f, 2.0f);
+      for (auto& v : w) v = rand_float(-1.0f, 1.0f);
+      for (auto& v : bias) v = rand_float(-1.0f, 1.0f);
+      std::vector<float> packed((size_t)((N + 15) / 16 * K * 16));
+      encoder::pack_weight(w.data(), N, K, packed.data());
+      encoder::SgemmArgs g{x.data(), K, packed.data(), bias.data(), y.data(), N, M, N, K, act};
+      kr.sgemm(g);
+      double worst = 0.0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = bias[(size_t)n];
+          for (int64_t k = 0; k < K; ++k) ref += (double)x[(size_t)(m * K + k)] * w[(size_t)(n * K + k)];
+          if (act == 1) ref = ref > 0.0 ? ref : 0.0;
+          if (act == 2) ref = gelu_erf_ref(ref);
+          if (act == 3) ref = gelu_tanh_ref(ref);
+          const double err = std::fabs(y[(size_t)(m * N + n)] - ref) / std::fmax(1.0, std::fabs(ref));
+          if (!(err <= worst)) worst = err;
+        }
+      record("sgemm", isa, fmt("M=%lld K=%lld N=%lld act=%d", (long long)M, (long long)K, (long long)N, act),
+             worst <= 2e-5, worst, fmt("max rel err %.3g", worst));
+    }
+  }
+  for (int64_t H : {1, 7, 36, 384}) {
+    const int64_t M = 5, F = H + 3;
+    std::vector<float> x((size_t)(M * H)), add((size_t)(M * H)), gamma((size_t)H), beta((size_t)H), out((size_t)(M * H));
+    for (auto& v : x) v = rand_float(-3.0f, 3.0f);
+    for (auto& v : add) v = rand_float(-3.0f, 3.0f);
+    for (auto& v : gamma) v = rand_float(0.5f, 1.5f);
+    for (auto& v : beta) v = rand_float(-0.5f, 0.5f);
+    double worst_ln = 0.0, worst_rms = 0.0, worst_glu = 0.0;
+    kr.add_layer_norm(x.data(), add.data(), M, H, gamma.data(), beta.data(), 1e-5f, out.data());
+    for (int64_t m = 0; m < M; ++m) {
+      double mean = 0.0, var = 0.0;
+      for (int64_t h = 0; h < H; ++h) mean += (double)x[(size_t)(m * H + h)] + add[(size_t)(m * H + h)];
+      mean /= (double)H;
+      for (int64_t h = 0; h < H; ++h) {
+        const double d = (double)x[(size_t)(m * H + h)] + add[(size_t)(m * H + h)] - mean;
+        var += d * d;
+      }
+      var /= (double)H;
+      for (int64_t h = 0; h < H; ++h) {
+        const double v = (double)x[(size_t)(m * H + h)] + add[(size_t)(m * H + h)];
+        const double ref = (v - mean) / std::sqrt(var + 1e-5) * gamma[(size_t)h] + beta[(size_t)h];
+        worst_ln = std::fmax(worst_ln, std::fabs(out[(size_t)(m * H + h)] - ref));
+      }
+    }
+    kr.rms_norm(x.data(), M, H, gamma.data(), 1e-6f, out.data());
+    for (int64_t m = 0; m < M; ++m) {
+      double ss = 0.0;
+      for (int64_t h = 0; h < H; ++h) ss += (double)x[(size_t)(m * H + h)] * x[(size_t)(m * H + h)];
+      const double r = 1.0 / std::sqrt(ss / (double)H + 1e-6);
+      for (int64_t h = 0; h < H; ++h)
+        worst_rms = std::fmax(worst_rms, std::fabs(out[(size_t)(m * H + h)] - gamma[(size_t)h] * x[(size_t)(m * H + h)] * r));
+    }
+    std::vector<float> gu((size_t)(M * 2 * F)), glu((size_t)(M * F));
+    for (auto& v : gu) v = rand_float(-6.0f, 6.0f);
+    kr.swiglu(gu.data(), M, F, glu.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t f = 0; f < F; ++f) {
+        const double g = gu[(size_t)(m * 2 * F + f)], u = gu[(size_t)(m * 2 * F + F + f)];
+        const double ref = g / (1.0 + std::exp(-g)) * u;
+        worst_glu = std::fmax(worst_glu, std::fabs(glu[(size_t)(m * F + f)] - ref) / std::fmax(1.0, std::fabs(ref)));
+      }
+    record("layer_norm", isa, fmt("H=%lld", (long long)H), worst_ln <= 1e-5, worst_ln, fmt("max err %.3g", worst_ln));
+    record("rms_norm", isa, fmt("H=%lld", (long long)H), worst_rms <= 1e-5, worst_rms, fmt("max err %.3g", worst_rms));
+    record("swiglu", isa, fmt("F=%lld", (long long)F), worst_glu <= 1e-6, worst_glu, fmt("max rel err %.3g", worst_glu));
   }
 }
 
@@ -554,6 +635,7 @@ int main() {
     check_quantize(isa);
     check_linear(isa);
     check_attention(isa);
+    check_encoder(isa);
   }
   check_preprocess(isas);
   // The parent can hang too (a fork() waiting in the pool's prepare handler):
