@@ -141,7 +141,7 @@ def test_smollm2_answers_from_a_retrieved_source(engine_factory):
         smollm2_path()
     except CheckpointError as exc:
         pytest.skip(str(exc))
-    eng = engine_factory(generator_path="tallow:smollm2-135m-instruct", quantize="int8")
+    eng = engine_factory(generator_path="tallow:smollm2-135m-instruct")
     eng.ingest([{"id": "zorblax", "title": "Zorblax",
                  "text": "The Zorblax server listens on port 7421. It was written by Mira Okafor in 2019."},
                 {"id": "other", "title": "Weather", "text": "It rained in Lisbon on Tuesday."}], progress=False)

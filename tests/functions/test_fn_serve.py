@@ -90,7 +90,7 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("fn-serve")
     (d / "tallow.toml").write_text(TOML.format(g=GUESTS, e=EXAMPLES))
     cfg = load_config(d / "tallow.toml", **{"data.dir": str(d / "data"), "data.demo_corpus": False,
-                                             "models.warmup": False})
+                                             "models.warmup": False, "models.generator": ""})
     app = create_app(config=cfg)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

@@ -121,7 +121,7 @@ def test_openai_client_with_full_and_read_only_keys(full_server):
 
 def _app(tmp_path, **overrides):
     return create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False,
-                                            "server.api_key": "full-k", "server.read_only_api_keys": "ro-k",
+                                            "models.generator": "", "server.api_key": "full-k", "server.read_only_api_keys": "ro-k",
                                             **overrides}))
 
 
@@ -161,7 +161,8 @@ def test_metrics_playground_function_and_undecided_routes(tmp_path, caplog):
 
 
 def test_no_key_configured_leaves_every_route_open(tmp_path):
-    app = create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False}))
+    app = create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False,
+                                           "models.generator": ""}))
     c = TestClient(app)
     assert c.get("/v1/models").status_code == 200
     assert c.delete("/v1/documents/x", headers={"Authorization": "Bearer anything"}).status_code != 401

@@ -27,7 +27,7 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
           "{% endif %}")
 WORDS = (" the", " and", " of")
-MODEL = "tallow-gpt2"  # the id GET /v1/models lists for the generator
+MODEL = "tallow-gpt2"  # the generator's id before it named its model: still taken for a GPT-2
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Say something."}]
 
 

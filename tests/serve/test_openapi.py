@@ -22,7 +22,8 @@ FULL, READ_ONLY = "st-full-key-0123", "st-read-only-key-4567"
 
 
 def _app(tmp_path, **overrides):
-    return create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False, **overrides}))
+    return create_app(config=load_config(**{"data.dir": str(tmp_path), "data.demo_corpus": False,
+                                            "models.generator": "", **overrides}))
 
 
 def test_every_operation_has_its_statuses_decided(tmp_path):

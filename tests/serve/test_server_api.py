@@ -25,13 +25,13 @@ def _error(r, status: int) -> dict:
 
 # -- operations --------------------------------------------------------------------------------
 
-def test_health_ready_models(client):
+def test_health_ready_models(client, gpt2_dir):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     assert all(m["status"] == "ready" for m in ready.json()["models"].values())
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
-    assert ids == {"tallow-embed", "tallow-classify", "tallow-gpt2", "tallow-resnet50"}
+    assert ids == {"tallow-embed", "tallow-classify", gpt2_dir.name, "tallow-resnet50"}  # the generator: its model
 
 
 def test_openapi_schema_lists_every_endpoint(client):
@@ -378,7 +378,7 @@ def test_an_embedder_that_fails_to_load_fails_the_engine_not_hangs_it(tmp_path):
     from tallow.serve import create_app, load_config
 
     app = create_app(config=load_config(**{"data.dir": str(tmp_path), "models.embedder": str(tmp_path / "none"),
-                                           "models.classifier": ""}))
+                                           "models.classifier": "", "models.generator": ""}))
     with TestClient(app) as c:
         deadline = time.monotonic() + 60
         while (state := c.get("/ready")).json()["engine"]["status"] == "loading":

@@ -9,6 +9,7 @@ from ``app``: ``app`` imports the routers, so the dependency runs one way.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +23,8 @@ from .services import MODEL_SETTINGS, Services
 
 MODEL_IDS = {"embedder": "tallow-embed", "classifier": "tallow-classify", "generator": "tallow-gpt2",
              "image": "tallow-resnet50"}
+# The generator's id before it named its model: still accepted in requests while it is a GPT-2.
+LEGACY_GENERATOR_ID = MODEL_IDS["generator"]
 
 
 class NumpyJSONResponse(JSONResponse):
@@ -35,8 +38,28 @@ class NumpyJSONResponse(JSONResponse):
 
 
 def model_id(services: Services, name: str) -> str:
-    """The public id of a model slot (what /v1/models lists and responses name)."""
+    """The public id of a model slot (what /v1/models lists and responses name).
+    The generator's names the model it serves, since which one answers is what
+    a client of a chat API wants to know (``generator_id``); the others keep
+    their task names."""
+    if name == "generator":
+        return generator_id(services.models[name].path) or MODEL_IDS[name]
     return MODEL_IDS[name]
+
+
+def generator_id(path: str) -> str:
+    """The generator's public id from its configured location: a built-in
+    ``tallow:NAME`` is NAME (``smollm2-135m-instruct``), a local directory or
+    GGUF file its name without the ``.gguf`` suffix, a Hub id itself
+    (``openai-community/gpt2``, as vLLM names a model). "" when none is set."""
+    if not path:
+        return ""
+    if path.startswith("tallow:"):
+        return path[len("tallow:"):]
+    p = Path(path).expanduser()
+    if p.exists():
+        return p.stem if p.is_file() and p.suffix.lower() == ".gguf" else p.resolve().name
+    return path
 
 
 def check_model_name(services: Services, slot: str, requested: str | None) -> None:
@@ -50,10 +73,17 @@ def check_model_name(services: Services, slot: str, requested: str | None) -> No
     configured = services.models[slot].path
     if requested == model_id(services, slot) or (configured and requested == configured):
         return
+    if slot == "generator" and requested == LEGACY_GENERATOR_ID and _is_gpt2(services):
+        return  # what clients written before the generator named its model send
     known = ", ".join(repr(n) for n in (model_id(services, slot), configured) if n)
     raise APIError(404, f"the model {requested!r} does not exist here: this route serves {known} "
                         f"(or omit 'model'; GET /v1/models lists them)", param="model",
                    type="invalid_request_error", code="model_not_found")
+
+
+def _is_gpt2(services: Services) -> bool:
+    model = services.models["generator"].model
+    return getattr(model, "architecture", None) == "gpt2"
 
 
 def get_services(request: Request) -> Services:
@@ -68,6 +98,9 @@ def require_model(services: Services, name: str):
     if slot.status == "ready":
         return slot.model
     key, flag = MODEL_SETTINGS[name]
+    if slot.status == "absent" and slot.error:  # a built-in model whose package is missing
+        raise Unavailable(f"no {name} model: {slot.error}; or set {key} = \"PATH\" in tallow.toml "
+                          f"(or {flag} PATH) and restart")
     if slot.status == "absent":
         raise Unavailable(f"no {name} model is configured: set {key} = \"PATH\" in tallow.toml "
                           f"(or {flag} PATH) and restart")

