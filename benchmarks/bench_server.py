@@ -4,8 +4,11 @@ caps; it stops by itself).
 
     python benchmarks/bench_server.py [--quick] [--baseline-rev REV] [--current-extra-toml TOML]
 
-    # the full run (~15 min on a quiet 2-core machine): installed package vs 48259c5
+    # the full run (~18 min on a quiet 2-core machine, ~3 of them the search scenario):
+    # installed package vs 48259c5
     python benchmarks/bench_server.py
+    # issue 22 (the server on the native encoder): against the code before it
+    python benchmarks/bench_server.py --baseline-rev ecfa4bf --scenarios embeddings,search
     # a revision as "current" without installing it (same worktree trick)
     python benchmarks/bench_server.py --quick --current-rev serve15
     # more settings for one side (TOML text, '\n' allowed on one line, or @file)
@@ -46,6 +49,22 @@ Scenarios:
    requests finish, bounded too). The baseline runs with its default
    generate lane and with ``[batching.generate] max_batch_size = 32``;
    ``--gen-int8`` adds INT8 runs of both.
+4. **search**: POST /v1/search (k 5, not hybrid), 1 closed-loop client,
+   20 short natural-language queries cycled. Only the embedder is loaded
+   (no classifier, generator or image model: /v1/search needs none, and the
+   revisions' defaults differ), the feature cache off (``[cache] url =
+   "none"``; it holds image features only: no revision caches query
+   embeddings, so cycling 20 queries measures the whole path every time).
+   The demo corpus ``make run`` indexes (``tallow.serve.demo``: the stdlib's
+   module docstrings, the same list from this process's tallow to both
+   servers) goes in through POST /v1/documents, the same way on both sides;
+   the summed ingest summaries and each side's top hit per query are
+   recorded. Three rounds (quick: 1), the servers one after the other, the
+   order alternating; a later round restarts the server on the same data
+   folder and posts the documents again, which must find all of them
+   unchanged. p50 / p90 over all rounds' requests, requests/s, and
+   current / baseline of p50 (pooled and per round). ``--search-precisions``
+   (default fp32), ``--search-rounds``, ``--search-requests`` (default 200).
 
 Client and server share this machine's cores, the same way for both servers,
 so the ratios are what to read. The load generator is a minimal keep-alive
@@ -83,7 +102,8 @@ BASELINE_REV = "48259c5"  # main before issue 15 (serving at full speed)
 EMBED_CONFIGS = {"on": {"max_batch_size": 32, "max_wait_ms": 5.0},
                  "off": {"max_batch_size": 1, "max_wait_ms": 0.0}}
 TARGETS = {"batching_gain": 3.0, "current_vs_baseline_embeddings": 1.3, "overload_goodput_pct": 70.0,
-           "health_p99_ms": 50.0, "gen_tokens_ratio": 2.0, "gen_ttft_p99_ratio": 0.5}
+           "health_p99_ms": 50.0, "gen_tokens_ratio": 2.0, "gen_ttft_p99_ratio": 0.5,
+           "search_p50_ratio": 0.5}  # issue 22: /v1/search p50 at 1 client, current / baseline
 
 
 # ----------------------------------------------------------------- processes
@@ -181,6 +201,11 @@ class CodeTree:
     def _graft_native(self) -> None:
         src, dst = installed_tallow_dir(), self.path / "python" / "tallow"
         natives = sorted(src.glob("_C*.so"))
+        if not natives:  # an editable install (scikit-build-core) keeps it in site-packages/tallow
+            with contextlib.suppress(ImportError, ValueError):
+                spec = importlib.util.find_spec("tallow._C")
+                if spec is not None and spec.origin:
+                    natives = sorted(Path(spec.origin).parent.glob("_C*.so"))
         if not natives:
             raise RuntimeError(f"no native module (_C*.so) in the installed tallow at {src}")
         for so in natives:
@@ -198,6 +223,14 @@ class CodeTree:
         if self.path is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(self.path / "python")] +
                                                 ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            # An editable install's import hook (scikit-build-core, loaded by a .pth in every
+            # interpreter) maps `tallow` to the checkout whatever PYTHONPATH says; it stands
+            # aside in a process whose SKBUILD_EDITABLE_SKIP lists its build folder.
+            skip = [f.path for f in sys.meta_path
+                    if type(f).__module__.startswith("_editable_skbc_") and getattr(f, "path", None)]
+            if skip:
+                env["SKBUILD_EDITABLE_SKIP"] = os.pathsep.join(
+                    ([env["SKBUILD_EDITABLE_SKIP"]] if env.get("SKBUILD_EDITABLE_SKIP") else []) + skip)
         return env
 
     def probe(self) -> dict:
@@ -633,6 +666,175 @@ def run_overload(sides: list[Side], work: Path, texts: list[str], quick: bool) -
     return out
 
 
+# -------------------------------------------------------------------- search
+
+SEARCH_K = 5
+# Short natural-language questions about the demo corpus (the stdlib's module docstrings),
+# cycled: neither revision caches query embeddings (the feature cache holds image features
+# only), and 20 different ones keep any cache a later revision adds from deciding the result.
+SEARCH_QUERIES = [
+    "how do I parse command line arguments", "read and write CSV files", "compress data with gzip",
+    "send an email message over SMTP", "run a subprocess and capture its output",
+    "serialize Python objects to bytes", "parse JSON from a string", "work with dates and time zones",
+    "generate random numbers from a distribution", "match text with regular expressions",
+    "create a temporary file or directory", "log messages to a file", "run tasks concurrently with threads",
+    "asynchronous I/O with an event loop", "compute a secure hash of data", "decode base64 encoded text",
+    "a unit testing framework", "copy and move directory trees", "fetch a web page over HTTP",
+    "exact decimal arithmetic for money",
+]
+
+
+def search_base(quantize: bool) -> dict:
+    """Only the embedder: /v1/search needs no other model, and the two
+    revisions' defaults differ there (HEAD loads SmolLM2 as its generator,
+    ecfa4bf none); the feature cache off (it serves image features only)."""
+    return {"models": {"quantize": "int8" if quantize else "", "classifier": "", "generator": "", "image": ""},
+            "cache": {"url": "none"}}
+
+
+async def ingest_documents(url: str, docs: list[dict], per_request: int = 10) -> dict:
+    """The documents through the server's own POST /v1/documents; the summed
+    ingest summaries (added / updated / unchanged, chunks)."""
+    conn = RawClient(url)
+    total = {"added": 0, "updated": 0, "unchanged": 0, "chunks": 0, "seconds": 0.0}
+    try:
+        for i in range(0, len(docs), per_request):
+            status, body = await conn.post("/v1/documents", {"documents": docs[i:i + per_request]})
+            if status != 200:
+                raise RuntimeError(f"POST /v1/documents answered {status}: {body[:300].decode('utf-8', 'replace')}")
+            got = json.loads(body)
+            for key in total:
+                total[key] += got.get(key) or 0
+    finally:
+        await conn.close()
+    return total
+
+
+async def search_load(url: str, queries: list[str], requests: int, max_seconds: float, k: int = SEARCH_K,
+                      offset: int = 0) -> dict:
+    """One closed-loop client: POST /v1/search with ``queries`` cycled
+    (starting at ``offset``), ``requests`` of them or ``max_seconds``. A 200
+    with fewer than ``k`` hits counts as an error ("short"): the index must
+    hold the documents. Also the top hit's id per query."""
+    latencies: list[float] = []
+    took: list[float] = []
+    statuses: dict[str, int] = {}
+    top: dict[str, str | None] = {}
+    conn = RawClient(url)
+    stop_at = time.monotonic() + max_seconds
+    t_start = time.perf_counter()
+    n = 0
+    try:
+        while n < requests and time.monotonic() < stop_at:
+            q = queries[(offset + n) % len(queries)]
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                code, body = await conn.post("/v1/search", {"query": q, "k": k})
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                code, body = -1, b""
+                await conn.close()
+            dt = time.perf_counter() - t0
+            key = str(code)
+            if code == 200:
+                got = json.loads(body)
+                hits = got.get("hits") or []
+                if len(hits) < k:
+                    key = "short"
+                else:
+                    latencies.append(dt)
+                    if got.get("took_ms") is not None:
+                        took.append(got["took_ms"])
+                    top.setdefault(q, hits[0].get("chunk_id"))
+            statuses[key] = statuses.get(key, 0) + 1
+    finally:
+        await conn.close()
+    wall = time.perf_counter() - t_start
+    ms = lambda xs, q: round(percentile(xs, q) * 1000, 3) if xs else None  # noqa: E731
+    return {"requests": n, "ok": len(latencies), "seconds": wall,
+            "throughput_rps": len(latencies) / wall if wall > 0 else 0.0,
+            "p50_ms": ms(latencies, 0.5), "p90_ms": ms(latencies, 0.9), "p99_ms": ms(latencies, 0.99),
+            "server_took_p50_ms": round(percentile(took, 0.5), 3) if took else None,
+            "latencies_ms": [round(x * 1000, 3) for x in latencies], "top_hit": top,
+            "errors": {k_: v for k_, v in statuses.items() if k_ != "200"}}
+
+
+def run_search(sides: list[Side], work: Path, quick: bool, precisions: list[str], rounds: int | None = None,
+               requests: int | None = None) -> dict:
+    """Per precision: ``rounds`` rounds, the two servers one after the other,
+    the order alternating per round. The first round ingests the demo corpus
+    through POST /v1/documents (the same documents, from this process's
+    tallow, on both sides); later rounds restart the server on the same data
+    directory and post them again, which must find every one unchanged."""
+    from tallow.serve.demo import demo_documents
+
+    docs = demo_documents()
+    rounds = rounds or (1 if quick else 3)
+    requests = requests or (30 if quick else 200)
+    max_seconds = 15.0 if quick else 60.0
+    out: dict = {"k": SEARCH_K, "queries": len(SEARCH_QUERIES), "documents": len(docs), "rounds": rounds,
+                 "requests_per_round": requests, "max_seconds_per_round": max_seconds, "by_precision": {}}
+    for precision in precisions:
+        per_side: dict = {sd.name: {"rounds": [], "ingest": None} for sd in sides}
+        for r in range(rounds):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                with serving(side, work, f"search-{precision}", search_base(precision == "int8")) as server:
+                    ing = asyncio.run(ingest_documents(server.url, docs))
+                    got = ing["added"] + ing["updated"] + ing["unchanged"]
+                    if got != len(docs) or (r > 0 and ing["unchanged"] != len(docs)):
+                        raise RuntimeError(f"{side.name}: the index should hold the {len(docs)} demo documents "
+                                           f"(round {r + 1}), the ingest said {ing}")
+                    if r == 0:
+                        per_side[side.name]["ingest"] = ing
+                        print(f"  [{side.name}] ingested {len(docs)} documents, {ing['chunks']} chunks "
+                              f"in {ing['seconds']:.1f} s", flush=True)
+                    warm = asyncio.run(search_load(server.url, SEARCH_QUERIES, len(SEARCH_QUERIES), 120.0))
+                    if warm["errors"]:
+                        raise RuntimeError(f"{side.name}: search warm-up errors {warm['errors']}")
+                    res = asyncio.run(search_load(server.url, SEARCH_QUERIES, requests, max_seconds,
+                                                  offset=r * 7))
+                    res["top_hit"] = warm["top_hit"]
+                    per_side[side.name]["rounds"].append(res)
+                    print(f"  {side.name:8s} search {precision} round {r + 1}: {res['throughput_rps']:6.1f} req/s  "
+                          f"p50 {res['p50_ms']} ms  p90 {res['p90_ms']} ms  server took p50 "
+                          f"{res['server_took_p50_ms']} ms  errors {res['errors']}", flush=True)
+        out["by_precision"][precision] = search_summary(per_side)
+    return out
+
+
+def search_summary(per_side: dict) -> dict:
+    """Each side's rounds pooled (p50 / p90 of all latencies, requests/s over
+    all rounds' time), each round's p50, and current / baseline: the pooled
+    p50s' ratio and each round's; top-hit agreement between the sides."""
+    sides: dict = {}
+    for name, d in per_side.items():
+        lat = [x for r in d["rounds"] for x in r["latencies_ms"]]
+        secs = sum(r["seconds"] for r in d["rounds"])
+        errors: dict = {}
+        for r in d["rounds"]:
+            for k_, v in r["errors"].items():
+                errors[k_] = errors.get(k_, 0) + v
+        sides[name] = {"ok": len(lat), "seconds": secs,
+                       "throughput_rps": len(lat) / secs if secs > 0 else 0.0,
+                       "p50_ms": round(percentile(lat, 0.5), 3) if lat else None,
+                       "p90_ms": round(percentile(lat, 0.9), 3) if lat else None,
+                       "p99_ms": round(percentile(lat, 0.99), 3) if lat else None,
+                       "round_p50_ms": [r["p50_ms"] for r in d["rounds"]],
+                       "round_rps": [round(r["throughput_rps"], 2) for r in d["rounds"]],
+                       "server_took_p50_ms": [r["server_took_p50_ms"] for r in d["rounds"]],
+                       "errors": errors, "ingest": d["ingest"],
+                       "top_hit": d["rounds"][0]["top_hit"] if d["rounds"] else {}}
+    out: dict = {"sides": sides}
+    b, c = sides.get("baseline"), sides.get("current")
+    if b and c:
+        if b["p50_ms"] and c["p50_ms"]:
+            out["p50_ratio"] = c["p50_ms"] / b["p50_ms"]
+        out["round_p50_ratios"] = [cp / bp for cp, bp in zip(c["round_p50_ms"], b["round_p50_ms"]) if cp and bp]
+        shared = set(b["top_hit"]) & set(c["top_hit"])
+        out["top_hit_agreement"] = [sum(b["top_hit"][q] == c["top_hit"][q] for q in shared), len(shared)]
+    return out
+
+
 # ---------------------------------------------------------------- generation
 
 def save_generator(directory: Path) -> Path:
@@ -847,7 +1049,7 @@ def yes_no(met) -> str:
     return "—" if met is None else ("yes" if met else "no")
 
 
-def build_targets(emb: dict | None, over: dict | None, gen: dict | None) -> list[dict]:
+def build_targets(emb: dict | None, over: dict | None, gen: dict | None, search: dict | None = None) -> list[dict]:
     ts = []
     if emb:
         for side, per in emb["batching_gain"].items():
@@ -874,6 +1076,10 @@ def build_targets(emb: dict | None, over: dict | None, gen: dict | None) -> list
         if c["ttft_censored"] or b["ttft_censored"]:
             ts[-1]["note"] = (f"TTFT of streams cut before their first token is a lower bound (baseline "
                               f"{b['ttft_censored']}, current {c['ttft_censored']} of them)")
+    for p, sm in ((search or {}).get("by_precision") or {}).items():
+        if "baseline" in sm["sides"] and "current" in sm["sides"]:
+            ts.append(target(f"search {p}, 1 client: p50 current / baseline", "search", sm.get("p50_ratio"),
+                             TARGETS["search_p50_ratio"], "×", "<="))
     return ts
 
 
@@ -948,6 +1154,9 @@ def markdown(result: dict) -> str:
                      f"| {fmt(g['itl_p50_ms'])} / {fmt(g['itl_p99_ms'])} | {g['errors']} | {g['usage_mismatches']} "
                      f"| {fmt(g.get('rss_mb_end'), '.0f')} |")
         L.append("")
+    search = result.get("search")
+    if search:
+        L += search_markdown(search)
     if result["targets"]:
         L.append("**Targets**")
         L.append("")
@@ -964,6 +1173,39 @@ def markdown(result: dict) -> str:
         L.append("")
     L.append(DESIGN)
     return "\n".join(L) + "\n"
+
+
+def search_markdown(search: dict) -> list[str]:
+    L = [f"**Search** (POST /v1/search, k {search['k']}, 1 closed-loop client, {search['queries']} queries cycled; "
+         f"the demo corpus ({search['documents']} stdlib module docstrings) ingested through POST /v1/documents; "
+         f"{search['rounds']} round(s) of ≤ {search['requests_per_round']} requests per server, the order "
+         "alternating; p50 / p90 over all rounds' requests)", ""]
+    by = search["by_precision"]
+    sides = list(dict.fromkeys(sd for sm in by.values() for sd in sm["sides"]))
+    two = len(sides) == 2
+    L.append("| precision | " + " | ".join(f"{sd} p50 / p90 ms (req/s)" for sd in sides)
+             + (" | current / baseline p50 (each round) | top hit same |" if two else " |"))
+    L.append("|---|" + "---|" * len(sides) + ("---|---|" if two else ""))
+    for p, sm in by.items():
+        cells = []
+        for sd in sides:
+            x = sm["sides"].get(sd)
+            err = sum(x["errors"].values()) if x else 0
+            cells.append("—" if x is None else f"{fmt(x['p50_ms'], '.2f')} / {fmt(x['p90_ms'], '.2f')} "
+                         f"({x['throughput_rps']:.1f}){f', {err} errors' if err else ''}")
+        extra = ""
+        if two:
+            rounds = ", ".join(f"{r:.2f}" for r in sm.get("round_p50_ratios") or [])
+            same = sm.get("top_hit_agreement")
+            extra = (f" {fmt(sm.get('p50_ratio'), '.2f', '×')} ({rounds or '—'}) |"
+                     f" {f'{same[0]}/{same[1]}' if same else '—'} |")
+        L.append(f"| MiniLM {p} | " + " | ".join(cells) + " |" + extra)
+    chunks = {sd: x["ingest"]["chunks"] for sm in by.values() for sd, x in sm["sides"].items() if x.get("ingest")}
+    if chunks:
+        L.append("")
+        L.append("Index: " + "; ".join(f"{sd} {n} chunks" for sd, n in chunks.items()) + ".")
+    L.append("")
+    return L
 
 
 DESIGN = """**Design comparison.** The baseline runs the event loop and the models in one process: a forward
@@ -995,7 +1237,7 @@ does here (a call goes to the instance with the fewest in flight)."""
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small budgets (a smoke run, ~3 min)")
+    ap.add_argument("--quick", action="store_true", help="small budgets (a smoke run, ~5 min)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="revision served as the baseline (a git worktree)")
     ap.add_argument("--no-baseline", action="store_true", help="the current server only")
     ap.add_argument("--current-rev", default=None,
@@ -1005,8 +1247,12 @@ def main() -> None:
     ap.add_argument("--baseline-extra-toml", action="append", default=[], help="the same for the baseline")
     ap.add_argument("--current-workers-mode", default="process", choices=["process", "inline", "none"],
                     help="[workers] mode for the current server when its config has the section ('none': leave out)")
-    ap.add_argument("--scenarios", default="embeddings,overload,generation")
+    ap.add_argument("--scenarios", default="embeddings,overload,search,generation")
     ap.add_argument("--precisions", default=None, help="embeddings: fp32,int8 (quick: fp32)")
+    ap.add_argument("--search-precisions", default="fp32", help="search: fp32 and/or int8 (default fp32)")
+    ap.add_argument("--search-rounds", type=int, default=None, help="search: rounds per server (default 3; quick 1)")
+    ap.add_argument("--search-requests", type=int, default=None,
+                    help="search: requests per round (default 200; quick 30)")
     ap.add_argument("--gen-clients", type=int, default=32)
     ap.add_argument("--gen-requests", type=int, default=None, help="request budget per server (default 256; quick 48)")
     ap.add_argument("--gen-seconds", type=float, default=None,
@@ -1020,6 +1266,9 @@ def main() -> None:
     args = ap.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     precisions = (args.precisions or ("fp32" if args.quick else "fp32,int8")).split(",")
+    bad = [p for p in args.search_precisions.split(",") if p not in ("fp32", "int8")]
+    if bad:
+        ap.error(f"--search-precisions: {', '.join(map(repr, bad))} is not fp32 or int8")
     budget = args.gen_requests or (48 if args.quick else 256)
     cap_s = args.gen_seconds or (15.0 if args.quick else 120.0)
     drain_s = args.gen_drain if args.gen_drain is not None else (8.0 if args.quick else 60.0)
@@ -1051,7 +1300,7 @@ def main() -> None:
             names = [sd.name for sd in sides]
             result: dict = {"servers": {sd.name: {**sd.tree.summary(), "extra_config": sd.extra} for sd in sides},
                             "quick": args.quick}
-            emb = over = gen = None
+            emb = over = gen = search = None
             failed: dict[str, str] = {}
 
             def attempt(name: str, fn):
@@ -1059,6 +1308,7 @@ def main() -> None:
                 if name not in scenarios:
                     return None
                 print(name, flush=True)
+                t0 = time.perf_counter()
                 try:
                     return fn()
                 except Exception as exc:  # keep what the other scenarios measured
@@ -1067,6 +1317,9 @@ def main() -> None:
                     traceback.print_exc()
                     failed[name] = f"{type(exc).__name__}: {exc}"[-3000:]
                     return None
+                finally:
+                    result.setdefault("scenario_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+                    print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
             rows = attempt("embeddings", lambda: run_embeddings(sides, work, texts, args.quick, precisions))
             if rows:
@@ -1080,6 +1333,10 @@ def main() -> None:
             over = attempt("overload", lambda: run_overload(sides, work, texts, args.quick))
             if over:
                 result["overload"] = over
+            search = attempt("search", lambda: run_search(sides, work, args.quick, args.search_precisions.split(","),
+                                                          args.search_rounds, args.search_requests))
+            if search:
+                result["search"] = search
             runs = []
             by = {sd.name: sd for sd in sides}
             for q in ([False, True] if args.gen_int8 else [False]):
@@ -1095,7 +1352,7 @@ def main() -> None:
                 result["generation"] = gen
                 result["generation_settings"] = {"clients": args.gen_clients, "budget": budget, "cap_s": cap_s,
                                                  "drain_s": drain_s}
-            result["targets"] = build_targets(emb, over, gen)
+            result["targets"] = build_targets(emb, over, gen, search)
             result["failed"] = failed
         finally:
             for t in trees:

@@ -380,6 +380,103 @@ def test_server_targets_reach_the_targets_table(results_root):
     assert "| 15 | server | overload /health p99 (current) | — | ≤ 50 ms | 80.0 ms | no |" in table
 
 
+def test_server_search_counts_answers_without_k_hits_as_errors():
+    """The search scenario's client: 200s with k hits are timed, a 200 with
+    fewer hits (an index that does not hold the documents) is an error, not
+    a fast request; the queries are cycled from the offset; the top hit is
+    kept per query."""
+    import asyncio
+
+    import bench_server
+
+    seen = []
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = json.loads(await reader.readexactly(n))
+            seen.append(body)
+            hits = [{"chunk_id": f"{body['query']}#{i}"} for i in range(2 if "short" in body["query"] else body["k"])]
+            out = json.dumps({"object": "list", "hits": hits, "took_ms": 1.5}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(out), out))
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await bench_server.search_load(f"http://127.0.0.1:{port}", ["a", "short one", "b"], 7, 60.0,
+                                                  offset=1)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    r = asyncio.run(main())
+    assert [b["query"] for b in seen] == ["short one", "b", "a", "short one", "b", "a", "short one"]
+    assert all(b["k"] == bench_server.SEARCH_K for b in seen)
+    assert (r["requests"], r["ok"], r["errors"]) == (7, 4, {"short": 3})
+    assert len(r["latencies_ms"]) == 4 and r["server_took_p50_ms"] == 1.5
+    assert r["top_hit"] == {"a": "a#0", "b": "b#0"}
+
+
+def test_server_search_p50_ratio_reaches_the_table_and_targets():
+    """Both servers' rounds pooled, current / baseline of p50 (pooled and per
+    round), top-hit agreement, and issue 22's target (≤ 0.5×) in server.md."""
+    import bench_server
+
+    def rnd(lat, top):
+        return {"latencies_ms": lat, "seconds": sum(lat) / 1000, "p50_ms": sorted(lat)[len(lat) // 2],
+                "throughput_rps": len(lat) / (sum(lat) / 1000), "server_took_p50_ms": 1.0, "errors": {},
+                "top_hit": top}
+
+    top = {"q1": "x#0", "q2": "y#0"}
+    per_side = {"baseline": {"ingest": {"chunks": 346}, "rounds": [rnd([40.0, 40.0, 40.0], top),
+                                                                  rnd([20.0, 20.0, 20.0], top)]},
+                "current": {"ingest": {"chunks": 346}, "rounds": [rnd([10.0, 10.0, 10.0], top),
+                                                                 rnd([10.0, 10.0, 10.0], {**top, "q2": "z#1"})]}}
+    sm = bench_server.search_summary(per_side)
+    assert sm["sides"]["baseline"]["p50_ms"] == 30.0 and sm["sides"]["current"]["p50_ms"] == 10.0
+    assert sm["p50_ratio"] == pytest.approx(1 / 3) and sm["round_p50_ratios"] == [0.25, 0.5]
+    assert sm["top_hit_agreement"] == [2, 2]  # the first round's top hits
+    search = {"k": 5, "queries": 20, "documents": 91, "rounds": 2, "requests_per_round": 3,
+              "by_precision": {"fp32": sm}}
+    targets = bench_server.build_targets(None, None, None, search)
+    assert [(t["name"], t["op"], t["target"], t["met"]) for t in targets] == [
+        ("search fp32, 1 client: p50 current / baseline", "<=", 0.5, True)]
+    md = bench_server.markdown({"servers": {"baseline": {"describe": "b"}, "current": {"describe": "c"}},
+                                "search": search, "targets": targets, "failed": {}})
+    assert "| MiniLM fp32 | 30.00 / 40.00 (33.3) | 10.00 / 10.00 (100.0) | 0.33× (0.25, 0.50) | 2/2 |" in md
+    assert "| search | search fp32, 1 client: p50 current / baseline | ≤ 0.5× | 0.33× | yes |" in md
+
+
+def test_worktree_server_imports_the_worktree_under_an_editable_install(monkeypatch, tmp_path):
+    """With tallow installed editable (scikit-build-core's import hook in
+    every interpreter), a baseline served from a git worktree must still
+    import the worktree's tallow: its environment tells the hook to stand
+    aside (SKBUILD_EDITABLE_SKIP lists the hook's build folder)."""
+    import bench_server
+
+    hook = type("ScikitBuildRedirectingFinder", (), {"__module__": "_editable_skbc_tallow",
+                                                     "find_spec": lambda self, *a: None})()
+    hook.path = str(tmp_path / "build")
+    others = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable_skbc_")]  # this venv's own
+    monkeypatch.setattr(sys, "meta_path", [hook, *others])
+    monkeypatch.setenv("SKBUILD_EDITABLE_SKIP", "/elsewhere")
+    tree = object.__new__(bench_server.CodeTree)
+    tree.path = tmp_path / "tree-baseline"
+    env = tree.env()
+    assert env["SKBUILD_EDITABLE_SKIP"].split(os.pathsep) == ["/elsewhere", hook.path]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "tree-baseline" / "python")
+    tree.path = None  # the installed package: the hook is what finds it
+    assert tree.env()["SKBUILD_EDITABLE_SKIP"] == "/elsewhere"
+
+
 # ------------------------------------------------------------------ bench_encoders (issue 22)
 
 def test_encoder_targets_take_the_fastest_accurate_peer(results_root):
