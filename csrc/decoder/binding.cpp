@@ -107,6 +107,48 @@ class PyDecoder {
     dec_->step(tp, pp, B, caches.data(), bf16, lp);
   }
 
+  void prefill(py::array tokens, py::array cu, py::array k_ptrs, py::array v_ptrs, int64_t s_slot, int64_t s_head,
+               int64_t s_pos, int64_t length, bool bf16, py::array logits) {
+    const auto& c = dec_->config();
+    if (!has_embeddings_ || !has_final_ || (c.rope && !has_rope_))
+      throw py::value_error("decoder: set_embeddings, set_final (and set_rope) must be called first");
+    check_array<int64_t>(kOp, "tokens", tokens, 1);
+    check_array<int64_t>(kOp, "cu_seqlens", cu, 1);
+    check_array<int64_t>(kOp, "k_ptrs", k_ptrs, 1);
+    check_array<int64_t>(kOp, "v_ptrs", v_ptrs, 1);
+    check_array<float>(kOp, "logits", logits, 2);
+    const int64_t B = cu.shape(0) - 1, T = tokens.shape(0), layers = dec_->num_blocks();
+    if (B < 1) throw py::value_error("decoder: cu_seqlens must hold at least 2 offsets");
+    check_dim(kOp, "k_ptrs", k_ptrs, 0, layers);
+    check_dim(kOp, "v_ptrs", v_ptrs, 0, layers);
+    check_dim(kOp, "logits", logits, 0, B);
+    check_dim(kOp, "logits", logits, 1, c.vocab);
+    if (!logits.writeable()) throw py::value_error("decoder: logits must be writeable");
+    const int64_t* cp = static_cast<const int64_t*>(cu.data());
+    const int64_t* tp = static_cast<const int64_t*>(tokens.data());
+    if (cp[0] != 0 || cp[B] != T)
+      throw py::value_error("decoder: cu_seqlens must start at 0 and end at len(tokens) = " + std::to_string(T));
+    const int64_t limit = std::min(length, c.max_positions);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = cp[b + 1] - cp[b];
+      if (n < 1 || n > limit)
+        throw py::value_error("decoder: prompt " + std::to_string(b) + " has " + std::to_string(n) +
+                              " tokens; each needs 1.." + std::to_string(limit));
+    }
+    for (int64_t t = 0; t < T; ++t)
+      if (tp[t] < 0 || tp[t] >= c.vocab)
+        throw py::value_error("decoder: token " + std::to_string(tp[t]) + " at position " + std::to_string(t) +
+                              " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+    std::vector<decoder::CacheLayer> caches(static_cast<size_t>(layers));
+    const int64_t* kp = static_cast<const int64_t*>(k_ptrs.data());
+    const int64_t* vp = static_cast<const int64_t*>(v_ptrs.data());
+    for (int64_t i = 0; i < layers; ++i)
+      caches[i] = {reinterpret_cast<void*>(kp[i]), reinterpret_cast<void*>(vp[i]), s_slot, s_head, s_pos, length};
+    float* lp = static_cast<float*>(logits.mutable_data());
+    py::gil_scoped_release release;
+    dec_->prefill(tp, cp, B, caches.data(), bf16, lp);
+  }
+
   int64_t num_blocks() const { return dec_->num_blocks(); }
 
  private:
@@ -178,6 +220,9 @@ void register_decoder(py::module_& m) {
       .def("step", &PyDecoder::step, py::arg("tokens"), py::arg("positions"), py::arg("k_ptrs"), py::arg("v_ptrs"),
            py::arg("s_slot"), py::arg("s_head"), py::arg("s_pos"), py::arg("length"), py::arg("bf16"),
            py::arg("logits"))
+      .def("prefill", &PyDecoder::prefill, py::arg("tokens"), py::arg("cu_seqlens"), py::arg("k_ptrs"),
+           py::arg("v_ptrs"), py::arg("s_slot"), py::arg("s_head"), py::arg("s_pos"), py::arg("length"),
+           py::arg("bf16"), py::arg("logits"))
       .def_property_readonly("num_blocks", &PyDecoder::num_blocks);
 }
 

@@ -84,8 +84,22 @@ class Decoder {
   void step(const int64_t* tokens, const int64_t* positions, int64_t B, const CacheLayer* caches, bool bf16,
             float* logits);
 
+  // Prefill of B prompts from position 0: row b's tokens are
+  // tokens[cu[b] .. cu[b+1]) (packed, no padding), written into slot b of
+  // the pool at positions 0..n_b-1; causal attention over the row's own
+  // fresh float32 keys/values; logits [B, vocab] after each row's last token.
+  void prefill(const int64_t* tokens, const int64_t* cu, int64_t B, const CacheLayer* caches, bool bf16,
+               float* logits);
+
  private:
   void norm(const Norm& n, const float* x, int64_t M, float* out);
+  // x [T, E] at positions pos[T] -> qkv (RoPE'd), its K/V written to the pool
+  // (row b = slot row_of[t]): the first half of a block.
+  void qkv_and_cache(const Block& L, const CacheLayer& c, int64_t T, const int64_t* pos, const int64_t* slot,
+                     bool bf16);
+  // The rest of a block after attention: out projection, residual, MLP, residual.
+  void finish_block(const Block& L, int64_t T);
+  void grow_buffers(int64_t T);
 
   DecoderConfig cfg_;
   const float* wte_ = nullptr;

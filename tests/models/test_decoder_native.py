@@ -131,3 +131,41 @@ def test_a_copied_decoder_decodes_like_the_original(decoder_dirs):
         outs.append(m.decode_rows(torch.tensor([3]), torch.tensor([2]), cache))
     assert twin.native is not model.native
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gqa2", "gqa5"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])
+def test_native_prefill_equals_per_op(decoder_dirs, name, quantize, kv):
+    """Packed prompts (no padding) give the per-op path's logits and write
+    the same keys/values at every real position of every row."""
+    require_native()
+    model = load(decoder_dirs / name, quantize=quantize, kv_cache_dtype=kv)
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    pools = []
+    for native in (model.native, None):
+        keys, values = model.new_cache(3, 16)
+        keys.zero_()
+        values.zero_()
+        cache = (_views(keys), _views(values))
+        saved, model.native = model.native, native
+        try:
+            pools.append((model.prefill_rows(prompts, cache), cache))
+        finally:
+            model.native = saved
+    (got, got_cache), (want, want_cache) = pools
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    for a, b in zip(got_cache[0] + got_cache[1], want_cache[0] + want_cache[1]):
+        for row, p in enumerate(prompts):  # the per-op path also writes its padding; compare real tokens
+            torch.testing.assert_close(a[row, :, :len(p)].float(), b[row, :, :len(p)].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_native_prefill_names_bad_prompts(decoder_dirs):
+    require_native()
+    model = load(decoder_dirs / "gqa2")
+    keys, values = model.new_cache(1, 8)
+    cache = (_views(keys), _views(values))
+    with pytest.raises(ValueError, match="token 300 at position 1 is outside the vocabulary"):
+        model.prefill_rows([[1, 300]], cache)
+    with pytest.raises(ValueError, match="prompt 0 has 9 tokens; each needs 1..8"):
+        model.prefill_rows([[1] * 9], cache)

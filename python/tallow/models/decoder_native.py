@@ -9,11 +9,14 @@ the norm, fused QKV GEMM, RoPE, the K/V write into the scheduler's pool
 (float32 or bf16, in place), grouped-query attention over each row's
 positions, output projection and residual, the MLP (GELU fused into its GEMM,
 or SwiGLU on a fused gate|up GEMM) and residual, then the final norm and the
-LM head — runs in C++ (csrc/decoder/) on tallow's pool. Prefill stays on the
-per-op path: it is a few large GEMMs, where Python's cost is small.
+LM head — runs in C++ (csrc/decoder/) on tallow's pool. ``prefill_rows`` too:
+the prompts packed back to back (no padding), causal attention over each
+row's own keys, the LM head on each row's last token only. No torch op runs
+in between, so torch's OpenMP team cannot fight tallow's pool for the cores
+whatever the import order.
 
 The per-op ``decode_rows`` stays the reference this path is tested against
-(``TALLOW_DECODER=ops`` or ``TALLOW_BACKEND=ref`` keep it). Weights: fp32
+(``TALLOW_DECODER=ops`` or ``TALLOW_BACKEND=ref`` keep it, for prefill too). Weights: fp32
 linears are packed once (a copy), INT8 linears, embeddings, norms and RoPE
 tables are borrowed from the torch module.
 """
@@ -107,7 +110,10 @@ class NativeDecoder:
                     self._dec = _BUILDERS[self._kind](self._model)
         return self._dec
 
-    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    @staticmethod
+    def _pool(cache, rows: int):
+        """(k_ptrs, v_ptrs, strides, length, bf16) of the scheduler's per-layer
+        pool views, checked alike (one pool: every layer's view the same)."""
         keys, values = cache
         k0 = keys[0]
         if k0.dtype not in (torch.float32, torch.bfloat16) or k0.stride(-1) != 1:
@@ -115,17 +121,31 @@ class NativeDecoder:
                              f"got {k0.dtype} strides {k0.stride()}")
         shape, strides = k0.shape, k0.stride()
         for name, layers in (("keys", keys), ("values", values)):
-            for i, t in enumerate(layers):  # one pool: every layer's view alike
+            for i, t in enumerate(layers):
                 if t.shape != shape or t.stride() != strides or t.dtype != k0.dtype:
                     raise ValueError(f"KV pool {name}[{i}] is {tuple(t.shape)} {t.dtype} strides {t.stride()}, "
                                      f"unlike layer 0's {tuple(shape)} {k0.dtype} {strides}")
-        b = tokens.shape[0]
-        if shape[0] < b:
-            raise ValueError(f"KV pool views hold {shape[0]} rows, the step has {b}")
+        if shape[0] < rows:
+            raise ValueError(f"KV pool views hold {shape[0]} rows, the step has {rows}")
         k_ptrs = np.fromiter((t.data_ptr() for t in keys), dtype=np.int64, count=len(keys))
         v_ptrs = np.fromiter((t.data_ptr() for t in values), dtype=np.int64, count=len(values))
+        return k_ptrs, v_ptrs, strides[0], strides[1], strides[2], shape[2], k0.dtype == torch.bfloat16
+
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step: token b at positions[b]; float32 logits [B, vocab]."""
+        b = tokens.shape[0]
         logits = torch.empty(b, self._model.config.vocab_size)
         self._get().step(tokens.to(torch.int64).contiguous().numpy(), positions.to(torch.int64).contiguous().numpy(),
-                         k_ptrs, v_ptrs, strides[0], strides[1], strides[2], shape[2],
-                         k0.dtype == torch.bfloat16, logits.numpy())
+                         *self._pool(cache, b), logits.numpy())
+        return logits
+
+    def prefill_rows(self, prompts, cache) -> torch.Tensor:
+        """Prompts from position 0 into slots 0..n-1 of the pool views, packed
+        (no padding); float32 logits [n, vocab] after each prompt's last token."""
+        lengths = [len(p) for p in prompts]
+        cu = np.zeros(len(prompts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        flat = np.fromiter((t for p in prompts for t in p), dtype=np.int64, count=int(cu[-1]))
+        logits = torch.empty(len(prompts), self._model.config.vocab_size)
+        self._get().prefill(flat, cu, *self._pool(cache, len(prompts)), logits.numpy())
         return logits

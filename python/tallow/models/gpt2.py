@@ -255,6 +255,8 @@ class GPT2LMHeadModel(torch.nn.Module):
         written in place, no copy, and causal attention alone keeps the
         padding out of every real token's context (no key mask). Returns the
         float32 logits [n, vocab] after each prompt's last token."""
+        if self.native is not None:
+            return self.native.prefill_rows(prompts, cache)
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((n, longest), self.config.eos_token_id, dtype=torch.long)
         for i, p in enumerate(prompts):

@@ -410,6 +410,8 @@ class LlamaForCausalLM(torch.nn.Module):
         """As GPT2LMHeadModel.prefill_rows: right-padded prompts from position 0,
         keys written into the slots in place; the float32 logits [n, vocab]
         after each prompt's last token."""
+        if self.native is not None:
+            return self.native.prefill_rows(prompts, cache)
         n, longest = len(prompts), max(len(p) for p in prompts)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
         ids = torch.full((n, longest), pad, dtype=torch.long)
