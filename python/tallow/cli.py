@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--embedder", help="BERT embedding model directory or Hub id (default: all-MiniLM-L6-v2)")
     p_serve.add_argument("--classifier", help="BERT sequence-classification directory or Hub id (default: "
                                               "tallow:sentiment, the shipped head; '' for none)")
-    p_serve.add_argument("--generator", help="GPT-2 directory with tokenizer.json, or Hub id (openai-community/gpt2)")
+    p_serve.add_argument("--generator", help="GPT-2 or Llama-family directory, .gguf file, Hub id, or "
+                                             "tallow:smollm2-135m-instruct (the default); '' for none")
     p_serve.add_argument("--image-model", help="ResNet-50 directory, torchvision .pth or Hub id (microsoft/resnet-50)")
     p_serve.add_argument("--int8", action="store_true", default=None, help="INT8 linear layers for every model")
     p_serve.add_argument("--cache-url", help="redis://host:port/db for the feature cache (default: in-process LRU)")

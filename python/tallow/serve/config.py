@@ -106,7 +106,8 @@ class ModelsConfig:
     # misses it on this small model: greedy, "What is the capital of France?" gets "The capital of
     # France is Paris." in fp32 but "L'Alma, la France, est la maquette..." in INT8, and 5 of 8 short
     # questions depart from fp32 within 16 tokens. INT8 would give ~2x the decode speed (23 vs 11
-    # tokens/s measured on 2 busy cores) and 498 vs 771 MiB resident.
+    # tokens/s measured on 2 busy cores) and a worker of ~0.5 GiB instead of 1.3 GiB (fp32: 771 MiB
+    # loaded, and the native decode step's copy of the weights; see the README's make run figures).
     generator: str = "tallow:smollm2-135m-instruct"
     image: str = ""  # a ResNet-50 (HF directory or torchvision .pth)
     quantize: str = ""  # "" (fp32) or "int8"
