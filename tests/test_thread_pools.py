@@ -45,16 +45,25 @@ SCRIPT = textwrap.dedent("""
         return out
 
     model = load(path)
-    if os.environ.get("PER_OP"):
-        model.bert.native = None
-    sentences = [f"sentence number {i} " + "with a few more words " * (i % 7) for i in range(32)]
-    ids = model.tokenizer.encode_ids(sentences)
-    model.embed_ids(ids)
+    if hasattr(model, "bert"):  # an encoder: batches of sentences
+        if os.environ.get("PER_OP"):
+            model.bert.native = None
+        sentences = [f"sentence number {i} " + "with a few more words " * (i % 7) for i in range(32)]
+        ids = model.tokenizer.encode_ids(sentences)
+        work = lambda: model.embed_ids(ids)
+    else:  # a decoder: prefill and decode through the scheduler
+        from tallow.models.generation import SamplingParams
+        if os.environ.get("PER_OP"):
+            model.native = None
+        prompts = [[(7 * i + j) % 250 + 1 for j in range(24 + 8 * i)] for i in range(4)]
+        params = SamplingParams(max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+        work = lambda: list(model.generate_ids(prompts, params))
+    work()
     x = torch.randn(1500, 1500)
     (x @ x + x).sum()  # torch's OpenMP team has run and may now spin
     before = cpu_ticks()
     for _ in range(int(os.environ.get("ROUNDS", "6"))):
-        model.embed_ids(ids)
+        work()
     after = cpu_ticks()
     main = threading.get_native_id()
     used = {"main": 0, "tallow": 0, "other": 0}
@@ -76,10 +85,25 @@ def _cpu_split(order: str, path: Path, per_op: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def gpt2_like_dir(tmp_path_factory):
+    """A random GPT-2 large enough that torch's ops would go parallel (hidden 256)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("gpt2-threads")
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=256,
+                               bos_token_id=0, eos_token_id=0)).eval().save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("order", ["torch-first", "tallow-first"])
-def test_torch_threads_stay_idle_during_native_forwards(minilm_dir, order):
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+def test_torch_threads_stay_idle_during_native_forwards(minilm_dir, gpt2_like_dir, order, model):
     require_native()
-    used = _cpu_split(order, minilm_dir)
+    used = _cpu_split(order, minilm_dir if model == "encoder" else gpt2_like_dir)
     ours = used["main"] + used["tallow"]
     assert ours > 0, used
     assert used["other"] <= 0.1 * ours, f"torch's threads used {used['other']} of {ours} ticks: {used}"

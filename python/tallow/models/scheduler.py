@@ -53,6 +53,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from .generation import SamplingParams, find_stop, holdback, next_tokens
@@ -132,6 +133,23 @@ class _Request:
     rows: list[_Row]
     width: int                     # the longest prompt (prefill columns)
     reserve: int                   # the longest row reservation
+
+
+def _zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled pool tensor made without a torch op: numpy's calloc gets
+    zeroed pages from the OS, where torch.zeros fills them on torch's OpenMP
+    team, whose threads then busy-wait for milliseconds, competing with the
+    native decode steps that follow (tests/test_thread_pools.py)."""
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: the same bits as int16
+        return torch.from_numpy(np.zeros(shape, dtype=np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src through numpy (one thread, no torch parallel region; see _zeros)."""
+    if dst.dtype == torch.bfloat16:
+        dst, src = dst.view(torch.int16), src.view(torch.int16)
+    dst.numpy()[...] = src.numpy()
 
 
 class GenerationScheduler:
@@ -488,9 +506,9 @@ class GenerationScheduler:
             for i in range(n_layer):
                 # zeros, not empty: the positions a row has not written yet are read
                 # (masked) by attention, and 0 x NaN garbage would poison the row
-                new = torch.zeros((slots, heads, length, d), dtype=self._dtype)
+                new = _zeros((slots, heads, length, d), self._dtype)
                 if i < len(store):
-                    new[:keep_s, :, :keep_l] = store[i][:keep_s, :, :keep_l]
+                    _copy_into(new[:keep_s, :, :keep_l], store[i][:keep_s, :, :keep_l])
                     store[i] = new  # the old layer tensor is freed here
                 else:
                     store.append(new)
