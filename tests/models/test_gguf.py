@@ -382,3 +382,18 @@ def test_smollm2_answers_the_capital_of_france():
     answer = "".join(e.text for e in events)
     assert "Paris" in answer, answer
     assert events[-1].finish_reason == "eos" and events[-1].token_id == model.eos_token_id
+
+
+def test_the_converters_gpt_2_pre_tokenizer_name_is_gpt2(shared_bpe):
+    """convert_hf_to_gguf writes tokenizer.ggml.pre = "gpt-2" (llama.cpp's
+    name; it refuses "gpt2"): a file with it loads as GPT-2's split."""
+    from tallow.models.gguf_tokenizer import GGUFTokenizer
+
+    f = tokenizer_fields(shared_bpe)
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": f["tokens"],
+            "tokenizer.ggml.token_type": f["types"], "tokenizer.ggml.merges": f["merges"],
+            "tokenizer.ggml.eos_token_id": 2}
+    a = GGUFTokenizer({**base, "tokenizer.ggml.pre": "gpt-2"}, max_length=512)
+    b = GGUFTokenizer({**base, "tokenizer.ggml.pre": "gpt2"}, max_length=512)
+    corpus = [t for t in _corpus() if t.strip()]
+    assert a.encode_unbounded(corpus) == b.encode_unbounded(corpus)

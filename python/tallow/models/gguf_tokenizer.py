@@ -42,6 +42,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 # pre name -> (split regex or None for GPT-2's built-in one, split digits first, NFC, ignore_merges)
 PRE_TOKENIZERS: dict[str, tuple[Optional[str], bool, bool, bool]] = {
     "gpt2": (None, False, False, False),
+    "gpt-2": (None, False, False, False),  # the name convert_hf_to_gguf writes (llama.cpp refuses "gpt2")
     "smollm": (None, True, False, False),
     "llama-bpe": (_LLAMA3_SPLIT, False, False, True),
     "llama3": (_LLAMA3_SPLIT, False, False, True),
@@ -62,7 +63,7 @@ def build_tokenizer(meta: Mapping[str, Any]):
     if kind != "gpt2":
         raise CheckpointError(f"tokenizer.ggml.model is {kind!r}: tallow builds byte-level BPE tokenizers ('gpt2') "
                               "only (SentencePiece 'llama' vocabularies are not supported)")
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"tokenizer.ggml.pre is {pre!r}, which tallow does not know the split regex of "
                               f"(supported: {sorted(PRE_TOKENIZERS)})")
