@@ -14,6 +14,7 @@
 
 #include "common/array_checks.h"
 #include "decoder/decoder.h"
+#include "encoder/borrowed.h"
 
 namespace py = pybind11;
 
@@ -38,20 +39,21 @@ class PyDecoder {
   void set_embeddings(py::array tokens, py::object positions) {
     const auto& c = dec_->config();
     const float* wpe = nullptr;
-    if (!positions.is_none()) wpe = table("position_embeddings", positions.cast<py::array>(), c.max_positions, c.hidden);
-    dec_->set_embeddings(table("token_embeddings", tokens, c.vocab, c.hidden), wpe);
+    if (!positions.is_none()) wpe = borrowed_.table("position_embeddings", positions.cast<py::array>(), c.max_positions, c.hidden);
+    dec_->set_embeddings(borrowed_.table("token_embeddings", tokens, c.vocab, c.hidden), wpe);
     has_embeddings_ = true;
   }
 
   void set_rope(py::array cos, py::array sin) {
     const auto& c = dec_->config();
-    dec_->set_rope(table("rope_cos", cos, c.max_positions, c.head_dim), table("rope_sin", sin, c.max_positions, c.head_dim));
+    dec_->set_rope(borrowed_.table("rope_cos", cos, c.max_positions, c.head_dim),
+                   borrowed_.table("rope_sin", sin, c.max_positions, c.head_dim));
     has_rope_ = true;
   }
 
   void set_final(py::dict norm, py::dict lm_head) {
     const auto& c = dec_->config();
-    dec_->set_final(make_norm("final_norm", norm), linear("lm_head", lm_head, c.vocab, c.hidden));
+    dec_->set_final(make_norm("final_norm", norm), borrowed_.linear("lm_head", lm_head, c.vocab, c.hidden));
     has_final_ = true;
   }
 
@@ -60,32 +62,24 @@ class PyDecoder {
     const int64_t qw = c.heads * c.head_dim, kw = c.kv_heads * c.head_dim, F = c.intermediate;
     decoder::Block b;
     b.norm1 = make_norm("norm1", norm1);
-    b.qkv = linear("qkv", qkv, qw + 2 * kw, c.hidden);
-    b.out = linear("out", out, c.hidden, qw);
+    b.qkv = borrowed_.linear("qkv", qkv, qw + 2 * kw, c.hidden);
+    b.out = borrowed_.linear("out", out, c.hidden, qw);
     b.norm2 = make_norm("norm2", norm2);
-    b.fc = linear("fc", fc, c.mlp == decoder::kSwiGlu ? 2 * F : F, c.hidden);
-    b.proj = linear("proj", proj, c.hidden, F);
+    b.fc = borrowed_.linear("fc", fc, c.mlp == decoder::kSwiGlu ? 2 * F : F, c.hidden);
+    b.proj = borrowed_.linear("proj", proj, c.hidden, F);
     dec_->add_block(std::move(b));
   }
 
   void step(py::array tokens, py::array positions, py::array k_ptrs, py::array v_ptrs, int64_t s_slot,
             int64_t s_head, int64_t s_pos, int64_t length, bool bf16, py::array logits) {
     const auto& c = dec_->config();
-    if (!has_embeddings_ || !has_final_ || (c.rope && !has_rope_))
-      throw py::value_error("decoder: set_embeddings, set_final (and set_rope) must be called first");
+    check_ready();
     check_array<int64_t>(kOp, "tokens", tokens, 1);
     check_array<int64_t>(kOp, "positions", positions, 1);
-    check_array<int64_t>(kOp, "k_ptrs", k_ptrs, 1);
-    check_array<int64_t>(kOp, "v_ptrs", v_ptrs, 1);
-    check_array<float>(kOp, "logits", logits, 2);
-    const int64_t B = tokens.shape(0), layers = dec_->num_blocks();
+    const int64_t B = tokens.shape(0);
     if (B < 1) throw py::value_error("decoder: needs at least one row");
     check_dim(kOp, "positions", positions, 0, B);
-    check_dim(kOp, "k_ptrs", k_ptrs, 0, layers);
-    check_dim(kOp, "v_ptrs", v_ptrs, 0, layers);
-    check_dim(kOp, "logits", logits, 0, B);
-    check_dim(kOp, "logits", logits, 1, c.vocab);
-    if (!logits.writeable()) throw py::value_error("decoder: logits must be writeable");
+    check_logits(logits, B);
     const int64_t* tp = static_cast<const int64_t*>(tokens.data());
     const int64_t* pp = static_cast<const int64_t*>(positions.data());
     const int64_t limit = std::min(length, c.max_positions);
@@ -97,33 +91,21 @@ class PyDecoder {
         throw py::value_error("decoder: position " + std::to_string(pp[b]) + " of row " + std::to_string(b) +
                               " is outside [0, " + std::to_string(limit) + ")");
     }
-    std::vector<decoder::CacheLayer> caches(static_cast<size_t>(layers));
-    const int64_t* kp = static_cast<const int64_t*>(k_ptrs.data());
-    const int64_t* vp = static_cast<const int64_t*>(v_ptrs.data());
-    for (int64_t i = 0; i < layers; ++i)
-      caches[i] = {reinterpret_cast<void*>(kp[i]), reinterpret_cast<void*>(vp[i]), s_slot, s_head, s_pos, length};
+    const std::vector<decoder::CacheLayer> pool = caches(k_ptrs, v_ptrs, s_slot, s_head, s_pos, length);
     float* lp = static_cast<float*>(logits.mutable_data());
     py::gil_scoped_release release;
-    dec_->step(tp, pp, B, caches.data(), bf16, lp);
+    dec_->step(tp, pp, B, pool.data(), bf16, lp);
   }
 
   void prefill(py::array tokens, py::array cu, py::array k_ptrs, py::array v_ptrs, int64_t s_slot, int64_t s_head,
                int64_t s_pos, int64_t length, bool bf16, py::array logits) {
     const auto& c = dec_->config();
-    if (!has_embeddings_ || !has_final_ || (c.rope && !has_rope_))
-      throw py::value_error("decoder: set_embeddings, set_final (and set_rope) must be called first");
+    check_ready();
     check_array<int64_t>(kOp, "tokens", tokens, 1);
     check_array<int64_t>(kOp, "cu_seqlens", cu, 1);
-    check_array<int64_t>(kOp, "k_ptrs", k_ptrs, 1);
-    check_array<int64_t>(kOp, "v_ptrs", v_ptrs, 1);
-    check_array<float>(kOp, "logits", logits, 2);
-    const int64_t B = cu.shape(0) - 1, T = tokens.shape(0), layers = dec_->num_blocks();
+    const int64_t B = cu.shape(0) - 1, T = tokens.shape(0);
     if (B < 1) throw py::value_error("decoder: cu_seqlens must hold at least 2 offsets");
-    check_dim(kOp, "k_ptrs", k_ptrs, 0, layers);
-    check_dim(kOp, "v_ptrs", v_ptrs, 0, layers);
-    check_dim(kOp, "logits", logits, 0, B);
-    check_dim(kOp, "logits", logits, 1, c.vocab);
-    if (!logits.writeable()) throw py::value_error("decoder: logits must be writeable");
+    check_logits(logits, B);
     const int64_t* cp = static_cast<const int64_t*>(cu.data());
     const int64_t* tp = static_cast<const int64_t*>(tokens.data());
     if (cp[0] != 0 || cp[B] != T)
@@ -139,66 +121,55 @@ class PyDecoder {
       if (tp[t] < 0 || tp[t] >= c.vocab)
         throw py::value_error("decoder: token " + std::to_string(tp[t]) + " at position " + std::to_string(t) +
                               " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
-    std::vector<decoder::CacheLayer> caches(static_cast<size_t>(layers));
-    const int64_t* kp = static_cast<const int64_t*>(k_ptrs.data());
-    const int64_t* vp = static_cast<const int64_t*>(v_ptrs.data());
-    for (int64_t i = 0; i < layers; ++i)
-      caches[i] = {reinterpret_cast<void*>(kp[i]), reinterpret_cast<void*>(vp[i]), s_slot, s_head, s_pos, length};
+    const std::vector<decoder::CacheLayer> pool = caches(k_ptrs, v_ptrs, s_slot, s_head, s_pos, length);
     float* lp = static_cast<float*>(logits.mutable_data());
     py::gil_scoped_release release;
-    dec_->prefill(tp, cp, B, caches.data(), bf16, lp);
+    dec_->prefill(tp, cp, B, pool.data(), bf16, lp);
   }
 
   int64_t num_blocks() const { return dec_->num_blocks(); }
 
  private:
-  const float* table(const char* name, py::array a, int64_t rows, int64_t cols) {
-    check_array<float>(kOp, name, a, 2);
-    check_dim(kOp, name, a, 0, rows);
-    check_dim(kOp, name, a, 1, cols);
-    keep_.push_back(a);
-    return static_cast<const float*>(a.data());
-  }
-
-  template <typename T>
-  const T* vec(const std::string& name, py::handle h, int64_t n) {
-    py::array a = py::reinterpret_borrow<py::array>(h);
-    check_array<T>(kOp, name.c_str(), a, -1);
-    if (a.size() != n)
-      throw py::value_error("decoder: " + name + " must hold " + std::to_string(n) + " values, got shape " +
-                            shape_str(a));
-    keep_.push_back(a);
-    return static_cast<const T*>(a.data());
-  }
-
   decoder::Norm make_norm(const std::string& name, py::dict d) {
     const int64_t E = dec_->config().hidden;
     decoder::Norm n;
-    n.gamma = vec<float>(name + ".weight", d["weight"], E);
-    if (d.contains("bias") && !d["bias"].is_none()) n.beta = vec<float>(name + ".bias", d["bias"], E);
+    n.gamma = borrowed_.vec<float>(name + ".weight", d["weight"], E);
+    if (d.contains("bias") && !d["bias"].is_none()) n.beta = borrowed_.vec<float>(name + ".bias", d["bias"], E);
     if (dec_->config().norm == decoder::kLayerNorm && !n.beta)
       throw py::value_error("decoder: " + name + " is a LayerNorm and needs a bias");
     return n;
   }
 
-  encoder::Linear linear(const std::string& name, py::dict d, int64_t N, int64_t K) {
-    const float* bias = d.contains("bias") && !d["bias"].is_none() ? vec<float>(name + ".bias", d["bias"], N) : nullptr;
-    if (d.contains("weight")) {
-      py::array w = d["weight"].cast<py::array>();
-      check_array<float>(kOp, (name + ".weight").c_str(), w, 2);
-      check_dim(kOp, (name + ".weight").c_str(), w, 0, N);
-      check_dim(kOp, (name + ".weight").c_str(), w, 1, K);
-      return encoder::Encoder::make_fp32(static_cast<const float*>(w.data()), bias, N, K);
-    }
-    const int64_t packed_bytes = (N + 15) / 16 * ((K + 3) / 4) * 64;
-    const int8_t* packed = vec<int8_t>(name + ".packed", d["packed"], packed_bytes);
-    const int32_t* colsum = vec<int32_t>(name + ".colsum", d["colsum"], N);
-    const float* scale = vec<float>(name + ".scale", d["scale"], N);
-    return encoder::Encoder::make_int8(packed, colsum, scale, bias, N, K);
+  void check_ready() const {
+    if (!has_embeddings_ || !has_final_ || (dec_->config().rope && !has_rope_))
+      throw py::value_error("decoder: set_embeddings, set_final (and set_rope) must be called first");
+  }
+
+  // The pool's per-layer addresses (checked against the model's layers) and strides.
+  std::vector<decoder::CacheLayer> caches(py::array k_ptrs, py::array v_ptrs, int64_t s_slot, int64_t s_head,
+                                          int64_t s_pos, int64_t length) const {
+    const int64_t layers = dec_->num_blocks();
+    check_array<int64_t>(kOp, "k_ptrs", k_ptrs, 1);
+    check_array<int64_t>(kOp, "v_ptrs", v_ptrs, 1);
+    check_dim(kOp, "k_ptrs", k_ptrs, 0, layers);
+    check_dim(kOp, "v_ptrs", v_ptrs, 0, layers);
+    std::vector<decoder::CacheLayer> out(static_cast<size_t>(layers));
+    const int64_t* kp = static_cast<const int64_t*>(k_ptrs.data());
+    const int64_t* vp = static_cast<const int64_t*>(v_ptrs.data());
+    for (int64_t i = 0; i < layers; ++i)
+      out[i] = {reinterpret_cast<void*>(kp[i]), reinterpret_cast<void*>(vp[i]), s_slot, s_head, s_pos, length};
+    return out;
+  }
+
+  void check_logits(py::array logits, int64_t rows) const {
+    check_array<float>(kOp, "logits", logits, 2);
+    check_dim(kOp, "logits", logits, 0, rows);
+    check_dim(kOp, "logits", logits, 1, dec_->config().vocab);
+    if (!logits.writeable()) throw py::value_error("decoder: logits must be writeable");
   }
 
   std::unique_ptr<decoder::Decoder> dec_;
-  std::vector<py::array> keep_;
+  encoder::Borrowed borrowed_{kOp};  // borrowed buffers stay alive with the model
   bool has_embeddings_ = false, has_rope_ = false, has_final_ = false;
 };
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/array_checks.h"
+#include "encoder/borrowed.h"
 #include "encoder/encoder.h"
 #include "encoder/model.h"
 
@@ -33,9 +34,9 @@ class PyEncoder {
   void set_embeddings(py::array word, py::array position, py::array token_type, py::array gamma, py::array beta) {
     const auto& c = enc_->config();
     encoder::Embeddings e;
-    e.word = table("word_embeddings", word, c.vocab, c.hidden);
-    e.position = table("position_embeddings", position, c.max_positions, c.hidden);
-    e.token_type = table("token_type_embeddings", token_type, c.type_vocab, c.hidden);
+    e.word = borrowed_.table("word_embeddings", word, c.vocab, c.hidden);
+    e.position = borrowed_.table("position_embeddings", position, c.max_positions, c.hidden);
+    e.token_type = borrowed_.table("token_type_embeddings", token_type, c.type_vocab, c.hidden);
     e.ln = norm("embeddings.LayerNorm", gamma, beta);
     enc_->set_embeddings(e);
     has_embeddings_ = true;
@@ -47,11 +48,11 @@ class PyEncoder {
     const auto& c = enc_->config();
     const int64_t H = c.hidden, F = c.intermediate;
     encoder::Layer L;
-    L.qkv = linear("qkv", qkv, 3 * H, H);
-    L.out = linear("attention.output", out, H, H);
+    L.qkv = borrowed_.linear("qkv", qkv, 3 * H, H);
+    L.out = borrowed_.linear("attention.output", out, H, H);
     L.ln1 = norm("attention.output.LayerNorm", ln1["weight"], ln1["bias"]);
-    L.ffn1 = linear("intermediate", ffn1, F, H);
-    L.ffn2 = linear("output", ffn2, H, F);
+    L.ffn1 = borrowed_.linear("intermediate", ffn1, F, H);
+    L.ffn2 = borrowed_.linear("output", ffn2, H, F);
     L.ln2 = norm("output.LayerNorm", ln2["weight"], ln2["bias"]);
     enc_->add_layer(std::move(L));
   }
@@ -104,48 +105,13 @@ class PyEncoder {
   int64_t owned_bytes() const { return enc_->owned_bytes(); }
 
  private:
-  const float* table(const char* name, py::array a, int64_t rows, int64_t cols) {
-    check_array<float>(kOp, name, a, 2);
-    check_dim(kOp, name, a, 0, rows);
-    check_dim(kOp, name, a, 1, cols);
-    keep_.push_back(a);
-    return static_cast<const float*>(a.data());
-  }
-
-  template <typename T>
-  const T* vec(const std::string& name, py::handle h, int64_t n) {
-    py::array a = py::reinterpret_borrow<py::array>(h);
-    check_array<T>(kOp, name.c_str(), a, -1);
-    if (a.size() != n)
-      throw py::value_error("encoder: " + name + " must hold " + std::to_string(n) + " values, got shape " +
-                            shape_str(a));
-    keep_.push_back(a);
-    return static_cast<const T*>(a.data());
-  }
-
   encoder::LayerNormParams norm(const std::string& name, py::handle gamma, py::handle beta) {
     const int64_t H = enc_->config().hidden;
-    return {vec<float>(name + ".weight", gamma, H), vec<float>(name + ".bias", beta, H)};
-  }
-
-  encoder::Linear linear(const std::string& name, py::dict d, int64_t N, int64_t K) {
-    const float* bias = d.contains("bias") && !d["bias"].is_none() ? vec<float>(name + ".bias", d["bias"], N) : nullptr;
-    if (d.contains("weight")) {
-      py::array w = d["weight"].cast<py::array>();
-      check_array<float>(kOp, (name + ".weight").c_str(), w, 2);
-      check_dim(kOp, (name + ".weight").c_str(), w, 0, N);
-      check_dim(kOp, (name + ".weight").c_str(), w, 1, K);
-      return encoder::Encoder::make_fp32(static_cast<const float*>(w.data()), bias, N, K);
-    }
-    const int64_t packed_bytes = (N + 15) / 16 * ((K + 3) / 4) * 64;
-    const int8_t* packed = vec<int8_t>(name + ".packed", d["packed"], packed_bytes);
-    const int32_t* colsum = vec<int32_t>(name + ".colsum", d["colsum"], N);
-    const float* scale = vec<float>(name + ".scale", d["scale"], N);
-    return encoder::Encoder::make_int8(packed, colsum, scale, bias, N, K);
+    return {borrowed_.vec<float>(name + ".weight", gamma, H), borrowed_.vec<float>(name + ".bias", beta, H)};
   }
 
   std::unique_ptr<encoder::Encoder> enc_;
-  std::vector<py::array> keep_;  // borrowed buffers stay alive with the model
+  encoder::Borrowed borrowed_{kOp};  // borrowed buffers stay alive with the model
   bool has_embeddings_ = false;
 };
 
