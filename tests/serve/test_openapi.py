@@ -101,10 +101,10 @@ def test_filter_schema_agrees_with_the_server(tmp_path):
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _make_run_config(data_dir):
-    """`make run`'s own configuration (tallow.toml: the sentiment classifier, the Todo REST API and
-    the image function), with its data in ``data_dir`` and no demo corpus (quick to start)."""
-    return load_config(REPO / "tallow.toml", **{"data.dir": str(data_dir), "data.demo_corpus": False})
+def _make_run_config(data_dir, **overrides):
+    """`make run`'s own configuration (tallow.toml: the sentiment classifier, SmolLM2, the Todo REST
+    API and the image function), with its data in ``data_dir`` and no demo corpus (quick to start)."""
+    return load_config(REPO / "tallow.toml", **{"data.dir": str(data_dir), "data.demo_corpus": False, **overrides})
 
 
 def test_function_operations_are_described_as_they_answer(tmp_path, monkeypatch):
@@ -216,14 +216,16 @@ def make_run_server(tmp_path_factory):
     """The server `make run` starts (tallow.toml, its functions mounted), on a free port."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TALLOW_WASM_CACHE", str(tmp_path_factory.mktemp("wasm-cache")))
-        server = ServerThread(_make_run_config(tmp_path_factory.mktemp("make-run-data"))).start()
+        # Short replies: the time budget goes to many examples, not to a few long generations.
+        server = ServerThread(_make_run_config(tmp_path_factory.mktemp("make-run-data"), **{
+            "models.max_completion_tokens": 64, "models.max_n": 2})).start()  # 64: /v1/rag's default
         yield server
         server.stop()
 
 
 def test_schemathesis_finds_nothing_on_make_runs_configuration(make_run_server, tmp_path):
-    """`st run --checks all` against tallow.toml's server: no key (tallow.toml sets none), the
-    generator and image operations answering their documented 503, the Todo REST API and the
+    """`st run --checks all` against tallow.toml's server: no key (tallow.toml sets none), SmolLM2
+    generating, the image operations answering their documented 503, the Todo REST API and the
     image function mounted (schemathesis-make-run.toml says what their checks cannot know)."""
     config = tmp_path / "schemathesis.toml"
     here = Path(__file__).parent
