@@ -2,7 +2,8 @@
 system message, the question into the user's, rendered with the model's own
 chat template, and the reply ends at the template's end of turn.
 
-The model is a random GPT-2 rigged as tests/serve/test_chat.py rigs one:
+The model is a random GPT-2 rigged as tests/serve/test_chat.py rigs one
+(server_helpers.rigged_chat_gpt2):
 its blocks add nothing and its positions are zero, so the next token
 depends on the current one only, and its LM head makes the greedy
 successor of the generation prompt's last token the chain ANSWER[0] ->
@@ -13,18 +14,16 @@ SmolLM2 itself answers from a source in the slow test at the end."""
 
 from __future__ import annotations
 
-import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from tallow.engine.chat import render_chat
 
-# SmolLM2-135M-Instruct's ChatML template (its GGUF's tokenizer.chat_template).
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-          "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from server_helpers import CHATML, ServerThread, make_config, rigged_chat_gpt2  # noqa: E402
+
 ANSWER = (" file", " data", " bytes")
 DOC = {"id": "files", "title": "Reading files",
        "text": "The open function returns a file object. Read the file data as bytes with its read method."}
@@ -33,41 +32,7 @@ QUESTION = "How do I read a file?"
 
 @pytest.fixture(scope="module")
 def chat_gpt2_dir(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tallow.testing import train_byte_level_bpe
-
-    out = tmp_path_factory.mktemp("gpt2-rag-chat")
-    train_byte_level_bpe(out / "tokenizer.json")
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}))
-    im_end = tok.token_to_id("<|im_end|>")
-    start = tok.encode(render_chat(CHATML, [{"role": "user", "content": "x"}])).ids[-1]
-    chain = [tok.encode(w).ids for w in ANSWER]
-    assert all(len(ids) == 1 for ids in chain), "each answer word must be one token"
-    chain = [ids[0] for ids in chain]
-    assert len({start, im_end, 0, *chain}) == 6
-    torch.manual_seed(11)
-    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            for layer in (block.attn.c_proj, block.mlp.c_proj):
-                layer.weight.zero_()
-                layer.bias.zero_()
-        model.transformer.wpe.weight.zero_()
-        wte, head = model.transformer.wte.weight, model.lm_head.weight
-        for a, b in zip([start, *chain], [*chain, im_end]):
-            head[b] = 3 * wte[a]
-    model.save_pretrained(out)
-    return out
+    return rigged_chat_gpt2(tmp_path_factory.mktemp("gpt2-rag-chat"), ANSWER)
 
 
 def _system(sources: list[str]) -> str:
@@ -110,12 +75,6 @@ def test_rag_through_the_server_stops_at_end_of_turn(tmp_path, chat_gpt2_dir):
     """/v1/rag on a server whose generator has a chat template: the served
     model's scheduler (generate_blocking, token ids in) ends the reply at
     <|im_end|>, in process mode (the template comes from the worker)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
-    from server_helpers import ServerThread, make_config
-
     cfg = make_config(tmp_path / "data", **{"models.generator": str(chat_gpt2_dir), "data.demo_corpus": False,
                                             "models.classifier": "", "workers.mode": "process"})
     server = ServerThread(cfg).start()

@@ -172,3 +172,58 @@ class GenerationGate:
         """Blocks until ``predicate(gate)`` holds (checked at every change)."""
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self), timeout)
+
+
+# SmolLM2-135M-Instruct's ChatML template (its GGUF's tokenizer.chat_template).
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+          "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def rigged_chat_gpt2(out: Path, words: tuple[str, ...], n_positions: int = 256) -> Path:
+    """A random GPT-2 with the ChatML template that answers every
+    conversation with ``words`` (each one token of the test vocabulary), then
+    <|im_end|>: its blocks add nothing and its positions are zero, so the
+    next token depends on the current one only, and its LM head makes the
+    greedy successor of the generation prompt's last token words[0], then
+    words[1], ..., then <|im_end|>. Its config's eos is another token (0):
+    only the template's end of turn ends a reply. Saved in ``out``."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tallow.engine.chat import render_chat
+    from tallow.testing import train_byte_level_bpe
+
+    train_byte_level_bpe(out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}))
+    im_end = tok.token_to_id("<|im_end|>")
+    start = tok.encode(render_chat(CHATML, [{"role": "user", "content": "x"}])).ids[-1]
+    chain = [tok.encode(w).ids for w in words]
+    assert all(len(ids) == 1 for ids in chain), f"each of {words} must be one token"
+    chain = [ids[0] for ids in chain]
+    assert len({start, im_end, 0, *chain}) == len(chain) + 3, "the chain's tokens must be distinct"
+    torch.manual_seed(11)
+    cfg = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=64, n_layer=2, n_head=2,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        model.transformer.wpe.weight.zero_()
+        wte, head = model.transformer.wte.weight, model.lm_head.weight
+        for a, b in zip([start, *chain], [*chain, im_end]):
+            head[b] = 3 * wte[a]
+    model.save_pretrained(out)
+    return out

@@ -311,3 +311,63 @@ def test_page_fits_a_400px_wide_screen(bare_server, browser):
         assert width <= 400, f"the page is {width} px wide in a 400 px viewport"
     finally:
         context.close()
+
+
+# -- the chat panel ------------------------------------------------------------------------------
+
+CHAT_WORDS = (" the", " file", " data")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """A generator with a chat template that answers every turn with CHAT_WORDS (server_helpers.rigged_chat_gpt2)."""
+    from server_helpers import rigged_chat_gpt2
+
+    model = rigged_chat_gpt2(tmp_path_factory.mktemp("chat-model"), CHAT_WORDS)
+    server = ServerThread(make_config(tmp_path_factory.mktemp("chat-data"), **{
+        "data.demo_corpus": False, "models.classifier": "", "models.generator": str(model),
+        "workers.mode": "inline"})).start()
+    yield server
+    server.stop()
+
+
+def test_chat_panel_streams_replies_and_keeps_the_conversation(chat_server, page):
+    import json
+
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions")
+            else None)
+    page.goto(chat_server.url + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
+    reply = "".join(CHAT_WORDS)
+    page.fill("#chat-system", "Be brief.")
+    page.fill("#chat-input", "Hello there")
+    page.click("#chat-form button[type=submit]")
+    page.wait_for_selector("#chat-log .turn.assistant[data-done='1']")
+    page.fill("#chat-input", "And then?")
+    page.click("#chat-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll(\"#chat-log .turn.assistant[data-done='1']\").length === 2")
+    turns = page.eval_on_selector_all("#chat-log .turn", "ts => ts.map(t => [t.className, t.querySelector('.text').textContent])")
+    assert turns == [["turn user", "Hello there"], ["turn assistant", reply],
+                     ["turn user", "And then?"], ["turn assistant", reply]]
+    # streamed, and the second turn carries the first (the system message first)
+    assert [b["stream"] for b in sent] == [True, True]
+    assert sent[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                                   {"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    assert "prompt" in page.text_content("#chat-meta") and "reply tokens" in page.text_content("#chat-meta")
+    page.click("#chat-clear")
+    assert page.locator("#chat-log .turn").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+    assert not page.errors, page.errors
+
+
+def test_chat_panel_shows_the_servers_503_without_a_generator(bare_server, page):
+    page.goto(bare_server.url + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')")
+    page.click("#chat-form button[type=submit]")
+    error = page.locator("#panel-chat .error")
+    error.wait_for(state="visible")
+    assert error.text_content().startswith("503: ") and "models.generator" in error.text_content()
+    assert page.locator("#chat-log .turn").count() == 0  # the turn that failed is not kept
+    assert page.input_value("#chat-input") == "What is the capital of France?"  # its text is back
+    assert not page.errors, page.errors

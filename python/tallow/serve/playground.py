@@ -1,7 +1,8 @@
 """The playground page at ``/``: static HTML, JavaScript and CSS shipped in
 the package (``serve/static/``; no build step, nothing from a CDN) that
 drives the API from a browser — search with filters and the hybrid switch,
-RAG with its sources, classification, streaming generation, embedding
+RAG with its sources, classification, streaming generation, a streamed
+chat (/v1/chat/completions, the conversation kept in the page), embedding
 similarity, image search with the timing breakdown, live metrics.
 
 It sends the API key it is given (``Authorization: Bearer``) on every

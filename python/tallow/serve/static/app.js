@@ -169,6 +169,35 @@ onSubmit("classify-form", async () => {
       el("td", { class: "label" }, row.label), el("td", {}, fmt(row.score)))));
 });
 
+// -- server-sent events ---------------------------------------------------------------------
+
+// Reads a stream of server-sent events whose data are JSON chunks (OpenAI's
+// format, ending with "data: [DONE]"), calling onChunk(chunk) for each. A
+// failure after the 200 was sent comes as an {"error": ...} chunk: thrown.
+async function readSSE(resp, onChunk) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new ApiError(chunk.error.code || 500, chunk.error.message);
+        onChunk(chunk);
+      }
+    }
+  }
+}
+
 // -- streaming generation (SSE from /v1/completions) ---------------------------------------
 
 let generation = null;
@@ -192,31 +221,13 @@ onSubmit("generate-form", async () => {
     const resp = await api("v1/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: generation.signal,
     });
-    const reader = resp.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data: ")) continue;
-          const data = line.slice(6);
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new ApiError(chunk.error.code || 500, chunk.error.message);
-          if (chunk.usage) usage = chunk.usage;
-          for (const choice of chunk.choices || []) {
-            if (choice.text && firstToken === null) firstToken = performance.now() - t0;
-            output.textContent += choice.text || "";
-          }
-        }
+    await readSSE(resp, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices || []) {
+        if (choice.text && firstToken === null) firstToken = performance.now() - t0;
+        output.textContent += choice.text || "";
       }
-    }
+    });
     const total = performance.now() - t0;
     $("generate-meta").textContent = `done in ${fmt(total, 0)} ms` +
       (firstToken !== null ? `, first token after ${fmt(firstToken, 0)} ms` : "") +
@@ -232,6 +243,75 @@ onSubmit("generate-form", async () => {
 });
 
 $("generate-stop").addEventListener("click", () => generation && generation.abort());
+
+// -- chat (SSE from /v1/chat/completions) --------------------------------------------------
+
+// The conversation so far (user and assistant turns); the system message is
+// read from its field at each turn. The server renders it with the model's
+// own chat template.
+let chatHistory = [];
+let chatting = null;
+
+function chatTurn(role, text) {
+  const turn = el("div", { class: "turn " + role }, el("span", { class: "role" }, role), el("span", { class: "text" }, text));
+  $("chat-log").append(turn);
+  return turn;
+}
+
+onSubmit("chat-form", async () => {
+  const text = $("chat-input").value.trim();
+  if (!text) throw new Error("type a message");
+  const system = $("chat-system").value.trim();
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...chatHistory, { role: "user", content: text }];
+  const body = {
+    messages, max_tokens: Number($("chat-max-tokens").value) || 128, temperature: Number($("chat-temperature").value),
+    stream: true, stream_options: { include_usage: true },
+  };
+  $("chat-meta").textContent = "";
+  const asked = chatTurn("user", text);
+  const reply = chatTurn("assistant", "");
+  const out = reply.querySelector(".text");
+  $("chat-input").value = "";
+  chatting = new AbortController();
+  $("chat-stop").disabled = false;
+  const t0 = performance.now();
+  let finish = null;
+  let usage = null;
+  try {
+    const resp = await api("v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: chatting.signal,
+    });
+    await readSSE(resp, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices || []) {
+        out.textContent += (choice.delta && choice.delta.content) || "";
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    });
+    chatHistory.push({ role: "user", content: text }, { role: "assistant", content: out.textContent });
+    $("chat-meta").textContent = `${finish === "length" ? "cut at max tokens" : "done"} in ${fmt(performance.now() - t0, 0)} ms` +
+      (usage ? `, ${usage.prompt_tokens} prompt + ${usage.completion_tokens} reply tokens` : "");
+    reply.dataset.done = "1";
+  } catch (err) {
+    // the turn did not happen: it leaves the conversation, its text goes back to the input
+    asked.remove();
+    reply.remove();
+    $("chat-input").value = text;
+    if (err.name === "AbortError") { $("chat-meta").textContent = "stopped"; return; }
+    throw err;
+  } finally {
+    $("chat-stop").disabled = true;
+    chatting = null;
+  }
+});
+
+$("chat-stop").addEventListener("click", () => chatting && chatting.abort());
+$("chat-clear").addEventListener("click", () => {
+  if (chatting) chatting.abort();
+  chatHistory = [];
+  $("chat-log").replaceChildren();
+  $("chat-meta").textContent = "";
+});
 
 // -- embeddings similarity -----------------------------------------------------------------
 
