@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..errors import Unavailable
+from .admission import admit, too_busy  # noqa: F401 (admit: the routers import it from here)
 from .batching import LaneClosed, LaneTimeout, Overloaded
 from .errors import APIError
 from .services import MODEL_SETTINGS, Services
@@ -136,23 +137,9 @@ def enqueue(services: Services, lane_name: str, payload: Any, *, size: int = 1, 
     try:
         return lane.enqueue(payload, size=size, tokens=tokens, key=key, stream=stream)
     except Overloaded as exc:
-        raise _too_busy(services, exc) from None
+        raise too_busy(services, exc) from None
     except LaneClosed as exc:
         raise APIError(503, str(exc)) from None
-
-
-def admit(services: Services, gate) -> None:
-    """Enters an admission gate (``batching.Gate``): 429 when it is full.
-    The caller calls ``gate.leave()`` when the request is done."""
-    try:
-        gate.enter()
-    except Overloaded as exc:
-        raise _too_busy(services, exc) from None
-
-
-def _too_busy(services: Services, exc: Overloaded) -> APIError:
-    services.metrics.rejected.labels(exc.lane).inc()
-    return APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def wait(services: Services, lane_name: str, job) -> Any:

@@ -202,7 +202,7 @@ def admit_generation(services: Any, model: Any, req: Any) -> GenerationStream | 
     """Admits a request (429 when ``batching.generate.max_queue`` are in
     flight) and starts its rows in the scheduler; None for max_tokens=0
     (nothing to generate)."""
-    from .deps import admit
+    from .admission import admit
 
     admit(services, services.generation_slots)
     if req.params.max_new_tokens == 0:
