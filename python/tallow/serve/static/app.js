@@ -447,6 +447,7 @@ const slotState = (name, slot) => `${name}: ${slot.status}${slot.error ? " — "
 function panelNote(panel, models) {
   const name = panel.dataset.model, slot = models[name];
   if (slot && slot.status !== "ready") {
+    if (slot.status === "absent" && slot.error) return `no ${name} model: ${slot.error} (its requests answer 503)`;
     return slot.status === "absent" ? `no ${name} model is configured on this server (its requests answer 503)`
       : slotState(name, slot);
   }
