@@ -639,6 +639,29 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def select_providers(ap, catalogue: dict, globs, available) -> tuple[list, dict]:
+    """The providers of ``catalogue`` (name -> Provider) that ``globs`` (--providers;
+    None = all) name and that can run here (``available(p)`` returns why not, or
+    None): (providers, {skipped name: why}). A glob matching nothing, or nothing
+    left to run, is a usage error naming the known providers / the reasons."""
+    if globs:
+        unknown = [g for g in globs if not fnmatch.filter(catalogue, g)]
+        if unknown:
+            ap.error(f"--providers: {unknown} match no provider (known: {', '.join(catalogue)})")
+        catalogue = {n: p for n, p in catalogue.items() if any(fnmatch.fnmatch(n, g) for g in globs)}
+    providers, skipped = [], {}
+    for p in catalogue.values():
+        why = available(p)
+        if why:
+            skipped[p.name] = why
+            print(f"skipping {p.name}: {why}", flush=True)
+        else:
+            providers.append(p)
+    if not providers:
+        ap.error("no provider to run" + (f" ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""))
+    return providers, skipped
+
+
 def _available(p: Provider) -> str | None:
     """None, or why the provider cannot run here."""
     if p.module is None:
@@ -682,22 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.min_reps is None:
         args.min_reps = 3
     case_names = args.cases or DEFAULT_CASES
-    catalogue = _providers(args.ort_per_tensor)
-    if args.providers:
-        unknown = [g for g in args.providers if not fnmatch.filter(catalogue, g)]
-        if unknown:
-            ap.error(f"--providers: {unknown} match no provider (known: {', '.join(catalogue)})")
-        catalogue = {n: p for n, p in catalogue.items() if any(fnmatch.fnmatch(n, g) for g in args.providers)}
-    providers, skipped = [], {}
-    for p in catalogue.values():
-        why = _available(p)
-        if why:
-            skipped[p.name] = why
-            print(f"skipping {p.name}: {why}", flush=True)
-        else:
-            providers.append(p)
-    if not providers:
-        ap.error("no provider to run")
+    providers, skipped = select_providers(ap, _providers(args.ort_per_tensor), args.providers, _available)
 
     # Preparation in its own process: the exports load torch and the models,
     # which must not stay in the process that waits for the timed ones.

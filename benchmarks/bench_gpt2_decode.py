@@ -69,7 +69,6 @@ same precision (> 1: tallow faster) and the time per step split.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import re
@@ -89,7 +88,7 @@ sys.path.insert(0, str(HERE))
 # bench_encoders' process machinery: the same Provider record, the cache
 # stamps, the engines' environment and the spread cell (it imports nothing heavy).
 from bench_encoders import (Provider, _available, _ms, _percentile, _stamp_ok, _versions,  # noqa: E402
-                            _worker_env, _write_stamp)
+                            _worker_env, _write_stamp, select_providers)
 
 SUITE = "gpt2_decode"
 DEFAULT_CACHE = ROOT / "build" / "bench-cache" / SUITE
@@ -554,22 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         if prompt + new > positions:
             ap.error(f"case {name}: prompt {prompt} + new tokens {new} exceed the model's {positions} positions")
         case_specs.append({"case": name, "key": _case_key(case, prompt, new), "prompt": prompt, "new": new})
-    catalogue = dict(PROVIDERS)
-    if args.providers:
-        unknown = [g for g in args.providers if not fnmatch.filter(catalogue, g)]
-        if unknown:
-            ap.error(f"--providers: {unknown} match no provider (known: {', '.join(catalogue)})")
-        catalogue = {n: p for n, p in catalogue.items() if any(fnmatch.fnmatch(n, g) for g in args.providers)}
-    providers, skipped = [], {}
-    for p in catalogue.values():
-        why = _available(p)
-        if why:
-            skipped[p.name] = why
-            print(f"skipping {p.name}: {why}", flush=True)
-        else:
-            providers.append(p)
-    if not providers:
-        ap.error("no provider to run" + (f" ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""))
+    providers, skipped = select_providers(ap, dict(PROVIDERS), args.providers, _available)
 
     # Preparation in its own process: transformers and the models must not stay in the parent.
     args.cache.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,6 @@ and p80 over every repetition; tokens/s as the throughput) and llm.md: tallow
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import math
@@ -90,6 +89,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+from bench_encoders import select_providers  # noqa: E402  (the shared --providers rule)
 
 # Nothing heavy at module level: each engine's process imports only its own engine.
 
@@ -630,22 +631,7 @@ def main(argv: list[str] | None = None) -> int:
              "ppl_window": args.ppl_window, "ppl_windows": args.ppl_windows or (4 if args.quick else 40),
              "greedy_prompts": args.greedy_prompts or (6 if args.quick else 20), "greedy_tokens": args.greedy_tokens}
     cases = args.cases or list(CASES)
-    catalogue = dict(PROVIDERS)
-    if args.providers:
-        unknown = [g for g in args.providers if not fnmatch.filter(catalogue, g)]
-        if unknown:
-            ap.error(f"--providers: {unknown} match no provider (known: {', '.join(catalogue)})")
-        catalogue = {n: p for n, p in catalogue.items() if any(fnmatch.fnmatch(n, g) for g in args.providers)}
-    providers, skipped = [], {}
-    for p in catalogue.values():
-        why = _available(p)
-        if why:
-            skipped[p.name] = why
-            print(f"skipping {p.name}: {why}", flush=True)
-        else:
-            providers.append(p)
-    if not providers:
-        ap.error("no provider to run")
+    providers, skipped = select_providers(ap, dict(PROVIDERS), args.providers, _available)
     quality_providers = [] if args.no_quality else list(providers)
     if quality_providers and not args.no_transformers:
         why = _available(REFERENCE)

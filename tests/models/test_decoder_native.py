@@ -34,6 +34,26 @@ def _views(pool):
     return [t for t in pool]
 
 
+def _native_and_per_op(model, prompts, tokens, positions, length):
+    """Prefills ``prompts`` into a zeroed pool, then decodes one step natively
+    and, on a copy of the pool, per-op: (native logits, per-op logits, native
+    pool, per-op pool)."""
+    keys, values = model.new_cache(len(prompts), length)
+    keys.zero_()  # the scheduler's pool: unwritten positions are zeros
+    values.zero_()
+    cache = (_views(keys), _views(values))
+    model.prefill_rows(prompts, cache)
+    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
+    tokens, positions = torch.tensor(tokens), torch.tensor(positions)
+    got = model.decode_rows(tokens, positions, cache)
+    native, model.native = model.native, None
+    try:
+        want = model.decode_rows(tokens, positions, ref_cache)
+    finally:
+        model.native = native
+    return got, want, cache, ref_cache
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gqa2", "gqa5"])
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("kv", ["float32", "bfloat16"])
@@ -41,19 +61,9 @@ def test_native_decode_step_equals_per_op(decoder_dirs, name, quantize, kv):
     require_native()
     model = load(decoder_dirs / name, quantize=quantize, kv_cache_dtype=kv)
     assert model.native is not None
-    keys, values = model.new_cache(3, 40)
-    keys.zero_()  # the scheduler's pool: unwritten positions are zeros
-    values.zero_()
-    cache = (_views(keys), _views(values))
-    model.prefill_rows([[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]], cache)
-    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
-    tokens, positions = torch.tensor([20, 30, 40]), torch.tensor([5, 2, 7])  # ragged: a mask per row
-    got = model.decode_rows(tokens, positions, cache)
-    native, model.native = model.native, None
-    try:
-        want = model.decode_rows(tokens, positions, ref_cache)
-    finally:
-        model.native = native
+    # ragged positions: a key mask per row
+    got, want, cache, ref_cache = _native_and_per_op(model, [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]],
+                                                     [20, 30, 40], [5, 2, 7], 40)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
     for a, b in zip(cache[0] + cache[1], ref_cache[0] + ref_cache[1]):  # the same keys/values written
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-6)
@@ -62,18 +72,7 @@ def test_native_decode_step_equals_per_op(decoder_dirs, name, quantize, kv):
 def test_native_decode_on_every_isa(decoder_dirs, each_isa):
     require_native()
     model = load(decoder_dirs / "gqa5")
-    keys, values = model.new_cache(2, 16)
-    keys.zero_()
-    values.zero_()
-    cache = (_views(keys), _views(values))
-    model.prefill_rows([[1, 2, 3], [4, 5, 6, 7]], cache)
-    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
-    got = model.decode_rows(torch.tensor([8, 9]), torch.tensor([3, 4]), cache)
-    native, model.native = model.native, None
-    try:
-        want = model.decode_rows(torch.tensor([8, 9]), torch.tensor([3, 4]), ref_cache)
-    finally:
-        model.native = native
+    got, want, _, _ = _native_and_per_op(model, [[1, 2, 3], [4, 5, 6, 7]], [8, 9], [3, 4], 16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
@@ -99,19 +98,7 @@ def test_decode_right_after_a_one_token_prompt_with_wide_groups(decoder_dirs, kv
     first decode step after a 1-token prompt): native and per-op agree."""
     require_native()
     model = load(decoder_dirs / "gqa5", kv_cache_dtype=kv)
-    keys, values = model.new_cache(2, 8)
-    keys.zero_()
-    values.zero_()
-    cache = (_views(keys), _views(values))
-    model.prefill_rows([[1], [2, 3]], cache)
-    ref_cache = ([k.clone() for k in cache[0]], [v.clone() for v in cache[1]])
-    tokens, positions = torch.tensor([4, 5]), torch.tensor([1, 2])
-    got = model.decode_rows(tokens, positions, cache)
-    native, model.native = model.native, None
-    try:
-        want = model.decode_rows(tokens, positions, ref_cache)
-    finally:
-        model.native = native
+    got, want, _, _ = _native_and_per_op(model, [[1], [2, 3]], [4, 5], [1, 2], 8)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
