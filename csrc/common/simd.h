@@ -16,6 +16,9 @@
 //   VF: kW floats        VI: kW int32 lanes
 //   vi_dpbusd(acc, a, w): per int32 lane, acc += sum_{j<4} u8(a.byte[j]) * s8(w.byte[j])
 //   (vpdpbusd on AVX-512 VNNI; exact emulation on AVX2, NEON and scalar).
+//   vi_dot4_s8(acc, a, w): per int32 lane, acc += sum_{j<4} s8(a.byte[j]) * s8(w.byte[j]),
+//   exact for bytes in [-127, 127] (-128 excluded: the x86 forms take |a|
+//   and move a's sign onto w, and vpmaddubsw's pair sums stay below 2^15).
 #pragma once
 
 #if defined(__x86_64__)
@@ -63,6 +66,11 @@ inline VF vi_to_vf(VI v) { return _mm512_cvtepi32_ps(v); }
 // Round to nearest, ties to even (the MXCSR default), like torch.round.
 inline VI vf_round_to_vi(VF v) { return _mm512_cvtps_epi32(v); }
 inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) { return _mm512_dpbusd_epi32(acc, a_u8, w_s8); }
+inline VI vi_dot4_s8(VI acc, VI a, VI w) {
+  // vpdpbusd is u8 x s8: |a| times w with a's sign (w negated where a < 0).
+  const __m512i wn = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(a), _mm512_setzero_si512(), w);
+  return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(a), wn);
+}
 
 #elif defined(__AVX2__)
 constexpr int kW = 8;
@@ -122,6 +130,12 @@ inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) {
   const __m256i w_odd = _mm256_srai_epi16(w_s8, 8);
   acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a_even, w_even));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a_odd, w_odd));
+}
+inline VI vi_dot4_s8(VI acc, VI a, VI w) {
+  // |a| (u8 <= 127) x sign(w, a) (s8 in [-127, 127]): vpmaddubsw's pair sums
+  // are at most 2 * 127 * 127 < 2^15, so nothing saturates.
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
 #elif defined(TALLOW_SIMD_NEON)
@@ -189,6 +203,9 @@ inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) {
   acc = vdotq_s32(acc, a, w);
   return vsubq_s32(acc, vdotq_s32(vdupq_n_s32(0), vdupq_n_s8(-128), w));
 }
+inline VI vi_dot4_s8(VI acc, VI a, VI w) {
+  return vdotq_s32(acc, vreinterpretq_s8_s32(a), vreinterpretq_s8_s32(w));
+}
 
 #else  // scalar
 constexpr int kW = 1;
@@ -229,6 +246,15 @@ inline VI vi_dpbusd(VI acc, VI a_u8, VI w_s8) {
   uint32_t sum = static_cast<uint32_t>(acc);
   for (int j = 0; j < 4; ++j) {
     const int32_t a = static_cast<uint8_t>(static_cast<uint32_t>(a_u8) >> (8 * j));
+    const int32_t w = static_cast<int8_t>(static_cast<uint32_t>(w_s8) >> (8 * j));
+    sum += static_cast<uint32_t>(a * w);
+  }
+  return static_cast<int32_t>(sum);
+}
+inline VI vi_dot4_s8(VI acc, VI a_s8, VI w_s8) {
+  uint32_t sum = static_cast<uint32_t>(acc);
+  for (int j = 0; j < 4; ++j) {
+    const int32_t a = static_cast<int8_t>(static_cast<uint32_t>(a_s8) >> (8 * j));
     const int32_t w = static_cast<int8_t>(static_cast<uint32_t>(w_s8) >> (8 * j));
     sum += static_cast<uint32_t>(a * w);
   }

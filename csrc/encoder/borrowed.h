@@ -11,6 +11,7 @@
 
 #include "common/array_checks.h"
 #include "encoder/model.h"
+#include "int8_matmul/int8_matmul.h"
 
 namespace tallow {
 namespace encoder {
@@ -41,7 +42,8 @@ class Borrowed {
   }
 
   // A linear layer [N, K] from {"weight", "bias"} (fp32: packed, a copy) or
-  // {"packed", "colsum", "scale", "bias"} (INT8: borrowed); bias may be None.
+  // {"packed", "colsum", "scale", "bias"} (INT8: borrowed; "act_block": 32
+  // for activations quantized per block, see int8mm::linear_b32); bias may be None.
   Linear linear(const std::string& name, py::dict d, int64_t N, int64_t K) {
     const float* bias = d.contains("bias") && !d["bias"].is_none() ? vec<float>(name + ".bias", d["bias"], N) : nullptr;
     if (d.contains("weight")) {  // packed into a copy: the weight itself need not stay alive
@@ -55,7 +57,14 @@ class Borrowed {
     const int8_t* packed = vec<int8_t>(name + ".packed", d["packed"], packed_bytes);
     const int32_t* colsum = vec<int32_t>(name + ".colsum", d["colsum"], N);
     const float* scale = vec<float>(name + ".scale", d["scale"], N);
-    return Encoder::make_int8(packed, colsum, scale, bias, N, K);
+    Linear l = Encoder::make_int8(packed, colsum, scale, bias, N, K);
+    if (d.contains("act_block") && !d["act_block"].is_none()) {
+      l.act_block = d["act_block"].cast<int64_t>();
+      if (l.act_block != 0 && l.act_block != int8mm::kQBlock)
+        throw py::value_error(std::string(op_) + ": " + name + ".act_block must be 0 or " +
+                              std::to_string(int8mm::kQBlock) + ", got " + std::to_string(l.act_block));
+    }
+    return l;
   }
 
  private:

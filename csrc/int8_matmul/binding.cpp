@@ -177,6 +177,69 @@ void register_int8_matmul(py::module_& m) {
       },
       py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("zp"),
       "Dynamic per-row asymmetric u8 quantization of x (the first step of int8_linear).");
+
+  m.def(
+      "int8_linear_b32",
+      [](py::array x, py::array packed, py::array scale_w, py::object bias, int act, py::array out) {
+        const char* op = "int8_linear_b32";
+        check_array<float>(op, "x", x, 2, false);
+        check_row_major_rows(op, "x", x);
+        check_array<int8_t>(op, "packed_weight", packed, 4, true);
+        check_array<float>(op, "weight_scale", scale_w, 1, true);
+        check_array<float>(op, "out", out, 2, true);
+        const int64_t M = x.shape(0), K = x.shape(1), N = scale_w.shape(0);
+        check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
+        check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
+        check_dim(op, "packed_weight", packed, 2, 16);
+        check_dim(op, "packed_weight", packed, 3, 4);
+        check_dim(op, "out", out, 0, M);
+        check_dim(op, "out", out, 1, N);
+        if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
+          throw py::value_error("int8_linear_b32: act must be 0..3, got " + std::to_string(act));
+        const float* bp = nullptr;
+        py::array bias_arr;
+        if (!bias.is_none()) {
+          bias_arr = bias.cast<py::array>();
+          check_array<float>(op, "bias", bias_arr, 1, true);
+          check_dim(op, "bias", bias_arr, 0, N);
+          bp = static_cast<const float*>(bias_arr.data());
+        }
+        if (!out.writeable()) throw py::value_error("int8_linear_b32: out must be writeable");
+        const auto* xp = static_cast<const float*>(x.data());
+        const int64_t ldx = elem_stride(x, 0);
+        const auto* wp = static_cast<const int8_t*>(packed.data());
+        const auto* sw = static_cast<const float*>(scale_w.data());
+        auto* yp = static_cast<float*>(out.mutable_data());
+        py::gil_scoped_release release;
+        int8mm::linear_b32(xp, ldx, M, K, wp, sw, bp, N, act, yp);
+      },
+      py::arg("x"), py::arg("packed_weight"), py::arg("weight_scale"), py::arg("bias"), py::arg("act"),
+      py::arg("out"),
+      "out[M, N] = act(W8A8 with activations quantized per 32 k (symmetric s8, a scale per block) + bias), "
+      "linear()'s packed weights.");
+
+  m.def(
+      "int8_quantize_rows_b32",
+      [](py::array x, py::array q, py::array scale) {
+        const char* op = "int8_quantize_rows_b32";
+        check_array<float>(op, "x", x, 2, false);
+        check_row_major_rows(op, "x", x);
+        check_array<int8_t>(op, "q", q, 2, true);
+        check_array<float>(op, "scale", scale, 2, true);
+        const int64_t M = x.shape(0), K = x.shape(1);
+        check_dim(op, "q", q, 0, M);
+        check_dim(op, "q", q, 1, K);
+        check_dim(op, "scale", scale, 0, M);
+        check_dim(op, "scale", scale, 1, (K + int8mm::kQBlock - 1) / int8mm::kQBlock);
+        const auto* xp = static_cast<const float*>(x.data());
+        const int64_t ldx = elem_stride(x, 0);
+        auto* qp = static_cast<int8_t*>(q.mutable_data());
+        auto* sp = static_cast<float*>(scale.mutable_data());
+        py::gil_scoped_release release;
+        int8mm::quantize_rows_b32(xp, ldx, M, K, qp, sp);
+      },
+      py::arg("x"), py::arg("q"), py::arg("scale"),
+      "Symmetric s8 quantization of x per 32 k (the first step of int8_linear_b32).");
 }
 
 }  // namespace tallow

@@ -245,6 +245,43 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   kr.gemm(float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx));
 }
 
+void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
+                const float* scale_w, const float* bias, int64_t N, int act, float* y) {
+  if (M <= 0 || N <= 0) return;
+  const IsaKernels& kr = kernels();
+  const int64_t lda = (K + 3) / 4 * 4, nblk = (K + kQBlock - 1) / kQBlock;
+  const int64_t NP = (N + 15) / 16 * 16;
+  Scratch<float> sw(3, NP), bs(4, NP);  // padded to the 16-column blocks, zero there
+  std::memcpy(sw.get(), scale_w, N * sizeof(float));
+  if (bias)
+    std::memcpy(bs.get(), bias, N * sizeof(float));
+  else
+    std::memset(bs.get(), 0, N * sizeof(float));
+  for (int64_t n = N; n < NP; ++n) sw[n] = bs[n] = 0.0f;
+  Scratch<int8_t> q(0, M * lda);
+  Scratch<float> sx(5, M * nblk);
+  kr.quantize_rows_b32(x, M, K, ldx, q.get(), lda, sx.get());
+  BlockGemmArgs g{};
+  g.a = q.get();
+  g.lda = lda;
+  g.a_scale = sx.get();
+  g.nblk = nblk;
+  g.bp = packed;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.col_scale = sw.get();
+  g.bias = bs.get();
+  g.act = act;
+  g.c = y;
+  g.ldc = N;
+  kr.gemm_b32(g);
+}
+
+void quantize_rows_b32(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* scale) {
+  kernels().quantize_rows_b32(x, M, K, ldx, q, K, scale);
+}
+
 namespace {
 
 // im2col of quantized NHWC images into GEMM rows [m0, m0 + rows) of A (the

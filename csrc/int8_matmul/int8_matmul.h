@@ -49,6 +49,26 @@ struct GemmArgs {
   int use_amx;
 };
 
+// Block-quantized activations (linear_b32): x's rows quantized to symmetric
+// s8 with one float scale per kQBlock consecutive k — what LLM decoders need,
+// whose hidden states have a few channels far larger than the rest (one
+// scale per row would round the others to a handful of levels).
+constexpr int64_t kQBlock = 32;
+
+struct BlockGemmArgs {
+  const int8_t* a;        // [M][lda] s8 in [-127, 127], zero from K to lda = 4 * KB
+  int64_t lda;
+  const float* a_scale;   // [M][nblk], nblk = ceil(K / kQBlock)
+  int64_t nblk;
+  const int8_t* bp;       // packed B as GemmArgs::bp (symmetric: colsum not needed)
+  int64_t M, N, K;
+  const float* col_scale;  // [NB * 16]
+  const float* bias;       // [NB * 16]
+  int act;
+  float* c;  // [M][ldc]
+  int64_t ldc;
+};
+
 struct IsaKernels {
   // Bytes per element of the GEMM's A operand: 1 (u8, fed to vpdpbusd and its
   // emulations) or 2 (int16, AVX2's vpmaddwd path: exact, no saturation).
@@ -67,6 +87,13 @@ struct IsaKernels {
   void (*quantize_rows_a)(const float* x, int64_t M, int64_t K, int64_t ldx, void* q,
                           int64_t ldq, float* scale, int32_t* zp);
   void (*gemm)(const GemmArgs& args);
+  // Per row, per block of kQBlock k: scale = max|x| / 127 (0 for a block of
+  // zeros), q = clamp(round_half_even(x * (127 / max|x|)), -127, 127).
+  // q [M][ldq] s8 (zero from K to ldq), scale [M][ceil(K / kQBlock)].
+  void (*quantize_rows_b32)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                            float* scale);
+  // C[m, n] = act(col_scale[n] * sum_blk a_scale[m, blk] * sum_{k in blk} a[m, k] B[k, n] + bias[n]).
+  void (*gemm_b32)(const BlockGemmArgs& args);
 };
 
 extern const IsaKernels kKernelsAvx512;
@@ -106,6 +133,14 @@ void conv2d_nhwc(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int
 bool amx_usable();
 bool amx_enabled();
 void set_amx_enabled(bool on);
+
+// y [M, N] = int8 linear of x [M, K] with block-quantized activations (see
+// kQBlock) and linear()'s packed weights (their colsum is not needed).
+void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
+                const float* scale_w, const float* bias, int64_t N, int act, float* y);
+
+// The block quantization step alone (for tests): q [M, K] s8, scale [M, ceil(K / kQBlock)].
+void quantize_rows_b32(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* scale);
 
 // The quantization step alone (for tests): q [M, K] contiguous u8.
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* scale,

@@ -129,7 +129,8 @@ void gemm_amx(const GemmArgs& g) { drive(g, &amx_rows, &amx_begin, &amx_end, kAm
 
 extern const IsaKernels kKernelsAvx512;
 const IsaKernels kKernelsAvx512 = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
-                                 &isa_quantize_rows_a, &isa_gemm};
+                                 &isa_quantize_rows_a, &isa_gemm, &isa_quantize_rows_b32,
+                                 &isa_gemm_b32};
 
 }  // namespace int8mm
 }  // namespace tallow

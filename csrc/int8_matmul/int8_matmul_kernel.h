@@ -834,3 +834,144 @@ void isa_gemm(const GemmArgs& g) {
   drive(g, &vnni_rows, nullptr, nullptr, kMB);
 #endif
 }
+
+// ---------------------------------------------------------------- block-quantized activations
+//
+// linear_b32 (int8_matmul.h, kQBlock): A is symmetric s8 with a float scale
+// per 32 k, so the int32 dot of one block is scaled into float accumulators
+// before the next block starts (8 k-groups of the packed layout per block):
+//     C[m, n] = col_scale[n] * sum_blk a_scale[m, blk] * dot_blk(a[m], B[:, n])
+// vi_dot4_s8 multiplies s8 by s8 exactly (|a| x sign(w, a) on x86, SDOT on
+// NEON). A register tile is kQR rows x one 16-column block (kQV vectors):
+// int32 block sums and float totals, kQR * kQV each.
+#if defined(__AVX512F__)
+constexpr int kQR = 4;
+#elif defined(__AVX2__) || defined(TALLOW_SIMD_NEON)
+constexpr int kQR = 2;
+#else
+constexpr int kQR = 1;
+#endif
+constexpr int kQV = 16 / kW;  // vectors per 16 columns
+constexpr int64_t kQG = kQBlock / 4;  // k-groups per block
+constexpr int64_t kQRows = 16;  // rows per task
+constexpr int64_t kQCols = 2;   // 16-column blocks per task
+
+template <int R>
+inline void b32_tile(const BlockGemmArgs& g, int64_t m, int64_t nb) {
+  const int64_t KB = (g.K + 3) / 4;
+  const int8_t* w = g.bp + nb * KB * 64;
+  VF f[R][kQV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < kQV; ++v) f[r][v] = vf_zero();
+  for (int64_t blk = 0; blk < g.nblk; ++blk) {
+    VI s[R][kQV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < kQV; ++v) s[r][v] = vi_zero();
+    const int64_t kb0 = blk * kQG, kb1 = k_min(kb0 + kQG, KB);
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      VI wv[kQV];
+#pragma GCC unroll 16
+      for (int v = 0; v < kQV; ++v) wv[v] = vi_load(w + kb * 64 + v * kW * 4);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        int32_t a4;
+        __builtin_memcpy(&a4, g.a + (m + r) * g.lda + kb * 4, 4);
+        const VI av = vi_set1(a4);
+#pragma GCC unroll 16
+        for (int v = 0; v < kQV; ++v) s[r][v] = vi_dot4_s8(s[r][v], av, wv[v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const VF sc = vf_set1(g.a_scale[(m + r) * g.nblk + blk]);
+#pragma GCC unroll 16
+      for (int v = 0; v < kQV; ++v) f[r][v] = vf_fmadd(vi_to_vf(s[r][v]), sc, f[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < kQV; ++v) {
+    const int64_t n = nb * 16 + v * kW;
+    if (n >= g.N) break;
+    const int cnt = static_cast<int>(k_min(g.N - n, kW));
+    const VF cs = vf_load(g.col_scale + n), bs = vf_load(g.bias + n);  // padded to NB * 16
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const VF y = apply_act(vf_fmadd(f[r][v], cs, bs), g.act);
+      float* c = g.c + (m + r) * g.ldc + n;
+      if (cnt == kW)
+        vf_store(c, y);
+      else
+        vf_store_n(c, y, cnt);
+    }
+  }
+}
+
+void b32_tasks(void* p, int64_t begin, int64_t end) {
+  const BlockGemmArgs& g = *static_cast<const BlockGemmArgs*>(p);
+  const int64_t n_mb = (g.M + kQRows - 1) / kQRows, NB = (g.N + 15) / 16;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t m0 = (t % n_mb) * kQRows, m1 = k_min(m0 + kQRows, g.M);
+    const int64_t nb0 = (t / n_mb) * kQCols, nb1 = k_min(nb0 + kQCols, NB);
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      int64_t m = m0;
+      for (; m + kQR <= m1; m += kQR) b32_tile<kQR>(g, m, nb);
+      for (; m < m1; ++m) b32_tile<1>(g, m, nb);
+    }
+  }
+}
+
+void isa_gemm_b32(const BlockGemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
+  const int64_t n_mb = (g.M + kQRows - 1) / kQRows, NB = (g.N + 15) / 16;
+  tallow::parallel_for(n_mb * ((NB + kQCols - 1) / kQCols), 1, &b32_tasks, const_cast<BlockGemmArgs*>(&g));
+}
+
+struct B32QuantCtx {
+  const float* x;
+  int64_t K, ldx, ldq, nblk;
+  int8_t* q;
+  float* scale;
+};
+
+void b32_quantize_rows(void* p, int64_t begin, int64_t end) {
+  const B32QuantCtx& c = *static_cast<const B32QuantCtx*>(p);
+  for (int64_t m = begin; m < end; ++m) {
+    const float* x = c.x + m * c.ldx;
+    int8_t* q = c.q + m * c.ldq;
+    for (int64_t blk = 0; blk < c.nblk; ++blk) {
+      const int64_t k0 = blk * kQBlock, n = k_min(kQBlock, c.K - k0);
+      VF mx = vf_zero(), nonfinite = vf_zero();
+      for (int64_t k = 0; k < n; k += kW) {
+        const int cnt = static_cast<int>(k_min(n - k, kW));
+        const VF v = cnt == kW ? vf_load(x + k0 + k) : vf_load_n(x + k0 + k, cnt);
+        mx = vf_max(mx, vf_max(v, vf_sub(vf_zero(), v)));
+        nonfinite = vf_add(nonfinite, vf_mul(v, vf_zero()));  // NaN iff a NaN or inf went in
+      }
+      // vf_max may drop a NaN: a block with NaN or inf gets scale NaN (its outputs are NaN).
+      const float nf = vf_reduce_add(nonfinite);
+      const float amax = nf == nf ? vf_reduce_max(mx) : nf;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      c.scale[m * c.nblk + blk] = amax / 127.0f;
+      const VF iv = vf_set1(inv), lo = vf_set1(-127.0f), hi = vf_set1(127.0f);
+      for (int64_t k = 0; k < n; k += kW) {
+        const int cnt = static_cast<int>(k_min(n - k, kW));
+        const VF v = cnt == kW ? vf_load(x + k0 + k) : vf_load_n(x + k0 + k, cnt);
+        int32_t qi[kW];
+        vi_store(qi, vf_round_to_vi(vf_min(hi, vf_max(lo, vf_round(vf_mul(v, iv))))));
+        for (int j = 0; j < cnt; ++j) q[k0 + k + j] = static_cast<int8_t>(qi[j]);
+      }
+    }
+    for (int64_t k = c.K; k < c.ldq; ++k) q[k] = 0;
+  }
+}
+
+void isa_quantize_rows_b32(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                           float* scale) {
+  if (M <= 0) return;
+  B32QuantCtx c{x, K, ldx, ldq, (K + kQBlock - 1) / kQBlock, q, scale};
+  tallow::parallel_for(M, 1 + (1 << 13) / (K + 1), &b32_quantize_rows, &c);
+}

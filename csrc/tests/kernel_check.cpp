@@ -242,6 +242,72 @@ void check_linear(const std::string& isa) {
   }
 }
 
+// linear_b32: activations symmetric s8 per block of 32 k (the reference
+// quantization of python/tallow/ops/int8_block.py, which the kernel's q and
+// scales match bit for bit), the integer dot of each block exact, summed in
+// double here; extremes (every x and w at +-127 with scale 1) check that no
+// s8 x s8 product path saturates.
+void check_linear_b32(const std::string& isa) {
+  const int64_t shapes[][3] = {{1, 7, 97}, {2, 64, 33}, {5, 97, 129}, {3, 300, 16}, {17, 33, 50}, {1, 96, 20}};
+  for (int fill = 0; fill <= 1; ++fill) {
+    for (const auto& sh : shapes) {
+      for (int act = 0; act <= 3; ++act) {
+        const int64_t M = sh[0], K = sh[1], N = sh[2], ldx = K + 3;
+        const int64_t NB = (N + 15) / 16, KB = (K + 3) / 4, QB = int8mm::kQBlock;
+        std::vector<float> x((size_t)(M * ldx));
+        std::vector<int8_t> w((size_t)(N * K));
+        for (auto& v : x) v = fill ? (rand_int(0, 1) ? 127.0f : -127.0f) : rand_float(-2.0f, 2.0f);
+        for (auto& v : w) v = (int8_t)(fill ? (rand_int(0, 1) ? 127 : -127) : rand_int(-127, 127));
+        if (!fill)
+          for (int64_t m = 0; m < M; ++m) x[(size_t)(m * ldx + (m * 7) % K)] = 60.0f;  // an outlier channel
+        std::vector<float> sw((size_t)N), bias((size_t)N);
+        for (auto& v : sw) v = fill ? 1.0f : rand_float(0.002f, 0.01f);
+        for (auto& v : bias) v = fill ? 0.0f : rand_float(-1.0f, 1.0f);
+        std::vector<int8_t> packed((size_t)(NB * KB * 64), 0);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < K; ++k)
+            packed[(size_t)(((n / 16) * KB + k / 4) * 64 + (n % 16) * 4 + k % 4)] = w[(size_t)(n * K + k)];
+        std::vector<float> y((size_t)(M * N));
+        int8mm::linear_b32(x.data(), ldx, M, K, packed.data(), sw.data(), fill ? nullptr : bias.data(), N, act,
+                           y.data());
+        double worst = 0.0;
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xr = x.data() + m * ldx;
+          std::vector<int32_t> q((size_t)K);
+          std::vector<float> sx((size_t)((K + QB - 1) / QB));
+          for (int64_t b = 0; b * QB < K; ++b) {
+            float amax = 0.0f;
+            for (int64_t k = b * QB; k < K && k < (b + 1) * QB; ++k) amax = std::fmax(amax, std::fabs(xr[k]));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            sx[(size_t)b] = amax / 127.0f;
+            for (int64_t k = b * QB; k < K && k < (b + 1) * QB; ++k)
+              q[(size_t)k] = (int32_t)std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(xr[k] * inv)));
+          }
+          for (int64_t n = 0; n < N; ++n) {
+            double acc = 0.0;
+            for (int64_t b = 0; b * QB < K; ++b) {
+              int64_t dot = 0;
+              for (int64_t k = b * QB; k < K && k < (b + 1) * QB; ++k) dot += (int64_t)q[(size_t)k] * w[(size_t)(n * K + k)];
+              acc += (double)dot * sx[(size_t)b];
+            }
+            double ref = acc * sw[(size_t)n] + (fill ? 0.0 : bias[(size_t)n]);
+            if (act == int8mm::kActRelu) ref = ref > 0.0 ? ref : 0.0;
+            if (act == int8mm::kActGeluErf) ref = gelu_erf_ref(ref);
+            if (act == int8mm::kActGeluTanh) ref = gelu_tanh_ref(ref);
+            const double err = std::fabs(y[(size_t)(m * N + n)] - ref) / std::fmax(1.0, std::fabs(ref));
+            if (!(err <= worst)) worst = err;  // NaN sticks
+          }
+        }
+        // fill 1: x and w at +-127 with every scale 1: the integer dot itself
+        // (below 2^24, exact in float32; GELU aside, only the activation's rounding).
+        record("int8_linear_b32", isa,
+               fmt("M=%lld K=%lld N=%lld act=%d fill=%d", (long long)M, (long long)K, (long long)N, act, fill),
+               worst <= 1e-5, worst, fmt("max rel err %.3g", worst));
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ encoder kernels
 
 // fp32 GEMM on packed panels (bias, activation) against a double reference;
@@ -634,6 +700,7 @@ int main() {
     check_matmul(isa);
     check_quantize(isa);
     check_linear(isa);
+    check_linear_b32(isa);
     check_attention(isa);
     check_encoder(isa);
   }

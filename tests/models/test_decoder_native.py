@@ -156,3 +156,18 @@ def test_native_prefill_names_bad_prompts(decoder_dirs):
         model.prefill_rows([[1, 300]], cache)
     with pytest.raises(ValueError, match="prompt 0 has 9 tokens; each needs 1..8"):
         model.prefill_rows([[1] * 9], cache)
+
+
+def test_int8_activations_per_block_for_llama_per_row_for_gpt2(decoder_dirs):
+    """Llama-family INT8 quantizes activations per block of 32 (its hidden
+    states' outlier channels), natively too; GPT-2 keeps one scale per row."""
+    require_native()
+    from tallow.models.bert_native import _linear
+    from tallow.models.layers import Dense
+    from tallow.ops.int8_block import BlockQuantizedLinear
+
+    for name, blocks in (("gqa2", True), ("gpt2", False)):
+        model = load(str(decoder_dirs / name), quantize="int8")
+        dense = [m for m in model.modules() if isinstance(m, Dense)]
+        assert dense and all(isinstance(m.quantized, BlockQuantizedLinear) == blocks for m in dense), name
+        assert all(_linear(m)["act_block"] == (32 if blocks else 0) for m in dense), name

@@ -68,12 +68,15 @@ class Dense(torch.nn.Module):
     def out_features(self) -> int:
         return self.quantized.out_features if self.quantized is not None else self.weight.shape[0]
 
-    def quantize(self) -> None:
-        """Switches to W8A8 (per-channel weights, dynamic per-row activations)
-        and drops the fp32 weight."""
+    def quantize(self, activation_blocks: bool = False) -> None:
+        """Switches to W8A8 (per-channel weights; dynamic activations, one
+        scale per row, or per block of 32 features with ``activation_blocks``:
+        tallow.ops.int8_block) and drops the fp32 weight."""
         from ..ops import QuantizedLinear
+        from ..ops.int8_block import BlockQuantizedLinear
 
-        self.quantized = QuantizedLinear.from_float(self.weight, self.bias, activation=self.activation)
+        q = QuantizedLinear.from_float(self.weight, self.bias, activation=self.activation)
+        self.quantized = BlockQuantizedLinear.from_quantized(q) if activation_blocks else q
         self.weight = None
         self.bias = None
 
@@ -150,14 +153,17 @@ def count_parameters(model: torch.nn.Module) -> int:
     return n
 
 
-def quantize_model(model: torch.nn.Module, mode: Optional[str]) -> Optional[str]:
-    """Turns every Dense and Conv of ``model`` into W8A8 when ``mode == "int8"``;
-    returns the quantization now in force (None or "int8")."""
+def quantize_model(model: torch.nn.Module, mode: Optional[str], activation_blocks: bool = False) -> Optional[str]:
+    """Turns every Dense and Conv of ``model`` into W8A8 when ``mode == "int8"``
+    (Dense activations per block of 32 with ``activation_blocks``, see
+    Dense.quantize); returns the quantization now in force (None or "int8")."""
     if mode is None:
         return None
     if mode != "int8":
         raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
     for m in model.modules():
-        if isinstance(m, Dense) or (isinstance(m, Conv) and m.quantizable):
+        if isinstance(m, Dense):
+            m.quantize(activation_blocks)
+        elif isinstance(m, Conv) and m.quantizable:
             m.quantize()
     return "int8"
