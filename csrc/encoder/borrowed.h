@@ -42,8 +42,8 @@ class Borrowed {
   }
 
   // A linear layer [N, K] from {"weight", "bias"} (fp32: packed, a copy) or
-  // {"packed", "colsum", "scale", "bias"} (INT8: borrowed; "act_block": 32
-  // for activations quantized per block, see int8mm::linear_b32); bias may be None.
+  // {"packed", "colsum", "scale", "bias"} (INT8: borrowed) or {"packed",
+  // "block_scale", "bias"} (block-quantized INT8, int8mm::linear_b32); bias may be None.
   Linear linear(const std::string& name, py::dict d, int64_t N, int64_t K) {
     const float* bias = d.contains("bias") && !d["bias"].is_none() ? vec<float>(name + ".bias", d["bias"], N) : nullptr;
     if (d.contains("weight")) {  // packed into a copy: the weight itself need not stay alive
@@ -55,16 +55,15 @@ class Borrowed {
     }
     const int64_t packed_bytes = (N + 15) / 16 * ((K + 3) / 4) * 64;
     const int8_t* packed = vec<int8_t>(name + ".packed", d["packed"], packed_bytes);
+    if (d.contains("block_scale")) {  // block-quantized (int8mm::linear_b32)
+      const int64_t nblk = (K + int8mm::kQBlock - 1) / int8mm::kQBlock;
+      Linear l = Encoder::make_int8(packed, nullptr, nullptr, bias, N, K);
+      l.block_scale = vec<float>(name + ".block_scale", d["block_scale"], (N + 15) / 16 * nblk * 16);
+      return l;
+    }
     const int32_t* colsum = vec<int32_t>(name + ".colsum", d["colsum"], N);
     const float* scale = vec<float>(name + ".scale", d["scale"], N);
-    Linear l = Encoder::make_int8(packed, colsum, scale, bias, N, K);
-    if (d.contains("act_block") && !d["act_block"].is_none()) {
-      l.act_block = d["act_block"].cast<int64_t>();
-      if (l.act_block != 0 && l.act_block != int8mm::kQBlock)
-        throw py::value_error(std::string(op_) + ": " + name + ".act_block must be 0 or " +
-                              std::to_string(int8mm::kQBlock) + ", got " + std::to_string(l.act_block));
-    }
-    return l;
+    return Encoder::make_int8(packed, colsum, scale, bias, N, K);
   }
 
  private:

@@ -98,8 +98,8 @@ int64_t Encoder::owned_bytes() const {
 
 void apply_linear(const Linear& l, const float* x, int64_t ldx, int64_t M, int act, float* y) {
   const float* bias = l.bias.empty() ? nullptr : l.bias.data();
-  if (l.int8 && l.act_block)
-    int8mm::linear_b32(x, ldx, M, l.K, l.qpacked, l.scale, bias, l.N, act, y);
+  if (l.int8 && l.block_scale)
+    int8mm::linear_b32(x, ldx, M, l.K, l.qpacked, l.block_scale, bias, l.N, act, y);
   else if (l.int8)
     int8mm::linear(x, ldx, M, l.K, l.qpacked, l.colsum, l.scale, bias, l.N, act, y);
   else

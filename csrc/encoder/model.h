@@ -29,9 +29,9 @@ struct Linear {
   const int8_t* qpacked = nullptr;
   const int32_t* colsum = nullptr;
   const float* scale = nullptr;
-  // INT8 activations: 0 = one scale per row (int8mm::linear), int8mm::kQBlock
-  // = one per 32 k (int8mm::linear_b32: LLM decoders' outlier channels).
-  int64_t act_block = 0;
+  // Block-quantized INT8 (int8mm::linear_b32, LLM decoders): the weights'
+  // scales per 32 k, [NB][nblk][16] (borrowed; colsum and scale unused).
+  const float* block_scale = nullptr;
 };
 
 struct LayerNormParams {

@@ -180,20 +180,23 @@ void register_int8_matmul(py::module_& m) {
 
   m.def(
       "int8_linear_b32",
-      [](py::array x, py::array packed, py::array scale_w, py::object bias, int act, py::array out) {
+      [](py::array x, py::array packed, py::array block_scale, py::object bias, int act, py::array out) {
         const char* op = "int8_linear_b32";
         check_array<float>(op, "x", x, 2, false);
         check_row_major_rows(op, "x", x);
         check_array<int8_t>(op, "packed_weight", packed, 4, true);
-        check_array<float>(op, "weight_scale", scale_w, 1, true);
+        check_array<float>(op, "block_scale", block_scale, 3, true);
         check_array<float>(op, "out", out, 2, true);
-        const int64_t M = x.shape(0), K = x.shape(1), N = scale_w.shape(0);
+        const int64_t M = x.shape(0), K = x.shape(1), N = out.shape(1);
+        const int64_t nblk = (K + int8mm::kQBlock - 1) / int8mm::kQBlock;
         check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
         check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
         check_dim(op, "packed_weight", packed, 2, 16);
         check_dim(op, "packed_weight", packed, 3, 4);
+        check_dim(op, "block_scale", block_scale, 0, (N + 15) / 16);
+        check_dim(op, "block_scale", block_scale, 1, nblk);
+        check_dim(op, "block_scale", block_scale, 2, 16);
         check_dim(op, "out", out, 0, M);
-        check_dim(op, "out", out, 1, N);
         if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
           throw py::value_error("int8_linear_b32: act must be 0..3, got " + std::to_string(act));
         const float* bp = nullptr;
@@ -208,15 +211,15 @@ void register_int8_matmul(py::module_& m) {
         const auto* xp = static_cast<const float*>(x.data());
         const int64_t ldx = elem_stride(x, 0);
         const auto* wp = static_cast<const int8_t*>(packed.data());
-        const auto* sw = static_cast<const float*>(scale_w.data());
+        const auto* sp = static_cast<const float*>(block_scale.data());
         auto* yp = static_cast<float*>(out.mutable_data());
         py::gil_scoped_release release;
-        int8mm::linear_b32(xp, ldx, M, K, wp, sw, bp, N, act, yp);
+        int8mm::linear_b32(xp, ldx, M, K, wp, sp, bp, N, act, yp);
       },
-      py::arg("x"), py::arg("packed_weight"), py::arg("weight_scale"), py::arg("bias"), py::arg("act"),
+      py::arg("x"), py::arg("packed_weight"), py::arg("block_scale"), py::arg("bias"), py::arg("act"),
       py::arg("out"),
-      "out[M, N] = act(W8A8 with activations quantized per 32 k (symmetric s8, a scale per block) + bias), "
-      "linear()'s packed weights.");
+      "out[M, N] = act(x @ W^T + bias) with weights and activations quantized per 32 k (symmetric s8, a "
+      "scale per block): packed [N/16][K/4][16][4] weights, block_scale [N/16][ceil(K/32)][16].");
 
   m.def(
       "int8_quantize_rows_b32",

@@ -246,18 +246,17 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
 }
 
 void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
-                const float* scale_w, const float* bias, int64_t N, int act, float* y) {
+                const float* block_scale, const float* bias, int64_t N, int act, float* y) {
   if (M <= 0 || N <= 0) return;
   const IsaKernels& kr = kernels();
   const int64_t lda = (K + 3) / 4 * 4, nblk = (K + kQBlock - 1) / kQBlock;
   const int64_t NP = (N + 15) / 16 * 16;
-  Scratch<float> sw(3, NP), bs(4, NP);  // padded to the 16-column blocks, zero there
-  std::memcpy(sw.get(), scale_w, N * sizeof(float));
+  Scratch<float> bs(4, NP);  // padded to the 16-column blocks, zero there
   if (bias)
     std::memcpy(bs.get(), bias, N * sizeof(float));
   else
     std::memset(bs.get(), 0, N * sizeof(float));
-  for (int64_t n = N; n < NP; ++n) sw[n] = bs[n] = 0.0f;
+  for (int64_t n = N; n < NP; ++n) bs[n] = 0.0f;
   Scratch<int8_t> q(0, M * lda);
   Scratch<float> sx(5, M * nblk);
   kr.quantize_rows_b32(x, M, K, ldx, q.get(), lda, sx.get());
@@ -267,10 +266,10 @@ void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t*
   g.a_scale = sx.get();
   g.nblk = nblk;
   g.bp = packed;
+  g.b_scale = block_scale;
   g.M = M;
   g.N = N;
   g.K = K;
-  g.col_scale = sw.get();
   g.bias = bs.get();
   g.act = act;
   g.c = y;

@@ -49,10 +49,12 @@ struct GemmArgs {
   int use_amx;
 };
 
-// Block-quantized activations (linear_b32): x's rows quantized to symmetric
-// s8 with one float scale per kQBlock consecutive k — what LLM decoders need,
-// whose hidden states have a few channels far larger than the rest (one
-// scale per row would round the others to a handful of levels).
+// Block quantization (linear_b32), for LLM decoders: weights and activations
+// both with one scale per kQBlock consecutive k (as llama.cpp's Q8_0), symmetric
+// s8 in [-127, 127]. Their hidden states have a few channels far larger than
+// the rest, which one scale per activation row cannot hold, and weights that
+// came from 4-bit GGUF blocks lose their small blocks' precision in one scale
+// per output channel.
 constexpr int64_t kQBlock = 32;
 
 struct BlockGemmArgs {
@@ -60,10 +62,10 @@ struct BlockGemmArgs {
   int64_t lda;
   const float* a_scale;   // [M][nblk], nblk = ceil(K / kQBlock)
   int64_t nblk;
-  const int8_t* bp;       // packed B as GemmArgs::bp (symmetric: colsum not needed)
+  const int8_t* bp;       // packed B as GemmArgs::bp, s8 in [-127, 127]
+  const float* b_scale;   // [NB][nblk][16]: column n's scale for block blk at (n / 16, blk, n % 16)
   int64_t M, N, K;
-  const float* col_scale;  // [NB * 16]
-  const float* bias;       // [NB * 16]
+  const float* bias;      // [NB * 16]
   int act;
   float* c;  // [M][ldc]
   int64_t ldc;
@@ -92,7 +94,7 @@ struct IsaKernels {
   // q [M][ldq] s8 (zero from K to ldq), scale [M][ceil(K / kQBlock)].
   void (*quantize_rows_b32)(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
                             float* scale);
-  // C[m, n] = act(col_scale[n] * sum_blk a_scale[m, blk] * sum_{k in blk} a[m, k] B[k, n] + bias[n]).
+  // C[m, n] = act(sum_blk a_scale[m, blk] * b_scale[n, blk] * sum_{k in blk} a[m, k] B[k, n] + bias[n]).
   void (*gemm_b32)(const BlockGemmArgs& args);
 };
 
@@ -134,10 +136,10 @@ bool amx_usable();
 bool amx_enabled();
 void set_amx_enabled(bool on);
 
-// y [M, N] = int8 linear of x [M, K] with block-quantized activations (see
-// kQBlock) and linear()'s packed weights (their colsum is not needed).
+// y [M, N] = block-quantized linear of x [M, K] (see kQBlock): weights packed
+// as linear()'s with their block scales [NB][nblk][16] (zero past N), bias [N] or null.
 void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
-                const float* scale_w, const float* bias, int64_t N, int act, float* y);
+                const float* block_scale, const float* bias, int64_t N, int act, float* y);
 
 // The block quantization step alone (for tests): q [M, K] s8, scale [M, ceil(K / kQBlock)].
 void quantize_rows_b32(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* scale);

@@ -837,10 +837,10 @@ void isa_gemm(const GemmArgs& g) {
 
 // ---------------------------------------------------------------- block-quantized activations
 //
-// linear_b32 (int8_matmul.h, kQBlock): A is symmetric s8 with a float scale
-// per 32 k, so the int32 dot of one block is scaled into float accumulators
-// before the next block starts (8 k-groups of the packed layout per block):
-//     C[m, n] = col_scale[n] * sum_blk a_scale[m, blk] * dot_blk(a[m], B[:, n])
+// linear_b32 (int8_matmul.h, kQBlock): A and B are symmetric s8 with a float
+// scale per 32 k, so the int32 dot of one block is scaled into float
+// accumulators before the next block starts (8 k-groups of the packed layout):
+//     C[m, n] = sum_blk a_scale[m, blk] * b_scale[n, blk] * dot_blk(a[m], B[:, n])
 // vi_dot4_s8 multiplies s8 by s8 exactly (|a| x sign(w, a) on x86, SDOT on
 // NEON). A register tile is kQR rows x one 16-column block (kQV vectors):
 // int32 block sums and float totals, kQR * kQV each.
@@ -860,6 +860,7 @@ template <int R>
 inline void b32_tile(const BlockGemmArgs& g, int64_t m, int64_t nb) {
   const int64_t KB = (g.K + 3) / 4;
   const int8_t* w = g.bp + nb * KB * 64;
+  const float* ws = g.b_scale + nb * g.nblk * 16;
   VF f[R][kQV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -885,11 +886,14 @@ inline void b32_tile(const BlockGemmArgs& g, int64_t m, int64_t nb) {
         for (int v = 0; v < kQV; ++v) s[r][v] = vi_dot4_s8(s[r][v], av, wv[v]);
       }
     }
+    VF wsc[kQV];
+#pragma GCC unroll 16
+    for (int v = 0; v < kQV; ++v) wsc[v] = vf_load(ws + blk * 16 + v * kW);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const VF sc = vf_set1(g.a_scale[(m + r) * g.nblk + blk]);
 #pragma GCC unroll 16
-      for (int v = 0; v < kQV; ++v) f[r][v] = vf_fmadd(vi_to_vf(s[r][v]), sc, f[r][v]);
+      for (int v = 0; v < kQV; ++v) f[r][v] = vf_fmadd(vi_to_vf(s[r][v]), vf_mul(sc, wsc[v]), f[r][v]);
     }
   }
 #pragma GCC unroll 16
@@ -897,10 +901,10 @@ inline void b32_tile(const BlockGemmArgs& g, int64_t m, int64_t nb) {
     const int64_t n = nb * 16 + v * kW;
     if (n >= g.N) break;
     const int cnt = static_cast<int>(k_min(g.N - n, kW));
-    const VF cs = vf_load(g.col_scale + n), bs = vf_load(g.bias + n);  // padded to NB * 16
+    const VF bs = vf_load(g.bias + n);  // padded to NB * 16
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const VF y = apply_act(vf_fmadd(f[r][v], cs, bs), g.act);
+      const VF y = apply_act(vf_add(f[r][v], bs), g.act);
       float* c = g.c + (m + r) * g.ldc + n;
       if (cnt == kW)
         vf_store(c, y);

@@ -242,11 +242,11 @@ void check_linear(const std::string& isa) {
   }
 }
 
-// linear_b32: activations symmetric s8 per block of 32 k (the reference
-// quantization of python/tallow/ops/int8_block.py, which the kernel's q and
-// scales match bit for bit), the integer dot of each block exact, summed in
-// double here; extremes (every x and w at +-127 with scale 1) check that no
-// s8 x s8 product path saturates.
+// linear_b32: weights and activations symmetric s8 per block of 32 k (the
+// activations by the reference quantization of python/tallow/ops/int8_block.py,
+// which the kernel's q and scales match bit for bit), the integer dot of each
+// block exact, summed in double here; extremes (every x and w at +-127, every
+// scale 1) check that no s8 x s8 product path saturates.
 void check_linear_b32(const std::string& isa) {
   const int64_t shapes[][3] = {{1, 7, 97}, {2, 64, 33}, {5, 97, 129}, {3, 300, 16}, {17, 33, 50}, {1, 96, 20}};
   for (int fill = 0; fill <= 1; ++fill) {
@@ -260,15 +260,18 @@ void check_linear_b32(const std::string& isa) {
         for (auto& v : w) v = (int8_t)(fill ? (rand_int(0, 1) ? 127 : -127) : rand_int(-127, 127));
         if (!fill)
           for (int64_t m = 0; m < M; ++m) x[(size_t)(m * ldx + (m * 7) % K)] = 60.0f;  // an outlier channel
-        std::vector<float> sw((size_t)N), bias((size_t)N);
-        for (auto& v : sw) v = fill ? 1.0f : rand_float(0.002f, 0.01f);
+        const int64_t nblk = (K + QB - 1) / QB;
+        std::vector<float> ws((size_t)(NB * nblk * 16), 0.0f), bias((size_t)N);  // [NB][nblk][16]
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t b = 0; b < nblk; ++b)
+            ws[(size_t)(((n / 16) * nblk + b) * 16 + n % 16)] = fill ? 1.0f : rand_float(0.002f, 0.01f);
         for (auto& v : bias) v = fill ? 0.0f : rand_float(-1.0f, 1.0f);
         std::vector<int8_t> packed((size_t)(NB * KB * 64), 0);
         for (int64_t n = 0; n < N; ++n)
           for (int64_t k = 0; k < K; ++k)
             packed[(size_t)(((n / 16) * KB + k / 4) * 64 + (n % 16) * 4 + k % 4)] = w[(size_t)(n * K + k)];
         std::vector<float> y((size_t)(M * N));
-        int8mm::linear_b32(x.data(), ldx, M, K, packed.data(), sw.data(), fill ? nullptr : bias.data(), N, act,
+        int8mm::linear_b32(x.data(), ldx, M, K, packed.data(), ws.data(), fill ? nullptr : bias.data(), N, act,
                            y.data());
         double worst = 0.0;
         for (int64_t m = 0; m < M; ++m) {
@@ -288,9 +291,9 @@ void check_linear_b32(const std::string& isa) {
             for (int64_t b = 0; b * QB < K; ++b) {
               int64_t dot = 0;
               for (int64_t k = b * QB; k < K && k < (b + 1) * QB; ++k) dot += (int64_t)q[(size_t)k] * w[(size_t)(n * K + k)];
-              acc += (double)dot * sx[(size_t)b];
+              acc += (double)dot * sx[(size_t)b] * ws[(size_t)(((n / 16) * nblk + b) * 16 + n % 16)];
             }
-            double ref = acc * sw[(size_t)n] + (fill ? 0.0 : bias[(size_t)n]);
+            double ref = acc + (fill ? 0.0 : bias[(size_t)n]);
             if (act == int8mm::kActRelu) ref = ref > 0.0 ? ref : 0.0;
             if (act == int8mm::kActGeluErf) ref = gelu_erf_ref(ref);
             if (act == int8mm::kActGeluTanh) ref = gelu_tanh_ref(ref);

@@ -1,8 +1,10 @@
-"""INT8 linear with activations quantized per block of 32 (tallow.ops.int8_block):
-the quantization bit for bit against its reference, the GEMM against the
-reference over awkward shapes on every ISA this CPU runs, exact integer dots
-at the extremes (no vpmaddubsw saturation), and what the mode is for: a row
-with outlier channels keeps its small channels."""
+"""INT8 linear quantized per block of 32, weights and activations
+(tallow.ops.int8_block): the activation quantization bit for bit against its
+reference, the GEMM against the reference over awkward shapes on every ISA
+this CPU runs, exact integer dots at the extremes (no vpmaddubsw
+saturation), and what the mode is for: a row with outlier channels keeps its
+small channels, a weight row with blocks of different ranges keeps its small
+blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 
 import tallow
 from tallow.ops import QuantizedLinear
-from tallow.ops.int8_block import BLOCK, BlockQuantizedLinear, int8_linear_b32_ref, quantize_blocks_ref
+from tallow.ops.int8_block import (BLOCK, BlockQuantizedLinear, int8_linear_b32_ref, pack_block_scale,
+                                   quantize_blocks_ref, unpack_block_scale)
 from tallow.testing import assert_close, require_native
 
 ACTS = [None, "relu", "gelu_erf", "gelu_tanh"]
@@ -86,10 +89,10 @@ def test_quantize_blocks_nonfinite(each_isa):
 @pytest.mark.parametrize("act", ACTS)
 def test_linear_b32_matches_reference(each_isa, m, k, n, act):
     w, b = torch.randn(n, k), torch.randn(n)
-    q = BlockQuantizedLinear.from_quantized(QuantizedLinear.from_float(w, b, activation=act))
+    q = BlockQuantizedLinear.from_float(w, b, activation=act)
     x = torch.randn(m, k) * 2
     x[:, k // 3] *= 40  # an outlier channel, as in LLM hidden states
-    ref = int8_linear_b32_ref(x, q.int8_weight(), q.weight_scale, q.bias, act)
+    ref = int8_linear_b32_ref(x, q.int8_weight(), q.weight_scale(), q.bias, act)
     _close(q(x), ref, what=f"{each_isa} {m}x{k}x{n} {act}")
 
 
@@ -101,9 +104,9 @@ def test_linear_b32_exact_at_the_extremes(each_isa):
     signs = torch.where(torch.rand(2, k) < 0.5, -1.0, 1.0)
     x = torch.stack([torch.full((k,), 127.0), signs[0] * 127.0, -torch.full((k,), 127.0)])
     w = torch.cat([torch.full((1, k), 127.0), signs[1:] * 127.0, torch.randint(-127, 128, (n - 2, k)).float()])
-    w[2:, 0] = 127.0  # every row's max |w| is 127: weight scale exactly 1
-    q = BlockQuantizedLinear.from_quantized(QuantizedLinear.from_float(w, None))
-    assert float(q.weight_scale.max()) == 1.0 and float(q.weight_scale.min()) == 1.0
+    w[2:, ::BLOCK] = 127.0  # every block's max |w| is 127: weight scales exactly 1
+    q = BlockQuantizedLinear.from_float(w, None)
+    assert float(q.weight_scale().max()) == 1.0 and float(q.weight_scale().min()) == 1.0
     exact = (x.double() @ w.double().t()).float()  # integers below 2^24: exact in float32
     assert torch.equal(q(x), exact)
 
@@ -113,18 +116,44 @@ def test_blocks_keep_the_small_channels_of_an_outlier_row(each_isa):
     # rounds the others to a few levels; one per block of 32 keeps the channels
     # of the other blocks as fine as without the outlier. (The outlier's own
     # block is coarse either way: its weights are zero here, so the outputs
-    # measure the other blocks.)
+    # measure the other blocks; both modules hold the same weights, exactly
+    # representable in either: integers in [-127, 127], every block's max 127.)
     k, n = 576, 64
-    w = torch.randn(n, k) / k ** 0.5
+    w = torch.randint(-127, 128, (n, k)).float()
+    w[:, ::BLOCK] = 127.0
     w[:, :BLOCK] = 0.0
     x = torch.randn(4, k)
     x[:, 7] = 200.0
     rows = QuantizedLinear.from_float(w, None)
-    blocks = BlockQuantizedLinear.from_quantized(rows)
-    exact = x @ rows.dequantized_weight().t()
+    blocks = BlockQuantizedLinear.from_float(w, None)
+    assert torch.equal(rows.dequantized_weight(), blocks.dequantized_weight())
+    exact = x @ w.t()
     err_rows = float((rows(x) - exact).norm() / exact.norm())
     err_blocks = float((blocks(x) - exact).norm() / exact.norm())
     assert err_blocks < 0.1 * err_rows, (err_blocks, err_rows)
+
+
+def test_blocks_keep_the_small_blocks_of_a_weight_row():
+    # A weight row whose blocks differ in range (as 4-bit GGUF blocks do): one
+    # scale per row rounds the small blocks to a few levels.
+    k, n = 256, 32
+    w = torch.randn(n, k)
+    w[:, :BLOCK] *= 50.0
+    rows = QuantizedLinear.from_float(w, None).dequantized_weight()
+    blocks = BlockQuantizedLinear.from_float(w, None).dequantized_weight()
+    small = slice(BLOCK, k)
+    err_rows = float((rows[:, small] - w[:, small]).norm() / w[:, small].norm())
+    err_blocks = float((blocks[:, small] - w[:, small]).norm() / w[:, small].norm())
+    assert err_blocks < 0.05 * err_rows, (err_blocks, err_rows)
+    assert err_blocks < 0.01
+
+
+def test_block_scale_layout_round_trips():
+    scale = torch.rand(37, 5)
+    packed = pack_block_scale(scale)
+    assert packed.shape == (3, 5, 16) and float(packed[2, :, 5:].abs().max()) == 0.0
+    assert torch.equal(unpack_block_scale(packed, 37), scale)
+    assert float(packed[1, 3, 4]) == float(scale[20, 3])
 
 
 def test_isas_agree():
@@ -132,7 +161,7 @@ def test_isas_agree():
     from tallow.testing import available_isas
 
     w, x = torch.randn(100, 200), torch.randn(9, 200)
-    q = BlockQuantizedLinear.from_quantized(QuantizedLinear.from_float(w, torch.randn(100)))
+    q = BlockQuantizedLinear.from_float(w, torch.randn(100))
     previous, outs = tallow.get_isa(), {}
     try:
         for isa in available_isas():
@@ -145,10 +174,8 @@ def test_isas_agree():
         _close(y, first, what=isa)
 
 
-def test_module_shares_buffers_and_checks_input():
-    base = QuantizedLinear.from_float(torch.randn(8, 40), torch.randn(8), activation="relu")
-    q = BlockQuantizedLinear.from_quantized(base)
-    assert q.packed_weight is base.packed_weight and q.weight_scale is base.weight_scale
+def test_module_checks_input_and_round_trips():
+    q = BlockQuantizedLinear.from_float(torch.randn(8, 40), torch.randn(8), activation="relu")
     assert q.activation == "relu" and "per block of 32" in repr(q)
     y = q(torch.randn(2, 3, 40))
     assert y.shape == (2, 3, 8) and bool((y >= 0).all())
@@ -157,29 +184,34 @@ def test_module_shares_buffers_and_checks_input():
         q(torch.randn(2, 41))
     with pytest.raises(TypeError, match="float32"):
         q(torch.randn(2, 40, dtype=torch.float64))
-    state = q.state_dict()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        BlockQuantizedLinear.from_float(torch.full((2, 3), float("inf")))
+    with pytest.raises(ValueError, match="bias"):
+        BlockQuantizedLinear.from_float(torch.randn(2, 3), torch.randn(3))
     again = BlockQuantizedLinear(40, 8, activation="relu")
-    again.load_state_dict(state)
+    again.load_state_dict(q.state_dict())
     x = torch.randn(3, 40)
     assert torch.equal(again(x), q(x))
 
 
 def test_forced_ref_backend(force_backend):
     force_backend("ref")
-    base = QuantizedLinear.from_float(torch.randn(30, 70), torch.randn(30), activation="gelu_tanh")
-    q = BlockQuantizedLinear.from_quantized(base)
+    q = BlockQuantizedLinear.from_float(torch.randn(30, 70), torch.randn(30), activation="gelu_tanh")
     x = torch.randn(4, 70)
-    assert torch.equal(q(x), int8_linear_b32_ref(x, q.int8_weight(), q.weight_scale, q.bias, "gelu_tanh"))
+    assert torch.equal(q(x), int8_linear_b32_ref(x, q.int8_weight(), q.weight_scale(), q.bias, "gelu_tanh"))
 
 
 def test_native_checks():
     require_native()
     mod = tallow.native()
-    q = QuantizedLinear.from_float(torch.randn(20, 40), None)
+    q = BlockQuantizedLinear.from_float(torch.randn(20, 40), None)
     out = torch.empty(2, 20)
     with pytest.raises(ValueError, match="packed_weight"):
-        mod.int8_linear_b32(torch.randn(2, 44).numpy(), q.packed_weight.numpy(), q.weight_scale.numpy(), None, 0,
+        mod.int8_linear_b32(torch.randn(2, 44).numpy(), q.packed_weight.numpy(), q.block_scale.numpy(), None, 0,
                             out.numpy())
+    with pytest.raises(ValueError, match="block_scale"):
+        mod.int8_linear_b32(torch.randn(2, 40).numpy(), q.packed_weight.numpy(), q.block_scale[:, :1].numpy(),
+                            None, 0, out.numpy())
     with pytest.raises(ValueError, match="act"):
-        mod.int8_linear_b32(torch.randn(2, 40).numpy(), q.packed_weight.numpy(), q.weight_scale.numpy(), None, 7,
+        mod.int8_linear_b32(torch.randn(2, 40).numpy(), q.packed_weight.numpy(), q.block_scale.numpy(), None, 7,
                             out.numpy())

@@ -58,12 +58,14 @@ def _linear(dense) -> dict:
     q = dense.quantized
     if q is None:
         return {"weight": _f32(dense.weight), "bias": None if dense.bias is None else _f32(dense.bias)}
-    from ..ops.int8_block import BLOCK, BlockQuantizedLinear
+    from ..ops.int8_block import BlockQuantizedLinear
 
     bufs = q._buffers
+    bias = None if bufs["bias"] is None else bufs["bias"].numpy()
+    if isinstance(q, BlockQuantizedLinear):
+        return {"packed": bufs["packed_weight"].numpy(), "block_scale": bufs["block_scale"].numpy(), "bias": bias}
     return {"packed": bufs["packed_weight"].numpy(), "colsum": bufs["weight_colsum"].numpy(),
-            "scale": bufs["weight_scale"].numpy(), "bias": None if bufs["bias"] is None else bufs["bias"].numpy(),
-            "act_block": BLOCK if isinstance(q, BlockQuantizedLinear) else 0}
+            "scale": bufs["weight_scale"].numpy(), "bias": bias}
 
 
 def _norm(ln: torch.nn.LayerNorm) -> dict:

@@ -68,15 +68,15 @@ class Dense(torch.nn.Module):
     def out_features(self) -> int:
         return self.quantized.out_features if self.quantized is not None else self.weight.shape[0]
 
-    def quantize(self, activation_blocks: bool = False) -> None:
-        """Switches to W8A8 (per-channel weights; dynamic activations, one
-        scale per row, or per block of 32 features with ``activation_blocks``:
-        tallow.ops.int8_block) and drops the fp32 weight."""
+    def quantize(self, blocks: bool = False) -> None:
+        """Switches to W8A8 — weights per output channel, activations per row
+        at run time; with ``blocks`` both per block of 32 input features
+        (tallow.ops.int8_block, for LLM decoders) — and drops the fp32 weight."""
         from ..ops import QuantizedLinear
         from ..ops.int8_block import BlockQuantizedLinear
 
-        q = QuantizedLinear.from_float(self.weight, self.bias, activation=self.activation)
-        self.quantized = BlockQuantizedLinear.from_quantized(q) if activation_blocks else q
+        kind = BlockQuantizedLinear if blocks else QuantizedLinear
+        self.quantized = kind.from_float(self.weight, self.bias, activation=self.activation)
         self.weight = None
         self.bias = None
 
@@ -153,17 +153,17 @@ def count_parameters(model: torch.nn.Module) -> int:
     return n
 
 
-def quantize_model(model: torch.nn.Module, mode: Optional[str], activation_blocks: bool = False) -> Optional[str]:
+def quantize_model(model: torch.nn.Module, mode: Optional[str], blocks: bool = False) -> Optional[str]:
     """Turns every Dense and Conv of ``model`` into W8A8 when ``mode == "int8"``
-    (Dense activations per block of 32 with ``activation_blocks``, see
-    Dense.quantize); returns the quantization now in force (None or "int8")."""
+    (Dense layers per block of 32 with ``blocks``, see Dense.quantize);
+    returns the quantization now in force (None or "int8")."""
     if mode is None:
         return None
     if mode != "int8":
         raise ValueError(f"quantize must be None or 'int8', got {mode!r}")
     for m in model.modules():
         if isinstance(m, Dense):
-            m.quantize(activation_blocks)
+            m.quantize(blocks)
         elif isinstance(m, Conv) and m.quantizable:
             m.quantize()
     return "int8"

@@ -24,9 +24,9 @@ group <= 4: Llama-3 and SmolLM2 have 4 and 3; a larger group is correct but
 makes the kernel widen a bf16 cache to fp32 first).
 
 The fused projections (Q/K/V in one Dense, gate and up in another) are one
-GEMM each instead of three / two; INT8 quantizes the weights per output
-channel, so the fusion changes nothing in them, and the activations per
-block of 32 features (tallow.ops.int8_block), not per row.
+GEMM each instead of three / two; INT8 quantizes weights and activations
+per block of 32 input features (tallow.ops.int8_block), so the fusion
+changes nothing in the quantized weights.
 
 Checkpoints: a Hugging Face directory (``LlamaForCausalLM``,
 ``MistralForCausalLM``, ``Qwen2ForCausalLM``; config.json, safetensors) via
@@ -345,10 +345,11 @@ class LlamaForCausalLM(torch.nn.Module):
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         self.requires_grad_(False)
-        # INT8 quantizes activations per block of 32 features (tallow.ops.int8_block):
-        # with one scale per row, the few outlier channels of these hidden states
-        # leave the rest a handful of levels (SmolLM2: perplexity +1.2 %).
-        self.quantization = quantize_model(self, quantize, activation_blocks=True)
+        # INT8 quantizes weights and activations per block of 32 features
+        # (tallow.ops.int8_block): one scale per activation row cannot hold the few
+        # outlier channels of these hidden states, nor one per weight row the
+        # 4-bit blocks GGUF weights came from.
+        self.quantization = quantize_model(self, quantize, blocks=True)
         # The decode step as one native call (decoder_native.py), chosen once here;
         # None keeps the per-op decode_rows below (its reference).
         self.native = NativeDecoder(self, "llama") if native_decoder_wanted() else None

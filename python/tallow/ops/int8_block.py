@@ -1,26 +1,27 @@
-"""INT8 linear with block-quantized activations, for LLM decoders.
+"""INT8 linear quantized per block of 32, for LLM decoders.
 
 The hidden states of Llama-family models have a few channels a hundred times
-larger than the rest. :class:`~tallow.ops.QuantizedLinear` quantizes a whole
+larger than the rest: :class:`~tallow.ops.QuantizedLinear` quantizes a whole
 activation row with one scale, so those outliers leave the other channels a
-handful of levels: SmolLM2-135M's perplexity rises by 1.2 % and greedy
-replies diverge early. Here each block of ``BLOCK = 32`` consecutive input
-features gets its own scale (as llama.cpp's Q8 activations do), symmetric::
+handful of levels; and weights that came from 4-bit GGUF blocks (each block
+of 32 with its own scale) lose their small blocks' precision in one scale per
+output channel. Here both operands get a scale per block of 32 consecutive
+input features (``BLOCK``), symmetric (as llama.cpp's Q8_0)::
 
-    amax = max |x[blk]|            scale = amax / 127   (0 for a block of zeros)
-    q    = clamp(round_half_even(x · (127 / amax)), -127, 127)   (s8)
-    y[n] = act(scale_w[n] · Σ_blk scale[blk] · Σ_{k ∈ blk} q[k] · Wq[n, k] + bias[n])
+    amax = max |v[blk]|            scale = amax / 127   (0 for a block of zeros)
+    q    = clamp(round_half_even(v · (127 / amax)), -127, 127)   (s8)
+    y[n] = act(Σ_blk scale_x[blk] · scale_w[n, blk] · Σ_{k ∈ blk} qx[k] · qw[n, k] + bias[n])
 
-float32 operations, so the CPU kernel's q and scale match
+float32 operations, so the CPU kernel's activation q and scales match
 :func:`quantize_blocks_ref` bit for bit; a block holding a NaN or inf gets
-scale NaN (its outputs are NaN). The weights are
-:class:`~tallow.ops.QuantizedLinear`'s (per-channel symmetric int8 in
-``[-127, 127]``, the same packed buffers), so a module switches modes without
-repacking. The integer dot of a block is exact (|·| ≤ 32 · 127 · 127 < 2^24,
-also in float32); the kernel (tallow._C.int8_linear_b32, csrc/int8_matmul:
-s8 × s8 with vpdpbusd on |a| and a's sign moved onto w on AVX-512 VNNI,
-vpmaddubsw + vpmaddwd on AVX2 — pair sums below 2^15, no saturation — SDOT
-on NEON) scales each block's int32 sums into float accumulators.
+scale NaN (its outputs are NaN). The integer dot of a block is exact
+(|·| ≤ 32 · 127 · 127 < 2^24, also in float32); the kernel
+(tallow._C.int8_linear_b32, csrc/int8_matmul: s8 × s8 with vpdpbusd on |a|
+and a's sign moved onto w on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2 —
+pair sums below 2^15, no saturation — SDOT on NEON) scales each block's
+int32 sums into float accumulators. Weights take 1.125 bytes per parameter
+(the int8 values in QuantizedLinear's packed layout, plus a float32 scale per
+32).
 
 Backends: ``cpu`` (the kernel) and ``ref`` (:func:`int8_linear_b32_ref`, torch
 ops on any device: CUDA tensors run it — no GPU kernel of its own yet).
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from .._dispatch import choose_backend
 from .._native import native
-from .int8_matmul import _ACT_CODE, QuantizedLinear, _native_ok, apply_activation
+from .int8_matmul import _ACT_CODE, _check_activation, _native_ok, apply_activation, pack_weight, unpack_weight
 
 BLOCK = 32
 _ORDER = {"cpu": ("cpu", "ref"), "cuda": ("ref",)}
@@ -43,7 +44,7 @@ _ORDER = {"cpu": ("cpu", "ref"), "cuda": ("ref",)}
 
 def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``x [M, K]`` -> ``(q int8 [M, K], scale float32 [M, ceil(K / 32)])``,
-    the module docstring's float32 operations."""
+    the module docstring's float32 operations (activations and weights alike)."""
     x = x.to(torch.float32)
     m, k = x.shape
     nblk = -(-k // BLOCK)
@@ -57,19 +58,32 @@ def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).view(m, nblk * BLOCK)[:, :k], amax / c127
 
 
+def pack_block_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``[N, nblk]`` -> the kernel's ``[ceil(N/16), nblk, 16]`` (zero past N)."""
+    n, nblk = scale.shape
+    padded = torch.zeros(-(-n // 16) * 16, nblk, dtype=torch.float32)
+    padded[:n] = scale
+    return padded.view(-1, 16, nblk).permute(0, 2, 1).contiguous()
+
+
+def unpack_block_scale(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_block_scale`."""
+    return packed.permute(0, 2, 1).reshape(-1, packed.shape[1])[:n]
+
+
 def int8_linear_b32_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: Optional[torch.Tensor] = None, activation: Optional[str] = None) -> torch.Tensor:
-    """The maths in torch: ``x [..., K]`` float32, ``qweight`` the unpacked int8
-    weight ``[N, K]``. Each block's integer dot is exact in float32; the blocks
-    are summed in order, as the kernel does."""
+    """The maths in torch: ``x [..., K]`` float32, ``qweight`` int8 ``[N, K]``,
+    ``weight_scale [N, ceil(K / 32)]``. Each block's integer dot is exact in
+    float32; the blocks are summed in order, as the kernel does."""
     lead, k = x.shape[:-1], x.shape[-1]
     q, sx = quantize_blocks_ref(x.reshape(-1, k))
     w = qweight.to(torch.float32)
+    ws = weight_scale.to(torch.float32)
     y = torch.zeros(q.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
     for b in range(sx.shape[1]):
         k0, k1 = b * BLOCK, min((b + 1) * BLOCK, k)
-        y = y + (q[:, k0:k1].to(torch.float32) @ w[:, k0:k1].t()) * sx[:, b:b + 1]
-    y = y * weight_scale.to(torch.float32)[None, :]
+        y = y + (q[:, k0:k1].to(torch.float32) @ w[:, k0:k1].t()) * (sx[:, b:b + 1] * ws[None, :, b])
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :]
     return apply_activation(y, activation).reshape(*lead, qweight.shape[0])
@@ -83,22 +97,82 @@ def _linear_b32_cpu(x2: torch.Tensor, arrays, n: int, act: int) -> torch.Tensor:
     return out
 
 
-class BlockQuantizedLinear(QuantizedLinear):
-    """:class:`~tallow.ops.QuantizedLinear`'s weights with activations quantized
-    per block of 32 input features (see the module docstring). Eager only:
-    under ``torch.compile`` the call is a graph break."""
+class BlockQuantizedLinear(torch.nn.Module):
+    """INT8 ``y = act(x W^T + b)`` with weights and activations quantized per
+    block of 32 input features (see the module docstring). Eager only: under
+    ``torch.compile`` the call is a graph break.
+
+    Buffers (so ``state_dict`` round-trips): ``packed_weight`` int8
+    ``[ceil(N/16), ceil(K/4), 16, 4]`` (QuantizedLinear's layout),
+    ``block_scale`` float32 ``[ceil(N/16), ceil(K/32), 16]``, ``bias`` float32
+    ``[N]`` or None."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"BlockQuantizedLinear: {name} must be an int >= 1, got {v!r}")
+        self._activation = _check_activation(activation)
+        self._in, self._out = in_features, out_features
+        nb, kb, nblk = -(-out_features // 16), -(-in_features // 4), -(-in_features // BLOCK)
+        self.register_buffer("packed_weight", torch.zeros(nb, kb, 16, 4, dtype=torch.int8))
+        self.register_buffer("block_scale", torch.zeros(nb, nblk, 16, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        self._impls: dict = {}
+        self._impl_key = None
 
     @classmethod
-    def from_quantized(cls, q: QuantizedLinear) -> "BlockQuantizedLinear":
-        """The same buffers (shared, not copied) in block mode."""
-        mod = cls(q.in_features, q.out_features, bias=q.bias is not None, activation=q.activation)
-        for name in ("packed_weight", "weight_scale", "weight_colsum", "bias"):
-            setattr(mod, name, getattr(q, name))
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                   activation: Optional[str] = None) -> "BlockQuantizedLinear":
+        """Quantizes a float ``weight [N, K]`` (and copies ``bias [N]``) once."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError("BlockQuantizedLinear.from_float: weight must be a 2-D floating-point tensor [N, K], "
+                             f"got {type(weight).__name__} {tuple(getattr(weight, 'shape', ()))}")
+        n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"BlockQuantizedLinear.from_float: weight must be non-empty, got shape {(n, k)}")
+        w = weight.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("BlockQuantizedLinear.from_float: weight contains NaN or inf")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"BlockQuantizedLinear.from_float: bias must be a tensor of shape ({n},) or None")
+        mod = cls(k, n, bias=bias is not None, activation=activation)
+        wq, scale = quantize_blocks_ref(w)
+        with torch.no_grad():
+            mod.packed_weight.copy_(pack_weight(wq))
+            mod.block_scale.copy_(pack_block_scale(scale))
+            if bias is not None:
+                mod.bias.copy_(bias.detach().to("cpu", torch.float32))
         return mod
+
+    @property
+    def in_features(self) -> int:
+        return self._in
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    @property
+    def activation(self) -> Optional[str]:
+        return None if self._activation == "none" else self._activation
+
+    def int8_weight(self) -> torch.Tensor:
+        """The quantized weight as int8 ``[N, K]``."""
+        return unpack_weight(self.packed_weight, self._out, self._in)
+
+    def weight_scale(self) -> torch.Tensor:
+        """The weight's scales ``[N, ceil(K / 32)]``."""
+        return unpack_block_scale(self.block_scale, self._out)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``Wq · scale`` as float32 ``[N, K]``."""
+        scale = self.weight_scale().repeat_interleave(BLOCK, dim=1)[:, :self._in]
+        return self.int8_weight().to(torch.float32) * scale
 
     def _bound(self) -> dict:
         bufs = self._buffers
-        packed, scale, bias = bufs["packed_weight"], bufs["weight_scale"], bufs["bias"]
+        packed, scale, bias = bufs["packed_weight"], bufs["block_scale"], bufs["bias"]
         key = tuple((id(t), t.data_ptr()) for t in (packed, scale, bias) if t is not None)
         if self._impl_key == key:
             return self._impls
@@ -109,11 +183,10 @@ class BlockQuantizedLinear(QuantizedLinear):
             arrays = (packed.numpy(), scale.numpy(), None if bias is None else bias.detach().numpy())
             impl = lambda x2: _linear_b32_cpu(x2, arrays, self._out, _ACT_CODE[act])  # noqa: E731
         else:
-            wq = self.int8_weight().contiguous()
-            impl = lambda x2: int8_linear_b32_ref(x2, wq, scale, bias, None if act == "none" else act)  # noqa: E731
+            wq, ws = self.int8_weight().contiguous(), self.weight_scale().contiguous()
+            impl = lambda x2: int8_linear_b32_ref(x2, wq, ws, bias, None if act == "none" else act)  # noqa: E731
         self._impls, self._impl_key = {backend: impl}, key
         return self._impls
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"BlockQuantizedLinear: x must be a torch.Tensor, got {type(x).__name__}")
@@ -134,4 +207,4 @@ class BlockQuantizedLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self._in}, out_features={self._out}, bias={self.bias is not None}, "
-                f"activation={self.activation}, weight=int8 per-channel, input=s8 per block of {BLOCK}")
+                f"activation={self.activation}, weight and input=s8 per block of {BLOCK}")
