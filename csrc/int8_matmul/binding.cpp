@@ -26,6 +26,44 @@ void check_row_major_rows(const char* op, const char* name, const py::array& a) 
     throw py::value_error(std::string(op) + ": " + name + " has an unsupported row stride");
 }
 
+// What int8_linear and int8_linear_b32 check alike: x [M, K] float32 rows,
+// packed weights [ceil(N/16)][ceil(K/4)][16][4], out [M, N] writeable, act,
+// bias [N] or None (kept alive in `keep`).
+struct LinearOperands {
+  const float* x;
+  int64_t ldx, M, K;
+  const int8_t* w;
+  const float* bias;
+  float* y;
+};
+
+LinearOperands linear_operands(const char* op, py::array x, py::array packed, int64_t N, py::object bias, int act,
+                               py::array out, py::array& keep) {
+  check_array<float>(op, "x", x, 2, false);
+  check_row_major_rows(op, "x", x);
+  check_array<int8_t>(op, "packed_weight", packed, 4, true);
+  check_array<float>(op, "out", out, 2, true);
+  const int64_t M = x.shape(0), K = x.shape(1);
+  check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
+  check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
+  check_dim(op, "packed_weight", packed, 2, 16);
+  check_dim(op, "packed_weight", packed, 3, 4);
+  check_dim(op, "out", out, 0, M);
+  check_dim(op, "out", out, 1, N);
+  if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
+    throw py::value_error(std::string(op) + ": act must be 0..3, got " + std::to_string(act));
+  const float* bp = nullptr;
+  if (!bias.is_none()) {
+    keep = bias.cast<py::array>();
+    check_array<float>(op, "bias", keep, 1, true);
+    check_dim(op, "bias", keep, 0, N);
+    bp = static_cast<const float*>(keep.data());
+  }
+  if (!out.writeable()) throw py::value_error(std::string(op) + ": out must be writeable");
+  return {static_cast<const float*>(x.data()), elem_stride(x, 0), M, K, static_cast<const int8_t*>(packed.data()),
+          bp, static_cast<float*>(out.mutable_data())};
+}
+
 }  // namespace
 
 void register_int8_matmul(py::module_& m) {
@@ -57,39 +95,16 @@ void register_int8_matmul(py::module_& m) {
       [](py::array x, py::array packed, py::array colsum, py::array scale_w, py::object bias,
          int act, py::array out) {
         const char* op = "int8_linear";
-        check_array<float>(op, "x", x, 2, false);
-        check_row_major_rows(op, "x", x);
-        check_array<int8_t>(op, "packed_weight", packed, 4, true);
         check_array<int32_t>(op, "weight_colsum", colsum, 1, true);
         check_array<float>(op, "weight_scale", scale_w, 1, true);
-        check_array<float>(op, "out", out, 2, true);
-        const int64_t M = x.shape(0), K = x.shape(1), N = colsum.shape(0);
-        check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
-        check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
-        check_dim(op, "packed_weight", packed, 2, 16);
-        check_dim(op, "packed_weight", packed, 3, 4);
+        const int64_t N = colsum.shape(0);
         check_dim(op, "weight_scale", scale_w, 0, N);
-        check_dim(op, "out", out, 0, M);
-        check_dim(op, "out", out, 1, N);
-        if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
-          throw py::value_error("int8_linear: act must be 0..3, got " + std::to_string(act));
-        const float* bp = nullptr;
         py::array bias_arr;
-        if (!bias.is_none()) {
-          bias_arr = bias.cast<py::array>();
-          check_array<float>(op, "bias", bias_arr, 1, true);
-          check_dim(op, "bias", bias_arr, 0, N);
-          bp = static_cast<const float*>(bias_arr.data());
-        }
-        if (!out.writeable()) throw py::value_error("int8_linear: out must be writeable");
-        const auto* xp = static_cast<const float*>(x.data());
-        const int64_t ldx = elem_stride(x, 0);
-        const auto* wp = static_cast<const int8_t*>(packed.data());
+        const LinearOperands o = linear_operands(op, x, packed, N, bias, act, out, bias_arr);
         const auto* cs = static_cast<const int32_t*>(colsum.data());
         const auto* sw = static_cast<const float*>(scale_w.data());
-        auto* yp = static_cast<float*>(out.mutable_data());
         py::gil_scoped_release release;
-        int8mm::linear(xp, ldx, M, K, wp, cs, sw, bp, N, act, yp);
+        int8mm::linear(o.x, o.ldx, o.M, o.K, o.w, cs, sw, o.bias, N, act, o.y);
       },
       py::arg("x"), py::arg("packed_weight"), py::arg("weight_colsum"), py::arg("weight_scale"),
       py::arg("bias"), py::arg("act"), py::arg("out"),
@@ -182,39 +197,17 @@ void register_int8_matmul(py::module_& m) {
       "int8_linear_b32",
       [](py::array x, py::array packed, py::array block_scale, py::object bias, int act, py::array out) {
         const char* op = "int8_linear_b32";
-        check_array<float>(op, "x", x, 2, false);
-        check_row_major_rows(op, "x", x);
-        check_array<int8_t>(op, "packed_weight", packed, 4, true);
-        check_array<float>(op, "block_scale", block_scale, 3, true);
         check_array<float>(op, "out", out, 2, true);
-        const int64_t M = x.shape(0), K = x.shape(1), N = out.shape(1);
-        const int64_t nblk = (K + int8mm::kQBlock - 1) / int8mm::kQBlock;
-        check_dim(op, "packed_weight", packed, 0, (N + 15) / 16);
-        check_dim(op, "packed_weight", packed, 1, (K + 3) / 4);
-        check_dim(op, "packed_weight", packed, 2, 16);
-        check_dim(op, "packed_weight", packed, 3, 4);
-        check_dim(op, "block_scale", block_scale, 0, (N + 15) / 16);
-        check_dim(op, "block_scale", block_scale, 1, nblk);
-        check_dim(op, "block_scale", block_scale, 2, 16);
-        check_dim(op, "out", out, 0, M);
-        if (act < int8mm::kActNone || act > int8mm::kActGeluTanh)
-          throw py::value_error("int8_linear_b32: act must be 0..3, got " + std::to_string(act));
-        const float* bp = nullptr;
+        check_array<float>(op, "block_scale", block_scale, 3, true);
+        const int64_t N = out.shape(1);
         py::array bias_arr;
-        if (!bias.is_none()) {
-          bias_arr = bias.cast<py::array>();
-          check_array<float>(op, "bias", bias_arr, 1, true);
-          check_dim(op, "bias", bias_arr, 0, N);
-          bp = static_cast<const float*>(bias_arr.data());
-        }
-        if (!out.writeable()) throw py::value_error("int8_linear_b32: out must be writeable");
-        const auto* xp = static_cast<const float*>(x.data());
-        const int64_t ldx = elem_stride(x, 0);
-        const auto* wp = static_cast<const int8_t*>(packed.data());
+        const LinearOperands o = linear_operands(op, x, packed, N, bias, act, out, bias_arr);
+        check_dim(op, "block_scale", block_scale, 0, (N + 15) / 16);
+        check_dim(op, "block_scale", block_scale, 1, (o.K + int8mm::kQBlock - 1) / int8mm::kQBlock);
+        check_dim(op, "block_scale", block_scale, 2, 16);
         const auto* sp = static_cast<const float*>(block_scale.data());
-        auto* yp = static_cast<float*>(out.mutable_data());
         py::gil_scoped_release release;
-        int8mm::linear_b32(xp, ldx, M, K, wp, sp, bp, N, act, yp);
+        int8mm::linear_b32(o.x, o.ldx, o.M, o.K, o.w, sp, o.bias, N, act, o.y);
       },
       py::arg("x"), py::arg("packed_weight"), py::arg("block_scale"), py::arg("bias"), py::arg("act"),
       py::arg("out"),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .._dispatch import choose_backend
 from .._native import native
-from .int8_matmul import _ACT_CODE, _check_activation, _native_ok, apply_activation, pack_weight, unpack_weight
+from .int8_matmul import _ACT_CODE, Int8LinearBase, _native_ok, apply_activation, pack_weight, unpack_weight
 
 BLOCK = 32
 _ORDER = {"cpu": ("cpu", "ref"), "cuda": ("ref",)}
@@ -97,7 +97,7 @@ def _linear_b32_cpu(x2: torch.Tensor, arrays, n: int, act: int) -> torch.Tensor:
     return out
 
 
-class BlockQuantizedLinear(torch.nn.Module):
+class BlockQuantizedLinear(Int8LinearBase):
     """INT8 ``y = act(x W^T + b)`` with weights and activations quantized per
     block of 32 input features (see the module docstring). Eager only: under
     ``torch.compile`` the call is a graph break.
@@ -108,18 +108,11 @@ class BlockQuantizedLinear(torch.nn.Module):
     ``[N]`` or None."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None):
-        super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"BlockQuantizedLinear: {name} must be an int >= 1, got {v!r}")
-        self._activation = _check_activation(activation)
-        self._in, self._out = in_features, out_features
+        super().__init__(in_features, out_features, activation)
         nb, kb, nblk = -(-out_features // 16), -(-in_features // 4), -(-in_features // BLOCK)
         self.register_buffer("packed_weight", torch.zeros(nb, kb, 16, 4, dtype=torch.int8))
         self.register_buffer("block_scale", torch.zeros(nb, nblk, 16, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        self._impls: dict = {}
-        self._impl_key = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -144,18 +137,6 @@ class BlockQuantizedLinear(torch.nn.Module):
             if bias is not None:
                 mod.bias.copy_(bias.detach().to("cpu", torch.float32))
         return mod
-
-    @property
-    def in_features(self) -> int:
-        return self._in
-
-    @property
-    def out_features(self) -> int:
-        return self._out
-
-    @property
-    def activation(self) -> Optional[str]:
-        return None if self._activation == "none" else self._activation
 
     def int8_weight(self) -> torch.Tensor:
         """The quantized weight as int8 ``[N, K]``."""
@@ -188,16 +169,7 @@ class BlockQuantizedLinear(torch.nn.Module):
         self._impls, self._impl_key = {backend: impl}, key
         return self._impls
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"BlockQuantizedLinear: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"BlockQuantizedLinear: x must be float32, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self._in:
-            raise ValueError(f"BlockQuantizedLinear: x must have shape [..., {self._in}] (in_features), "
-                             f"got {tuple(x.shape)}")
-        if x.device != self.packed_weight.device:
-            raise ValueError(f"BlockQuantizedLinear: x is on {x.device} but the weights are on "
-                             f"{self.packed_weight.device} (move the module with .to(device))")
+        self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self._in)
         if x2.shape[0] == 0:

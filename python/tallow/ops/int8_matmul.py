@@ -364,7 +364,50 @@ def _check_activation(activation) -> str:
     return "none" if activation is None else activation
 
 
-class QuantizedLinear(torch.nn.Module):
+class Int8LinearBase(torch.nn.Module):
+    """What the INT8 linear modules share (QuantizedLinear here,
+    BlockQuantizedLinear in int8_block): sizes, activation and the checks of
+    an input. Subclasses hold a ``packed_weight`` buffer."""
+
+    def __init__(self, in_features: int, out_features: int, activation: Optional[str]):
+        super().__init__()
+        name = type(self).__name__
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {what} must be an int >= 1, got {v!r}")
+        self._activation = _check_activation(activation)
+        self._in = in_features
+        self._out = out_features
+        self._impls: dict = {}  # backend name -> callable, built by _bound()
+        self._impl_key = None
+
+    @property
+    def in_features(self) -> int:
+        return self._in
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    @property
+    def activation(self) -> Optional[str]:
+        return None if self._activation == "none" else self._activation
+
+    def _check_input(self, x) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name}: x must be float32, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self._in:
+            raise ValueError(f"{name}: x must have shape [..., {self._in}] (in_features), got {tuple(x.shape)}")
+        packed = self._buffers["packed_weight"]
+        if x.device != packed.device:
+            raise ValueError(f"{name}: x is on {x.device} but the weights are on {packed.device} "
+                             "(move the module with .to(device))")
+
+
+class QuantizedLinear(Int8LinearBase):
     """INT8 ``y = act(x W^T + b)``: per-channel symmetric int8 weights, dynamic
     per-row u8 activations, fused dequantize + bias + activation (see the
     module docstring for the exact maths).
@@ -377,13 +420,7 @@ class QuantizedLinear(torch.nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None):
-        super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"QuantizedLinear: {name} must be an int >= 1, got {v!r}")
-        self._activation = _check_activation(activation)
-        self._in = in_features
-        self._out = out_features
+        super().__init__(in_features, out_features, activation)
         nb, kb = (out_features + 15) // 16, (in_features + 3) // 4
         self.register_buffer("packed_weight", torch.zeros(nb, kb, 16, 4, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
@@ -392,8 +429,6 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.register_buffer("bias", None)
-        self._impls: dict = {}  # backend name -> callable, built by _bound()
-        self._impl_key = None
 
     @classmethod
     def from_float(
@@ -420,18 +455,6 @@ class QuantizedLinear(torch.nn.Module):
         mod = cls(k, n, bias=bias is not None, activation=activation)
         fill_quantized_weights(mod, w, bias)
         return mod
-
-    @property
-    def in_features(self) -> int:
-        return self._in
-
-    @property
-    def out_features(self) -> int:
-        return self._out
-
-    @property
-    def activation(self) -> Optional[str]:
-        return None if self._activation == "none" else self._activation
 
     def int8_weight(self) -> torch.Tensor:
         """The quantized weight as int8 ``[N, K]`` (unpacked view of the buffer)."""
@@ -471,21 +494,9 @@ class QuantizedLinear(torch.nn.Module):
         return impls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"QuantizedLinear: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"QuantizedLinear: x must be float32, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self._in:
-            raise ValueError(
-                f"QuantizedLinear: x must have shape [..., {self._in}] (in_features), got {tuple(x.shape)}"
-            )
+        self._check_input(x)
         bufs = self._buffers
         packed = bufs["packed_weight"]
-        if x.device != packed.device:
-            raise ValueError(
-                f"QuantizedLinear: x is on {x.device} but the weights are on {packed.device} "
-                "(move the module with .to(device))"
-            )
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, self._in)  # a view when the leading dims allow it
         if x2.shape[0] == 0:
