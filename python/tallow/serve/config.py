@@ -106,9 +106,9 @@ class ModelsConfig:
     # misses it on this small model: greedy, "What is the capital of France?" gets "The capital of
     # France is Paris." in fp32 but "L'Alma, la France, est la maquette..." in INT8, and 5 of 8 short
     # questions depart from fp32 within 16 tokens. (With weights and activations per block of 32,
-    # tallow.ops.int8_block, replies stay with fp32's longer — teacher-forced top-1 agreement 95 %
-    # instead of 90 % — but that first token still flips: llama.cpp keeps the file's 4-bit blocks
-    # exactly, tallow requantizes them to int8.) INT8 would give ~2x the decode speed (23 vs 11
+    # tallow.ops.int8_block, teacher-forced top-1 agreement with fp32 is 95 % instead of 90 %, but
+    # that first token still flips: fp32 prefers "The" to "L" by 0.08 nats, and quantizing the
+    # activations alone flips it.) INT8 would give ~2x the decode speed (23 vs 11
     # tokens/s measured on 2 busy cores) and a worker of ~0.5 GiB instead of 1.3 GiB (fp32: 771 MiB
     # loaded, and the native decode step's copy of the weights; see the README's make run figures).
     generator: str = "tallow:smollm2-135m-instruct"
