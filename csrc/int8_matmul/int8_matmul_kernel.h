@@ -835,7 +835,7 @@ void isa_gemm(const GemmArgs& g) {
 #endif
 }
 
-// ---------------------------------------------------------------- block-quantized activations
+// ---------------------------------------------------------------- block quantization (linear_b32)
 //
 // linear_b32 (int8_matmul.h, kQBlock): A and B are symmetric s8 with a float
 // scale per 32 k, so the int32 dot of one block is scaled into float

@@ -118,17 +118,8 @@ class BlockQuantizedLinear(Int8LinearBase):
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                    activation: Optional[str] = None) -> "BlockQuantizedLinear":
         """Quantizes a float ``weight [N, K]`` (and copies ``bias [N]``) once."""
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            raise ValueError("BlockQuantizedLinear.from_float: weight must be a 2-D floating-point tensor [N, K], "
-                             f"got {type(weight).__name__} {tuple(getattr(weight, 'shape', ()))}")
-        n, k = weight.shape
-        if n == 0 or k == 0:
-            raise ValueError(f"BlockQuantizedLinear.from_float: weight must be non-empty, got shape {(n, k)}")
-        w = weight.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("BlockQuantizedLinear.from_float: weight contains NaN or inf")
-        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
-            raise ValueError(f"BlockQuantizedLinear.from_float: bias must be a tensor of shape ({n},) or None")
+        w = cls._float_weight(weight, bias)
+        n, k = w.shape
         mod = cls(k, n, bias=bias is not None, activation=activation)
         wq, scale = quantize_blocks_ref(w)
         with torch.no_grad():
@@ -168,6 +159,7 @@ class BlockQuantizedLinear(Int8LinearBase):
             impl = lambda x2: int8_linear_b32_ref(x2, wq, ws, bias, None if act == "none" else act)  # noqa: E731
         self._impls, self._impl_key = {backend: impl}, key
         return self._impls
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         lead = x.shape[:-1]

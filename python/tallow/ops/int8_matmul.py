@@ -393,6 +393,30 @@ class Int8LinearBase(torch.nn.Module):
     def activation(self) -> Optional[str]:
         return None if self._activation == "none" else self._activation
 
+    @classmethod
+    def _float_weight(cls, weight, bias) -> torch.Tensor:
+        """from_float's arguments checked (weight a non-empty finite floating
+        [N, K] tensor, bias [N] or None); the weight as float32 on the CPU."""
+        what = f"{cls.__name__}.from_float"
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{what}: weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"{what}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"{what}: weight must be floating point, got {weight.dtype}")
+        n, k = weight.shape
+        if n == 0 or k == 0:
+            raise ValueError(f"{what}: weight must be non-empty, got shape {tuple(weight.shape)}")
+        w = weight.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{what}: weight contains NaN or inf")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"{what}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"{what}: bias must have shape ({n},), got {tuple(bias.shape)}")
+        return w
+
     def _check_input(self, x) -> None:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
@@ -435,23 +459,8 @@ class QuantizedLinear(Int8LinearBase):
         cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, activation: Optional[str] = None
     ) -> "QuantizedLinear":
         """Quantizes a float ``weight [N, K]`` (and ``bias [N]``) once."""
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"QuantizedLinear.from_float: weight must be a torch.Tensor, got {type(weight).__name__}")
-        if weight.dim() != 2:
-            raise ValueError(f"QuantizedLinear.from_float: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"QuantizedLinear.from_float: weight must be floating point, got {weight.dtype}")
-        n, k = weight.shape
-        if n == 0 or k == 0:
-            raise ValueError(f"QuantizedLinear.from_float: weight must be non-empty, got shape {tuple(weight.shape)}")
-        w = weight.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("QuantizedLinear.from_float: weight contains NaN or inf")
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor):
-                raise TypeError(f"QuantizedLinear.from_float: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-            if tuple(bias.shape) != (n,):
-                raise ValueError(f"QuantizedLinear.from_float: bias must have shape ({n},), got {tuple(bias.shape)}")
+        w = cls._float_weight(weight, bias)
+        n, k = w.shape
         mod = cls(k, n, bias=bias is not None, activation=activation)
         fill_quantized_weights(mod, w, bias)
         return mod
