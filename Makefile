@@ -100,6 +100,7 @@ tools-cross:
 KC_CXXFLAGS := -std=c++17 -O2 -Wall -Wextra -Wno-unused-parameter -fno-math-errno -Icsrc
 KC_BASE     := csrc/common/cpu_features.cpp csrc/common/thread_pool.cpp csrc/attention/attention.cpp \
                csrc/int8_matmul/int8_matmul.cpp csrc/preprocess/preprocess.cpp csrc/encoder/encoder.cpp \
+               csrc/vision/resnet.cpp \
                csrc/tests/kernel_check.cpp \
                $(wildcard csrc/*/*_scalar.cpp)
 KC_HEADERS  := $(wildcard csrc/*/*.h)

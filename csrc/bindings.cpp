@@ -17,6 +17,7 @@ void register_preprocess(py::module_& m);
 void register_peak(py::module_& m);
 void register_encoder(py::module_& m);
 void register_decoder(py::module_& m);
+void register_vision(py::module_& m);
 }  // namespace tallow
 
 #ifndef TALLOW_VERSION
@@ -61,4 +62,5 @@ PYBIND11_MODULE(_C, m) {
   tallow::register_peak(m);
   tallow::register_encoder(m);
   tallow::register_decoder(m);
+  tallow::register_vision(m);
 }

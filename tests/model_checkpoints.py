@@ -81,6 +81,31 @@ def resnet_dir(tmp_path_factory) -> Path:
     return out
 
 
+def synthetic_torchvision_resnet50() -> dict:
+    """torchvision resnet50's names and shapes, written out from the architecture."""
+    sd = {}
+
+    def conv_bn(conv, bn, cout, cin, k):
+        sd[f"{conv}.weight"] = torch.randn(cout, cin, k, k) * (2 / (cin * k * k)) ** 0.5
+        sd[f"{bn}.weight"], sd[f"{bn}.bias"] = torch.ones(cout), torch.zeros(cout)
+        sd[f"{bn}.running_mean"], sd[f"{bn}.running_var"] = torch.zeros(cout), torch.ones(cout)
+        sd[f"{bn}.num_batches_tracked"] = torch.tensor(0)
+
+    conv_bn("conv1", "bn1", 64, 3, 7)
+    cin = 64
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for b in range(blocks):
+            p = f"layer{layer}.{b}."
+            conv_bn(p + "conv1", p + "bn1", planes, cin, 1)
+            conv_bn(p + "conv2", p + "bn2", planes, planes, 3)
+            conv_bn(p + "conv3", p + "bn3", planes * 4, planes, 1)
+            if b == 0:
+                conv_bn(p + "downsample.0", p + "downsample.1", planes * 4, cin, 1)
+            cin = planes * 4
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 2048) * 0.01, torch.zeros(1000)
+    return sd
+
+
 # -- tallow.train (issue 12): a tiny labelled set and a head trained on the random BERT --------
 
 _POS = ["I love it", "great service", "what a wonderful day", "absolutely fantastic", "this is excellent",

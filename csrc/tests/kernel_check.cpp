@@ -42,6 +42,7 @@
 #include "encoder/encoder.h"
 #include "int8_matmul/int8_matmul.h"
 #include "preprocess/preprocess_dispatch.h"
+#include "vision/resnet.h"
 
 namespace {
 
@@ -391,6 +392,58 @@ void check_encoder(const std::string& isa) {
   }
 }
 
+// ------------------------------------------------------------------ convolution
+
+// The native ResNet's convolution (csrc/vision/): direct implicit GEMM with
+// bias + residual + ReLU, and Winograd F(2, 3) / F(4, 3), on NHWC buffers,
+// against a double-precision direct convolution.
+void check_conv(const std::string& isa) {
+  struct ConvCase { int64_t B, H, W, C, N, K, stride, pad; bool res; int wino; };
+  const ConvCase cases[] = {{1, 23, 19, 3, 64, 7, 2, 3, false, 0}, {2, 9, 7, 5, 17, 3, 1, 1, true, 0},
+                            {1, 14, 14, 64, 70, 1, 1, 0, true, 0},  {3, 9, 11, 33, 40, 1, 2, 0, false, 0},
+                            {1, 4, 4, 300, 33, 3, 1, 1, false, 0},  {2, 7, 9, 5, 17, 3, 1, 1, false, 2},
+                            {1, 14, 14, 64, 64, 3, 1, 1, false, 2}, {2, 7, 9, 5, 17, 3, 1, 1, false, 4},
+                            {1, 13, 14, 40, 33, 3, 1, 1, false, 4}};
+  for (const ConvCase& cc : cases) {
+    const int64_t OH = (cc.H + 2 * cc.pad - cc.K) / cc.stride + 1, OW = (cc.W + 2 * cc.pad - cc.K) / cc.stride + 1;
+    std::vector<float> x((size_t)(cc.B * cc.H * cc.W * cc.C)), w((size_t)(cc.N * cc.C * cc.K * cc.K)),
+        bias((size_t)cc.N), res((size_t)(cc.B * OH * OW * cc.N)), y(res.size());
+    for (auto& v : x) v = rand_float(-2.0f, 2.0f);
+    for (auto& v : w) v = rand_float(-1.0f, 1.0f) / std::sqrt((float)(cc.C * cc.K * cc.K));
+    for (auto& v : bias) v = rand_float(-1.0f, 1.0f);
+    for (auto& v : res) v = rand_float(-1.0f, 1.0f);
+    const vision::ConvLayer l =
+        vision::ResNet::make_conv(w.data(), bias.data(), cc.N, cc.C, cc.K, cc.K, cc.stride, cc.wino);
+    vision::conv_nhwc(l, x.data(), cc.B, cc.H, cc.W, cc.pad, cc.res ? res.data() : nullptr, 1, y.data());
+    double worst = 0.0;
+    for (int64_t b = 0; b < cc.B; ++b)
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow)
+          for (int64_t n = 0; n < cc.N; ++n) {
+            double ref = bias[(size_t)n];
+            for (int64_t i = 0; i < cc.K; ++i)
+              for (int64_t j = 0; j < cc.K; ++j) {
+                const int64_t ih = oh * cc.stride + i - cc.pad, iw = ow * cc.stride + j - cc.pad;
+                if (ih < 0 || iw < 0 || ih >= cc.H || iw >= cc.W) continue;
+                for (int64_t c = 0; c < cc.C; ++c)
+                  ref += (double)x[(size_t)(((b * cc.H + ih) * cc.W + iw) * cc.C + c)] *
+                         w[(size_t)(((n * cc.C + c) * cc.K + i) * cc.K + j)];
+              }
+            const size_t o = (size_t)(((b * OH + oh) * OW + ow) * cc.N + n);
+            if (cc.res) ref += res[o];
+            ref = ref > 0.0 ? ref : 0.0;
+            const double err = std::fabs(y[o] - ref) / std::fmax(1.0, std::fabs(ref));
+            if (!(err <= worst)) worst = err;
+          }
+    const double tol = cc.wino == 4 ? 2e-4 : 2e-5;
+    record("conv2d", isa,
+           fmt("B=%lld %lldx%lldx%lld->%lld k%lld s%lld p%lld%s wino=%d", (long long)cc.B, (long long)cc.H,
+               (long long)cc.W, (long long)cc.C, (long long)cc.N, (long long)cc.K, (long long)cc.stride,
+               (long long)cc.pad, cc.res ? " res" : "", cc.wino),
+           worst <= tol, worst, fmt("max rel err %.3g", worst));
+  }
+}
+
 // ------------------------------------------------------------------ attention
 
 struct AttnCase { int64_t B, H, Lq, Lk, D; bool causal, mask; int layout; bool bf16 = false; };
@@ -706,6 +759,7 @@ int main() {
     check_linear_b32(isa);
     check_attention(isa);
     check_encoder(isa);
+    check_conv(isa);
   }
   check_preprocess(isas);
   // The parent can hang too (a fork() waiting in the pool's prepare handler):

@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 
+from model_checkpoints import synthetic_torchvision_resnet50
+
 from tallow.models import CheckpointError, ResNet50, load
 
 
@@ -66,34 +68,9 @@ def test_torchvision_state_dict_maps_onto_the_same_model(tmp_path, hf_model, ima
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
 
 
-def _synthetic_torchvision_resnet50() -> dict:
-    """torchvision resnet50's names and shapes, written out from the architecture."""
-    sd = {}
-
-    def conv_bn(conv, bn, cout, cin, k):
-        sd[f"{conv}.weight"] = torch.randn(cout, cin, k, k) * (2 / (cin * k * k)) ** 0.5
-        sd[f"{bn}.weight"], sd[f"{bn}.bias"] = torch.ones(cout), torch.zeros(cout)
-        sd[f"{bn}.running_mean"], sd[f"{bn}.running_var"] = torch.zeros(cout), torch.ones(cout)
-        sd[f"{bn}.num_batches_tracked"] = torch.tensor(0)
-
-    conv_bn("conv1", "bn1", 64, 3, 7)
-    cin = 64
-    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
-        for b in range(blocks):
-            p = f"layer{layer}.{b}."
-            conv_bn(p + "conv1", p + "bn1", planes, cin, 1)
-            conv_bn(p + "conv2", p + "bn2", planes, planes, 3)
-            conv_bn(p + "conv3", p + "bn3", planes * 4, planes, 1)
-            if b == 0:
-                conv_bn(p + "downsample.0", p + "downsample.1", planes * 4, cin, 1)
-            cin = planes * 4
-    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 2048) * 0.01, torch.zeros(1000)
-    return sd
-
-
 def test_full_resnet50_torchvision_layout_loads(tmp_path):
     pth = tmp_path / "resnet50.pth"
-    torch.save(_synthetic_torchvision_resnet50(), pth)
+    torch.save(synthetic_torchvision_resnet50(), pth)
     model = load(pth)
     assert model.config.depths == (3, 4, 6, 3) and model.config.hidden_sizes == (256, 512, 1024, 2048)
     assert re.search(r"parameters=25,5\d\d,\d{3}", repr(model))  # ResNet-50: 25.5 M after BN folding
@@ -103,7 +80,7 @@ def test_full_resnet50_torchvision_layout_loads(tmp_path):
 
 
 def test_mismatched_torchvision_state_dict_names_the_tensor(tmp_path):
-    sd = _synthetic_torchvision_resnet50()
+    sd = synthetic_torchvision_resnet50()
     sd["layer3.2.conv2.weight"] = torch.zeros(256, 256, 1, 1)
     del sd["layer4.1.bn3.running_var"]
     pth = tmp_path / "bad.pth"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ._checkpoint import CheckpointError, check_state_dict, read_config, read_state_dict
 from .layers import Conv, Dense, count_parameters, quantize_model
+from .resnet_native import NativeResNet, native_resnet_wanted, winograd_wanted
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -126,6 +127,14 @@ def infer_torchvision_config(sd: dict[str, torch.Tensor]) -> ResNetConfig:
                         depths=tuple(depths), num_labels=int(fc.shape[0]) if fc is not None else 1000)
 
 
+def fold_batch_norm(sd, conv: str, bn: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution `conv` with batch norm `bn` folded in: (weight, bias)."""
+    w = sd[f"{conv}.weight"].float()
+    scale = sd[f"{bn}.weight"].float() / torch.sqrt(sd[f"{bn}.running_var"].float() + eps)
+    bias = sd[f"{bn}.bias"].float() - sd[f"{bn}.running_mean"].float() * scale
+    return w * scale[:, None, None, None], bias
+
+
 class ConvBN(torch.nn.Module):
     """Convolution with its batch norm folded in (+ optional ReLU).
 
@@ -135,10 +144,7 @@ class ConvBN(torch.nn.Module):
 
     def __init__(self, sd, conv: str, bn: str, *, stride: int, relu: bool, eps: float, quantizable: bool = True):
         super().__init__()
-        w = sd[f"{conv}.weight"].float()
-        scale = sd[f"{bn}.weight"].float() / torch.sqrt(sd[f"{bn}.running_var"].float() + eps)
-        bias = sd[f"{bn}.bias"].float() - sd[f"{bn}.running_mean"].float() * scale
-        w = w * scale[:, None, None, None]
+        w, bias = fold_batch_norm(sd, conv, bn, eps)
         act = "relu" if relu else None
         kernel = w.shape[-1]
         self.dense = self.conv = None
@@ -170,6 +176,19 @@ class Bottleneck(torch.nn.Module):
         return torch.relu_(self.conv3(self.conv2(self.conv1(x))) + identity)
 
 
+def _folded_convs(cfg: ResNetConfig, sd) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every convolution of the network, batch norm folded, by torchvision name."""
+    out = {"conv1": fold_batch_norm(sd, "conv1", "bn1", cfg.eps)}
+    for stage, depth in enumerate(cfg.depths):
+        for i in range(depth):
+            p = f"layer{stage + 1}.{i}."
+            for j in (1, 2, 3):
+                out[f"{p}conv{j}"] = fold_batch_norm(sd, f"{p}conv{j}", f"{p}bn{j}", cfg.eps)
+            if f"{p}downsample.0.weight" in sd:
+                out[f"{p}downsample"] = fold_batch_norm(sd, f"{p}downsample.0", f"{p}downsample.1", cfg.eps)
+    return out
+
+
 class ResNet50(torch.nn.Module):
     """Bottleneck ResNet: ``features(x)`` → [B, 2048], ``forward(x)`` → logits."""
 
@@ -192,6 +211,10 @@ class ResNet50(torch.nn.Module):
         self.fc = Dense(sd["fc.weight"], sd["fc.bias"]) if classifier else None
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
+        # The whole fp32 feature pass as one native call (resnet_native.py),
+        # chosen once at load; INT8 stays on the per-op path for now.
+        self.native = (NativeResNet(cfg, _folded_convs(cfg, sd), winograd=winograd_wanted())
+                       if self.quantization is None and native_resnet_wanted() else None)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -209,6 +232,8 @@ class ResNet50(torch.nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Global-average-pooled features [B, 2048]."""
         self._check_input(x)
+        if self.native is not None:
+            return self.native.features(x)
         x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(self.stem(x), kernel_size=3, stride=2, padding=1)
         x = self.blocks(x)
