@@ -514,16 +514,11 @@ def worker(args) -> int:
     t0 = time.perf_counter()
     run, details = _runner(p, cache, case.model, ids, args.threads, hf_dir)
     load_s = time.perf_counter() - t0
-    warmup = case.warmup if args.min_reps is None else min(case.warmup, 1)
-    min_reps = case.min_reps if args.min_reps is None else args.min_reps
-    for _ in range(warmup):
-        run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < args.max_reps and (len(times) < min_reps or time.perf_counter() - start < args.min_time):
-        t = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t)
+    from harness import time_calls
+
+    times, out = time_calls(run, warmup=case.warmup if args.min_reps is None else min(case.warmup, 1),
+                            min_reps=case.min_reps if args.min_reps is None else args.min_reps,
+                            min_time=args.min_time, max_reps=args.max_reps)
     emb = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
     # What the tests check: a process of its own, and torch loaded only where the engine needs it.
     details.update(pid=os.getpid(), torch_loaded="torch" in sys.modules)
@@ -807,14 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         import harness
 
-        harness.write_results(SUITE, rows, chart=True, failed=failed)
-        out = harness.results_dir()
-        data = json.loads((out / f"{SUITE}.json").read_text())
-        data.update({"peers": records, "cases": info["cases"], "skipped": skipped, "rounds": rounds,
-                     "ort": {m: {k: v for k, v in d.items() if k.startswith("ort_")} for m, d in info["models"].items()}})
-        (out / f"{SUITE}.json").write_text(json.dumps(data, indent=2))
-        (out / f"{SUITE}.md").write_text(md)
-        print(f"{SUITE}: {out}/{SUITE}.md")
+        harness.write_results(SUITE, rows, chart=True, failed=failed, md=md, extra={
+            "peers": records, "cases": info["cases"], "skipped": skipped, "rounds": rounds,
+            "ort": {m: {k: v for k, v in d.items() if k.startswith("ort_")} for m, d in info["models"].items()}})
     if failed:
         print("providers beyond their accuracy tolerance:\n" + "\n".join(failed), file=sys.stderr)
         return 1

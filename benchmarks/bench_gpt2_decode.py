@@ -605,13 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         import harness
 
-        harness.write_results(SUITE, rows, chart=True, failed=failed)
-        out = harness.results_dir()
-        data = json.loads((out / f"{SUITE}.json").read_text())
-        data.update({"peers": records, "cases": cases, "models": info["models"], "skipped": skipped, "rounds": rounds})
-        (out / f"{SUITE}.json").write_text(json.dumps(data, indent=2))
-        (out / f"{SUITE}.md").write_text(md)
-        print(f"{SUITE}: {out}/{SUITE}.md")
+        harness.write_results(SUITE, rows, chart=True, failed=failed, md=md, extra={
+            "peers": records, "cases": cases, "models": info["models"], "skipped": skipped, "rounds": rounds})
     if failed:
         print("providers beyond their accuracy tolerance:\n" + "\n".join(failed), file=sys.stderr)
         return 1

@@ -691,16 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write and rows:
         import harness
 
-        harness.write_results(SUITE, rows, chart=True)
-        out = harness.results_dir()
-        data = json.loads((out / f"{SUITE}.json").read_text())
-        data.update({"peers": records, "quality": qs, "quality_raw": quality, "skipped": skipped, "rounds": rounds,
-                     "inputs": {k: inputs[k] for k in ("gguf", "file", "sizes", "ppl_ids_sha256")},
-                     "greedy_prompts": [{"kind": q["kind"], "text": q["text"], "tokens": len(q["ids"])}
-                                        for q in inputs["greedy_prompts"]]})
-        (out / f"{SUITE}.json").write_text(json.dumps(data, indent=2))
-        (out / f"{SUITE}.md").write_text(md)
-        print(f"{SUITE}: {out}/{SUITE}.md")
+        harness.write_results(SUITE, rows, chart=True, md=md, extra={
+            "peers": records, "quality": qs, "quality_raw": quality, "skipped": skipped, "rounds": rounds,
+            "inputs": {k: inputs[k] for k in ("gguf", "file", "sizes", "ppl_ids_sha256")},
+            "greedy_prompts": [{"kind": q["kind"], "text": q["text"], "tokens": len(q["ids"])}
+                               for q in inputs["greedy_prompts"]]})
     return 0
 
 

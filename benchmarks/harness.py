@@ -124,6 +124,23 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def time_calls(run: Callable[[], object], *, warmup: int, min_reps: int, min_time: float,
+               max_reps: int) -> tuple[list[float], object]:
+    """Seconds per call of `run` after `warmup` calls: at least `min_reps`
+    calls, and more until `min_time` seconds passed (at most `max_reps`);
+    and the last call's result (for the accuracy check)."""
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    out = None
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t)
+    return times, out
+
+
 def time_providers(providers: dict[str, Callable[[], object]], *, warmup: int = 2,
                    min_time: float = 0.6, min_reps: int = 5, max_reps: int = 200,
                    pause_after: dict[str, float] | None = None) -> dict[str, list[float]]:
@@ -487,14 +504,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(suite: str, rows: list[dict], *, chart: bool = True, failed: list[str] | None = None) -> None:
+def write_results(suite: str, rows: list[dict], *, chart: bool = True, failed: list[str] | None = None,
+                  extra: dict | None = None, md: str | None = None) -> None:
+    """<suite>.json (env, rows, failed, and the suite's `extra` fields), .csv,
+    .png (chart) and, given `md`, <suite>.md, in this machine's folder."""
     env = environment()
     out = results_dir(env["machine"])
     out.mkdir(parents=True, exist_ok=True)
     data = {"env": env, "rows": rows}
     if failed:
         data["failed"] = failed
+    data.update(extra or {})
     (out / f"{suite}.json").write_text(json.dumps(data, indent=2))
+    if md is not None:
+        (out / f"{suite}.md").write_text(md)
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -506,7 +529,7 @@ def write_results(suite: str, rows: list[dict], *, chart: bool = True, failed: l
                         "torch": env["torch"], "tallow_threads": env.get("tallow_threads")})
     if chart:
         _chart(suite, rows, env, out)
-    print(f"\n{suite}: results in {out}/{suite}.json, .csv" + (", .png" if chart else ""))
+    print(f"\n{suite}: results in {out}/{suite}.json, .csv" + (", .png" if chart else "") + (", .md" if md else ""))
     print(markdown_table(rows))
 
 

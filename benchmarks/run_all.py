@@ -35,11 +35,11 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
-SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm", "index",
-          "server", "transport", "functions", "train"]  # bench_<name>.py scripts
+SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm", "vision",
+          "index", "server", "transport", "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm",
-           "index", "train"]
+           "vision", "index", "train"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,11 @@ TARGETS = [
     # own process (bench_llm.py); tallow's INT8 path (the file is 4-bit: INT8 is tallow's nearest).
     Target("llm", r"^decode b1 ", "tallow-int8", "llama.cpp", 1.2, "23"),
     Target("llm", r"^prompt ", "tallow-int8", "llama.cpp", 1.2, "23"),
+    # Issue 27: ResNet-50 features (b1, b8) vs ONNX Runtime, each engine in its own process
+    # (bench_vision.py): fp32 vs ORT fp32; INT8 vs the faster of ORT fp32 and ORT static INT8 (QDQ, QOperator).
+    Target("vision", r"^resnet50-b(1|8)$", "tallow-fp32", "onnxruntime-fp32", 1.2, "27", kind="fastest"),
+    Target("vision", r"^resnet50-b(1|8)$", "tallow-int8", "onnxruntime-(fp32|int8 qdq|int8 qoperator)", 1.2, "27",
+           kind="fastest"),
 ]
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"

@@ -633,6 +633,56 @@ def test_gpt2_decode_benchmark_runs_each_engine_in_its_own_process(results_root,
     assert "OMP_WAIT_POLICY=PASSIVE was removed" in md
 
 
+# ------------------------------------------------------------------ bench_vision (issue 27)
+
+def test_vision_targets_take_the_fastest_accurate_peer(results_root):
+    """Issue 27: tallow fp32 vs ONNX Runtime fp32; tallow INT8 vs the faster
+    of ONNX Runtime fp32 and its static INT8 graphs; an inaccurate peer does
+    not count, the smoke test's tiny case neither."""
+    m = "amd-epyc-avx2"
+    write(results_root, m, "vision", [
+        row("resnet50-b1", "tallow-fp32", 40.0), row("resnet50-b1", "tallow-int8", 30.0),
+        row("resnet50-b1", "tallow-fp32 per-op", 90.0),
+        row("resnet50-b1", "onnxruntime-fp32", 50.0, accuracy_ok=True),
+        row("resnet50-b1", "onnxruntime-int8 qdq", 45.0, accuracy_ok=True),
+        row("resnet50-b1", "onnxruntime-int8 qoperator", 10.0, accuracy_ok=False),  # fast but inaccurate
+        row("resnet50-b8", "tallow-fp32", 400.0), row("resnet50-b8", "tallow-int8", 300.0),
+        row("resnet50-b8", "onnxruntime-fp32", 440.0, accuracy_ok=True),
+        row("resnet50-b8", "onnxruntime-int8 qdq", 330.0, accuracy_ok=True),
+        row("tiny-b2", "tallow-fp32", 100.0), row("tiny-b2", "onnxruntime-fp32", 1.0, accuracy_ok=True),
+    ])
+    table = run_all.targets_table(results_root / m)
+    fp32 = next(line for line in table.splitlines() if "| vision |" in line and "tallow-fp32 vs" in line)
+    int8 = next(line for line in table.splitlines() if "| vision |" in line and "tallow-int8 vs" in line)
+    assert fp32.startswith("| 27 |") and "≥ 1.2× | 1.10× (resnet50-b8 vs onnxruntime-fp32) | no |" in fp32
+    assert "≥ 1.2× | 1.10× (resnet50-b8 vs onnxruntime-int8 qdq) | no |" in int8
+
+
+def test_vision_benchmark_runs_each_engine_in_its_own_process(results_root, tmp_path):
+    """bench_vision end to end on a tiny random ResNet: every provider in a
+    process of its own (no torch in ONNX Runtime's), features checked against
+    transformers, tallow's fp32 on the native forward and its per-op twin on
+    the torch path, results and the peer table in this machine's folder."""
+    pytest.importorskip("onnxruntime")
+    import bench_vision
+
+    rc = bench_vision.main(["--quick", "--cases", "tiny-b2", "--cache", str(tmp_path / "cache"), "--min-time", "0"])
+    assert rc == 0
+    machine = harness.this_machine()["machine"]
+    data = json.loads((results_root / machine / "vision.json").read_text())
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert set(rows) == set(bench_vision.PROVIDERS)
+    pids = {r["details"]["pid"] for r in rows.values()}
+    assert len(pids) == len(rows) and os.getpid() not in pids
+    for name, r in rows.items():
+        assert r["reps"] >= 3 and r["median_ms"] > 0 and r["accuracy_ok"], r
+        assert r["details"]["torch_loaded"] == name.startswith("tallow"), name
+    assert rows["tallow-fp32"]["details"]["native"] and not rows["tallow-fp32 per-op"]["details"]["native"]
+    assert rows["tallow-int8"]["min_cosine_to_own_fp32"] >= 0.999
+    assert [p["tallow"] for p in data["peers"]] == ["tallow-fp32", "tallow-int8"]
+    assert "| tiny-b2 | tallow-fp32 |" in (results_root / machine / "vision.md").read_text()
+
+
 # ------------------------------------------------------------------ bench_llm (issue 23)
 
 def test_llm_targets_read_speed_ratios_and_quality(results_root):
