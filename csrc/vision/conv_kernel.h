@@ -31,6 +31,7 @@ constexpr int kVP = kP / kW;   // vectors per 16-column panel
 constexpr int64_t kMB = kMR * 4;  // rows per task (before balancing)
 constexpr int kPG = 4;         // panels per task (a multiple of kPT)
 constexpr int64_t kKC = 256;   // k per block: registers sum it, the output row holds the partial sum
+constexpr int64_t kWholeB = 96 << 10;  // bytes of weights a tile may sweep whole (ConvTasks::group)
 
 // One register tile over k in [k0, k1): R output pixels x P panels from
 // panel pointer bp (panel q at bp + q * K * 16). a[r]: pixel r's window
@@ -127,8 +128,11 @@ struct ConvTasks {
   // input rows, output rows and residual are each brought in once instead of
   // once per panel group.
   bool rows_outer;
-  // Panels per task: kPG, or all of them when K fits one k block (then a
-  // tile writes whole output rows; the weights, K x N, are small).
+  // Panels per task: kPG, or all of them when the weights are small (one k
+  // block, K x N floats within kWholeB: layer1's 1x1 convolutions, the stem,
+  // the Winograd GEMMs up to 128 channels): then a tile sweeps every panel
+  // and writes whole output rows. Not for bigger weights: a tile would
+  // stream them all from L3 (layer3's 256 -> 1024 is 1 MB per 6 rows).
   int64_t group;
   int64_t count() const { return row_blocks * ((panels + group - 1) / group); }
 };
@@ -136,7 +140,8 @@ struct ConvTasks {
 inline ConvTasks conv_tasks(const ConvArgs* g) {
   const int64_t M = g->B * g->OH * g->OW, K = g->KH * g->KW * g->C;
   const int64_t panels = (g->N + kP - 1) / kP;
-  return ConvTasks{g, M, (M + kMB - 1) / kMB, panels, K < M, K <= kKC ? panels : kPG};
+  const bool whole = K <= kKC && K * panels * kP * 4 <= kWholeB;
+  return ConvTasks{g, M, (M + kMB - 1) / kMB, panels, K < M, whole ? panels : kPG};
 }
 
 // A task: rows [m0, m1) of output pixels (balanced tiles of <= kMR rows) x
@@ -163,11 +168,10 @@ void conv_task(void* ctx, int64_t begin, int64_t end) {
       c[m - m0] = g.y + ((b * YH + oh + g.y_pad) * YW + ow + g.y_pad) * g.N;
       res[m - m0] = g.res ? g.res + m * g.N : nullptr;
     }
-    if (K <= kKC) {
-      // One k block (1x1 convolutions from <= 256 channels, the stem): a
-      // tile sweeps all the panels (K x N weights: <= 256 KB, from L2), so
-      // it writes whole output rows and reads its residual rows left to
-      // right, as the prefetcher likes, instead of a strip per task.
+    if (t.group == t.panels && K <= kKC) {
+      // Small weights (see ConvTasks::group): a tile sweeps all the panels
+      // (from L1/L2), so it writes whole output rows and reads its residual
+      // rows left to right, as the prefetcher likes.
       for (int64_t i = 0; i < tiles; ++i) {
         const int64_t r0 = (m1 - m0) * i / tiles, r1 = (m1 - m0) * (i + 1) / tiles;
         const int R = static_cast<int>(r1 - r0);
