@@ -75,6 +75,21 @@ def test_resnet50_native_agrees_with_per_op_at_real_shapes(resnet50_pth, monkeyp
     assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item()
 
 
+def test_native_model_holds_no_second_copy_of_the_weights(resnet50_pth, monkeypatch):
+    """The native fp32 model keeps no torch convolutions (their weights would
+    be a second ~94 MB copy), yet reports the same parameters and logits head."""
+    require_native()
+    from tallow.models.layers import Conv, Dense
+
+    native = load(resnet50_pth)
+    monkeypatch.setenv("TALLOW_RESNET", "ops")
+    per_op = load(resnet50_pth)
+    assert [m for m in native.modules() if isinstance(m, (Conv, Dense))] == [native.fc]
+    assert native.num_parameters() == per_op.num_parameters()
+    assert sum(p.numel() for p in native.parameters()) + sum(b.numel() for b in native.buffers()) <= 2_100_000
+    assert native.native.owned_bytes > 90e6  # the packed weights live in the native object
+
+
 def test_an_image_gets_the_same_features_alone_or_in_a_batch(resnet50_pth):
     """Bit for bit: the server batches concurrent requests, and a user's
     features must not depend on who else was in the batch (the stages run

@@ -1,8 +1,11 @@
 """ResNet-50 (He et al. 2016, bottleneck v1.5: stride on the 3×3 conv) for
 image features and ImageNet logits.
 
-Batch norms are folded into the convolutions at load time. Convolutions run
-through torch in channels-last fp32; with ``quantize="int8"`` every
+Batch norms are folded into the convolutions at load time. A fp32 model's
+features are one native call (resnet_native.py, csrc/vision/). On the
+per-op path (``TALLOW_RESNET=ops``, or no native module) convolutions run
+through torch in channels-last fp32; with ``quantize="int8"`` (per-op for
+now) every
 convolution and the final FC run on tallow's INT8 GEMM, bias and ReLU fused
 in its epilogue: 1×1 stride-1 convolutions as a GEMM over channels-last
 pixels with per-pixel activation scales (``QuantizedLinear``), the 3×3 and
@@ -198,23 +201,31 @@ class ResNet50(torch.nn.Module):
                  quantize: Optional[str] = None):
         super().__init__()
         self.config = cfg
-        self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps, quantizable=False)
-        blocks = []
-        cin = cfg.embedding_size
-        for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
-            for i in range(depth):
-                stride = 2 if (i == 0 and stage > 0) else 1
-                blocks.append(Bottleneck(sd, f"layer{stage + 1}.{i}.", stride,
-                                         i == 0 and (cin != width or stride != 1), cfg.eps))
-                cin = width
-        self.blocks = torch.nn.Sequential(*blocks)
         self.fc = Dense(sd["fc.weight"], sd["fc.bias"]) if classifier else None
+        # A fp32 model runs its whole feature pass as one native call
+        # (resnet_native.py), chosen once at load, and then holds no torch
+        # convolutions at all (their fp32 weights would be a second copy of
+        # ResNet-50's ~94 MB). INT8, TALLOW_RESNET=ops and a missing native
+        # module take the per-op path below.
+        self.native = self.stem = self.blocks = None
+        self._native_conv_parameters = 0
+        if quantize is None and native_resnet_wanted():
+            folded = _folded_convs(cfg, sd)
+            self.native = NativeResNet(cfg, folded, winograd=winograd_wanted())
+            self._native_conv_parameters = sum(w.numel() + b.numel() for w, b in folded.values())
+        else:
+            self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps, quantizable=False)
+            blocks = []
+            cin = cfg.embedding_size
+            for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
+                for i in range(depth):
+                    stride = 2 if (i == 0 and stage > 0) else 1
+                    blocks.append(Bottleneck(sd, f"layer{stage + 1}.{i}.", stride,
+                                             i == 0 and (cin != width or stride != 1), cfg.eps))
+                    cin = width
+            self.blocks = torch.nn.Sequential(*blocks)
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
-        # The whole fp32 feature pass as one native call (resnet_native.py),
-        # chosen once at load; INT8 stays on the per-op path for now.
-        self.native = (NativeResNet(cfg, _folded_convs(cfg, sd), winograd=winograd_wanted())
-                       if self.quantization is None and native_resnet_wanted() else None)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -247,7 +258,9 @@ class ResNet50(torch.nn.Module):
         return self.fc(self.features(x))
 
     def num_parameters(self) -> int:
-        return count_parameters(self)
+        """Parameters after batch-norm folding (the native path's convolutions
+        counted as the folded weights and biases they were built from)."""
+        return count_parameters(self) + self._native_conv_parameters
 
     def __repr__(self) -> str:
         c = self.config

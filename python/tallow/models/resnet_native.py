@@ -12,8 +12,9 @@ the next 3×3 convolution's zero-padded input. No torch op runs in between, so
 torch's OpenMP team stays parked.
 
 Weights: the batch-norm-folded fp32 weights are packed once into the native
-GEMM's 16-column panels (a copy: the module keeps its torch weights for the
-per-op path and for INT8, which stays per-op for now).
+GEMM's 16-column panels (Winograd layers: their transformed weights instead);
+a ResNet50 built on this path keeps no torch convolutions (INT8 stays on the
+per-op path for now).
 """
 
 from __future__ import annotations
