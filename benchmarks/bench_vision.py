@@ -62,7 +62,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_encoders import _min_cosine, _percentile, _stamp_ok, _versions, _write_stamp, select_providers  # noqa: E402
+from bench_encoders import _min_cosine, _stamp_ok, _versions, _write_stamp, select_providers  # noqa: E402
+from harness import percentile  # noqa: E402
 
 SUITE = "vision"
 DEFAULT_CACHE = ROOT / "build" / "bench-cache" / "vision"
@@ -141,7 +142,7 @@ def _images(spec: ModelSpec, n: int, seed: int):
     return x.contiguous().numpy().astype(np.float32)
 
 
-def prepare(cache: Path, case_names: list[str], providers: list[Provider]) -> dict:
+def prepare(cache: Path, case_names: list[str]) -> dict:
     """The HF directory, the ONNX graphs, each case's inputs and transformers'
     fp32 features, built once per model (stamped with the versions)."""
     import warnings
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args)
     if args.prepare_only is not None:
         spec = json.loads(args.prepare_only)
-        info = prepare(args.cache, spec["cases"], [PROVIDERS[n] for n in spec["providers"]])
+        info = prepare(args.cache, spec["cases"])
         (args.cache / "prepared.json").write_text(json.dumps(info, indent=1))
         return 0
     rounds = args.rounds or (1 if args.quick else 3)
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cache", str(args.cache), "--prepare-only",
-           json.dumps({"cases": case_names, "providers": [p.name for p in providers]})]
+           json.dumps({"cases": case_names})]
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         print("preparation failed (see above)", file=sys.stderr)
         return 1
@@ -406,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"[{cname}] {p.name}: 1 - min cosine {1 - cos:.3g} > tolerance {tol:g}")
             rows.append({
                 "suite": SUITE, "case": cname, "provider": p.name,
-                "median_ms": med * 1e3, "p20_ms": _percentile(every, 0.2) * 1e3,
-                "p80_ms": _percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
+                "median_ms": med * 1e3, "p20_ms": percentile(every, 0.2) * 1e3,
+                "p80_ms": percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
                 "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
                 "round_medians_ms": [round(m * 1e3, 3) for m in medians], "reps": len(every), "rounds": len(runs),
                 "throughput": case.batch / med, "unit": "images/s", "tallow_speedup": 1.0,

@@ -100,10 +100,6 @@ ConvArgs conv_args(const ConvLayer& l, const float* x, int64_t B, int64_t XH, in
   return g;
 }
 
-}  // namespace
-
-namespace {
-
 // U[(i, j)][n][c] = (G g[n][c] G^T)[i][j] in double, each tile position's
 // [cout, cin] matrix packed for the GEMM, one after the other.
 template <int A>

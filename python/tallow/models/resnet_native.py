@@ -72,7 +72,6 @@ class NativeResNet:
     in torchvision's names: conv1, layer{s}.{i}.conv{1-3}, .downsample."""
 
     def __init__(self, cfg, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], *, winograd: bool = True):
-        self.winograd = winograd
         self.net = native().ResNet()
         self.net.set_stem(_conv(*folded["conv1"]), 2)
         cin = cfg.embedding_size
