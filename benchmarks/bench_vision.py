@@ -30,7 +30,8 @@ under ``--cache`` (build/bench-cache/vision). Providers:
 - tallow-fp32: ``tallow.models.load(dir)`` (the native forward, csrc/vision/);
   tallow-fp32 per-op: the same with ``TALLOW_RESNET=ops`` (the torch
   convolution path it replaced: the before/after of issue 27's item 1);
-  tallow-int8: ``load(dir, quantize="int8")``.
+  tallow-int8: ``load(dir, quantize="int8")`` (the native INT8 forward);
+  tallow-int8 per-op: the same with ``TALLOW_RESNET=ops`` (item 2's before).
 - onnxruntime-fp32: torch.onnx.export (TorchScript exporter, opset 17) of the
   pooled-features module; ORT applies its own graph optimisations at load
   (Conv+BN fusion, NCHWc layout on x86).
@@ -113,6 +114,7 @@ PROVIDERS = {p.name: p for p in (
     Provider("tallow-fp32", "tallow", "fp32"),
     Provider("tallow-fp32 per-op", "tallow", "fp32", "per-op"),
     Provider("tallow-int8", "tallow", "int8"),
+    Provider("tallow-int8 per-op", "tallow", "int8", "per-op"),
     Provider("onnxruntime-fp32", "onnxruntime", "fp32"),
     Provider("onnxruntime-int8 qdq", "onnxruntime", "int8", "qdq"),
     Provider("onnxruntime-int8 qoperator", "onnxruntime", "int8", "qoperator"),

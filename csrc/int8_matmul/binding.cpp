@@ -93,8 +93,10 @@ void register_int8_matmul(py::module_& m) {
   m.def(
       "int8_linear",
       [](py::array x, py::array packed, py::array colsum, py::array scale_w, py::object bias,
-         int act, py::array out) {
+         int act, py::array out, int a_bits) {
         const char* op = "int8_linear";
+        if (a_bits != 7 && a_bits != 8)
+          throw py::value_error("int8_linear: a_bits must be 7 or 8, got " + std::to_string(a_bits));
         check_array<int32_t>(op, "weight_colsum", colsum, 1, true);
         check_array<float>(op, "weight_scale", scale_w, 1, true);
         const int64_t N = colsum.shape(0);
@@ -104,17 +106,20 @@ void register_int8_matmul(py::module_& m) {
         const auto* cs = static_cast<const int32_t*>(colsum.data());
         const auto* sw = static_cast<const float*>(scale_w.data());
         py::gil_scoped_release release;
-        int8mm::linear(o.x, o.ldx, o.M, o.K, o.w, cs, sw, o.bias, N, act, o.y);
+        int8mm::linear(o.x, o.ldx, o.M, o.K, o.w, cs, sw, o.bias, N, act, o.y, a_bits);
       },
       py::arg("x"), py::arg("packed_weight"), py::arg("weight_colsum"), py::arg("weight_scale"),
-      py::arg("bias"), py::arg("act"), py::arg("out"),
-      "out[M, N] = act(dequant(quant_u8(x) @ W_s8^T) + bias) with prepacked [N/16][K/4][16][4] weights.");
+      py::arg("bias"), py::arg("act"), py::arg("out"), py::arg("a_bits") = 8,
+      "out[M, N] = act(dequant(quant_u8(x) @ W_s8^T) + bias) with prepacked [N/16][K/4][16][4] weights; "
+      "a_bits=7 quantizes x to [0, 127] (the AVX2 vpmaddubsw GEMM).");
 
   m.def(
       "int8_conv2d",
       [](py::array x, py::array packed, py::array colsum, py::array scale_w, py::object bias,
-         int64_t kh, int64_t kw, int64_t stride, int64_t pad, int act, py::array out) {
+         int64_t kh, int64_t kw, int64_t stride, int64_t pad, int act, py::array out, int a_bits) {
         const char* op = "int8_conv2d";
+        if (a_bits != 7 && a_bits != 8)
+          throw py::value_error("int8_conv2d: a_bits must be 7 or 8, got " + std::to_string(a_bits));
         check_array<float>(op, "x", x, 4, true);
         check_array<int8_t>(op, "packed_weight", packed, 4, true);
         check_array<int32_t>(op, "weight_colsum", colsum, 1, true);
@@ -155,12 +160,16 @@ void register_int8_matmul(py::module_& m) {
         const auto* sw = static_cast<const float*>(scale_w.data());
         auto* yp = static_cast<float*>(out.mutable_data());
         py::gil_scoped_release release;
-        int8mm::conv2d_nhwc(xp, B, H, W, C, kh, kw, stride, pad, wp, cs, sw, bp, Cout, act, yp);
+        int8mm::conv2d_nhwc(xp, B, H, W, C, kh, kw, stride, pad, wp, cs, sw, bp, Cout, act, yp, a_bits);
       },
       py::arg("x"), py::arg("packed_weight"), py::arg("weight_colsum"), py::arg("weight_scale"),
       py::arg("bias"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("pad"), py::arg("act"),
-      py::arg("out"),
-      "out[B, Ho, Wo, Cout] = act(conv(x[B, H, W, C]) + bias): per-image u8 activations, im2col, INT8 GEMM.");
+      py::arg("out"), py::arg("a_bits") = 8,
+      "out[B, Ho, Wo, Cout] = act(conv(x[B, H, W, C]) + bias): per-image u8 activations (7-bit with "
+      "a_bits=7), im2col, INT8 GEMM.");
+
+  m.def("int8_seven_bit_faster", &int8mm::seven_bit_activations_faster,
+        "True where 7-bit activations (a_bits=7) multiply faster than 8-bit ones (the AVX2 tier).");
 
   m.def("int8_amx_usable", &int8mm::amx_usable,
         "True when the CPU and OS allow AMX-INT8 tiles (the AVX-512 GEMM then uses them for M >= 8).");

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <stdexcept>
 
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
@@ -208,8 +209,9 @@ struct ColumnOperands {
 // y[m, n] (row stride N) = act(float(acc - zp[m] colsum[n]) sx[m] sw[n] + bias[n]).
 GemmArgs float_gemm(const void* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
                     const ColumnOperands& cols, const int32_t* zp, const float* sx, int act, float* y,
-                    bool amx) {
+                    bool amx, bool a_u7 = false) {
   GemmArgs g{};
+  g.a_u7 = a_u7 ? 1 : 0;
   g.a = static_cast<const uint8_t*>(a);
   g.lda = lda;
   g.bp = packed;
@@ -228,21 +230,34 @@ GemmArgs float_gemm(const void* a, int64_t lda, const int8_t* packed, int64_t M,
   return g;
 }
 
+namespace {
+void check_a_bits(int a_bits) {
+  if (a_bits != 7 && a_bits != 8) throw std::invalid_argument("int8mm: a_bits must be 7 or 8");
+}
+}  // namespace
+
+bool seven_bit_activations_faster() { return kernels().u7_faster != 0; }
+
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
-            float* y) {
+            float* y, int a_bits) {
+  check_a_bits(a_bits);
   if (M <= 0 || N <= 0) return;
   const IsaKernels& kr = kernels();
-  const int64_t KB = (K + 3) / 4, lda = KB * 4;
+  const bool u7 = a_bits == 7;
+  const int64_t KB = (K + 3) / 4, lda = KB * 4, a_bytes = u7 ? 1 : kr.a_bytes;
   const ColumnOperands cols(colsum, scale_w, bias, N);
   const bool amx = use_amx_for(M, K);
   const int64_t Mp = padded_rows(M, amx);
-  Scratch<uint8_t> q(0, Mp * lda * kr.a_bytes);
+  Scratch<uint8_t> q(0, Mp * lda * a_bytes);
   Scratch<float> sx(5, M);
   Scratch<int32_t> zp(6, M);
-  kr.quantize_rows_a(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
-  if (Mp > M) std::memset(q.get() + M * lda * kr.a_bytes, 0, (Mp - M) * lda * kr.a_bytes);
-  kr.gemm(float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx));
+  if (u7)
+    kr.quantize_rows_u7(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
+  else
+    kr.quantize_rows_a(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
+  if (Mp > M) std::memset(q.get() + M * lda * a_bytes, 0, (Mp - M) * lda * a_bytes);
+  kr.gemm(float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx, u7));
 }
 
 void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
@@ -327,35 +342,42 @@ void im2col_rows(void* p, int64_t begin, int64_t end) {
 void conv2d_nhwc(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t KH,
                  int64_t KW, int64_t stride, int64_t pad, const int8_t* packed,
                  const int32_t* colsum, const float* scale_w, const float* bias, int64_t Cout,
-                 int act, float* y) {
+                 int act, float* y, int a_bits) {
+  check_a_bits(a_bits);
   const int64_t Ho = (H + 2 * pad - KH) / stride + 1, Wo = (W + 2 * pad - KW) / stride + 1;
   if (B <= 0 || Ho <= 0 || Wo <= 0 || Cout <= 0) return;
   const IsaKernels& kr = kernels();
+  const bool u7 = a_bits == 7;
+  const int a_bytes = u7 ? 1 : kr.a_bytes;
   const int64_t K = KH * KW * C, KB = (K + 3) / 4, lda = KB * 4, M = B * Ho * Wo;
   const ColumnOperands cols(colsum, scale_w, bias, Cout);
   // 1. Each image quantized as one row (per-image scale and zero point).
   const int64_t hwc = H * W * C;
-  std::unique_ptr<void, FreeDeleter> xq(std::aligned_alloc(64, (B * hwc * kr.a_bytes + 63) / 64 * 64));
+  std::unique_ptr<void, FreeDeleter> xq(std::aligned_alloc(64, (B * hwc * a_bytes + 63) / 64 * 64));
   if (!xq) throw std::bad_alloc();
   Scratch<float> sx_img(5, B);
   Scratch<int32_t> zp_img(6, B);
-  kr.quantize_rows_a(x, B, hwc, hwc, xq.get(), hwc, sx_img.get(), zp_img.get());
+  if (u7)
+    kr.quantize_rows_u7(x, B, hwc, hwc, static_cast<uint8_t*>(xq.get()), hwc, sx_img.get(), zp_img.get());
+  else
+    kr.quantize_rows_a(x, B, hwc, hwc, xq.get(), hwc, sx_img.get(), zp_img.get());
   // 2. GEMM rows in chunks (~4 MiB of A): gather, then multiply; A stays in cache.
-  const int64_t chunk = std::max<int64_t>(64, (int64_t{4} << 20) / (lda * kr.a_bytes) / 64 * 64);
-  Scratch<uint8_t> a(0, std::min(chunk, M) * lda * kr.a_bytes);
+  const int64_t chunk = std::max<int64_t>(64, (int64_t{4} << 20) / (lda * a_bytes) / 64 * 64);
+  Scratch<uint8_t> a(0, std::min(chunk, M) * lda * a_bytes);
   Scratch<float> sx(1, std::min(chunk, M));
   Scratch<int32_t> zp(7, std::min(chunk, M));
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t rows = std::min(chunk, M - m0);
     Im2colCtx ctx{xq.get(), zp_img.get(), H, W, C, KH, KW, stride, pad, Ho, Wo, lda, m0, a.get()};
-    tallow::parallel_for(rows, 16, kr.a_bytes == 2 ? &im2col_rows<int16_t> : &im2col_rows<uint8_t>, &ctx);
+    tallow::parallel_for(rows, 16, a_bytes == 2 ? &im2col_rows<int16_t> : &im2col_rows<uint8_t>, &ctx);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = (m0 + r) / (Ho * Wo);
       sx[r] = sx_img[b];
       zp[r] = zp_img[b];
     }
     // rows are not padded to the AMX tiles' 16: the VNNI path
-    kr.gemm(float_gemm(a.get(), lda, packed, rows, Cout, K, cols, zp.get(), sx.get(), act, y + m0 * Cout, false));
+    kr.gemm(float_gemm(a.get(), lda, packed, rows, Cout, K, cols, zp.get(), sx.get(), act, y + m0 * Cout, false,
+                       u7));
   }
 }
 

@@ -130,7 +130,8 @@ void gemm_amx(const GemmArgs& g) { drive(g, &amx_rows, &amx_begin, &amx_end, kAm
 extern const IsaKernels kKernelsAvx512;
 const IsaKernels kKernelsAvx512 = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
                                  &isa_quantize_rows_a, &isa_gemm, &isa_quantize_rows_b32,
-                                 &isa_gemm_b32};
+                                 &isa_gemm_b32, &isa_quantize_rows_u7,
+                                 kU7Faster};
 
 }  // namespace int8mm
 }  // namespace tallow

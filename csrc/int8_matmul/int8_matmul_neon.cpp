@@ -16,7 +16,8 @@ namespace {
 extern const IsaKernels kKernelsNeon;
 const IsaKernels kKernelsNeon = {kABytes, kS8Offset, &isa_a_from_s8, &isa_quantize_rows,
                                  &isa_quantize_rows_a, &isa_gemm, &isa_quantize_rows_b32,
-                                 &isa_gemm_b32};
+                                 &isa_gemm_b32, &isa_quantize_rows_u7,
+                                 kU7Faster};
 
 }  // namespace int8mm
 }  // namespace tallow

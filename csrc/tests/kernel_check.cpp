@@ -135,8 +135,10 @@ void check_matmul(const std::string& isa) {
 }
 
 // The reference of int8mm::quantize_rows (python/tallow/ops/int8_matmul.py's
-// quantize_rows_ref): float32 throughout, round half to even.
-void quantize_ref(const float* x, int64_t K, uint8_t* q, float* scale, int32_t* zp) {
+// quantize_rows_ref): float32 throughout, round half to even. levels 255, or
+// 127 for the 7-bit activations of a_bits = 7.
+void quantize_ref(const float* x, int64_t K, uint8_t* q, float* scale, int32_t* zp, int levels = 255) {
+  const float top = (float)levels;
   float mn = 0.0f, mx = 0.0f;
   bool bad = false;
   for (int64_t k = 0; k < K; ++k) {
@@ -150,16 +152,16 @@ void quantize_ref(const float* x, int64_t K, uint8_t* q, float* scale, int32_t* 
     for (int64_t k = 0; k < K; ++k) q[k] = 0;
     return;
   }
-  float s = (mx - mn) / 255.0f;
+  float s = (mx - mn) / top;
   if (s == 0.0f) s = 1.0f;
   const float inv = 1.0f / s;
   float z = std::nearbyint(-mn * inv);
-  z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+  z = z < 0.0f ? 0.0f : (z > top ? top : z);
   *scale = s;
   *zp = (int32_t)z;
   for (int64_t k = 0; k < K; ++k) {
     float r = std::nearbyint(x[k] * inv) + z;
-    r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
+    r = r < 0.0f ? 0.0f : (r > top ? top : r);
     q[k] = (uint8_t)r;
   }
 }
@@ -197,6 +199,8 @@ void check_linear(const std::string& isa) {
   const int64_t shapes[][3] = {{1, 7, 97}, {7, 97, 129}, {97, 129, 7}, {1, 300, 33}, {50, 64, 16}};
   for (const auto& sh : shapes) {
     for (int act = 0; act <= 3; ++act) {
+      // 7-bit activations (AVX2's vpmaddubsw path) on every other case
+      const int a_bits = (act % 2) ? 7 : 8;
       const int64_t M = sh[0], K = sh[1], N = sh[2], ldx = K + 5;
       const int64_t NB = (N + 15) / 16, KB = (K + 3) / 4;
       std::vector<float> x((size_t)(M * ldx));
@@ -217,13 +221,13 @@ void check_linear(const std::string& isa) {
       const bool with_bias = act != 1;
       std::vector<float> y((size_t)(M * N));
       int8mm::linear(x.data(), ldx, M, K, packed.data(), colsum.data(), sw.data(), with_bias ? bias.data() : nullptr,
-                     N, act, y.data());
+                     N, act, y.data(), a_bits);
       double worst = 0.0;
       std::vector<uint8_t> q((size_t)K);
       for (int64_t m = 0; m < M; ++m) {
         float sx;
         int32_t zp;
-        quantize_ref(x.data() + m * ldx, K, q.data(), &sx, &zp);
+        quantize_ref(x.data() + m * ldx, K, q.data(), &sx, &zp, a_bits == 7 ? 127 : 255);
         for (int64_t n = 0; n < N; ++n) {
           int64_t acc = 0;
           for (int64_t k = 0; k < K; ++k) acc += ((int64_t)q[(size_t)k] - zp) * w[(size_t)(n * K + k)];
@@ -237,7 +241,8 @@ void check_linear(const std::string& isa) {
         }
       }
       record("int8_linear", isa,
-             fmt("M=%lld K=%lld N=%lld act=%d", (long long)M, (long long)K, (long long)N, act), worst <= 5e-6, worst,
+             fmt("M=%lld K=%lld N=%lld act=%d a_bits=%d", (long long)M, (long long)K, (long long)N, act, a_bits),
+             worst <= 5e-6, worst,
              fmt("max rel err %.3g", worst));
     }
   }

@@ -19,8 +19,42 @@ namespace {
 
 constexpr const char* kOp = "resnet";
 
-// A convolution from {"weight": [cout, cin, kh, kw] float32, "bias": [cout]}.
+// An INT8 convolution from tallow.ops.QuantizedLinear / QuantizedConv2d's
+// buffers: {"shape": (cout, cin, kh, kw), "packed": int8 [ceil(cout / 16),
+// ceil(K / 4), 16, 4], "colsum": int32 [cout], "scale": float32 [cout],
+// "bias": float32 [cout]}.
+vision::ConvLayer int8_conv_layer(const std::string& name, py::dict d, int64_t stride) {
+  for (const char* key : {"shape", "packed", "colsum", "scale", "bias"})
+    if (!d.contains(key))
+      throw py::value_error(std::string(kOp) + ": " + name + " (INT8) needs '" + key + "'");
+  std::vector<int64_t> shape;
+  for (py::handle v : d["shape"].cast<py::sequence>()) shape.push_back(v.cast<int64_t>());
+  if (shape.size() != 4 || shape[0] < 1 || shape[1] < 1 || shape[2] < 1 || shape[3] < 1)
+    throw py::value_error(std::string(kOp) + ": " + name + ".shape must be 4 sizes >= 1 (cout, cin, kh, kw)");
+  const int64_t cout = shape[0], cin = shape[1], kh = shape[2], kw = shape[3];
+  py::array p = d["packed"].cast<py::array>(), cs = d["colsum"].cast<py::array>();
+  py::array sc = d["scale"].cast<py::array>(), b = d["bias"].cast<py::array>();
+  const std::string pn = name + ".packed", csn = name + ".colsum", scn = name + ".scale", bn = name + ".bias";
+  check_array<int8_t>(kOp, pn.c_str(), p, 4);
+  check_dim(kOp, pn.c_str(), p, 0, (cout + 15) / 16);
+  check_dim(kOp, pn.c_str(), p, 1, (kh * kw * cin + 3) / 4);
+  check_dim(kOp, pn.c_str(), p, 2, 16);
+  check_dim(kOp, pn.c_str(), p, 3, 4);
+  check_array<int32_t>(kOp, csn.c_str(), cs, 1);
+  check_dim(kOp, csn.c_str(), cs, 0, cout);
+  check_array<float>(kOp, scn.c_str(), sc, 1);
+  check_dim(kOp, scn.c_str(), sc, 0, cout);
+  check_array<float>(kOp, bn.c_str(), b, 1);
+  check_dim(kOp, bn.c_str(), b, 0, cout);
+  return vision::ResNet::make_int8_conv(static_cast<const int8_t*>(p.data()), static_cast<const int32_t*>(cs.data()),
+                                        static_cast<const float*>(sc.data()), static_cast<const float*>(b.data()),
+                                        cout, cin, kh, kw, stride);
+}
+
+// A convolution from {"weight": [cout, cin, kh, kw] float32, "bias": [cout]},
+// or an INT8 one (a dict with "packed": int8_conv_layer).
 vision::ConvLayer conv_layer(const std::string& name, py::dict d, int64_t stride, int winograd = 0) {
+  if (d.contains("packed")) return int8_conv_layer(name, d, stride);
   const std::string wn = name + ".weight", bn = name + ".bias";
   if (!d.contains("weight") || !d.contains("bias"))
     throw py::value_error(std::string(kOp) + ": " + name + " needs 'weight' and 'bias'");
@@ -41,6 +75,7 @@ class PyResNet {
   void set_stem(py::dict conv, int64_t stride) {
     expect(stride >= 1, "stem stride must be >= 1");
     vision::ConvLayer l = conv_layer("stem", conv, stride);
+    expect(!l.is_int8(), "the stem runs in fp32 (give it 'weight' and 'bias')");
     expect(l.kh == l.kw && l.kh % 2 == 1, "the stem kernel must be square and odd, got " +
                                               std::to_string(l.kh) + "x" + std::to_string(l.kw));
     channels_ = l.cout;
@@ -49,7 +84,8 @@ class PyResNet {
 
   // One bottleneck: conv1 1x1, conv2 3x3 with the block's stride, conv3
   // 1x1; `down` (1x1, the same stride) or None. winograd: 0, or m = 2 / 4
-  // to run conv2 by Winograd F(m, 3) (stride 1 only).
+  // to run conv2 by Winograd F(m, 3) (stride 1 only). A block's layers are
+  // all fp32 ({"weight", "bias"}) or all INT8 ({"packed", ...}: no Winograd).
   void add_block(py::dict conv1, py::dict conv2, py::dict conv3, py::object down, int64_t stride, int winograd) {
     expect(channels_ > 0, "set_stem() must come before add_block()");
     expect(stride >= 1, "block stride must be >= 1");
@@ -68,8 +104,13 @@ class PyResNet {
                                          " channels, the previous layer gives " + std::to_string(channels_));
     expect(b.conv2.cin == b.conv1.cout && b.conv3.cin == b.conv2.cout,
            p + ": conv1 -> conv2 -> conv3 channels do not chain");
+    const bool int8 = b.conv1.is_int8();
+    expect(b.conv2.is_int8() == int8 && b.conv3.is_int8() == int8,
+           p + ": conv1, conv2 and conv3 must all be fp32 or all INT8");
+    expect(!(int8 && winograd), p + ": an INT8 conv2 runs direct (winograd must be 0)");
     if (!down.is_none()) {
       b.down = conv_layer(p + ".downsample", down.cast<py::dict>(), stride);
+      expect(b.down.is_int8() == int8, p + ".downsample must be " + (int8 ? "INT8" : "fp32") + " as the block");
       expect(b.down.kh == 1 && b.down.kw == 1 && b.down.cin == channels_ && b.down.cout == b.conv3.cout,
              p + ".downsample must be 1x1 from " + std::to_string(channels_) + " to " +
                  std::to_string(b.conv3.cout) + " channels");

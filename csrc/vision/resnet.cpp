@@ -7,7 +7,9 @@
 #include <stdexcept>
 
 #include "common/cpu_features.h"
+#include "common/thread_pool.h"
 #include "encoder/encoder.h"
+#include "int8_matmul/int8_matmul.h"
 #include "vision/conv.h"
 #include "vision/winograd.h"
 
@@ -182,6 +184,27 @@ ConvLayer ResNet::make_conv(const float* w, const float* bias, int64_t cout, int
   return l;
 }
 
+ConvLayer ResNet::make_int8_conv(const int8_t* packed, const int32_t* colsum, const float* scale,
+                                 const float* bias, int64_t cout, int64_t cin, int64_t kh, int64_t kw,
+                                 int64_t stride) {
+  if (cout < 1 || cin < 1 || kh < 1 || kw < 1 || stride < 1)
+    throw std::invalid_argument("resnet: convolution sizes and stride must be >= 1");
+  ConvLayer l;
+  l.cin = cin;
+  l.cout = cout;
+  l.kh = kh;
+  l.kw = kw;
+  l.stride = stride;
+  const int64_t bytes = (cout + 15) / 16 * ((kh * kw * cin + 3) / 4) * 64;
+  l.q_packed.assign(packed, packed + bytes);
+  l.q_colsum.assign(colsum, colsum + cout);
+  l.q_scale.assign(scale, scale + cout);
+  l.q_a_bits = int8mm::seven_bit_activations_faster() ? 7 : 8;
+  l.bias.assign(cout, 0.0f);
+  if (bias) l.bias.assign(bias, bias + cout);
+  return l;
+}
+
 void conv_nhwc(const ConvLayer& l, const float* x, int64_t B, int64_t H, int64_t W, int64_t pad,
                const float* res, int act, float* y) {
   if (l.wino_m && (pad != 1 || res))
@@ -224,6 +247,56 @@ void ResNet::run_block(const Bottleneck& blk, const float* x, int64_t nb, int64_
 
 namespace {
 
+// y = act(conv(x) + bias) of an INT8 layer, NHWC, zero padding `pad`.
+void int8_conv(const ConvLayer& l, const float* x, int64_t B, int64_t H, int64_t W, int64_t pad, int act,
+               float* y) {
+  if (l.kh == 1 && l.kw == 1 && l.stride == 1 && pad == 0)
+    int8mm::linear(x, l.cin, B * H * W, l.cin, l.q_packed.data(), l.q_colsum.data(), l.q_scale.data(),
+                   l.bias.data(), l.cout, act, y, l.q_a_bits);
+  else
+    int8mm::conv2d_nhwc(x, B, H, W, l.cin, l.kh, l.kw, l.stride, pad, l.q_packed.data(), l.q_colsum.data(),
+                        l.q_scale.data(), l.bias.data(), l.cout, act, y, l.q_a_bits);
+}
+
+struct AddReluCtx {
+  float* y;
+  const float* r;
+};
+
+// y = max(y + r, 0) over [begin, end) (NaN propagates, as torch.relu_).
+void add_relu_range(void* p, int64_t begin, int64_t end) {
+  const AddReluCtx& c = *static_cast<const AddReluCtx*>(p);
+  for (int64_t i = begin; i < end; ++i) {
+    const float v = c.y[i] + c.r[i];
+    c.y[i] = v < 0.0f ? 0.0f : v;
+  }
+}
+
+}  // namespace
+
+// The per-op INT8 block's maths (models/resnet.py Bottleneck with quantized
+// layers) in one place: the same int8mm kernels, the residual add + ReLU as a
+// pass of its own (the INT8 GEMM's epilogue has no residual operand).
+void ResNet::run_block_int8(const Bottleneck& blk, const float* x, int64_t nb, int64_t h, int64_t w, float* y) {
+  const int64_t mid = blk.conv1.cout, s = blk.conv2.stride;
+  float* t1 = workspace(padded_, nb * h * w * mid);
+  int8_conv(blk.conv1, x, nb, h, w, 0, 1, t1);
+  const int64_t oh = (h - 1) / s + 1, ow = (w - 1) / s + 1;
+  float* t2 = workspace(mid_, nb * oh * ow * mid);
+  int8_conv(blk.conv2, t1, nb, h, w, 1, 1, t2);
+  const float* shortcut = x;
+  if (blk.has_down) {
+    float* d = workspace(down_, nb * oh * ow * blk.down.cout);
+    int8_conv(blk.down, x, nb, h, w, 0, 0, d);
+    shortcut = d;
+  }
+  int8_conv(blk.conv3, t2, nb, oh, ow, 0, 0, y);
+  AddReluCtx ctx{y, shortcut};
+  parallel_for(nb * oh * ow * blk.conv3.cout, 16384, &add_relu_range, &ctx);
+}
+
+namespace {
+
 // Images per chunk of a phase whose biggest activation takes `image_bytes`
 // per image and whose weights take `weight_bytes`. A phase whose activations
 // for the whole batch outweigh its weights runs image chunk by image chunk,
@@ -238,7 +311,7 @@ int64_t chunk_images(int64_t B, int64_t image_bytes, int64_t weight_bytes) {
 }
 
 int64_t layer_bytes(const ConvLayer& l) {
-  return static_cast<int64_t>((l.packed.size() + l.wino.size()) * sizeof(float));
+  return static_cast<int64_t>((l.packed.size() + l.wino.size()) * sizeof(float) + l.q_packed.size());
 }
 
 }  // namespace
@@ -292,7 +365,10 @@ void ResNet::features(const float* x, int64_t B, int64_t H, int64_t W, float* ou
         const int64_t nh = (bh - 1) / b.conv2.stride + 1, nw = (bw - 1) / b.conv2.stride + 1;
         float* dst = i + 1 == s1 ? stage_out + b0 * oh * ow * oc
                                  : workspace((i - s0) % 2 ? chunk_b_ : chunk_a_, nb * nh * nw * b.conv3.cout);
-        run_block(b, xin, nb, bh, bw, dst);
+        if (b.conv1.is_int8())
+          run_block_int8(b, xin, nb, bh, bw, dst);
+        else
+          run_block(b, xin, nb, bh, bw, dst);
         xin = dst;
         bh = nh;
         bw = nw;
@@ -320,7 +396,9 @@ void ResNet::features(const float* x, int64_t B, int64_t H, int64_t W, float* ou
 
 int64_t ResNet::owned_bytes() const {
   auto bytes = [](const ConvLayer& l) {
-    return static_cast<int64_t>((l.packed.size() + l.bias.size() + l.wino.size()) * sizeof(float));
+    return static_cast<int64_t>((l.packed.size() + l.bias.size() + l.wino.size() + l.q_scale.size()) *
+                                    sizeof(float) +
+                                l.q_packed.size() + l.q_colsum.size() * sizeof(int32_t));
   };
   int64_t n = bytes(stem_);
   for (const Bottleneck& b : blocks_) n += bytes(b.conv1) + bytes(b.conv2) + bytes(b.conv3) + bytes(b.down);

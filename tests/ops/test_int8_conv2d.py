@@ -104,3 +104,49 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="NaN or inf"):
         QuantizedConv2d.from_float(torch.full((5, 4, 3, 3), float("nan")), None)
     assert conv(torch.randn(0, 4, 8, 8)).shape == (0, 5, 8 - 2, 8 - 2)
+
+
+def _native_conv(conv: QuantizedConv2d, x: torch.Tensor, a_bits: int) -> torch.Tensor:
+    """tallow._C.int8_conv2d on NHWC x with the module's buffers -> NCHW."""
+    import numpy as np
+
+    b, _, h, w = x.shape
+    (kh, kw), s, p = conv.kernel_size, conv.stride, conv.padding
+    out = np.empty((b, (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1, conv.out_channels), np.float32)
+    tallow.native().int8_conv2d(x.permute(0, 2, 3, 1).contiguous().numpy(), conv.packed_weight.numpy(),
+                                conv.weight_colsum.numpy(), conv.weight_scale.numpy(),
+                                None if conv.bias is None else conv.bias.numpy(), kh, kw, s, p,
+                                1 if conv.activation == "relu" else 0, out, a_bits=a_bits)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}c{}h{}w{}o{}k{}s{}p{}".format(*s))
+def test_seven_bit_activations_match_their_reference(each_isa, shape):
+    """a_bits=7 (what the native ResNet asks for where it is faster: AVX2's
+    vpmaddubsw GEMM) quantizes each image to [0, 127]; the integer part stays
+    exact on every ISA."""
+    b, c, h, w, cout, k, s, p = shape
+    torch.manual_seed(hash(shape) % 997)
+    conv = QuantizedConv2d.from_float(torch.randn(cout, c, k, k), torch.randn(cout), stride=s, padding=p,
+                                      activation="relu")
+    x = torch.randn(b, c, h, w) * 3 + 1
+    ref = int8_conv2d_ref(x, conv.int8_weight(), conv.weight_scale, conv.bias, s, p, "relu", levels=127)
+    close_to_ref(_native_conv(conv, x, 7), ref, what=f"{each_isa} {shape}")
+    _, _, zp = quantize_rows_ref(x.permute(0, 2, 3, 1).reshape(b, -1), levels=127)
+    assert int(zp.max()) <= 127
+
+
+@needs_native
+def test_seven_bit_activations_are_checked_and_cost_little_accuracy():
+    conv = QuantizedConv2d.from_float(torch.randn(8, 4, 3, 3) / 6, None, padding=1)
+    with pytest.raises(ValueError, match="a_bits must be 7 or 8, got 6"):
+        _native_conv(conv, torch.randn(1, 4, 6, 6), 6)
+    torch.manual_seed(1)
+    w = torch.randn(64, 32, 3, 3) / (32 * 9) ** 0.5
+    x = torch.relu(torch.randn(2, 32, 16, 16))  # post-ReLU activations, as in ResNet
+    conv = QuantizedConv2d.from_float(w, None, padding=1)
+    ref = F.conv2d(x, w, padding=1)
+    rel7 = float((_native_conv(conv, x, 7) - ref).norm() / ref.norm())
+    rel8 = float((_native_conv(conv, x, 8) - ref).norm() / ref.norm())
+    assert rel8 < rel7 < 0.02, (rel7, rel8)

@@ -497,3 +497,25 @@ def test_custom_ops_opcheck_and_compile():
     torch.library.opcheck(im._int8_matmul_op, (a, b))
     compiled = torch.compile(q, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), q(x))
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", LINEAR_SHAPES + [(50, 300, 40), (6, 1030, 33)])
+def test_linear_seven_bit_activations_match_reference(each_isa, m, k, n):
+    """int8_linear(a_bits=7): rows quantized to [0, 127] (AVX2 multiplies
+    them with vpmaddubsw, exact for 7-bit A); the integer part stays exact
+    on every ISA, over row tails, column tails and several k-blocks."""
+    import numpy as np
+
+    q = QuantizedLinear.from_float(torch.randn(n, k), torch.randn(n), activation="relu")
+    x = torch.randn(m, k) * 2 + 0.5
+    out = np.empty((m, n), np.float32)
+    tallow.native().int8_linear(x.numpy(), q.packed_weight.numpy(), q.weight_colsum.numpy(), q.weight_scale.numpy(),
+                                q.bias.numpy(), 1, out, a_bits=7)
+    ref = int8_linear_ref(x, q.int8_weight(), q.weight_scale, q.bias, "relu", levels=127)
+    close_to_ref(torch.from_numpy(out), ref, what=f"{each_isa} {m}x{k}x{n}")
+    qr, _, zr = quantize_rows_ref(x, levels=127)
+    assert int(qr.max()) <= 127 and int(zr.max()) <= 127
+    with pytest.raises(ValueError, match="a_bits must be 7 or 8"):
+        tallow.native().int8_linear(x.numpy(), q.packed_weight.numpy(), q.weight_colsum.numpy(),
+                                    q.weight_scale.numpy(), q.bias.numpy(), 1, out, a_bits=9)

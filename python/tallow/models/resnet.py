@@ -1,12 +1,12 @@
 """ResNet-50 (He et al. 2016, bottleneck v1.5: stride on the 3×3 conv) for
 image features and ImageNet logits.
 
-Batch norms are folded into the convolutions at load time. A fp32 model's
-features are one native call (resnet_native.py, csrc/vision/). On the
-per-op path (``TALLOW_RESNET=ops``, or no native module) convolutions run
-through torch in channels-last fp32; with ``quantize="int8"`` (per-op for
-now) every
-convolution and the final FC run on tallow's INT8 GEMM, bias and ReLU fused
+Batch norms are folded into the convolutions at load time. A model's
+features are one native call (resnet_native.py, csrc/vision/), fp32 or INT8.
+On the per-op path (``TALLOW_RESNET=ops``, or no native module) convolutions
+run through torch in channels-last fp32; with ``quantize="int8"`` every
+convolution but the stem and the final FC run on tallow's INT8 GEMM (the
+native INT8 path runs the same kernels on the same weights), bias and ReLU fused
 in its epilogue: 1×1 stride-1 convolutions as a GEMM over channels-last
 pixels with per-pixel activation scales (``QuantizedLinear``), the 3×3 and
 the strided convolutions through ``QuantizedConv2d`` (per-image activation
@@ -202,16 +202,18 @@ class ResNet50(torch.nn.Module):
         super().__init__()
         self.config = cfg
         self.fc = Dense(sd["fc.weight"], sd["fc.bias"]) if classifier else None
-        # A fp32 model runs its whole feature pass as one native call
-        # (resnet_native.py), chosen once at load, and then holds no torch
+        # The whole feature pass runs as one native call (resnet_native.py),
+        # fp32 or INT8, chosen once at load; the model then holds no torch
         # convolutions at all (their fp32 weights would be a second copy of
-        # ResNet-50's ~94 MB). INT8, TALLOW_RESNET=ops and a missing native
-        # module take the per-op path below.
+        # ResNet-50's ~94 MB). TALLOW_RESNET=ops and a missing native module
+        # take the per-op path below.
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.native = self.stem = self.blocks = None
         self._native_conv_parameters = 0
-        if quantize is None and native_resnet_wanted():
+        if native_resnet_wanted():
             folded = _folded_convs(cfg, sd)
-            self.native = NativeResNet(cfg, folded, winograd=winograd_wanted())
+            self.native = NativeResNet(cfg, folded, winograd=winograd_wanted(), int8=quantize == "int8")
             self._native_conv_parameters = sum(w.numel() + b.numel() for w, b in folded.values())
         else:
             self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps, quantizable=False)

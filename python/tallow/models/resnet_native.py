@@ -13,8 +13,15 @@ torch's OpenMP team stays parked.
 
 Weights: the batch-norm-folded fp32 weights are packed once into the native
 GEMM's 16-column panels (Winograd layers: their transformed weights instead);
-a ResNet50 built on this path keeps no torch convolutions (INT8 stays on the
-per-op path for now).
+a ResNet50 built on this path keeps no torch convolutions.
+
+INT8 (``int8=True``): the blocks' convolutions are quantized exactly as the
+per-op INT8 model quantizes them (``tallow.ops.QuantizedConv2d``'s weights,
+symmetric per output channel) and run on the same int8mm kernels — 1×1
+stride-1 ones as ``QuantizedLinear`` (one activation scale per pixel), the
+3×3 and strided ones as ``QuantizedConv2d`` (one per image) — with the
+residual add + ReLU, the pooling and the fp32 7×7 stem in C++ between them:
+the per-op INT8 model's maths without its Python and torch glue.
 """
 
 from __future__ import annotations
@@ -66,24 +73,40 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor) -> dict:
             "bias": bias.detach().float().contiguous().numpy()}
 
 
+def _int8_conv(weight: torch.Tensor, bias: torch.Tensor, stride: int) -> dict:
+    """The INT8 buffers of ``QuantizedConv2d.from_float`` (for a 1×1 weight
+    the same bytes as ``QuantizedLinear.from_float`` of ``weight[:, :, 0, 0]``)."""
+    from ..ops import QuantizedConv2d
+
+    q = QuantizedConv2d.from_float(weight, bias, stride=stride, padding=int(weight.shape[-1]) // 2)
+    return {"shape": tuple(int(d) for d in weight.shape), "packed": q.packed_weight.numpy(),
+            "colsum": q.weight_colsum.numpy(), "scale": q.weight_scale.numpy(), "bias": q.bias.numpy()}
+
+
 class NativeResNet:
     """The native twin of a ``ResNet50``: built from the same folded
     convolutions (``folded``: name -> (weight [Cout, Cin, KH, KW], bias)),
     in torchvision's names: conv1, layer{s}.{i}.conv{1-3}, .downsample."""
 
-    def __init__(self, cfg, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], *, winograd: bool = True):
+    def __init__(self, cfg, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], *, winograd: bool = True,
+                 int8: bool = False):
         self.net = native().ResNet()
-        self.net.set_stem(_conv(*folded["conv1"]), 2)
+        self.net.set_stem(_conv(*folded["conv1"]), 2)  # fp32 in both modes, as on the per-op path
         cin = cfg.embedding_size
         for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
             for i in range(depth):
                 p = f"layer{stage + 1}.{i}."
                 stride = 2 if (i == 0 and stage > 0) else 1
                 down = folded.get(p + "downsample")
-                mid = int(folded[p + "conv2"][0].shape[0])
-                self.net.add_block(_conv(*folded[p + "conv1"]), _conv(*folded[p + "conv2"]),
-                                   _conv(*folded[p + "conv3"]), None if down is None else _conv(*down), stride,
-                                   winograd_tile(stride, mid) if winograd else 0)
+                if int8:
+                    self.net.add_block(_int8_conv(*folded[p + "conv1"], 1), _int8_conv(*folded[p + "conv2"], stride),
+                                       _int8_conv(*folded[p + "conv3"], 1),
+                                       None if down is None else _int8_conv(*down, stride), stride, 0)
+                else:
+                    mid = int(folded[p + "conv2"][0].shape[0])
+                    self.net.add_block(_conv(*folded[p + "conv1"]), _conv(*folded[p + "conv2"]),
+                                       _conv(*folded[p + "conv3"]), None if down is None else _conv(*down), stride,
+                                       winograd_tile(stride, mid) if winograd else 0)
                 cin = width
         self.feature_size = int(self.net.feature_size)
         assert self.feature_size == cin

@@ -45,13 +45,14 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
 
 
 def int8_conv2d_ref(x: torch.Tensor, wq: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                    stride: int, padding: int, activation: Optional[str]) -> torch.Tensor:
+                    stride: int, padding: int, activation: Optional[str], levels: int = 255) -> torch.Tensor:
     """The INT8 convolution's maths in torch. ``x [B, C, H, W]`` float32,
-    ``wq`` int8 ``[Cout, KH, KW, C]``; returns [B, Cout, Ho, Wo] float32."""
+    ``wq`` int8 ``[Cout, KH, KW, C]``; returns [B, Cout, Ho, Wo] float32.
+    ``levels=127``: 7-bit activations (the native kernel's ``a_bits=7``)."""
     b, c, h, w = x.shape
     cout, kh, kw, _ = wq.shape
     nhwc = x.permute(0, 2, 3, 1).to(torch.float32)
-    q, sx, zp = quantize_rows_ref(nhwc.reshape(b, h * w * c))
+    q, sx, zp = quantize_rows_ref(nhwc.reshape(b, h * w * c), levels)
     q = q.to(torch.int64).reshape(b, h, w, c)
     hp, wp = h + 2 * padding, w + 2 * padding
     padded = zp.to(torch.int64)[:, None, None, None].expand(b, hp, wp, c).clone()

@@ -103,14 +103,17 @@ def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _wrap_int32(acc)
 
 
-def quantize_rows_ref(x: torch.Tensor):
+def quantize_rows_ref(x: torch.Tensor, levels: int = 255):
     """Dynamic per-row asymmetric u8 quantization of float32 ``x [..., K]``.
 
     Returns ``(q uint8 [..., K], scale float32 [...], zp int32 [...])`` computed
     with exactly the float32 operations of the module docstring (the CPU kernel
     matches them bit for bit). Rows with a NaN/inf get ``scale = NaN``,
-    ``zp = 0`` and ``q = 0``.
+    ``zp = 0`` and ``q = 0``. ``levels=127`` is the 7-bit variant (q and zp
+    in [0, 127]) the native kernels take with ``a_bits=7``.
     """
+    if levels not in (127, 255):
+        raise ValueError(f"levels must be 127 or 255, got {levels!r}")
     x = x.to(torch.float32)
     k = x.shape[-1]
     if k == 0:
@@ -119,11 +122,12 @@ def quantize_rows_ref(x: torch.Tensor):
     else:
         mn = torch.clamp_max(torch.amin(x, dim=-1), 0.0)
         mx = torch.clamp_min(torch.amax(x, dim=-1), 0.0)
-    scale = (mx - mn) / torch.tensor(255.0, dtype=torch.float32)
+    top = float(levels)
+    scale = (mx - mn) / torch.tensor(top, dtype=torch.float32)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     inv = torch.tensor(1.0, dtype=torch.float32) / scale
-    zp = torch.clamp(torch.round(-mn * inv), 0.0, 255.0)
-    q = torch.clamp(torch.round(x * inv[..., None]) + zp[..., None], 0.0, 255.0)
+    zp = torch.clamp(torch.round(-mn * inv), 0.0, top)
+    q = torch.clamp(torch.round(x * inv[..., None]) + zp[..., None], 0.0, top)
     bad = ~torch.isfinite(x).all(dim=-1) if k else torch.zeros(x.shape[:-1], dtype=torch.bool)
     q = torch.where(bad[..., None], torch.zeros_like(q), q)
     zp = torch.where(bad, torch.zeros_like(zp), zp)
@@ -150,17 +154,18 @@ def int8_linear_ref(
     weight_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    levels: int = 255,
 ) -> torch.Tensor:
     """The INT8 linear maths in torch: ``x [..., K]`` float32, ``qweight`` the
     **unpacked** int8 weight ``[N, K]``, ``weight_scale [N]`` float32, ``bias [N]``
-    or None. Quantizes x with :func:`quantize_rows_ref`, computes the integer
+    or None. Quantizes x with :func:`quantize_rows_ref` (``levels``), computes the integer
     part exactly (float64 sums of integers < 2^53) and dequantizes in float32
     in the kernel's order: ``float(acc - zp·colsum) · (scale_x · scale_w) + bias``.
     """
     lead = x.shape[:-1]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    q, sx, zp = quantize_rows_ref(x2)
+    q, sx, zp = quantize_rows_ref(x2, levels)
     w = qweight.to(torch.float64)
     colsum = qweight.to(torch.int64).sum(dim=1)
     acc = torch.matmul(q.to(torch.float64), w.t()).to(torch.int64)
