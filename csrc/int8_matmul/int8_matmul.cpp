@@ -240,7 +240,7 @@ bool seven_bit_activations_faster() { return kernels().u7_faster != 0; }
 
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
-            float* y, int a_bits) {
+            float* y, int a_bits, const float* residual) {
   check_a_bits(a_bits);
   if (M <= 0 || N <= 0) return;
   const IsaKernels& kr = kernels();
@@ -257,7 +257,9 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* pac
   else
     kr.quantize_rows_a(x, M, K, ldx, q.get(), lda, sx.get(), zp.get());
   if (Mp > M) std::memset(q.get() + M * lda * a_bytes, 0, (Mp - M) * lda * a_bytes);
-  kr.gemm(float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx, u7));
+  GemmArgs g = float_gemm(q.get(), lda, packed, M, N, K, cols, zp.get(), sx.get(), act, y, amx, u7);
+  g.residual = residual;
+  kr.gemm(g);
 }
 
 void linear_b32(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
@@ -322,16 +324,22 @@ void im2col_rows(void* p, int64_t begin, int64_t end) {
     const T* img = xq + b * c.H * c.W * c.C;
     const T zp = static_cast<T>(c.zp[b]);
     T* row = a + r * c.lda;
+    // The taps of one kernel row that fall inside the image are consecutive
+    // pixels, i.e. one contiguous run of NHWC input: one copy per kernel row
+    // (a 7x7 stem over 3 channels: 7 copies of 21 values, not 49 of 3).
+    const int64_t ix0 = ox * c.stride - c.pad;
+    const int64_t kw_lo = std::min(c.KW, std::max<int64_t>(0, -ix0));
+    const int64_t kw_hi = std::max(kw_lo, std::min(c.KW, c.W - ix0));
     for (int64_t kh = 0; kh < c.KH; ++kh) {
       const int64_t iy = oy * c.stride - c.pad + kh;
-      for (int64_t kw = 0; kw < c.KW; ++kw) {
-        const int64_t ix = ox * c.stride - c.pad + kw;
-        T* dst = row + (kh * c.KW + kw) * c.C;
-        if (iy < 0 || iy >= c.H || ix < 0 || ix >= c.W)
-          for (int64_t i = 0; i < c.C; ++i) dst[i] = zp;
-        else
-          std::memcpy(dst, img + (iy * c.W + ix) * c.C, c.C * sizeof(T));
+      T* dst = row + kh * c.KW * c.C;
+      if (iy < 0 || iy >= c.H) {
+        std::fill(dst, dst + c.KW * c.C, zp);
+        continue;
       }
+      std::fill(dst, dst + kw_lo * c.C, zp);
+      std::memcpy(dst + kw_lo * c.C, img + (iy * c.W + ix0 + kw_lo) * c.C, (kw_hi - kw_lo) * c.C * sizeof(T));
+      std::fill(dst + kw_hi * c.C, dst + c.KW * c.C, zp);
     }
     for (int64_t k = K; k < c.lda; ++k) row[k] = 0;
   }

@@ -36,8 +36,10 @@ struct GemmArgs {
   int32_t* c_i32;
   int32_t a_offset;
   // Float mode (c_f32 != nullptr):
-  //   C = float(acc - row_zp[m] * colsum[n]) * (row_scale[m] * col_scale[n]) + bias[n], then act.
+  //   C = float(acc - row_zp[m] * colsum[n]) * (row_scale[m] * col_scale[n]) + bias[n]
+  //       (+ residual[m * ldc + n] when residual is set), then act.
   float* c_f32;
+  const float* residual;
   const int32_t* row_zp;     // [M]
   const float* row_scale;    // [M]
   const float* col_scale;    // [NB * 16]
@@ -124,10 +126,12 @@ void matmul_s8(const int8_t* a, int64_t sam, int64_t sak, const int8_t* b, int64
 // y[M, N] (contiguous float32) = int8 linear of x[M, K] (row stride ldx, unit
 // column stride) with prepacked weights; bias may be null. a_bits: 8, or 7
 // (activations quantized to [0, 127]: half the resolution, and on AVX2 the
-// vpmaddubsw GEMM, 1.4x faster; see GemmArgs::a_u7).
+// vpmaddubsw GEMM, 1.4x faster; see GemmArgs::a_u7). residual (like y, or
+// null) is added before the activation: y = act(linear(x) + residual), a
+// ResNet block's last convolution with its shortcut.
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const int8_t* packed,
             const int32_t* colsum, const float* scale_w, const float* bias, int64_t N, int act,
-            float* y, int a_bits = 8);
+            float* y, int a_bits = 8, const float* residual = nullptr);
 
 // Whether the active ISA multiplies 7-bit activations faster than 8-bit ones
 // (AVX2: see GemmArgs::a_u7); callers that can afford the bit (convolutions:

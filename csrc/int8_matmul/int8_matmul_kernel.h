@@ -588,8 +588,12 @@ void epilogue(const GemmArgs& g, const int32_t* acc, int64_t m0, int rows, int64
         const VI yi = k_sub(vi_load(ar + j), vi_mullo(zp, vi_load(cs + j)));
         const VF s = vf_mul(sx, vf_load(g.col_scale + n0 + j));
         VF y = vf_add(vf_mul(vi_to_vf(yi), s), vf_load(g.bias + n0 + j));
-        y = apply_act(y, g.act);
         const int n = ncols - j < kW ? ncols - j : kW;
+        if (g.residual) {
+          const float* r = g.residual + m * g.ldc + n0 + j;
+          y = vf_add(y, n == kW ? vf_load(r) : vf_load_n(r, n));
+        }
+        y = apply_act(y, g.act);
         if (n == kW)
           vf_store(out + j, y);
         else

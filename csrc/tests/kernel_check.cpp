@@ -219,9 +219,11 @@ void check_linear(const std::string& isa) {
           colsum[(size_t)n] += w[(size_t)(n * K + k)];
         }
       const bool with_bias = act != 1;
-      std::vector<float> y((size_t)(M * N));
+      const bool with_res = act <= 1;  // the residual operand (a ResNet block's shortcut), before the activation
+      std::vector<float> y((size_t)(M * N)), res((size_t)(M * N));
+      for (auto& v : res) v = rand_float(-2.0f, 2.0f);
       int8mm::linear(x.data(), ldx, M, K, packed.data(), colsum.data(), sw.data(), with_bias ? bias.data() : nullptr,
-                     N, act, y.data(), a_bits);
+                     N, act, y.data(), a_bits, with_res ? res.data() : nullptr);
       double worst = 0.0;
       std::vector<uint8_t> q((size_t)K);
       for (int64_t m = 0; m < M; ++m) {
@@ -231,7 +233,8 @@ void check_linear(const std::string& isa) {
         for (int64_t n = 0; n < N; ++n) {
           int64_t acc = 0;
           for (int64_t k = 0; k < K; ++k) acc += ((int64_t)q[(size_t)k] - zp) * w[(size_t)(n * K + k)];
-          const float yf = (float)acc * (sx * sw[(size_t)n]) + (with_bias ? bias[(size_t)n] : 0.0f);
+          float yf = (float)acc * (sx * sw[(size_t)n]) + (with_bias ? bias[(size_t)n] : 0.0f);
+          if (with_res) yf += res[(size_t)(m * N + n)];
           double ref = yf;
           if (act == int8mm::kActRelu) ref = ref > 0.0 ? ref : 0.0;
           if (act == int8mm::kActGeluErf) ref = gelu_erf_ref(ref);
@@ -241,7 +244,8 @@ void check_linear(const std::string& isa) {
         }
       }
       record("int8_linear", isa,
-             fmt("M=%lld K=%lld N=%lld act=%d a_bits=%d", (long long)M, (long long)K, (long long)N, act, a_bits),
+             fmt("M=%lld K=%lld N=%lld act=%d a_bits=%d%s", (long long)M, (long long)K, (long long)N, act, a_bits,
+                 with_res ? " +residual" : ""),
              worst <= 5e-6, worst,
              fmt("max rel err %.3g", worst));
     }

@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -75,7 +76,6 @@ class PyResNet {
   void set_stem(py::dict conv, int64_t stride) {
     expect(stride >= 1, "stem stride must be >= 1");
     vision::ConvLayer l = conv_layer("stem", conv, stride);
-    expect(!l.is_int8(), "the stem runs in fp32 (give it 'weight' and 'bias')");
     expect(l.kh == l.kw && l.kh % 2 == 1, "the stem kernel must be square and odd, got " +
                                               std::to_string(l.kh) + "x" + std::to_string(l.kw));
     channels_ = l.cout;
@@ -137,6 +137,12 @@ class PyResNet {
     const float* xp = static_cast<const float*>(x.data());
     float* op = static_cast<float*>(out.mutable_data());
     if (B == 0) return;
+    // Checked here rather than with a torch op in Python: any torch op
+    // leaves torch's OpenMP threads spinning on the cores this forward needs.
+    const int64_t n = B * net_.stem_channels() * H * W;
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(xp[i]);
+    if (!finite) throw py::value_error("images contain NaN or inf");
     py::gil_scoped_release release;
     net_.features(xp, B, H, W, op);
   }

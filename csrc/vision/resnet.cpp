@@ -7,7 +7,6 @@
 #include <stdexcept>
 
 #include "common/cpu_features.h"
-#include "common/thread_pool.h"
 #include "encoder/encoder.h"
 #include "int8_matmul/int8_matmul.h"
 #include "vision/conv.h"
@@ -247,36 +246,25 @@ void ResNet::run_block(const Bottleneck& blk, const float* x, int64_t nb, int64_
 
 namespace {
 
-// y = act(conv(x) + bias) of an INT8 layer, NHWC, zero padding `pad`.
+// y = act(conv(x) + bias (+ res)) of an INT8 layer, NHWC, zero padding `pad`
+// (res: 1x1 stride-1 layers only, added in the GEMM's epilogue).
 void int8_conv(const ConvLayer& l, const float* x, int64_t B, int64_t H, int64_t W, int64_t pad, int act,
-               float* y) {
+               float* y, const float* res = nullptr) {
   if (l.kh == 1 && l.kw == 1 && l.stride == 1 && pad == 0)
     int8mm::linear(x, l.cin, B * H * W, l.cin, l.q_packed.data(), l.q_colsum.data(), l.q_scale.data(),
-                   l.bias.data(), l.cout, act, y, l.q_a_bits);
+                   l.bias.data(), l.cout, act, y, l.q_a_bits, res);
+  else if (res)
+    throw std::logic_error("resnet: a residual needs a 1x1 stride-1 INT8 layer");
   else
     int8mm::conv2d_nhwc(x, B, H, W, l.cin, l.kh, l.kw, l.stride, pad, l.q_packed.data(), l.q_colsum.data(),
                         l.q_scale.data(), l.bias.data(), l.cout, act, y, l.q_a_bits);
 }
 
-struct AddReluCtx {
-  float* y;
-  const float* r;
-};
-
-// y = max(y + r, 0) over [begin, end) (NaN propagates, as torch.relu_).
-void add_relu_range(void* p, int64_t begin, int64_t end) {
-  const AddReluCtx& c = *static_cast<const AddReluCtx*>(p);
-  for (int64_t i = begin; i < end; ++i) {
-    const float v = c.y[i] + c.r[i];
-    c.y[i] = v < 0.0f ? 0.0f : v;
-  }
-}
-
 }  // namespace
 
 // The per-op INT8 block's maths (models/resnet.py Bottleneck with quantized
-// layers) in one place: the same int8mm kernels, the residual add + ReLU as a
-// pass of its own (the INT8 GEMM's epilogue has no residual operand).
+// layers) in one place: the same int8mm kernels, the residual add + ReLU in
+// conv3's epilogue.
 void ResNet::run_block_int8(const Bottleneck& blk, const float* x, int64_t nb, int64_t h, int64_t w, float* y) {
   const int64_t mid = blk.conv1.cout, s = blk.conv2.stride;
   float* t1 = workspace(padded_, nb * h * w * mid);
@@ -290,9 +278,7 @@ void ResNet::run_block_int8(const Bottleneck& blk, const float* x, int64_t nb, i
     int8_conv(blk.down, x, nb, h, w, 0, 0, d);
     shortcut = d;
   }
-  int8_conv(blk.conv3, t2, nb, oh, ow, 0, 0, y);
-  AddReluCtx ctx{y, shortcut};
-  parallel_for(nb * oh * ow * blk.conv3.cout, 16384, &add_relu_range, &ctx);
+  int8_conv(blk.conv3, t2, nb, oh, ow, 0, 1, y, shortcut);
 }
 
 namespace {
@@ -329,13 +315,19 @@ void ResNet::features(const float* x, int64_t B, int64_t H, int64_t W, float* ou
   const int64_t stem_chunk = chunk_images(B, sh * sw * c * 4, layer_bytes(stem_));
   for (int64_t b0 = 0; b0 < B; b0 += stem_chunk) {
     const int64_t nb = std::min(stem_chunk, B - b0);
-    float* in = workspace(input_, nb * (H + 2 * sp) * (W + 2 * sp) * cin);
-    zero_border(in, nb, H, W, cin, sp);
-    nchw_to_padded(x + b0 * cin * H * W, nb, cin, H, W, sp, in);
-    ConvArgs sa = conv_args(stem_, in, nb, H + 2 * sp, W + 2 * sp, nullptr, 1, nullptr, 0);
-    sa.y = workspace(stem_out_, nb * sh * sw * c);
-    k.conv(sa);
-    k.max_pool_3x3s2(sa.y, nb, sh, sw, c, cur + b0 * h * w * c);
+    float* stem_out = workspace(stem_out_, nb * sh * sw * c);
+    if (stem_.is_int8()) {  // int8mm pads (with the zero point) as it gathers
+      float* in = workspace(input_, nb * H * W * cin);
+      nchw_to_padded(x + b0 * cin * H * W, nb, cin, H, W, 0, in);
+      int8_conv(stem_, in, nb, H, W, sp, 1, stem_out);
+    } else {
+      float* in = workspace(input_, nb * (H + 2 * sp) * (W + 2 * sp) * cin);
+      zero_border(in, nb, H, W, cin, sp);
+      nchw_to_padded(x + b0 * cin * H * W, nb, cin, H, W, sp, in);
+      ConvArgs sa = conv_args(stem_, in, nb, H + 2 * sp, W + 2 * sp, nullptr, 1, stem_out, 0);
+      k.conv(sa);
+    }
+    k.max_pool_3x3s2(stem_out, nb, sh, sw, c, cur + b0 * h * w * c);
   }
   // Stages (a stage starts at a block with a downsampling shortcut), each by
   // image chunks: a chunk goes through every block of the stage in the

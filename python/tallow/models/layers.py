@@ -104,12 +104,8 @@ class Conv(torch.nn.Module):
     activations, im2col, the INT8 GEMM with bias and activation fused)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], *, stride: int, padding: int,
-                 activation: Optional[str] = None, quantizable: bool = True):
+                 activation: Optional[str] = None):
         super().__init__()
-        # quantizable=False keeps a layer fp32 under quantize="int8" (ResNet's
-        # 7x7 stem: 3 input channels make im2col rows of 147 values, where the
-        # INT8 path measured slower than torch's direct convolution).
-        self.quantizable = quantizable
         if activation not in (None, "relu"):
             raise ValueError(f"Conv supports activation None or 'relu', got {activation!r}")
         self.weight = torch.nn.Parameter(weight.detach().float().contiguous(memory_format=torch.channels_last),
@@ -164,6 +160,6 @@ def quantize_model(model: torch.nn.Module, mode: Optional[str], blocks: bool = F
     for m in model.modules():
         if isinstance(m, Dense):
             m.quantize(blocks)
-        elif isinstance(m, Conv) and m.quantizable:
+        elif isinstance(m, Conv):
             m.quantize()
     return "int8"

@@ -5,14 +5,13 @@ Batch norms are folded into the convolutions at load time. A model's
 features are one native call (resnet_native.py, csrc/vision/), fp32 or INT8.
 On the per-op path (``TALLOW_RESNET=ops``, or no native module) convolutions
 run through torch in channels-last fp32; with ``quantize="int8"`` every
-convolution but the stem and the final FC run on tallow's INT8 GEMM (the
-native INT8 path runs the same kernels on the same weights), bias and ReLU fused
+convolution and the final FC run on tallow's INT8 GEMM (the native INT8
+path runs the same kernels on the same weights), bias and ReLU fused
 in its epilogue: 1×1 stride-1 convolutions as a GEMM over channels-last
 pixels with per-pixel activation scales (``QuantizedLinear``), the 3×3 and
-the strided convolutions through ``QuantizedConv2d`` (per-image activation
-scales, im2col). The 7×7 stem (3 input channels, 3 % of the FLOPs) stays
-fp32: its im2col rows are short and torch's direct convolution was faster.
-Input: ``tallow.ops.preprocess`` output, [B, 3, 224, 224] normalised float32.
+the strided convolutions — the 7×7 stem included — through
+``QuantizedConv2d`` (per-image activation scales, im2col: one copy per
+kernel row, so the stem's 3-channel taps gather fast). Input: ``tallow.ops.preprocess`` output, [B, 3, 224, 224] normalised float32.
 
 Checkpoints: a Hugging Face ``ResNetModel`` / ``ResNetForImageClassification``
 directory, or a torchvision-style state dict (``.pth``). Both are mapped onto
@@ -145,7 +144,7 @@ class ConvBN(torch.nn.Module):
     they run as a GEMM over channels-last pixels; the others are a ``Conv``
     (both INT8 when quantized)."""
 
-    def __init__(self, sd, conv: str, bn: str, *, stride: int, relu: bool, eps: float, quantizable: bool = True):
+    def __init__(self, sd, conv: str, bn: str, *, stride: int, relu: bool, eps: float):
         super().__init__()
         w, bias = fold_batch_norm(sd, conv, bn, eps)
         act = "relu" if relu else None
@@ -154,7 +153,7 @@ class ConvBN(torch.nn.Module):
         if kernel == 1 and stride == 1:
             self.dense = Dense(w[:, :, 0, 0], bias, activation=act)
         else:
-            self.conv = Conv(w, bias, stride=stride, padding=kernel // 2, activation=act, quantizable=quantizable)
+            self.conv = Conv(w, bias, stride=stride, padding=kernel // 2, activation=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is not None:
@@ -216,7 +215,7 @@ class ResNet50(torch.nn.Module):
             self.native = NativeResNet(cfg, folded, winograd=winograd_wanted(), int8=quantize == "int8")
             self._native_conv_parameters = sum(w.numel() + b.numel() for w, b in folded.values())
         else:
-            self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps, quantizable=False)
+            self.stem = ConvBN(sd, "conv1", "bn1", stride=2, relu=True, eps=cfg.eps)
             blocks = []
             cin = cfg.embedding_size
             for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
@@ -229,7 +228,7 @@ class ResNet50(torch.nn.Module):
         self.requires_grad_(False)
         self.quantization = quantize_model(self, quantize)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, *, finite: bool = True) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
@@ -238,13 +237,15 @@ class ResNet50(torch.nn.Module):
             raise TypeError(f"images must be float32, got {x.dtype}")
         if x.shape[2] < 32 or x.shape[3] < 32:
             raise ValueError(f"images must be at least 32x32, got {tuple(x.shape[2:])}")
-        if not bool(torch.isfinite(x).all()):
+        if finite and not bool(torch.isfinite(x).all()):
             raise ValueError("images contain NaN or inf")
 
     @torch.inference_mode()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Global-average-pooled features [B, 2048]."""
-        self._check_input(x)
+        # the native forward checks for NaN / inf itself, with no torch op
+        # (which would leave torch's OpenMP threads spinning on its cores)
+        self._check_input(x, finite=self.native is None)
         if self.native is not None:
             return self.native.features(x)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -19,9 +19,13 @@ INT8 (``int8=True``): the blocks' convolutions are quantized exactly as the
 per-op INT8 model quantizes them (``tallow.ops.QuantizedConv2d``'s weights,
 symmetric per output channel) and run on the same int8mm kernels — 1×1
 stride-1 ones as ``QuantizedLinear`` (one activation scale per pixel), the
-3×3 and strided ones as ``QuantizedConv2d`` (one per image) — with the
-residual add + ReLU, the pooling and the fp32 7×7 stem in C++ between them:
-the per-op INT8 model's maths without its Python and torch glue.
+3×3 and strided ones, the 7×7 stem included, as ``QuantizedConv2d`` (one
+per image) — with the residual add + ReLU in the last GEMM's epilogue and
+the pooling in C++ between them: the per-op INT8 model's maths without its
+Python and torch glue. Where the CPU multiplies 7-bit activations faster
+(AVX2: ``vpmaddubsw``, exact for u8 ≤ 127) the native path quantizes them to
+[0, 127] instead of [0, 255] (int8mm's ``a_bits=7``; ResNet-50's features
+stay at cosine ≥ 0.9998 to fp32).
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class NativeResNet:
     def __init__(self, cfg, folded: dict[str, tuple[torch.Tensor, torch.Tensor]], *, winograd: bool = True,
                  int8: bool = False):
         self.net = native().ResNet()
-        self.net.set_stem(_conv(*folded["conv1"]), 2)  # fp32 in both modes, as on the per-op path
+        self.net.set_stem(_int8_conv(*folded["conv1"], 2) if int8 else _conv(*folded["conv1"]), 2)
         cin = cfg.embedding_size
         for stage, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
             for i in range(depth):
