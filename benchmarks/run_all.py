@@ -36,7 +36,7 @@ import harness  # noqa: E402
 from harness import MixedMachinesError, machine_of, markdown_table, this_machine  # noqa: E402
 
 SUITES = ["peak", "attention", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm", "vision",
-          "index", "server", "transport", "functions", "train"]  # bench_<name>.py scripts
+          "index", "server", "image_server", "transport", "functions", "train"]  # bench_<name>.py scripts
 # Result files they write (bench_int8_matmul.py writes two suites).
 RESULTS = ["peak", "attention", "int8_linear", "int8_matmul", "preprocess", "models", "encoders", "gpt2_decode", "llm",
            "vision", "index", "train"]
@@ -252,6 +252,7 @@ def targets_table(mdir: Path) -> str:
     lines += index_target_lines(mdir)
     lines += llm_target_lines(mdir)
     lines += functions_target_lines(mdir)
+    lines += image_server_target_lines(mdir)
     server = load(mdir, "server")
     if server is not None and "targets" in server:  # bench_server with a baseline: its own targets list
         lines += server_target_lines(server)
@@ -262,6 +263,19 @@ def targets_table(mdir: Path) -> str:
                 lines.append(f"| — | server | /v1/embeddings, 32 clients ({label}) | batching on vs max_batch_size=1 "
                              f"(throughput) | ≥ 3.0× | {speed:.2f}× | {'yes' if speed >= 3.0 else 'no'} |")
     return "\n".join(lines)
+
+
+def image_server_target_lines(mdir: Path) -> list[str]:
+    """Issue 27, item 3: /v1/images/search with INT8 at 10 concurrent clients
+    (distinct images), current vs the code before the issue, requests/s
+    (bench_image_server.py's image_server.json)."""
+    data = load(mdir, "image_server")
+    if data is None:
+        return []
+    base = data.get("servers", {}).get("baseline", {}).get("commit") or data.get("baseline_rev")
+    ratio, goal = data["ratio"], data["target_ratio"]
+    return [f"| 27 | image_server | /v1/images/search INT8, {data['clients']} clients, distinct images | "
+            f"current vs baseline {base} (requests/s) | ≥ {goal}× | {ratio:.2f}× | {'yes' if ratio >= goal else 'no'} |"]
 
 
 def server_target_lines(server: dict) -> list[str]:
@@ -387,7 +401,7 @@ def functions_target_lines(mdir: Path) -> list[str]:
 
 def machine_title(mdir: Path) -> str:
     """'AMD EPYC, best ISA avx2 (`amd-epyc-avx2`)' from any result file there."""
-    for name in RESULTS + ["server", "functions"]:
+    for name in RESULTS + ["server", "image_server", "functions"]:
         data = load(mdir, name)
         if data is not None:
             env = data["env"]
@@ -426,6 +440,12 @@ def suite_tables(mdir: Path, suites: list[str], level: str = "###") -> list[str]
         quick = " (`--quick`: smoke-test sizes, not results)" if server.get("quick") else ""
         parts.append(f"{level} HTTP server (server)\n\n{env['cpu']}, {env['time']}; "
                      f"`python benchmarks/bench_server.py`{quick}\n\n" + srv.read_text().strip() + "\n")
+    img = mdir / "image_server.md"
+    image_server = load(mdir, "image_server")
+    if img.exists() and image_server is not None:
+        env = image_server["env"]
+        parts.append(f"{level} Image search server (image_server)\n\n{env['cpu']}, {env['time']}; "
+                     "`python benchmarks/bench_image_server.py`\n\n" + img.read_text().strip() + "\n")
     trn = mdir / "transport.md"
     transport = load(mdir, "transport")
     if trn.exists() and transport is not None:

@@ -380,6 +380,18 @@ def test_server_targets_reach_the_targets_table(results_root):
     assert "| 15 | server | overload /health p99 (current) | — | ≤ 50 ms | 80.0 ms | no |" in table
 
 
+def test_image_server_target_reaches_the_targets_table(results_root):
+    write(results_root, "amd-epyc-avx2", "image_server", [])
+    path = results_root / "amd-epyc-avx2" / "image_server.json"
+    data = json.loads(path.read_text())
+    data.update({"servers": {"baseline": {"commit": "1b4a170"}, "current": {"commit": "abc"}}, "ratio": 1.55,
+                 "target_ratio": 2.0, "clients": 10})
+    path.write_text(json.dumps(data))
+    table = run_all.targets_table(results_root / "amd-epyc-avx2")
+    assert ("| 27 | image_server | /v1/images/search INT8, 10 clients, distinct images | current vs baseline 1b4a170 "
+            "(requests/s) | ≥ 2.0× | 1.55× | no |") in table
+
+
 def test_server_search_counts_answers_without_k_hits_as_errors():
     """The search scenario's client: 200s with k hits are timed, a 200 with
     fewer hits (an index that does not hold the documents) is an error, not
