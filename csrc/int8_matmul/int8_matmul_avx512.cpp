@@ -5,6 +5,8 @@
 // be linked into another ISA's code path.
 #include <stdlib.h>
 
+#include <new>
+
 #include "common/simd.h"
 #include "common/thread_pool.h"
 #include "int8_matmul/int8_matmul.h"

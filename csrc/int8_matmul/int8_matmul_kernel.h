@@ -318,9 +318,15 @@ void isa_a_from_s8(const int8_t* a, int64_t M, int64_t K, int64_t sm, int64_t sk
 // for bit. A row with a NaN/inf gets scale NaN, zp 0, q 0 (its outputs are NaN).
 // L = 255 (8 bits), or 127 for the 7-bit A of GemmArgs::a_u7.
 // QT: uint8_t (the op's q) or the GEMM's A element (int16 on AVX2: same values).
-template <typename QT, int L = 255>
-void quantize_row(const float* x, int64_t K, QT* q, int64_t ldq, float* scale_out,
-                  int32_t* zp_out) {
+// The row's range: mn = min(0, min x) (as -max(0 - x): -0.0 when no x < 0),
+// mx = max(0, max x), bad = 0 or NaN (NaN iff some x is NaN or inf). The
+// range of a row equals the min / max / any of its pieces' ranges, which is
+// what lets quantize_rows_split take one long row in pieces on every thread.
+struct RowRange {
+  float mn, mx, bad;
+};
+
+inline RowRange row_range(const float* x, int64_t K) {
   VF vmin = vf_zero(), vmax = vf_zero(), vbad = vf_zero();
   int64_t k = 0;
   for (; k + kW <= K; k += kW) {
@@ -336,24 +342,28 @@ void quantize_row(const float* x, int64_t K, QT* q, int64_t ldq, float* scale_ou
     vbad = vf_add(vbad, vf_mul(v, vf_zero()));
   }
   const float bad = vf_reduce_add(vbad);
-  if (bad != 0.0f || bad != bad) {
-    *scale_out = __builtin_nanf("");
-    *zp_out = 0;
-    __builtin_memset(q, 0, static_cast<size_t>(ldq) * sizeof(QT));
-    return;
-  }
-  const float mn = -vf_reduce_max(vf_sub(vf_zero(), vmin));
-  const float mx = vf_reduce_max(vmax);
+  return {-vf_reduce_max(vf_sub(vf_zero(), vmin)), vf_reduce_max(vmax), bad != 0.0f || bad != bad ? 1.0f : 0.0f};
+}
+
+// scale, 1 / scale and the zero point (as a float) of a range (not bad).
+template <int L>
+inline void range_params(const RowRange& r, float* scale_out, float* inv_out, float* z_out) {
   constexpr float kL = static_cast<float>(L);
-  float scale = (mx - mn) / kL;
+  float scale = (r.mx - r.mn) / kL;
   if (scale == 0.0f) scale = 1.0f;
   const float inv = 1.0f / scale;
-  float z = __builtin_nearbyintf(-mn * inv);
+  float z = __builtin_nearbyintf(-r.mn * inv);
   z = z < 0.0f ? 0.0f : (z > kL ? kL : z);
   *scale_out = scale;
-  *zp_out = static_cast<int32_t>(z);
-  const VF vinv = vf_set1(inv), vz = vf_set1(z), lo = vf_zero(), hi = vf_set1(kL);
-  for (k = 0; k < K; k += kW) {
+  *inv_out = inv;
+  *z_out = z;
+}
+
+// q[k] = clamp(round(x[k] * inv) + z, 0, L) for k < K.
+template <typename QT, int L>
+inline void quantize_span(const float* x, int64_t K, QT* q, float inv, float z) {
+  const VF vinv = vf_set1(inv), vz = vf_set1(z), lo = vf_zero(), hi = vf_set1(static_cast<float>(L));
+  for (int64_t k = 0; k < K; k += kW) {
     const int n = static_cast<int>(k_min(kW, K - k));
     const VF v = n == kW ? vf_load(x + k) : vf_load_n(x + k, n);
     // round(x * inv) + zp is an exact small integer in float: clamp there.
@@ -361,7 +371,23 @@ void quantize_row(const float* x, int64_t K, QT* q, int64_t ldq, float* scale_ou
     r = vf_min(vf_max(r, lo), hi);
     k_store_u8(q + k, vf_round_to_vi(r), n);
   }
-  for (k = K; k < ldq; ++k) q[k] = 0;
+}
+
+template <typename QT, int L = 255>
+void quantize_row(const float* x, int64_t K, QT* q, int64_t ldq, float* scale_out,
+                  int32_t* zp_out) {
+  const RowRange r = row_range(x, K);
+  if (r.bad != 0.0f) {
+    *scale_out = __builtin_nanf("");
+    *zp_out = 0;
+    __builtin_memset(q, 0, static_cast<size_t>(ldq) * sizeof(QT));
+    return;
+  }
+  float inv, z;
+  range_params<L>(r, scale_out, &inv, &z);
+  *zp_out = static_cast<int32_t>(z);
+  quantize_span<QT, L>(x, K, q, inv, z);
+  for (int64_t k = K; k < ldq; ++k) q[k] = 0;
 }
 
 template <typename QT>
@@ -374,9 +400,84 @@ struct QuantCtx {
   int32_t* zp;
 };
 
+// Fewer rows than threads, each long (a convolution's per-image quantization
+// of a whole activation, 25k-800k values for ResNet-50): each row in pieces
+// of kQuantPiece values on every thread — the pieces' ranges first, then the
+// pieces quantized with their row's parameters (bit for bit quantize_row's).
+constexpr int64_t kQuantPiece = 16384;
+
+template <typename QT>
+struct QuantSplitCtx {
+  const float* x;
+  int64_t K, ldx, pieces;
+  QT* q;
+  int64_t ldq;
+  RowRange* ranges;  // [M * pieces]
+  float* inv;        // [M] (NaN: a bad row)
+  float* z;          // [M]
+};
+
+template <typename QT, int L>
+void quantize_rows_split(const float* x, int64_t M, int64_t K, int64_t ldx, QT* q, int64_t ldq, float* scale,
+                         int32_t* zp) {
+  const int64_t pieces = (K + kQuantPiece - 1) / kQuantPiece;
+  RowRange* ranges = static_cast<RowRange*>(malloc(sizeof(RowRange) * static_cast<size_t>(M * pieces)));
+  float* inv = static_cast<float*>(malloc(sizeof(float) * static_cast<size_t>(2 * M)));
+  if (!ranges || !inv) {
+    free(ranges);
+    free(inv);
+    throw std::bad_alloc();
+  }
+  QuantSplitCtx<QT> ctx{x, K, ldx, pieces, q, ldq, ranges, inv, inv + M};
+  tallow::parallel_for(M * pieces, 1, [](void* p, int64_t begin, int64_t end) {
+    const QuantSplitCtx<QT>& c = *static_cast<const QuantSplitCtx<QT>*>(p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m = t / c.pieces, k0 = (t % c.pieces) * kQuantPiece;
+      c.ranges[t] = row_range(c.x + m * c.ldx + k0, k_min(kQuantPiece, c.K - k0));
+    }
+  }, &ctx);
+  for (int64_t m = 0; m < M; ++m) {
+    RowRange r = ranges[m * pieces];
+    for (int64_t i = 1; i < pieces; ++i) {
+      const RowRange& o = ranges[m * pieces + i];
+      r.mn = o.mn < r.mn ? o.mn : r.mn;
+      r.mx = o.mx > r.mx ? o.mx : r.mx;
+      r.bad = r.bad != 0.0f || o.bad != 0.0f ? 1.0f : 0.0f;
+    }
+    if (r.bad != 0.0f) {
+      scale[m] = __builtin_nanf("");
+      zp[m] = 0;
+      ctx.inv[m] = __builtin_nanf("");
+      continue;
+    }
+    range_params<L>(r, scale + m, ctx.inv + m, ctx.z + m);
+    zp[m] = static_cast<int32_t>(ctx.z[m]);
+  }
+  tallow::parallel_for(M * pieces, 1, [](void* p, int64_t begin, int64_t end) {
+    const QuantSplitCtx<QT>& c = *static_cast<const QuantSplitCtx<QT>*>(p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m = t / c.pieces, k0 = (t % c.pieces) * kQuantPiece;
+      const int64_t n = k_min(kQuantPiece, c.K - k0);
+      QT* qp = c.q + m * c.ldq + k0;
+      if (c.inv[m] != c.inv[m])
+        __builtin_memset(qp, 0, static_cast<size_t>(n) * sizeof(QT));
+      else
+        quantize_span<QT, L>(c.x + m * c.ldx + k0, n, qp, c.inv[m], c.z[m]);
+      if (k0 + n == c.K)
+        for (int64_t k = c.K; k < c.ldq; ++k) c.q[m * c.ldq + k] = 0;
+    }
+  }, &ctx);
+  free(ranges);
+  free(inv);
+}
+
 template <typename QT, int L = 255>
 void quantize_rows_as(const float* x, int64_t M, int64_t K, int64_t ldx, QT* q, int64_t ldq,
                       float* scale, int32_t* zp) {
+  if (M < tallow::num_threads() && K >= 4 * kQuantPiece) {
+    quantize_rows_split<QT, L>(x, M, K, ldx, q, ldq, scale, zp);
+    return;
+  }
   QuantCtx<QT> ctx{x, K, ldx, q, ldq, scale, zp};
   const int64_t grain = k_min(M, 1 + (1 << 14) / (K + 1));
   tallow::parallel_for(M, grain, [](void* p, int64_t begin, int64_t end) {

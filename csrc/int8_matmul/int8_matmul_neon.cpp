@@ -3,6 +3,8 @@
 // this file's copies can never be linked into another ISA's code path.
 #include <stdlib.h>
 
+#include <new>
+
 #include "common/simd.h"
 #include "common/thread_pool.h"
 #include "int8_matmul/int8_matmul.h"

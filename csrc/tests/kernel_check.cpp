@@ -167,7 +167,8 @@ void quantize_ref(const float* x, int64_t K, uint8_t* q, float* scale, int32_t* 
 }
 
 void check_quantize(const std::string& isa) {
-  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {7, 97}, {2, 129}, {5, 1030}};
+  // {1, 70001}: one long row, quantized in pieces on every thread (quantize_rows_split)
+  const int64_t shapes[][2] = {{1, 1}, {3, 7}, {7, 97}, {2, 129}, {5, 1030}, {1, 70001}};
   for (const auto& sh : shapes) {
     const int64_t M = sh[0], K = sh[1], ldx = K + 3;
     std::vector<float> x((size_t)(M * ldx));

@@ -519,3 +519,37 @@ def test_linear_seven_bit_activations_match_reference(each_isa, m, k, n):
     with pytest.raises(ValueError, match="a_bits must be 7 or 8"):
         tallow.native().int8_linear(x.numpy(), q.packed_weight.numpy(), q.weight_colsum.numpy(),
                                     q.weight_scale.numpy(), q.bias.numpy(), 1, out, a_bits=9)
+
+
+@needs_native
+@pytest.mark.parametrize("levels", [255, 127])
+def test_long_rows_quantize_in_pieces_bit_exact(each_isa, levels):
+    """Fewer rows than threads and each long (a convolution's per-image
+    quantization): the rows are taken in pieces on every thread, and must
+    still equal the reference bit for bit — positive-only, mixed-sign, a NaN
+    in a late piece, an inf in the first, and a length off the piece size."""
+    import numpy as np
+
+    k = 4 * 16384 + 1237
+    x = torch.randn(1, k) * 3
+    native = tallow.native()
+    cases = [x, x.abs(), x.clone(), x.clone()]
+    cases[2][0, k - 5] = float("nan")
+    cases[3][0, 7] = float("inf")
+    for rows in cases:
+        q, s, z = np.empty((1, k), np.uint8), np.empty(1, np.float32), np.empty(1, np.int32)
+        if levels == 255:
+            native.int8_quantize_rows(rows.numpy(), q, s, z)
+            qr, sr, zr = quantize_rows_ref(rows)
+            assert np.array_equal(q, qr.numpy()) and np.array_equal(z, zr.numpy())
+            assert np.array_equal(s, sr.numpy(), equal_nan=True)
+        else:  # the 7-bit quantizer, seen through a 1x1 convolution over one image of k / 1 pixels
+            conv = QuantizedLinear.from_float(torch.ones(1, 1), None)
+            out = np.empty((k, 1), np.float32)
+            native.int8_conv2d(rows.reshape(1, 1, k, 1).numpy(), conv.packed_weight.numpy(),
+                               conv.weight_colsum.numpy(), conv.weight_scale.numpy(), None, 1, 1, 1, 0, 0,
+                               out.reshape(1, 1, k, 1), a_bits=7)
+            qr, sr, zr = quantize_rows_ref(rows, levels=127)
+            w = float(conv.int8_weight()[0, 0])  # 127, at scale 1 / 127
+            want = (qr.double() - zr.double()) * w * float(sr) * float(conv.weight_scale)
+            np.testing.assert_allclose(out[:, 0], want[0].float().numpy(), rtol=1e-6, atol=1e-6 * float(sr))
