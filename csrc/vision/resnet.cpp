@@ -148,20 +148,28 @@ WinogradArgs wino_args(const ConvLayer& l, const float* x, int64_t B, int64_t XH
 
 }  // namespace
 
-ConvLayer ResNet::make_conv(const float* w, const float* bias, int64_t cout, int64_t cin, int64_t kh, int64_t kw,
-                            int64_t stride, int winograd_m) {
+namespace {
+// A layer's shape, checked (the weights are the caller's to fill).
+ConvLayer conv_shape(int64_t cout, int64_t cin, int64_t kh, int64_t kw, int64_t stride) {
   if (cout < 1 || cin < 1 || kh < 1 || kw < 1 || stride < 1)
     throw std::invalid_argument("resnet: convolution sizes and stride must be >= 1");
-  if (winograd_m != 0 && winograd_m != 2 && winograd_m != 4)
-    throw std::invalid_argument("resnet: winograd_m must be 0 (direct), 2 or 4");
-  if (winograd_m != 0 && (kh != 3 || kw != 3 || stride != 1))
-    throw std::invalid_argument("resnet: Winograd needs a 3x3 stride-1 convolution");
   ConvLayer l;
   l.cin = cin;
   l.cout = cout;
   l.kh = kh;
   l.kw = kw;
   l.stride = stride;
+  return l;
+}
+}  // namespace
+
+ConvLayer ResNet::make_conv(const float* w, const float* bias, int64_t cout, int64_t cin, int64_t kh, int64_t kw,
+                            int64_t stride, int winograd_m) {
+  ConvLayer l = conv_shape(cout, cin, kh, kw, stride);
+  if (winograd_m != 0 && winograd_m != 2 && winograd_m != 4)
+    throw std::invalid_argument("resnet: winograd_m must be 0 (direct), 2 or 4");
+  if (winograd_m != 0 && (kh != 3 || kw != 3 || stride != 1))
+    throw std::invalid_argument("resnet: Winograd needs a 3x3 stride-1 convolution");
   if (bias) l.bias.assign(bias, bias + cout);
   l.wino_m = winograd_m;
   if (winograd_m == 2) {
@@ -186,14 +194,7 @@ ConvLayer ResNet::make_conv(const float* w, const float* bias, int64_t cout, int
 ConvLayer ResNet::make_int8_conv(const int8_t* packed, const int32_t* colsum, const float* scale,
                                  const float* bias, int64_t cout, int64_t cin, int64_t kh, int64_t kw,
                                  int64_t stride) {
-  if (cout < 1 || cin < 1 || kh < 1 || kw < 1 || stride < 1)
-    throw std::invalid_argument("resnet: convolution sizes and stride must be >= 1");
-  ConvLayer l;
-  l.cin = cin;
-  l.cout = cout;
-  l.kh = kh;
-  l.kw = kw;
-  l.stride = stride;
+  ConvLayer l = conv_shape(cout, cin, kh, kw, stride);
   const int64_t bytes = (cout + 15) / 16 * ((kh * kw * cin + 3) / 4) * 64;
   l.q_packed.assign(packed, packed + bytes);
   l.q_colsum.assign(colsum, colsum + cout);
