@@ -96,6 +96,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from harness import round_timings  # noqa: E402  (stdlib-only at import)
 from registry import BERT_BASE  # noqa: E402
 
 # Nothing heavy at module level: each engine's process imports only its own
@@ -569,12 +570,6 @@ def _min_cosine(emb, ref) -> float:
     return float((a.astype(np.float64) * r).sum(1).min())
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    from harness import percentile
-
-    return percentile(xs, q)
-
-
 def _ms(r: dict) -> str:
     """The median and, where there were several rounds, their spread."""
     if r["rounds"] < 2:
@@ -745,21 +740,15 @@ def main(argv: list[str] | None = None) -> int:
         cinfo = info["cases"][cname]
         for p in providers:
             runs = results[(cname, p.name)]
-            medians = [statistics.median(r["times"]) for r in runs]
-            every = [t for r in runs for t in r["times"]]
-            med = statistics.median(medians)
+            timing = round_timings([r["times"] for r in runs])
             cos = min(_min_cosine(r["emb"], ref) for r in runs)
             tol = _tolerance(p)
             ok = 1 - cos <= tol
             if not ok:
                 failed.append(f"[{cname}] {p.name}: 1 - min cosine {1 - cos:.3g} > tolerance {tol:g}")
             rows.append({
-                "suite": SUITE, "case": cname, "provider": p.name,
-                "median_ms": med * 1e3, "p20_ms": _percentile(every, 0.2) * 1e3,
-                "p80_ms": _percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
-                "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
-                "round_medians_ms": [round(m * 1e3, 4) for m in medians], "reps": len(every), "rounds": len(runs),
-                "throughput": case.batch / med, "unit": "seq/s", "tallow_speedup": 1.0,
+                "suite": SUITE, "case": cname, "provider": p.name, **timing,
+                "throughput": case.batch / timing["median_ms"] * 1e3, "unit": "seq/s", "tallow_speedup": 1.0,
                 "param_model": case.model, "param_batch": case.batch, "param_tokens": cinfo["tokens"],
                 "param_max_len": cinfo["max_len"], "param_engine": p.engine, "param_precision": p.precision,
                 "param_variant": p.variant, "param_threads": args.threads,

@@ -87,8 +87,9 @@ sys.path.insert(0, str(HERE))
 
 # bench_encoders' process machinery: the same Provider record, the cache
 # stamps, the engines' environment and the spread cell (it imports nothing heavy).
-from bench_encoders import (Provider, _available, _ms, _percentile, _stamp_ok, _versions,  # noqa: E402
+from bench_encoders import (Provider, _available, _ms, _stamp_ok, _versions,  # noqa: E402
                             _worker_env, _write_stamp, select_providers)
+from harness import round_timings  # noqa: E402
 
 SUITE = "gpt2_decode"
 DEFAULT_CACHE = ROOT / "build" / "bench-cache" / SUITE
@@ -415,17 +416,11 @@ def build_rows(results: dict, providers: list[Provider], cases: dict, cache: Pat
                 failed.append(f"[{key}] {p.name}: logits error {err:.3g} > tolerance {tol:g}")
             equal = min(_common_prefix(a, b) for r in runs for a, b in zip(r["tokens"], ref_tokens))
             for fig in FIGURES:
-                medians = [statistics.median(r["times"][fig]) for r in runs]
-                every = [t for r in runs for t in r["times"][fig]]
-                med = statistics.median(medians)
+                timing = round_timings([r["times"][fig] for r in runs])
                 work, unit = _work(fig, c)
                 rows.append({
-                    "suite": SUITE, "case": f"{key} {fig}", "provider": p.name,
-                    "median_ms": med * 1e3, "p20_ms": _percentile(every, 0.2) * 1e3,
-                    "p80_ms": _percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
-                    "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
-                    "round_medians_ms": [round(m * 1e3, 4) for m in medians], "reps": len(every), "rounds": len(runs),
-                    "throughput": work / med, "unit": unit, "tallow_speedup": 1.0,
+                    "suite": SUITE, "case": f"{key} {fig}", "provider": p.name, **timing,
+                    "throughput": work / timing["median_ms"] * 1e3, "unit": unit, "tallow_speedup": 1.0,
                     "param_model": c["model"], "param_batch": c["batch"], "param_prompt": c["prompt"],
                     "param_new": c["new"], "param_figure": fig, "param_engine": p.engine,
                     "param_precision": p.precision, "param_variant": p.variant, "param_threads": threads,

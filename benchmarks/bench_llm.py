@@ -91,6 +91,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_encoders import select_providers  # noqa: E402  (the shared --providers rule)
+from harness import round_timings  # noqa: E402
 
 # Nothing heavy at module level: each engine's process imports only its own engine.
 
@@ -455,12 +456,6 @@ def _run_worker(p: Provider, case: str, args, inputs: Path, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    from harness import percentile
-
-    return percentile(xs, q)
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -479,16 +474,10 @@ def speed_rows(results: dict, providers: list[Provider], cases: list[str], input
             runs = results.get((case, p.name))
             if not runs:
                 continue
-            medians = [statistics.median(r["times"]) for r in runs]
-            every = [t for r in runs for t in r["times"]]
-            med = statistics.median(medians)
+            timing = round_timings([r["times"] for r in runs])
             rows.append({
-                "suite": SUITE, "case": name, "provider": p.name,
-                "median_ms": med * 1e3, "p20_ms": _percentile(every, 0.2) * 1e3,
-                "p80_ms": _percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
-                "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
-                "round_medians_ms": [round(m * 1e3, 3) for m in medians], "reps": len(every), "rounds": len(runs),
-                "throughput": work / med, "unit": unit, "tallow_speedup": 1.0,
+                "suite": SUITE, "case": name, "provider": p.name, **timing,
+                "throughput": work / timing["median_ms"] * 1e3, "unit": unit, "tallow_speedup": 1.0,
                 "end_to_end_ms": statistics.median(t for r in runs for t in r["total_s"]) * 1e3,
                 "ttft_ms": statistics.median(t for r in runs for t in r["ttft_s"]) * 1e3,
                 "param_case": case, "param_engine": p.engine, "param_precision": p.precision,

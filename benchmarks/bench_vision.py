@@ -64,7 +64,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_encoders import _min_cosine, _stamp_ok, _versions, _write_stamp, select_providers  # noqa: E402
-from harness import percentile  # noqa: E402
+from harness import round_timings  # noqa: E402
 
 SUITE = "vision"
 DEFAULT_CACHE = ROOT / "build" / "bench-cache" / "vision"
@@ -399,21 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         ref = np.load(args.cache / f"{cname}.ref.npy")
         for p in providers:
             runs = results[(cname, p.name)]
-            medians = [statistics.median(r["times"]) for r in runs]
-            every = [t for r in runs for t in r["times"]]
-            med = statistics.median(medians)
+            timing = round_timings([r["times"] for r in runs])
             cos = min(_min_cosine(r["feats"], ref) for r in runs)
             tol = _tolerance(p)
             ok = 1 - cos <= tol
             if not ok:
                 failed.append(f"[{cname}] {p.name}: 1 - min cosine {1 - cos:.3g} > tolerance {tol:g}")
             rows.append({
-                "suite": SUITE, "case": cname, "provider": p.name,
-                "median_ms": med * 1e3, "p20_ms": percentile(every, 0.2) * 1e3,
-                "p80_ms": percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
-                "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
-                "round_medians_ms": [round(m * 1e3, 3) for m in medians], "reps": len(every), "rounds": len(runs),
-                "throughput": case.batch / med, "unit": "images/s", "tallow_speedup": 1.0,
+                "suite": SUITE, "case": cname, "provider": p.name, **timing,
+                "throughput": case.batch / timing["median_ms"] * 1e3, "unit": "images/s", "tallow_speedup": 1.0,
                 "param_model": case.model, "param_batch": case.batch, "param_engine": p.engine,
                 "param_precision": p.precision, "param_variant": p.variant, "param_threads": args.threads,
                 "details": runs[-1]["details"], "load_s": statistics.median(r["load_s"] for r in runs),

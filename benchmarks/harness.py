@@ -124,6 +124,18 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def round_timings(rounds: list[list[float]]) -> dict:
+    """A row's timing fields from each round's call times (seconds), as the
+    process-per-provider benchmarks report them: the median of the rounds'
+    medians, p20 / p80 / min over every call, the rounds' spread."""
+    medians = [statistics.median(times) for times in rounds]
+    every = [t for times in rounds for t in times]
+    return {"median_ms": statistics.median(medians) * 1e3, "p20_ms": percentile(every, 0.2) * 1e3,
+            "p80_ms": percentile(every, 0.8) * 1e3, "min_ms": min(every) * 1e3,
+            "round_min_ms": min(medians) * 1e3, "round_max_ms": max(medians) * 1e3,
+            "round_medians_ms": [round(m * 1e3, 4) for m in medians], "reps": len(every), "rounds": len(rounds)}
+
+
 def time_calls(run: Callable[[], object], *, warmup: int, min_reps: int, min_time: float,
                max_reps: int) -> tuple[list[float], object]:
     """Seconds per call of `run` after `warmup` calls: at least `min_reps`
