@@ -31,7 +31,7 @@ def _nvcc() -> str | None:
     return found
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="no CUDA compiler here: tallow._C_cuda is not built (TALLOW_CUDA=AUTO)")
+@pytest.mark.skipif(_nvcc() is None, reason="no CUDA compiler here: tallow._C_cuda is not built (make install: TALLOW_CUDA=AUTO)")
 def test_cuda_module_built_and_imports_without_gpu():
     pkg = Path(tallow.__file__).parent
     assert list(pkg.glob("_C_cuda*.so")), f"nvcc is at {_nvcc()} but no _C_cuda*.so in {pkg}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os as _os
 import sys as _sys
-from importlib import metadata as _metadata
 
 # torch's OpenMP threads busy-wait after every parallel region (up to ~10 ms
 # here). Between torch ops and tallow's kernels — every model layer — they
@@ -25,10 +24,7 @@ if "torch" not in _sys.modules and _os.environ.get("TALLOW_SET_OMP_WAIT_POLICY",
 from ._native import NativeUnavailableError, native, native_available, native_error
 from ._dispatch import BackendFallbackWarning, BackendUnavailable
 
-try:
-    __version__ = _metadata.version("tallow")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
+from ._version import __version__
 
 
 _SUBMODULES = ("corpus", "engine", "index", "models", "ops", "store", "testing")
@@ -111,6 +107,9 @@ def info() -> dict:
     report["backends"]["cuda"] = bool(has_cuda and report["cuda_module"]["devices"] > 0)
     report["backends"]["triton"] = bool(has_cuda and _gpu.triton_available())
     report["gpu_kernels"] = _gpu.gpu_kernels_status()
+    from ._extras import installed
+
+    report["extras"] = installed()
     try:
         report["backend_override"] = requested_backend()
     except ValueError as exc:
@@ -118,8 +117,11 @@ def info() -> dict:
     return report
 
 
+from ._extras import MissingExtraError  # noqa: E402  (light: no third-party import)
+
 __all__ = [
     "BackendFallbackWarning",
+    "MissingExtraError",
     "BackendUnavailable",
     "NativeUnavailableError",
     "get_isa",

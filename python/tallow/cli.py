@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ._extras import MissingExtraError
 from .errors import InputError
 
 
@@ -35,6 +36,10 @@ def _print_info(as_json: bool) -> int:
         print(f"cuda module   : not built ({cm.get('error')})")
     backends = ", ".join(name for name, ok in report["backends"].items() if ok)
     print(f"backends      : {backends}")
+    extras = report["extras"]
+    missing = [name for name, ok in extras.items() if not ok]
+    print(f"extras        : {', '.join(name for name, ok in extras.items() if ok) or 'none'}"
+          + (f" (not installed: {', '.join(missing)})" if missing else ""))
     print(f"gpu kernels   : {report['gpu_kernels']}")
     if report.get("backend_override"):
         print(f"TALLOW_BACKEND: {report['backend_override']}")
@@ -262,10 +267,16 @@ def _pull_cmd(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="tallow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tallow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, native build, ISA, threads, backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
+    p_check = sub.add_parser("selfcheck", help="every op of this build against its reference, on this CPU")
+    p_check.add_argument("--isa", help="run on this ISA tier (e.g. scalar, avx2); default: the one this CPU runs")
+    p_check.add_argument("--json", action="store_true", help="print as JSON")
 
     p_index = sub.add_parser("index", help="add documents to, search and inspect the index")
     isub = p_index.add_subparsers(dest="index_command", required=True)
@@ -339,16 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_parser(sub)
 
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except MissingExtraError as exc:  # a feature of an extra that is not installed: say which, no traceback
+        print(f"tallow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     if args.command == "serve":
         return _serve_cmd(args)
     if args.command == "info":
         return _print_info(args.json)
+    if args.command == "selfcheck":
+        from . import NativeUnavailableError, selfcheck
+
+        try:
+            return selfcheck.main(args.isa, args.json)
+        except (ValueError, NativeUnavailableError) as exc:  # an ISA this CPU lacks; no native module
+            print(f"tallow selfcheck: error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "index":
             return _index_cmd(args)
         if args.command == "rag":
             return _rag_cmd(args)
         if args.command == "fn":
+            from .functions import cli as fn_cli
+
             return fn_cli.run(args)
         if args.command == "pull":
             return _pull_cmd(args)

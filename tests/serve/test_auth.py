@@ -46,6 +46,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, int]] = {
     ("GET", "/"): ("open", 200),  # full_server sets server.public_playground (the browser test loads it)
     ("GET", "/playground/{name}"): ("open", 404),
     ("GET", "/v1/functions"): ("read", 200),
+    ("GET", "/v1/stats"): ("read", 200),
 }
 KEYS = {"none": None, "wrong": "not-a-key-of-this-server", "read-only": READ_ONLY_KEY, "full": API_KEY}
 

@@ -34,6 +34,19 @@ def test_health_ready_models(client, gpt2_dir):
     assert ids == {"tallow-embed", "tallow-classify", gpt2_dir.name, "tallow-resnet50"}  # the generator: its model
 
 
+def test_stats_names_the_version_build_and_engine(client):
+    import tallow
+
+    stats = client.get("/v1/stats").json()
+    assert stats["version"] == tallow.__version__
+    native = tallow.info()["native"]
+    assert stats["native"]["isa"] == native["isa"] and stats["native"]["isa_levels"] == native["isa_levels"]
+    assert stats["engine"]["documents"] >= 0 and stats["engine"]["index"] == "hnsw"
+    assert stats["models"] == {name: m["status"] for name, m in client.get("/ready").json()["models"].items()}
+    assert stats["models"] and all(status == "ready" for status in stats["models"].values())
+    assert stats["extras"]["serve"] is True
+
+
 def test_openapi_schema_lists_every_endpoint(client):
     spec = client.get("/openapi.json").json()
     paths = set(spec["paths"])

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from .._extras import import_extra
 from ._base import CacheError, FeatureCache, check_key, check_positive_float, check_value
 
 log = logging.getLogger("tallow.cache")
@@ -78,7 +79,7 @@ class RedisCache(FeatureCache):
         else:
             self._ttl_kw = {"px": max(1, round(self.ttl_s * 1000))}
 
-        import redis
+        redis = import_extra("redis", "redis", "the Redis feature cache")
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 

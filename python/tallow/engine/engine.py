@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .._extras import import_extra
 from . import rag as _rag
 from .chunking import Chunk, chunk_text, check_window
 from .derived_index import HASH_KEY, DerivedIndex, IndexRebuiltWarning, load_snapshot, model_identity
@@ -32,6 +33,8 @@ from .rag import RagAnswer
 from .retrieval import K_RRF, SearchResult, check_query, retrieve, rrf_fuse
 
 _INDEXES = ("hnsw", "qdrant", "libsql")
+# index -> (the module it needs, the pip extra that installs it); libsql's driver names its own
+_INDEX_EXTRA = {"hnsw": ("hnswlib", "search"), "qdrant": ("qdrant_client", "qdrant")}
 # The text engine's name for the one model-identity scheme (kept for callers of the old name).
 embedder_identity = model_identity
 
@@ -66,6 +69,9 @@ class Engine:
 
         if index not in _INDEXES:
             raise EngineError(f"index must be one of {', '.join(_INDEXES)}, got {index!r}")
+        if index in _INDEX_EXTRA:  # before any file is written: a missing extra is named at once
+            module, extra = _INDEX_EXTRA[index]
+            import_extra(module, extra, f"the engine's {index} index")
         if quantize not in (None, "int8"):
             raise EngineError(f"quantize must be None or 'int8', got {quantize!r}")
         self.chunk_tokens, self.overlap = check_window(chunk_tokens, overlap)

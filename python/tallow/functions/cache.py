@@ -35,6 +35,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 from wasmtime import Engine, Module, WasmtimeError
 
 from .engine import ENGINE_SETTINGS, wasmtime_version

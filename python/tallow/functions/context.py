@@ -11,6 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 from wasmtime import Store
 
 if TYPE_CHECKING:

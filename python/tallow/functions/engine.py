@@ -10,6 +10,7 @@ import math
 import threading
 import time
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 from wasmtime import Config, Engine, FuncType, Linker, ValType
 
 from . import abi

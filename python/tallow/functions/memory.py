@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, Iterable
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 import wasmtime
 
 from . import abi

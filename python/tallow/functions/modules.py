@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 import wasmtime
 from wasmtime import FuncType, Module, WasmtimeError
 

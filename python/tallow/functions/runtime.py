@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 from wasmtime import ExitTrap, InstancePre, Module, Store, Trap, WasiConfig, WasmtimeError
 
 from . import abi, context, guestlog, traps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from . import _wasmtime  # noqa: F401  (first: names tallow[functions] when wasmtime is missing)
 from wasmtime import Trap, TrapCode, WasmtimeError
 
 from .api import FunctionError

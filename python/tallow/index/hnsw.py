@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._extras import import_extra
 from . import filters as F
 from .base import Hit, Id, IndexInputError, RWLock, VectorIndex, as_matrix, check_ids, check_k, check_upsert
 
@@ -43,7 +44,7 @@ class HnswIndex(VectorIndex):
     def __init__(self, dim: int, metric: str = "cosine", *, path: str | os.PathLike | None = None, M: int = 16,
                  ef_construction: int = 200, ef: int = 64, capacity: int = 1024,
                  exact_fraction: float = 0.05):
-        import hnswlib
+        hnswlib = import_extra("hnswlib", "search", "the hnsw vector index")
 
         if metric not in _SPACE:
             raise IndexInputError(f"metric must be one of {', '.join(_SPACE)}, got {metric!r}")
@@ -295,7 +296,7 @@ class HnswIndex(VectorIndex):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HnswIndex":
-        import hnswlib
+        hnswlib = import_extra("hnswlib", "search", "the hnsw vector index")
 
         root = Path(path)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Sequence
 
+from .._extras import import_extra
 from . import filters as F
 from .base import Hit, Id, IndexInputError, VectorIndex, as_matrix, check_ids, check_k, check_upsert
 
@@ -31,6 +32,7 @@ class QdrantIndex(VectorIndex):
     def __init__(self, dim: int, metric: str = "cosine", *, collection: str = "tallow", url: str | None = None,
                  path: str | None = None, location: str | None = None, api_key: str | None = None,
                  timeout: float = 30.0):
+        import_extra("qdrant_client", "qdrant", "the qdrant vector index")
         from qdrant_client import QdrantClient
         from qdrant_client import models as qm
 

@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .._extras import import_extra
 from ._checkpoint import CheckpointError
 
 FILES = ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
@@ -87,7 +88,9 @@ def offline() -> bool:
 
 def is_repo_id(name: str) -> bool:
     """True for a syntactically valid Hub model id ("name" or "namespace/name"),
-    by huggingface_hub's own rule (validate_repo_id)."""
+    by huggingface_hub's own rule (validate_repo_id). Every Hub path of tallow
+    passes here first: without the ``hub`` extra this names it."""
+    import_extra("huggingface_hub", "hub", f"{name!r} is no local path; loading it as a Hugging Face Hub id")
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 

@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
-from .app import create_app
+from .._extras import require
+
+require("serve", "tallow serve (the HTTP server and its ASGI app)")
+
+from .app import create_app  # noqa: E402  (after the check: fastapi may be missing)
 from .config import ConfigError, ServeConfig, load_config
 
 

@@ -100,6 +100,10 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     async def metrics():
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/v1/stats", tags=["operations"], summary="Version, native build, engine counts and model states")
+    async def stats():
+        return await asyncio.to_thread(server_stats, services)
+
     def model_cards() -> list[dict]:
         return [{"id": model_id(services, name), "object": "model", "created": 0, "owned_by": "tallow",
                  "task": name, "path": slot.path}
@@ -134,3 +138,24 @@ def create_app(engine: Any = None, config: ServeConfig | None = None) -> FastAPI
     app.add_middleware(AuthGuard, routes_app=app, server=config.server)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app
+
+
+def server_stats(services: Services) -> dict:
+    """GET /v1/stats: which tallow answers (version, the native build's ISA
+    tiers and the one this CPU runs), what its engine holds and the models'
+    states. Engine counts are null until the engine has loaded."""
+    from .. import info
+
+    report = info()
+    native = report["native"]
+    engine = None
+    if services.engine is not None and services.engine_status == "ready":
+        try:
+            engine = services.engine.stats()
+        except Exception as exc:  # a closing engine: the rest of the answer still holds
+            engine = {"error": str(exc)}
+    return {"version": __version__, "torch": report["torch"],
+            "native": {key: native.get(key) for key in ("available", "arch", "isa_levels", "best_isa", "isa",
+                                                         "threads", "error") if key in native},
+            "extras": report["extras"], "engine": engine,
+            "models": {name: slot.status for name, slot in services.models.items()}}

@@ -80,6 +80,7 @@ ROUTE_ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/rag"): READ,
     ("POST", "/v1/images/search"): READ,
     ("GET", "/v1/functions"): READ,
+    ("GET", "/v1/stats"): READ,
     ("POST", "/v1/documents"): WRITE,
     ("DELETE", "/v1/documents/{id}"): WRITE,
     ("POST", "/v1/images"): WRITE,

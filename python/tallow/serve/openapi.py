@@ -44,6 +44,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/images"): (415,) + _MODEL,
     ("POST", "/v1/images/search"): (415,) + _MODEL,
     ("GET", "/v1/functions"): (),
+    ("GET", "/v1/stats"): (),
 }
 
 _DESCRIPTIONS = {

@@ -16,6 +16,7 @@ run the store on ``sqlite3`` on x86-64 too).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ class Driver:
 
 
 def _libsql_missing(feature: str, reason: str) -> DriverUnavailable:
+    import platform
+
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":  # a wheel exists: the extra installs it
+        return DriverUnavailable(f"{feature} needs the libsql package ({reason}), which tallow's 'search' extra "
+                                 "installs on x86-64 Linux: pip install 'tallow[search]'")
     return DriverUnavailable(
         f"{feature} needs the libsql package ({reason}); it has no build for this platform "
         f"(libsql publishes x86-64 Linux wheels only) — use the embedded store and the hnsw or qdrant index")

@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from .._extras import require
+
+    require("train", "tallow train")
     from .classifier import number
     from .trainer import EarlyStopping
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .._extras import import_extra
+
 
 class TrainInputError(ValueError):
     """Bad training input (file, column, label, hyper-parameter); ``param``
@@ -196,6 +198,7 @@ def load_digits_tensors():
     """scikit-learn's bundled digits as (images [N, 1, 8, 8] in [0, 1], labels [N])."""
     import numpy as np
     import torch
+    import_extra("sklearn", "train", "the digits data set (scikit-learn)")
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .._extras import import_extra
+
 
 def _fmt(metrics: dict) -> str:
     parts = []
@@ -48,6 +50,7 @@ class PlainView:
 class RichView(PlainView):
     def __init__(self, every: int = 50):
         super().__init__(sys.stdout, every)
+        import_extra("rich", "train", "the live training view (rich)")
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .._extras import import_extra
+
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
     p = Path(out_dir) / "metrics.jsonl"
@@ -15,8 +17,7 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
 
 
 def plot_run(out_dir: str | Path, val: Optional[dict] = None) -> list[Path]:
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "train", "plot_run (training plots)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

