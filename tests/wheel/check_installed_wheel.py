@@ -12,8 +12,12 @@ In a fresh venv in a temporary directory, with the checkout on no path:
   3. ``wheel[serve]`` added: ``tallow serve`` answers ``/health`` and
      ``/v1/stats`` (the wheel's version).
 
-Usage: python tests/wheel/check_installed_wheel.py DIST_DIR  (the wheel and the
-sdist that ``make dist`` wrote). Exits non-zero, saying which step failed.
+Before any of it: the wheel carries the licence (dist-info/licenses/LICENSE)
+and the sdist the files a build from it needs.
+
+Usage: python tests/wheel/check_installed_wheel.py DIST_DIR  (the wheel that
+``make dist`` wrote, in dist/wheelhouse/, the sdist in its parent or beside
+it). Exits non-zero, saying which step failed.
 """
 
 from __future__ import annotations
@@ -85,6 +89,21 @@ class Venv:
 
 def step(what: str):
     print(f"[test-wheel {time.strftime('%H:%M:%S')}] {what}", flush=True)
+
+
+def check_contents(wheel: Path, sdist: Path) -> None:
+    """The licence travels with both artifacts; the sdist holds what a build from it needs."""
+    import tarfile
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    if not any(re.fullmatch(r"tallow-[^/]+\.dist-info/licenses/LICENSE", n) for n in names):
+        raise SystemExit(f"{wheel.name} carries no dist-info/licenses/LICENSE")
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    missing = {"LICENSE", "pyproject.toml", "CMakeLists.txt", "python/tallow/_version.py"} - members
+    if missing:
+        raise SystemExit(f"{sdist.name} lacks {sorted(missing)}")
 
 
 def check_core(venv: Venv, wheel: Path) -> str:
@@ -198,6 +217,10 @@ def main() -> int:
     if len(wheels) != 1:
         raise SystemExit(f"expected one wheel in {dist}, found {[w.name for w in wheels]}")
     wheel = wheels[0]
+    sdists = sorted(dist.parent.glob("*.tar.gz")) if dist.name == "wheelhouse" else sorted(dist.glob("*.tar.gz"))
+    if len(sdists) != 1:
+        raise SystemExit(f"expected one sdist beside {dist}, found {[s.name for s in sdists]}")
+    check_contents(wheel, sdists[0])
     start = time.monotonic()
     where = Path(tempfile.mkdtemp(prefix="tallow-wheel-test-"))
     try:
