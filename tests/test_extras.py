@@ -75,7 +75,8 @@ def test_core_works_with_every_extra_missing():
     assert out["emb"] == [2, 384] and abs(out["norm"] - 1.0) < 1e-3
 
 
-# (extra, code that uses one of its features)
+# (extra, code that uses one of its features); tests/wheel/check_installed_wheel.py runs
+# the same probes in a real core-only venv.
 GATED = [
     ("serve", "import tallow.serve"),
     ("serve", "from tallow.serve.app import create_app"),
@@ -89,9 +90,10 @@ GATED = [
 ]
 
 
-@pytest.mark.parametrize("extra,code", GATED, ids=[f"{e}:{c[:40]}" for e, c in GATED])
-def test_each_gated_feature_names_its_extra(extra, code):
-    out = _run(
+def probe(code: str) -> str:
+    """A script running ``code`` that prints, as its last line, JSON {raised:
+    the ImportError's class name or None, extra, message}."""
+    return textwrap.dedent(
         f"""
         import json
         try:
@@ -102,6 +104,11 @@ def test_each_gated_feature_names_its_extra(extra, code):
                                "message": str(exc)}}))
         """
     )
+
+
+@pytest.mark.parametrize("extra,code", GATED, ids=[f"{e}:{c[:40]}" for e, c in GATED])
+def test_each_gated_feature_names_its_extra(extra, code):
+    out = _run(probe(code))
     assert out["raised"] == "MissingExtraError", out
     assert out["extra"] == extra
     assert f"pip install 'tallow[{extra}]'" in out["message"]

@@ -9,7 +9,6 @@ import sys
 from importlib import metadata
 
 import pytest
-import torch
 
 import tallow
 from tallow import selfcheck

@@ -36,20 +36,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_extras import GATED, probe  # noqa: E402  (the same probes as the hidden-module test)
+
 SENTENCES = ["The weather is lovely today.", "A völlig different sentence, with punctuation!", "x"]
 
-# extra-gated entry points run in the core-only venv: (extra, code). Not `hub`:
-# tokenizers (a core dependency) itself requires huggingface_hub, so a core
-# install has it (tests/test_extras.py checks that gate with the module hidden).
+# Every gated entry point of tests/test_extras.py is probed in the core-only venv
+# except `hub`: tokenizers (a core dependency) itself requires huggingface_hub, so
+# a core install has it (test_extras checks that gate with the module hidden).
 CORE_BRINGS = {"hub"}
-GATED = [
-    ("serve", "import tallow.serve"),
-    ("search", "import tempfile, tallow; tallow.Engine(tempfile.mkdtemp())"),
-    ("qdrant", "from tallow.index.qdrant import QdrantIndex; QdrantIndex(4, location=':memory:')"),
-    ("redis", "from tallow.cache import make_cache; make_cache('redis://127.0.0.1:1/0')"),
-    ("functions", "from tallow.functions.runtime import Runtime"),
-    ("train", "from tallow.train.plots import plot_run; import tempfile; plot_run(tempfile.mkdtemp())"),
-]
 
 
 def pinned(name: str) -> str:
@@ -129,20 +124,14 @@ def check_core(venv: Venv, wheel: Path) -> str:
         print("  " + out.strip().splitlines()[-1])
     step("core install: each extra-gated entry point names its extra")
     for extra, code in GATED:
-        out = venv.py(f"""
-import json
-try:
-    {code}
-    print(json.dumps(None))
-except ImportError as exc:
-    print(json.dumps([type(exc).__name__, getattr(exc, "extra", None), str(exc)]))
-""").strip().splitlines()[-1]
-        raised = json.loads(out)
-        if raised is None or raised[0] != "MissingExtraError" or raised[1] != extra \
-                or f"pip install 'tallow[{extra}]'" not in raised[2]:
+        if extra in CORE_BRINGS:
+            continue
+        out = json.loads(venv.py(probe(code)).strip().splitlines()[-1])
+        if out["raised"] != "MissingExtraError" or out["extra"] != extra \
+                or f"pip install 'tallow[{extra}]'" not in out["message"]:
             raise SystemExit(f"{code!r} in a core-only install: expected MissingExtraError naming {extra!r}, "
-                             f"got {raised!r}")
-        print(f"  {extra:9s} {raised[2]}")
+                             f"got {out!r}")
+        print(f"  {extra:9s} {out['message']}")
     return expected
 
 
