@@ -499,7 +499,9 @@ def load_bert(path: str | Path, quantize: Optional[str] = None, *, task: Optiona
     raw = read_config(path)
     cfg = BertConfig.from_dict(raw)
     path = Path(path)
-    sd = strip_prefix(read_state_dict(path), "bert.")
+    # float16 / bfloat16 checkpoints (the shipped sentiment model is stored in float16) run in float32
+    sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+          for k, v in strip_prefix(read_state_dict(path), "bert.").items()}
     archs = raw.get("architectures") or []
     if task is None:
         task = "classify" if any(a.endswith("ForSequenceClassification") for a in archs) else "embed"
@@ -553,26 +555,36 @@ def _weight_names(path: Path) -> Optional[set]:
 def _head_only(path: Path) -> Optional[dict]:
     """config.json's tallow options when ``path`` holds only a head (classifier.*
     weights, an encoder named by ``base_model``); None for a full checkpoint."""
+    opts = _on_a_base(path)
+    return opts if opts is not None and opts["head_only"] else None
+
+
+def _on_a_base(path: Path) -> Optional[dict]:
+    """config.json's tallow options when ``path`` holds a classifier trained on
+    the encoder named by ``base_model`` — a head alone, or a head with the top
+    layers it fine-tuned (``head_only`` tells which; the embeddings always
+    come from the base) — None for a full checkpoint."""
     raw = read_config(path)
     opts = _classifier_options(raw, path)
     if not opts.get("base_model"):
         return None
     names = _weight_names(path)
-    if names is None or any(not k.startswith("classifier.") for k in names):
+    if names is None or "classifier.weight" not in names or "embeddings.word_embeddings.weight" in names:
         return None
-    return {**opts, "raw": raw}
+    return {**opts, "raw": raw, "head_only": all(k.startswith("classifier.") for k in names)}
 
 
 def head_shares_encoder(head_path: str | Path, encoder_path: str | Path) -> bool:
-    """Whether the classifier in ``head_path`` is a head trained on exactly the
+    """Whether the classifier in ``head_path`` was trained on exactly the
     encoder in ``encoder_path`` (same shape, same weights by sha256, a pooler
-    if the head pools through one), so that one copy of that encoder can serve
-    both (``head_on`` then cannot refuse it)."""
+    if the head pools through one) — a head alone, or a head with its top
+    layers fine-tuned — so that the embedder's worker can serve both
+    (``head_on`` then cannot refuse it)."""
     from ._checkpoint import resolve_model_path, weights_sha256
 
     head_path, encoder_path = Path(head_path), Path(encoder_path)
     try:
-        opts = _head_only(head_path)
+        opts = _on_a_base(head_path)
         if opts is None:
             return False
         enc_raw = read_config(encoder_path)
@@ -589,13 +601,19 @@ def head_shares_encoder(head_path: str | Path, encoder_path: str | Path) -> bool
 
 
 def head_on(embedder: "BertEmbedder", head_path: str | Path, quantize: Optional[str] = None) -> BertClassifier:
-    """The classifier head in ``head_path`` on ``embedder``'s own encoder: the
-    two share one ``BertModel`` (one copy of the weights, in memory and in the
-    kernels' packed form). Call only when ``head_shares_encoder`` said yes."""
+    """The classifier in ``head_path``, served beside ``embedder`` in one
+    process. A head alone runs on the embedder's own encoder: the two share
+    one ``BertModel`` (one copy of the weights, in memory and in the kernels'
+    packed form). A head with fine-tuned top layers needs its own encoder
+    (the base's lower layers + its own top ones), loaded here. Call only when
+    ``head_shares_encoder`` said yes."""
     head_path = Path(head_path)
-    opts = _head_only(head_path)
+    opts = _on_a_base(head_path)
     if opts is None:
-        raise CheckpointError(f"{str(head_path)!r} is not a head-only classifier (classifier.* and base_model)")
+        raise CheckpointError(f"{str(head_path)!r} is not a classifier on a base encoder (classifier.* and "
+                              "base_model)")
+    if not opts["head_only"]:
+        return load_bert(head_path, task="classify", quantize=quantize)
     if opts["pooling"] == "pooler" and embedder.bert.pooler is None:
         raise CheckpointError(f"{str(head_path)!r} pools through the pooler, which the embedder's encoder lacks")
     sd = read_state_dict(head_path)

@@ -101,12 +101,37 @@ class TrainableBert(nn.Module):
         self.embeddings = _Embeddings(c, dropout)
         self.encoder = _Encoder(c, dropout)
         self.pooler = _Pooler(c)
+        self.frozen_layers = -1  # -1: nothing frozen; k >= 0: the embeddings and layers [0, k) are
+
+    def freeze_below(self, k: int) -> None:
+        """Freezes the embeddings and the lowest ``k`` layers: they run without
+        gradients and without dropout (eval mode), so only the top layers learn
+        and a step costs their backward alone."""
+        if not 0 <= k <= len(self.encoder.layer):
+            raise ValueError(f"can freeze 0..{len(self.encoder.layer)} layers, not {k}")
+        self.frozen_layers = k
+        for m in [self.embeddings, *self.encoder.layer[:k]]:
+            m.requires_grad_(False)
+        self.train(self.training)
+
+    def frozen_modules(self) -> list:
+        return [self.embeddings, *self.encoder.layer[:self.frozen_layers]] if self.frozen_layers >= 0 else []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
 
     def forward(self, input_ids, attention_mask):
-        x = self.embeddings(input_ids)
-        # additive mask: 0 for tokens, -inf-like for padding (broadcast over heads and queries)
-        bias = (attention_mask[:, None, None, :] == 0).to(x.dtype) * torch.finfo(x.dtype).min
-        for layer in self.encoder.layer:
+        k = max(self.frozen_layers, 0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_layers < 0):
+            x = self.embeddings(input_ids)
+            # additive mask: 0 for tokens, -inf-like for padding (broadcast over heads and queries)
+            bias = (attention_mask[:, None, None, :] == 0).to(x.dtype) * torch.finfo(x.dtype).min
+            for layer in self.encoder.layer[:k]:
+                x = layer(x, bias)
+        for layer in self.encoder.layer[k:]:
             x = layer(x, bias)
         return x
 

@@ -8,7 +8,10 @@ is trained on them. The directory holds the head and names its encoder
 (config.json ``tallow.base_model`` + ``base_sha256``), or the full weights
 with ``save="full"``.
 mode ``full``: encoder and head are trained (plain-torch BERT with the
-checkpoint's names); the directory holds every weight.
+checkpoint's names); the directory holds every weight. With
+``train_layers=N`` only the top N encoder layers and the head learn (the
+embeddings and the layers below run frozen) and the directory holds just
+those, naming its base like a head does. Batches are bucketed by length.
 
 After training, the directory is loaded back as it will be served and run
 on the validation set: eval.json reports the largest difference between
@@ -120,7 +123,7 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
                    keep_last: int = 2, resume: Optional[str] = None, live: Optional[bool] = None,
                    early_stopping: Optional[EarlyStopping] = None, cache_dir=None, served_check: bool = True,
                    int8_check: bool = True, copy_tokenizer: bool = True, log_every: int = 50,
-                   restore_best: bool = False,
+                   restore_best: bool = False, train_layers: Optional[int] = None,
                    run_info: Optional[dict] = None, log=print) -> dict:
     """Checks everything, trains, exports, evaluates the exported model.
     Returns eval.json's content."""
@@ -133,9 +136,13 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
         raise TrainInputError(f"--mode must be 'head' or 'full', got {mode!r}", param="mode")
     if pooling not in POOLINGS:
         raise TrainInputError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
-    save = save or ("head" if mode == "head" else "full")
-    if save not in ("head", "full") or (mode == "full" and save == "head"):
-        raise TrainInputError(f"--save must be 'head' (mode head only) or 'full', got {save!r}", param="save")
+    if train_layers is not None and mode != "full":
+        raise TrainInputError("--train-layers needs --mode full", param="train_layers")
+    save = save or ("head" if mode == "head" else "trained" if train_layers is not None else "full")
+    if save not in ("head", "full", "trained") or (mode == "full" and save == "head") \
+            or (save == "trained" and train_layers is None):
+        raise TrainInputError(f"--save must be 'head' (mode head), 'trained' (with --train-layers) or 'full', "
+                              f"got {save!r}", param="save")
     d = MODE_DEFAULTS[mode]
     lr = number(d["lr"] if lr is None else lr, "lr", positive=True)
     epochs = number(d["epochs"] if epochs is None else epochs, "epochs", kind=int, minimum=1)
@@ -162,13 +169,19 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
     out = Path(out)
     base_raw = read_config(base_dir)
     cfg = BertConfig.from_dict(base_raw)
+    if train_layers is not None:
+        train_layers = number(train_layers, "train_layers", kind=int, minimum=1)
+        if train_layers > cfg.num_hidden_layers:
+            raise TrainInputError(f"--train-layers: the base has {cfg.num_hidden_layers} layers, got {train_layers}",
+                                  param="train_layers")
     run_info = {**(run_info or {}), "task": "classifier", "mode": mode, "pooling": pooling, "normalize": normalize,
                 "base": str(base), "base_dir": str(base_dir), "labels": labels,
                 "train": {"source": train.source, "n": len(train), "sha256": train.sha256()},
                 "val": {"source": val.source, "n": len(val), "sha256": val.sha256()},
                 "hyper": {"lr": lr, "epochs": epochs, "batch_size": batch_size, "schedule": schedule,
                           "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "optimizer": optimizer,
-                          "grad_accum": grad_accum, "seed": seed, "max_length": max_length, "dropout": dropout}}
+                          "grad_accum": grad_accum, "seed": seed, "max_length": max_length, "dropout": dropout,
+                          "train_layers": train_layers}}
     t_start = time.perf_counter()
     embedder = None
     if mode == "head":
@@ -182,7 +195,7 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
         val_ds = torch.utils.data.TensorDataset(f_val, y_val)
         torch.manual_seed(seed)
         model = torch.nn.Linear(cfg.hidden_size, len(labels))
-        collate = None
+        collate, lengths = None, None
     else:
         from ..models.tokenizer import Tokenizer
         from .bert_train import BertForClassificationTrain
@@ -193,6 +206,9 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
         torch.manual_seed(seed)
         model = BertForClassificationTrain(cfg, len(labels), pooling=pooling, normalize=normalize, dropout=dropout)
         model.load_encoder(read_state_dict(base_dir))
+        lengths = [len(x) for x in train_ds.ids]  # batches bucketed by length: far less padding
+        if train_layers is not None:
+            model.bert.freeze_below(cfg.num_hidden_layers - train_layers)
         collate = _pad_collate(tok.pad_id)
     run_info["features_s"] = round(time.perf_counter() - t_start, 2)
     trainer = Trainer(model, train_ds, val_data=val_ds, out_dir=out, num_classes=len(labels), label_names=labels,
@@ -200,7 +216,7 @@ def fit_classifier(train: TextExamples, val: Optional[TextExamples], *, base, ou
                       warmup_ratio=warmup_ratio, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                       collate_fn=collate, seed=seed, checkpoint_every=checkpoint_every, keep_last=keep_last,
                       best_metric="val_accuracy", early_stopping=early_stopping, resume=resume, live=live,
-                      restore_best=restore_best,
+                      restore_best=restore_best, lengths=lengths,
                       log_every=log_every, run_info=run_info, eval_batch_size=256 if mode == "head" else 64)
     result = trainer.fit()
     counts, probs = trainer.evaluate(probabilities=True)
@@ -245,18 +261,22 @@ def export_classifier(model, out: Path, *, base_dir: Path, base_arg: str, base_r
     cfg["id2label"] = {str(i): y for i, y in enumerate(labels)}
     cfg["label2id"] = {y: i for i, y in enumerate(labels)}
     tallow = {"pooling": pooling, "normalize": normalize, "trained_with": f"tallow.train (mode {mode})"}
+    if save in ("head", "trained"):  # the file holds what was trained; the encoder's other weights come from base
+        tallow["base_model"] = base_arg if base_arg.startswith("tallow:") else str(Path(base_dir).resolve())
+        tallow["base_sha256"] = weights_sha256(base_dir)
     if mode == "head":
         head = {"classifier.weight": model.weight.detach().clone().contiguous(),
                 "classifier.bias": model.bias.detach().clone().contiguous()}
         if save == "head":
-            tallow["base_model"] = base_arg if base_arg.startswith("tallow:") else str(Path(base_dir).resolve())
-            tallow["base_sha256"] = weights_sha256(base_dir)
             tensors = head
         else:
             enc = {("bert." + k if not k.startswith("bert.") else k): v.contiguous()
                    for k, v in read_state_dict(base_dir).items()
                    if not k.endswith("position_ids") and not k.split(".")[-2:-1] == ["classifier"]}
             tensors = {**enc, **head}
+    elif save == "trained":
+        tensors = {k: p.detach().clone().contiguous() for k, p in model.named_parameters()
+                   if p.requires_grad and not k.startswith("bert.pooler.")}
     else:
         tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     cfg["tallow"] = tallow
@@ -267,6 +287,16 @@ def export_classifier(model, out: Path, *, base_dir: Path, base_arg: str, base_r
             if (base_dir / name).is_file():
                 shutil.copy(base_dir / name, out / name)
     return out
+
+
+def store_float16(model_dir: Path) -> None:
+    """Rewrites the weights in float16 (half the size on disk; ``load`` runs
+    them in float32)."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    sd = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+    save_file(sd, str(f), metadata={"format": "pt"})
 
 
 def _served_eval(out: Path, val: TextExamples, y_val: torch.Tensor, trainer_probs: torch.Tensor,

@@ -33,8 +33,11 @@ def add_parser(sub) -> None:
     c.add_argument("--mode", choices=["head", "full"], default="head")
     c.add_argument("--pooling", choices=["mean", "cls", "pooler"], default="mean")
     c.add_argument("--normalize", action="store_true", help="L2-normalize the pooled vector")
-    c.add_argument("--save", choices=["head", "full"], help="head: head weights + base reference (mode head); "
-                                                            "full: every weight")
+    c.add_argument("--train-layers", type=int,
+                   help="mode full: fine-tune only the top N encoder layers (the embeddings and the rest frozen)")
+    c.add_argument("--save", choices=["head", "trained", "full"],
+                   help="head: head weights + base reference (mode head); trained: the trained tensors + base "
+                        "reference (--train-layers; the default there); full: every weight")
     c.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     c.add_argument("--schedule", choices=["constant", "linear", "cosine"])
     c.add_argument("--warmup-ratio")
@@ -86,6 +89,7 @@ def run(args) -> int:
                                save=args.save, optimizer=args.optimizer, schedule=args.schedule,
                                warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                                grad_accum=args.grad_accum, max_length=args.max_length, dropout=args.dropout,
+                               train_layers=args.train_layers,
                                lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, early_stopping=es,
                                keep_last=args.keep_last, int8_check=not args.no_int8_check, **common)
         _report(res)

@@ -89,12 +89,23 @@ class GlobalBatchSampler:
 
     A last global batch smaller than the number of processes is dropped
     (some rank would have nothing to compute); otherwise nothing is dropped
-    unless ``drop_last``."""
+    unless ``drop_last``.
+
+    With ``lengths`` (one per sample, e.g. tokens), batches are bucketed by
+    length: the permutation is cut into windows of ``BUCKET_WINDOW`` batches,
+    each sorted by length and cut into batches, and the full batches are
+    then shuffled as wholes — the same samples per epoch, far less padding.
+    """
+
+    BUCKET_WINDOW = 50
 
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, lengths=None):
         if batch_size < world_size:
             raise ValueError(f"batch_size ({batch_size}) must be >= the number of processes ({world_size})")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} samples")
+        self.lengths = list(lengths) if lengths is not None else None
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
@@ -118,7 +129,15 @@ class GlobalBatchSampler:
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        w = self.batch_size * self.BUCKET_WINDOW
+        order = [i for s in range(0, self.n, w) for i in sorted(order[s:s + w], key=self.lengths.__getitem__)]
+        full = self.n // self.batch_size
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(full)]
+        perm = torch.randperm(full, generator=g).tolist()
+        return [i for b in perm for i in batches[b]] + order[full * self.batch_size:]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()

@@ -86,7 +86,7 @@ class TrainLoop:
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False, grad_accum: int = 1,
                  checkpoint_every: int = 0, keep_last: int = 2, resume: Optional[str] = None,
                  live: Optional[bool] = None, log_every: int = 50, run_info: Optional[dict] = None,
-                 dist_info: Optional[D.DistInfo] = None):
+                 dist_info: Optional[D.DistInfo] = None, lengths=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if epochs < 1:
@@ -104,7 +104,7 @@ class TrainLoop:
         self.log_every = log_every
         self.sampler = D.GlobalBatchSampler(len(dataset), batch_size, rank=self.info.rank,
                                             world_size=self.info.world_size, shuffle=shuffle, seed=seed,
-                                            drop_last=drop_last)
+                                            drop_last=drop_last, lengths=lengths)
         self.seed = seed
         self.objects: dict[str, Any] = {}
         self.pos = {"epoch": 0, "batch": 0, "step": 0, "samples": 0}

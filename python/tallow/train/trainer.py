@@ -73,7 +73,8 @@ class Trainer:
                  keep_last: int = 2, best_metric: Optional[str] = "val_accuracy", best_mode: str = "max",
                  early_stopping: Optional[EarlyStopping] = None, restore_best: bool = True,
                  resume: Optional[str] = None, live: Optional[bool] = None, log_every: int = 50,
-                 run_info: Optional[dict] = None, plots: bool = True, max_grad_norm: float = 0.0):
+                 run_info: Optional[dict] = None, plots: bool = True, max_grad_norm: float = 0.0,
+                 lengths=None):
         lr = float(lr)
         if not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a positive number, got {lr}")
@@ -82,7 +83,7 @@ class Trainer:
         self.loop = TrainLoop(out_dir, train_data, batch_size=batch_size, epochs=epochs, collate_fn=collate_fn,
                               seed=seed, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
                               keep_last=keep_last, resume=resume, live=live, log_every=log_every,
-                              run_info={**(run_info or {}), "optimizer": optimizer, "lr": lr,
+                              lengths=lengths, run_info={**(run_info or {}), "optimizer": optimizer, "lr": lr,
                                         "weight_decay": weight_decay, "schedule": schedule,
                                         "num_classes": num_classes, "labels": label_names})
         self.info = self.loop.info
