@@ -36,9 +36,10 @@ def _worker_pids(server) -> dict:
 
 
 def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path, monkeypatch):
-    """tallow:sentiment is a head on MiniLM, the default embedder: the server
-    serves it from the embedder's worker (one process, one copy of MiniLM),
-    and its answers are those of the classifier loaded on its own."""
+    """tallow:sentiment is MiniLM with fine-tuned top layers, trained on the
+    default embedder: the server serves it from the embedder's worker (one
+    process, not a second one with its own torch and MiniLM), and its answers
+    are those of the classifier loaded on its own."""
     import os
 
     def worker_processes() -> set:
@@ -54,7 +55,7 @@ def test_the_shipped_sentiment_head_shares_the_embedders_encoder(tmp_path, monke
         assert pids["classifier"] == pids["embedder"] and len(pids["embedder"]) == 1
         assert models["classifier"]["served_by"] == "embedder" and models["classifier"]["status"] == "ready"
         children = worker_processes() - others
-        assert len(children) == 1, children  # no second process with a second MiniLM
+        assert len(children) == 1, children  # no second worker process
         texts = ["What a wonderful day, I loved every minute", "the service was slow and the food cold"]
         with server.client() as c:
             r = c.post("/v1/classify", json={"input": texts})

